@@ -1,0 +1,39 @@
+# p2ptrain — two commands: `make demo` and `make test`. Each installs what it needs.
+#
+# TORCH_SPEC picks the PyTorch build. The default is the CPU build that CI uses;
+# GPU users: make demo TORCH_SPEC="torch" (pulls the CUDA build from PyPI).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast test-swarm bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m p2ptrain.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not swarm" tests
+
+test-swarm: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m swarm tests
+
+bench: $(STAMP)
+	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-home bench-out

@@ -1,0 +1,147 @@
+"""Checkpoints: one safetensors file per module plus a JSON manifest with checksums.
+
+A checkpoint is a directory `round-000012/` written atomically: every file goes into a
+temporary directory, is fsynced, then the directory is renamed into place. On load each
+file's sha256 is checked against the manifest; a corrupt or truncated checkpoint is
+reported and the previous good one is used. No pickles are ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    directory: Path
+    round: int
+    meta: dict[str, Any]
+    groups: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # file stem → tensors
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+
+
+class CheckpointStore:
+    """Round-numbered checkpoints of one path under one directory; keeps the newest `keep`."""
+
+    def __init__(self, root: Path, keep: int = 3):
+        self.root = Path(root)
+        self.keep = keep
+
+    def rounds(self) -> list[int]:
+        if not self.root.exists():
+            return []
+        found = []
+        for d in self.root.iterdir():
+            if d.is_dir() and d.name.startswith("round-"):
+                try:
+                    found.append(int(d.name.split("-", 1)[1]))
+                except ValueError:
+                    continue
+        return sorted(found)
+
+    def save(self, round_: int, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
+        """Write each group (e.g. a module, or 'optimizer') as <name>.safetensors plus the manifest."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"round-{round_:06d}"
+        tmp = self.root / f".tmp-round-{round_:06d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files = {}
+        for name, tensors in groups.items():
+            path = tmp / f"{name}.safetensors"
+            # clone: bitsandbytes shares one quantisation map between tensors; safetensors refuses aliasing
+            save_file({k: v.detach().to("cpu").clone() for k, v in tensors.items()}, str(path))
+            _fsync_file(path)
+            files[path.name] = _sha256(path)
+        manifest = {"format": FORMAT_VERSION, "round": round_, "files": files, "meta": meta}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        _fsync_file(tmp / MANIFEST)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        self._prune()
+        return final
+
+    def load(self, round_: int) -> Checkpoint:
+        """Load and verify one checkpoint; raises ValueError saying what is wrong."""
+        directory = self.root / f"round-{round_:06d}"
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+            files = manifest["files"]
+            meta = manifest["meta"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{directory}: unreadable manifest ({type(e).__name__})") from None
+        if manifest.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: manifest format {manifest.get('format')} is not {FORMAT_VERSION}")
+        groups = {}
+        for filename, digest in files.items():
+            path = directory / filename
+            if not path.exists():
+                raise ValueError(f"{path}: missing")
+            if _sha256(path) != digest:
+                raise ValueError(f"{path}: checksum mismatch (corrupt or truncated)")
+            try:
+                groups[filename.removesuffix(".safetensors")] = load_file(str(path))
+            except Exception as e:  # safetensors raises its own error types
+                raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+        return Checkpoint(directory, int(manifest["round"]), meta, groups)
+
+    def load_latest(self, accept=None) -> Checkpoint | None:
+        """The newest checkpoint that verifies (and that `accept(ckpt)` takes, if given).
+
+        Corrupt ones are reported with a warning and skipped, never deleted: the user may
+        want to inspect them.
+        """
+        for round_ in reversed(self.rounds()):
+            try:
+                ckpt = self.load(round_)
+            except ValueError as e:
+                logger.warning("skipping corrupt checkpoint: %s; falling back to an older one", e)
+                continue
+            if accept is not None and not accept(ckpt):
+                continue
+            return ckpt
+        return None
+
+    def _prune(self) -> None:
+        for round_ in self.rounds()[:-self.keep]:
+            shutil.rmtree(self.root / f"round-{round_:06d}", ignore_errors=True)
