@@ -17,7 +17,7 @@ from typing import Sequence
 
 from p2ptrain.config import RunConfig
 from p2ptrain.data.corpus import Document, split_heldout
-from p2ptrain.errors import ConfigError
+from p2ptrain.errors import ConfigError, DataError
 from p2ptrain.home import run_dir
 from p2ptrain.model.grid import Grid
 from p2ptrain.model.router import Router
@@ -59,7 +59,11 @@ class RunState:
         """Fit the router on the training split of docs (deterministic in the run seed)."""
         train, _ = split_heldout(docs, config.data.heldout_percent)
         grid = Grid.from_config(config.grid)
-        router = Router.fit([d.text for d in (train or docs)], grid.num_paths, config.router, config.run.seed)
+        texts = [d.text for d in (train or docs)]
+        if len(texts) < grid.num_paths:
+            raise DataError(f"need at least {grid.num_paths} training documents to fit the router (one per path), "
+                            f"got {len(texts)}: add data with --data")
+        router = Router.fit(texts, grid.num_paths, config.router, config.run.seed)
         return cls(config, router)
 
 

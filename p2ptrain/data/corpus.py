@@ -138,7 +138,7 @@ def load_documents(dirs: Sequence[str | Path] | None, max_doc_chars: int,
 def split_heldout(docs: Sequence[Document], heldout_percent: float) -> tuple[list[Document], list[Document]]:
     """Deterministic train / held-out split by document content hash (order-independent)."""
     train, heldout = [], []
-    threshold = int(heldout_percent * 100)  # in units of 0.01 %
+    threshold = round(heldout_percent * 100)  # in units of 0.01 %; round: int(2.3 * 100) is 229
     for doc in docs:
         bucket = int.from_bytes(doc.digest[:4], "little") % 10_000
         (heldout if bucket < threshold else train).append(doc)

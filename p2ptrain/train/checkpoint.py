@@ -108,7 +108,10 @@ class CheckpointStore:
             manifest = json.loads((directory / MANIFEST).read_text())
             files = manifest["files"]
             meta = manifest["meta"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            round_in_manifest = int(manifest["round"])
+            if not isinstance(files, dict) or not isinstance(meta, dict):
+                raise TypeError("'files' and 'meta' must be tables")
+        except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError includes JSONDecodeError
             raise ValueError(f"{directory}: unreadable manifest ({type(e).__name__})") from None
         if manifest.get("format") != FORMAT_VERSION:
             raise ValueError(f"{directory}: manifest format {manifest.get('format')} is not {FORMAT_VERSION}")
@@ -123,7 +126,7 @@ class CheckpointStore:
                 groups[filename.removesuffix(".safetensors")] = load_file(str(path))
             except Exception as e:  # safetensors raises its own error types
                 raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
-        return Checkpoint(directory, int(manifest["round"]), meta, groups)
+        return Checkpoint(directory, round_in_manifest, meta, groups)
 
     def load_latest(self, accept=None) -> Checkpoint | None:
         """The newest checkpoint that verifies (and that `accept(ckpt)` takes, if given).

@@ -56,7 +56,10 @@ class EvalReport:
         return sum(p.init_loss * p.tokens for p in scored) / max(sum(p.tokens for p in scored), 1)
 
     def to_dict(self) -> dict:
-        return {"paths": [asdict(p) for p in self.paths], "mixture_loss": self.mixture_loss,
+        """JSON-ready: a path with no held-out tokens has no loss (null, not NaN, which JSON lacks)."""
+        paths = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(p).items()}
+                 for p in self.paths]
+        return {"paths": paths, "mixture_loss": self.mixture_loss,
                 "mixture_init_loss": self.mixture_init_loss, "untrained_paths": self.untrained_paths}
 
 

@@ -136,6 +136,8 @@ class PathSession:
                                             zip(self.outer[module_id].names, self.outer[module_id].momentum)}
         opt_tensors, opt_meta = _flatten_optimizer_state(self.inner.optimizer.state_dict())
         groups["optimizer"] = opt_tensors
+        # the data order: without it a resumed session would replay the batches it started with
+        groups["data"] = {"generator": self.generator.get_state()}
         meta = {
             "run_id": self.cfg.run.id,
             "run_fingerprint": self.run_state.fingerprint(),
@@ -173,6 +175,8 @@ class PathSession:
                     outer.momentum[i].copy_(ckpt.groups[f"outer.{module_id}"][f"momentum.{n}"])
             self.inner.optimizer.load_state_dict(
                 _unflatten_optimizer_state(ckpt.groups["optimizer"], ckpt.meta["optimizer"]))
+            if "data" in ckpt.groups:  # checkpoints written before the data order was saved lack it
+                self.generator.set_state(ckpt.groups["data"]["generator"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{ckpt.directory}: does not fit this path's model ({e}); "
                                   "move it away to start fresh") from None

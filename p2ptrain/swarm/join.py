@@ -1,0 +1,134 @@
+"""Joining a swarm end to end: DHT → run state → path → session → node.
+
+`open_node` does everything up to a ready `SwarmNode`; `p2ptrain join` and the demo
+drive it, and `close` shuts everything down in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from p2ptrain.config import RunConfig
+from p2ptrain.data.corpus import Document
+from p2ptrain.errors import SwarmError
+from p2ptrain.model.grid import PathIndex
+from p2ptrain.run_state import RunState, save_run_state
+from p2ptrain.swarm.dht import LOOPBACK_MADDRS, start_dht, visible_maddrs
+from p2ptrain.swarm.membership import least_covered_path
+from p2ptrain.swarm.node import SwarmNode
+from p2ptrain.swarm.records import SwarmRecords, make_validators
+from p2ptrain.swarm.signals import children_ignore_sigint
+from p2ptrain.train.session import PathSession
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JoinOptions:
+    initial_peers: Sequence[str] = ()
+    new_swarm: bool = False
+    host_maddrs: Sequence[str] = LOOPBACK_MADDRS
+    announce_maddrs: Sequence[str] | None = None
+    client_mode: bool = False
+    identity_path: str | None = None
+    path: str | None = None  # "1,0"; None picks the least-covered path
+    run_config: RunConfig | None = None  # given explicitly: must match the swarm's
+    run_id: str | None = None  # which run to join when no config is given
+    device: str = "cpu"
+    data_seed: int = 0
+    catch_up: bool = True
+
+
+@dataclass
+class OpenNode:
+    node: SwarmNode
+    dht: object
+    run_state: RunState
+    created_run: bool
+    maddrs: list[str]
+    restored_round: int | None
+    caught_up: dict[str, str] = field(default_factory=dict)
+
+    def close(self) -> None:
+        try:
+            self.node.shutdown()
+        finally:
+            self.dht.shutdown()
+
+
+def resolve_run(records: SwarmRecords, given: RunConfig | None, default: RunConfig,
+                docs_loader: Callable[[], Sequence[Document]]) -> tuple[RunState, bool]:
+    """The swarm's run state; if the DHT has none under this run id, create and publish it."""
+    published = records.fetch_run()
+    if published is not None:
+        if given is not None and given.fingerprint() != published.state.config.fingerprint():
+            raise SwarmError(f"run '{records.run_id}' on the swarm has a different config than --run-config "
+                             f"(swarm {published.state.config.fingerprint()[:12]}, yours "
+                             f"{given.fingerprint()[:12]}): drop --run-config to use the swarm's, or pick "
+                             "another run.id to start a new run")
+        return published.state, False
+    config = given or default
+    state = RunState.create(config, docs_loader())
+    if not records.publish_run(state):
+        raise SwarmError("could not publish the run state on the DHT")
+    winner = records.fetch_run()  # two creators at once: the earliest record wins everywhere
+    if winner is not None and winner.state.fingerprint() != state.fingerprint():
+        if given is not None and given.fingerprint() != winner.state.config.fingerprint():
+            raise SwarmError(f"another node created run '{records.run_id}' with a different config a moment "
+                             "earlier; pick another run.id")
+        return winner.state, False
+    return state, True
+
+
+def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequence[Document]]) -> OpenNode:
+    from p2ptrain.train.inner import resolve_device
+
+    default = options.run_config or RunConfig.load()
+    run_id = options.run_id or default.run.id
+    if not options.initial_peers and not options.new_swarm:
+        raise SwarmError("no initial peers: pass --initial-peers, list peers in bootstrap_peers.txt, "
+                         "or start a new swarm with --new-swarm")
+    signer, validators = make_validators(run_id)
+    with children_ignore_sigint():
+        dht = start_dht(options.initial_peers if not options.new_swarm else (), host_maddrs=options.host_maddrs,
+                        announce_maddrs=options.announce_maddrs, client_mode=options.client_mode,
+                        identity_path=options.identity_path, record_validators=validators)
+    try:
+        records = SwarmRecords(dht, run_id, signer)
+        docs = _cached(docs_loader)
+        state, created = resolve_run(records, options.run_config, default, docs)
+        save_run_state(home, state)
+        grid = state.grid
+        if options.path is not None:
+            path: PathIndex = grid.parse_path(options.path)
+        else:
+            path = least_covered_path(grid, records.fetch_peers(), random.Random())
+        session = PathSession(state, path, docs(), resolve_device(options.device), home, options.data_seed)
+        ckpt = session.restore()
+        maddrs = visible_maddrs(dht)
+        node = SwarmNode(state, session, dht, records, client_mode=options.client_mode, maddrs=maddrs)
+        opened = OpenNode(node, dht, state, created, maddrs, ckpt.round if ckpt else None)
+        if options.catch_up:
+            try:
+                opened.caught_up = node.catch_up()
+            except Exception:
+                node.shutdown()
+                raise
+        return opened
+    except BaseException:
+        dht.shutdown()
+        raise
+
+
+def _cached(loader: Callable[[], Sequence[Document]]) -> Callable[[], Sequence[Document]]:
+    cache: list = []
+
+    def load():
+        if not cache:
+            cache.append(loader())
+        return cache[0]
+    return load

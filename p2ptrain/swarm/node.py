@@ -1,0 +1,352 @@
+"""The swarm round driver: inner steps, then a DiLoCo outer step per module averaged with
+the module's peers, then consistency checks, progress records and a checkpoint.
+
+Round rule (step-based): every node runs H = inner.steps_per_round inner steps, then
+looks for the peers of each of its modules. Peers that arrive within the matchmaking
+window (averaging.matchmaking_time, at most 3× that in total) average together; a slow
+peer that misses the window averages with whoever is there next time, and a module
+whose peers are all gone is updated with the node's own pseudo-gradient. So a slow peer
+delays fast ones by at most the window, and a lone peer never waits forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from p2ptrain.model.grid import path_name
+from p2ptrain.run_state import RunState
+from p2ptrain.swarm.averaging import fingerprint, fingerprints_agree, make_compression, module_averager_class
+from p2ptrain.swarm.membership import peers_holding
+from p2ptrain.swarm.records import ModuleSync, PeerRecord, SwarmRecords, averager_prefix, new_peer_record
+from p2ptrain.swarm.signals import children_ignore_sigint
+from p2ptrain.train.session import PathSession
+
+logger = logging.getLogger(__name__)
+
+GLOBAL_TOLERANCE = 1e-3  # relative drift of global parameters tolerated before a re-sync
+SYNC_WAIT_S = 10.0  # how long to wait for group members' fingerprints after a round
+STATE_TIMEOUT_S = 30.0  # per-peer bound on a module state download
+
+
+@dataclass
+class ModuleRound:
+    """What happened to one module in one round."""
+
+    group: list[str] = field(default_factory=list)  # peer ids that averaged together (incl. us)
+    alone: bool = False
+    rejected: str | None = None  # why the average was not used, if it was not
+    resynced_from: str | None = None
+    partial: bool = False
+    gathered: dict = field(default_factory=dict, repr=False)  # peer id → what it sent through `gather`
+
+
+@dataclass
+class RoundReport:
+    round: int
+    loss: float
+    tokens: int
+    tokens_per_s: float
+    seconds_inner: float
+    seconds_outer: float
+    modules: dict[str, ModuleRound] = field(default_factory=dict)
+
+
+class ModuleSlot:
+    """A module's averager, its shared pseudo-gradient buffers and a lock over its global state."""
+
+    def __init__(self, module_id: str, session: PathSession, dht, run_state: RunState, client_mode: bool):
+        cfg = run_state.config.averaging
+        self.module_id = module_id
+        self.outer = session.outer[module_id]
+        self.lock = threading.Lock()
+        self.round = 0
+        buffers = [torch.zeros_like(p) for p in self.outer.global_params]
+        mm = cfg.matchmaking_time
+        with children_ignore_sigint():
+            self.averager = module_averager_class()(
+                buffers, dht, start=True, prefix=averager_prefix(run_state.config.run.id, module_id),
+                state_provider=self.current_state, target_group_size=cfg.target_group_size, min_group_size=2,
+                min_matchmaking_time=mm, request_timeout=min(3.0, mm / 2), allreduce_timeout=cfg.averaging_timeout,
+                compression=make_compression(cfg.compression), client_mode=client_mode,
+                declare_state_period=min(30.0, 6 * mm))
+
+    def current_state(self):
+        """Served to peers that download this module (runs in hivemind's fetch thread)."""
+        with self.lock:
+            tensors = [p.clone() for p in self.outer.global_params] + [m.clone() for m in self.outer.momentum]
+            return {"module": self.module_id, "round": self.round}, tensors
+
+    def adopt(self, metadata, tensors) -> bool:
+        n = len(self.outer.global_params)
+        if (not isinstance(metadata, dict) or metadata.get("module") != self.module_id or len(tensors) != 2 * n
+                or any(t.shape != p.shape for t, p in zip(tensors, self.outer.global_params * 2))
+                or not all(torch.isfinite(t).all() for t in tensors)):
+            return False
+        with self.lock:
+            for dst, src in zip(self.outer.global_params + self.outer.momentum, tensors):
+                dst.copy_(src)
+            self.round = int(metadata["round"])
+        return True
+
+
+class SwarmNode:
+    def __init__(self, run_state: RunState, session: PathSession, dht, records: SwarmRecords,
+                 client_mode: bool = False, maddrs: list[str] | None = None):
+        self.run_state = run_state
+        self.cfg = run_state.config
+        self.session = session
+        self.dht = dht
+        self.records = records
+        self.client_mode = client_mode
+        self.maddrs = maddrs or []
+        self.peer_id = dht.peer_id.to_base58()
+        self.slots = {m: ModuleSlot(m, session, dht, run_state, client_mode) for m in session.module_ids}
+        self.history: list[RoundReport] = []
+        self.sync: dict[str, ModuleSync] = {}
+        self.last_loss: float | None = None
+        self.last_tps = 0.0
+        self.stop_requested = threading.Event()
+        self._peers_cache: list[PeerRecord] = []
+        for slot in self.slots.values():
+            slot.round = session.round
+
+    @property
+    def round(self) -> int:
+        return self.session.round
+
+    # ------------------------------------------------------------------ start
+
+    def catch_up(self) -> dict[str, str]:
+        """Download each module's global state from the most advanced peer holding it, if
+        that peer is ahead of our own checkpoint. Returns module → peer it came from."""
+        peers = self.fetch_peers()
+        got = {}
+        for module_id, slot in self.slots.items():
+            holders = sorted(peers_holding(self.run_state.grid, peers, module_id, self.peer_id),
+                             key=lambda p: (-p.round, p.peer_id))
+            holders = [p for p in holders if p.round > slot.round]
+            if holders and self._download(slot, [p.peer_id for p in holders], min_round=slot.round + 1):
+                got[module_id] = holders[0].peer_id
+        if got:
+            self.session.round = max(slot.round for slot in self.slots.values())
+            for slot in self.slots.values():
+                slot.round = self.session.round
+        return got
+
+    # ------------------------------------------------------------------ rounds
+
+    def run(self, max_rounds: int | None = None, max_minutes: float | None = None,
+            on_round: Callable[[RoundReport], None] | None = None,
+            on_step: Callable | None = None) -> list[RoundReport]:
+        deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
+        self.publish_status()
+        done = 0
+        while not self.stop_requested.is_set() and (max_rounds is None or done < max_rounds):
+            if time.monotonic() >= deadline:
+                logger.info("--max-minutes reached; stopping between rounds")
+                break
+            report = self.run_round(on_step=on_step)
+            if report is None:  # stopped mid-round: the round is abandoned
+                break
+            done += 1
+            self.history.append(report)
+            if on_round is not None:
+                on_round(report)
+        return self.history
+
+    def run_round(self, on_step=None) -> Optional[RoundReport]:
+        H = self.cfg.inner.steps_per_round
+        # --- inner: H steps of the inner optimizer on this path's shard
+        t0 = time.perf_counter()
+        tokens, loss = self.session.inner_steps(H, on_step=on_step, should_stop=self.stop_requested.is_set)
+        t_inner = time.perf_counter() - t0
+        if self.stop_requested.is_set():
+            # stopping between rounds only: discard the partial round, keep the global state
+            for module_id in self.session.module_ids:
+                self.session.adopt_global(module_id)
+            return None
+        # --- outer: average each module's pseudo-gradient with its peers, Nesterov step
+        report = RoundReport(self.round + 1, loss, tokens, tokens / max(t_inner, 1e-9), t_inner, 0.0)
+        t1 = time.perf_counter()
+        report.modules = self.outer_step(tokens)
+        report.seconds_outer = time.perf_counter() - t1
+        self.last_loss, self.last_tps = loss, report.tokens_per_s
+        self.publish_status()
+        # --- verify: peers of each module must now hold the same global state
+        self.verify_round(report)
+        self.session.save_checkpoint()
+        return report
+
+    def outer_step(self, tokens: int) -> dict[str, ModuleRound]:
+        peers = self.fetch_peers()
+        avg_cfg = self.cfg.averaging
+        controls, own, gathers, results = {}, {}, {}, {}
+        for module_id, slot in self.slots.items():
+            with slot.averager.get_tensors() as buffers:
+                slot.outer.pseudo_gradient_into(self.session.local_state(module_id), buffers)
+                own[module_id] = [b.clone() for b in buffers]
+            global_fp, global_norm = fingerprint(slot.outer.global_params)
+            gathers[module_id] = {"round": slot.round, "global": global_fp, "norm": global_norm}
+            results[module_id] = ModuleRound()
+            if not peers_holding(self.run_state.grid, peers, module_id, self.peer_id):
+                results[module_id].alone = True  # nobody else holds it: don't wait for a group
+                continue
+            controls[module_id] = slot.averager.step(
+                gather=gathers[module_id], weight=float(max(tokens, 1)),
+                timeout=3 * avg_cfg.matchmaking_time, allow_retries=True, wait=False)
+
+        for module_id, slot in self.slots.items():
+            result = results[module_id]
+            mean = own[module_id]
+            if module_id in controls:
+                try:
+                    group = controls[module_id].result(timeout=3 * avg_cfg.matchmaking_time
+                                                       + avg_cfg.averaging_timeout + 30)
+                    result.group = sorted(peer.to_base58() for peer in group)
+                    result.gathered = {peer.to_base58(): g for peer, g in group.items()}
+                    with slot.averager.get_tensors() as buffers:
+                        averaged = [b.clone() for b in buffers]
+                    if all(torch.isfinite(t).all() for t in averaged):
+                        mean = averaged
+                    else:
+                        result.rejected = "non-finite values in the average (a peer sent NaN/inf)"
+                        logger.warning("module %s: %s; using our own pseudo-gradient this round",
+                                       module_id, result.rejected)
+                except Exception as e:  # no group found in time, or the all-reduce failed
+                    result.alone = True
+                    logger.info("module %s averaged alone this round: %s", module_id, e)
+            with slot.lock:
+                scale = self._sharing_scale(module_id)
+                slot.outer.apply(mean, scale)
+                slot.round += 1
+            self.session.adopt_global(module_id)
+            fp, norm = fingerprint(mean)
+            self.sync[module_id] = ModuleSync(round=slot.round, fingerprint=fp, scale=norm)
+        self.session.round = max(slot.round for slot in self.slots.values())
+        return results
+
+    def _sharing_scale(self, module_id: str) -> float:
+        """DiPaCo's optional rescaling of a module's outer gradient by the paths sharing it."""
+        if not self.cfg.outer.rescale_by_sharing:
+            return 1.0
+        return 1.0 / len(self.run_state.grid.paths_containing(module_id))
+
+    # ------------------------------------------------------------------ checks
+
+    def verify_round(self, report: RoundReport) -> None:
+        """Re-sync any module that this round left inconsistent with its group."""
+        tolerance = self.cfg.averaging.sync_tolerance
+        for module_id, result in report.modules.items():
+            gathered = result.gathered
+            if not gathered or result.alone:
+                continue
+            slot = self.slots[module_id]
+            source, min_round = None, slot.round
+            # 1. behind or drifted before this round: follow the most advanced member
+            ahead = max(gathered.items(), key=lambda kv: (kv[1].get("round", -1), _neg(kv[0])))
+            mine = gathered.get(self.peer_id, {})
+            if ahead[0] != self.peer_id:
+                their = ahead[1]
+                behind = mine.get("round", -1) < their.get("round", -1)
+                drifted = not fingerprints_agree(mine.get("global", []), their.get("global", []),
+                                                 float(their.get("norm", 0.0)), GLOBAL_TOLERANCE)
+                if behind or drifted:
+                    source, min_round = ahead[0], int(their.get("round", 0)) + 1
+                    logger.warning("module %s: %s peer %s before this round; re-syncing from it", module_id,
+                                   "behind" if behind else "drifted from", source[-8:])
+            # 2. a partial all-reduce: compare fingerprints of the averaged Δ with the group
+            if source is None:
+                others = self._wait_for_group_sync(module_id, slot.round, set(result.group) - {self.peer_id})
+                mismatched = [p for p, s in others.items()
+                              if not fingerprints_agree(self.sync[module_id].fingerprint, s.fingerprint,
+                                                        max(s.scale, self.sync[module_id].scale), tolerance)]
+                if mismatched:
+                    result.partial = True
+                    reference = min([self.peer_id, *others])  # the same choice on every survivor
+                    logger.warning("module %s: round %d was only partly averaged (%d of %d peers disagree)%s",
+                                   module_id, slot.round, len(mismatched), len(others),
+                                   "" if reference == self.peer_id else f"; re-syncing from {reference[-8:]}")
+                    if reference != self.peer_id:
+                        source, min_round = reference, slot.round
+            if source is not None:
+                fallback = [p for p in result.group if p not in (source, self.peer_id)]
+                if self._download(slot, [source, *fallback], min_round=min_round):
+                    result.resynced_from = source
+                    self.session.adopt_global(module_id)
+        self.session.round = max(slot.round for slot in self.slots.values())
+
+    def _wait_for_group_sync(self, module_id: str, round_: int, members: set[str]) -> dict[str, ModuleSync]:
+        """Group members' fingerprints of this round's averaged Δ (those posted within SYNC_WAIT_S)."""
+        deadline = time.monotonic() + SYNC_WAIT_S
+        found: dict[str, ModuleSync] = {}
+        while True:
+            for peer in self.records.fetch_peers():
+                entry = peer.sync.get(module_id)
+                if peer.peer_id in members and entry is not None and entry.round == round_:
+                    found[peer.peer_id] = entry
+            if set(found) >= members or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.25)
+
+    def _download(self, slot: ModuleSlot, peers: list[str], min_round: int) -> bool:
+        """Adopt a module's global state from the first of `peers` that has round ≥ min_round."""
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            got = slot.averager.download_state_from(peers, timeout=STATE_TIMEOUT_S)
+            if got is not None:
+                metadata, tensors = got
+                if isinstance(metadata, dict) and int(metadata.get("round", -1)) >= min_round:
+                    if slot.adopt(metadata, tensors):
+                        logger.info("module %s: adopted round %d state from a peer", slot.module_id, slot.round)
+                        return True
+                    logger.warning("module %s: a peer sent a state of the wrong shape or with NaN; ignored",
+                                   slot.module_id)
+                    peers = peers[1:]
+                    if not peers:
+                        return False
+            time.sleep(0.5)
+        logger.warning("module %s: could not download its state from %d peers; continuing with ours",
+                       slot.module_id, len(peers))
+        return False
+
+    # ------------------------------------------------------------------ status
+
+    def fetch_peers(self) -> list[PeerRecord]:
+        try:
+            self._peers_cache = self.records.fetch_peers()
+        except Exception as e:  # the DHT is best effort: keep the last view
+            logger.warning("could not read peer records: %s", e)
+        return self._peers_cache
+
+    def publish_status(self, paused: str | None = None) -> None:
+        record = new_peer_record(peer_id=self.peer_id, path=list(self.session.path), round=self.round,
+                                 loss=self.last_loss if self.last_loss is None or math.isfinite(self.last_loss)
+                                 else None, tokens_per_s=float(self.last_tps), tokens=int(self.session.tokens_seen),
+                                 reachability="client" if self.client_mode else "public", maddrs=self.maddrs,
+                                 sync=dict(self.sync), paused=paused)
+        try:
+            self.records.publish_peer(record)
+        except Exception as e:
+            logger.warning("could not publish this node's status: %s", e)
+
+    def describe(self) -> str:
+        return f"path {path_name(self.session.path)} modules {', '.join(self.session.module_ids)}"
+
+    def shutdown(self) -> None:
+        for slot in self.slots.values():
+            try:
+                slot.averager.shutdown()
+            except Exception as e:
+                logger.debug("averager shutdown: %s", e)
+
+
+def _neg(peer_id: str) -> tuple:
+    """Sort key so that, among equal rounds, the smallest peer id wins a max()."""
+    return tuple(-ord(c) for c in peer_id)

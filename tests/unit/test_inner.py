@@ -1,0 +1,152 @@
+"""Inner optimisation: AdamW8bit really learns, keeps 8-bit state for large tensors, and
+the memory model matches what bitsandbytes allocates."""
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from p2ptrain.config import InnerConfig, RunConfig
+from p2ptrain.data.batches import TokenStream
+from p2ptrain.data.tokenizer import ByteTokenizer
+from p2ptrain.train.inner import (InnerTrainer, estimate_state_bytes, lr_at, make_inner_optimizer,
+                                  optimizer_state_bytes)
+from p2ptrain.train.session import build_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw"])
+def test_thirty_steps_on_real_text_lower_the_loss(tiny_run_state, stdlib_docs, optimizer):
+    # Prepare
+    inner = InnerConfig(optimizer=optimizer, lr=1e-2, warmup_steps=5, batch_size=8, steps_per_round=30,
+                        total_rounds=1)
+    model = build_model(tiny_run_state, (0, 0))
+    trainer = InnerTrainer(model, inner, CPU)
+    stream = TokenStream(stdlib_docs, ByteTokenizer())
+    generator = torch.Generator().manual_seed(0)
+
+    # Execute
+    losses = [trainer.step(*stream.sample(8, 32, generator)).item() for _ in range(30)]
+
+    # Assert: starts near the uniform byte loss ln(257) = 5.55, ends more than a nat lower
+    assert losses[0] == pytest.approx(math.log(257), abs=0.3)
+    assert statistics.mean(losses[-5:]) < statistics.mean(losses[:5]) - 1.0
+    assert trainer.step_count == 30
+
+
+def test_adamw8bit_keeps_uint8_moments_for_tensors_of_4096_elements_or_more(tiny_run_state, stdlib_docs):
+    # Prepare
+    model = build_model(tiny_run_state, (0, 0))
+    trainer = InnerTrainer(model, tiny_run_state.config.inner, CPU)
+    stream = TokenStream(stdlib_docs[:20], ByteTokenizer())
+
+    # Execute
+    trainer.step(*stream.sample(2, 32, torch.Generator().manual_seed(0)))
+
+    # Assert: embedding 257x32 = 8224 and MLP 32x128 = 4096 are 8-bit; qkv 96x32 = 3072 is not
+    dtypes = {name: (trainer.optimizer.state[p]["state1"].dtype, trainer.optimizer.state[p]["state2"].dtype)
+              for name, p in model.named_parameters()}
+    assert dtypes["stem.embed.weight"] == (torch.uint8, torch.uint8)
+    assert dtypes["levels.0.blocks.0.fc.weight"] == (torch.uint8, torch.uint8)
+    assert dtypes["levels.0.blocks.0.fc_out.weight"] == (torch.uint8, torch.uint8)
+    assert dtypes["levels.0.blocks.0.qkv.weight"] == (torch.float32, torch.float32)
+    assert dtypes["levels.0.blocks.0.proj.weight"] == (torch.float32, torch.float32)
+    assert dtypes["stem.norm.weight"] == (torch.float32, torch.float32)
+    for name, p in model.named_parameters():
+        expected = torch.uint8 if p.numel() >= 4096 else torch.float32
+        assert dtypes[name] == (expected, expected), name
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw"])
+def test_estimated_state_bytes_match_a_real_optimizer_after_one_step(tiny_run_state, stdlib_docs, optimizer):
+    # Prepare
+    model = build_model(tiny_run_state, (0, 0))
+    trainer = InnerTrainer(model, InnerConfig(optimizer=optimizer), CPU)
+    stream = TokenStream(stdlib_docs[:20], ByteTokenizer())
+    shapes = [tuple(p.shape) for p in model.parameters()]
+
+    # Execute
+    trainer.step(*stream.sample(2, 32, torch.Generator().manual_seed(0)))
+    measured = optimizer_state_bytes(trainer.optimizer)
+
+    # Assert
+    assert measured == pytest.approx(estimate_state_bytes(shapes, optimizer), rel=0.01)
+
+
+def test_estimate_state_bytes_formula():
+    # Execute / Assert
+    # 32-bit AdamW: two fp32 moments
+    assert estimate_state_bytes([(63, 64)], "adamw") == 8 * 4032
+    # 8-bit, under 4096 elements: still two fp32 moments
+    assert estimate_state_bytes([(63, 64)], "adamw8bit") == 8 * 4032
+    # 8-bit, 4096 elements: two uint8 moments, 16 blocks x 2 fp32 absmax, two 256-entry fp32 qmaps
+    assert estimate_state_bytes([(64, 64)], "adamw8bit") == 2 * 4096 + 2 * 4 * 16 + 2 * 256 * 4
+    # a partial block counts as a block
+    assert estimate_state_bytes([(4097,)], "adamw8bit") == 2 * 4097 + 2 * 4 * 17 + 2 * 256 * 4
+
+
+def test_8bit_state_is_about_a_quarter_of_32bit_for_a_large_model():
+    # Prepare
+    shapes = [(50_000, 1024), (1024, 4096), (4096, 1024), (1024,)]
+
+    # Execute
+    ratio = estimate_state_bytes(shapes, "adamw8bit") / estimate_state_bytes(shapes, "adamw")
+
+    # Assert: 2.03 B/param instead of 8
+    assert ratio == pytest.approx(2.03 / 8, abs=0.002)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    # Prepare
+    params = [torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(8))]
+
+    # Execute
+    optimizer = make_inner_optimizer(params, InnerConfig(optimizer="adamw", weight_decay=0.25))
+
+    # Assert
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.25, 0.0]
+    assert optimizer.param_groups[0]["params"][0] is params[0]
+    assert optimizer.param_groups[1]["params"][0] is params[1]
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    # Prepare: 1000 steps in all, 100 of warm-up, floor at 10 % of 1e-3
+    cfg = InnerConfig(lr=1e-3, warmup_steps=100, min_lr_ratio=0.1, steps_per_round=100, total_rounds=10)
+
+    # Execute / Assert
+    assert lr_at(0, cfg) == pytest.approx(1e-5)
+    assert lr_at(49, cfg) == pytest.approx(5e-4)
+    assert lr_at(99, cfg) == pytest.approx(1e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-3)
+    assert lr_at(550, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half-way through the cosine
+    assert lr_at(1000, cfg) == pytest.approx(1e-4)
+    assert lr_at(5000, cfg) == pytest.approx(1e-4)
+
+
+def test_lr_schedule_without_warmup_starts_at_the_peak():
+    # Prepare
+    cfg = InnerConfig(lr=2e-3, warmup_steps=0, min_lr_ratio=0.0, steps_per_round=10, total_rounds=2)
+
+    # Execute / Assert
+    assert lr_at(0, cfg) == pytest.approx(2e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(20, cfg) == pytest.approx(0.0)
+
+
+def test_trainer_sets_the_scheduled_lr_on_every_group(tiny_run_state, stdlib_docs):
+    # Prepare
+    config = RunConfig.from_dict({**tiny_run_state.config.to_dict(),
+                                  "inner": {"optimizer": "adamw", "lr": 1e-2, "warmup_steps": 4}})
+    model = build_model(tiny_run_state, (0, 0))
+    trainer = InnerTrainer(model, config.inner, CPU)
+    stream = TokenStream(stdlib_docs[:20], ByteTokenizer())
+    generator = torch.Generator().manual_seed(0)
+
+    # Execute
+    trainer.step(*stream.sample(2, 32, generator))
+    trainer.step(*stream.sample(2, 32, generator))
+
+    # Assert: the second step (step index 1) ran at 2/4 of the peak
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [pytest.approx(5e-3)] * 2
