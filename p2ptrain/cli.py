@@ -179,20 +179,20 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
     last = {"loss": float("nan"), "tps": 0.0}
     first_loss = None
     done = 0
-    with click.progressbar(length=steps, label="train", file=sys.stderr if not as_json else open("/dev/null", "w"),
+    with click.progressbar(length=steps, label="train", file=sys.stderr, hidden=as_json,
                            item_show_func=lambda _: f"loss {last['loss']:.3f}  {last['tps']:,.0f} tok/s") as bar:
         for _ in range(rounds):
             n = min(H, steps - done)
+            seen = session.inner.step_count
 
             def on_step(report, _bar=bar):
-                nonlocal first_loss
-                first_loss = report.loss if first_loss is None else first_loss
-                _bar.update(report.step - session.inner.step_count + 0)  # refreshed below
+                nonlocal first_loss, seen
+                first_loss = report.window[0] if first_loss is None else first_loss
+                _bar.update(report.step - seen)
+                seen = report.step
                 last["loss"], last["tps"] = report.loss, report.tokens_per_s
 
-            start = session.inner.step_count
-            _, mean_loss = session.inner_steps(n, on_step=on_step)
-            bar.update(session.inner.step_count - start)
+            session.inner_steps(n, on_step=on_step, log_every=max(1, min(10, n // 5)))
             done += n
             session.make_local_global()
             session.round += 1
@@ -240,6 +240,258 @@ def format_eval(report) -> str:
     note = f"; {report.untrained_paths} paths without a checkpoint count at init" if report.untrained_paths else ""
     lines.append(f"mixture loss {report.mixture_loss:.3f} (init {report.mixture_init_loss:.3f}{note})")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- swarm
+
+def swarm_options(f):
+    """How to reach the swarm; shared by join, bootstrap and peers."""
+    f = click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
+                     help="A peer's full multiaddr (…/p2p/12D3KooW…); repeatable. "
+                          "[default: the peers in bootstrap_peers.txt]")(f)
+    f = click.option("--bootstrap-file", type=click.Path(dir_okay=False), default=None,
+                     help="Read initial peers from this file instead of ./bootstrap_peers.txt.")(f)
+    f = click.option("--host-maddrs", multiple=True, metavar="MULTIADDR",
+                     help="Where to listen. [default: /ip4/0.0.0.0/tcp/0, every interface]")(f)
+    f = click.option("--announce-maddrs", multiple=True, metavar="MULTIADDR",
+                     help="Public addresses to announce (with an explicit port), e.g. behind port forwarding.")(f)
+    f = click.option("--client-mode", is_flag=True,
+                     help="Behind NAT: don't accept incoming connections; reach peers through relays.")(f)
+    return f
+
+
+def _initial_peers(initial_peers, bootstrap_file, new_swarm: bool) -> tuple[list[str], str]:
+    from p2ptrain.swarm.dht import bootstrap_peers
+    if new_swarm:
+        return [], "none (new swarm)"
+    if initial_peers:
+        return list(initial_peers), "--initial-peers"
+    return bootstrap_peers(bootstrap_file)
+
+
+def _identity(home: Path, identity, no_identity: bool) -> str | None:
+    from p2ptrain.home import identity_path
+    if no_identity:
+        return None
+    return str(Path(identity).expanduser()) if identity else str(identity_path(home))
+
+
+def _install_stop_handlers(stop_event) -> None:
+    """First Ctrl-C / SIGTERM: stop between rounds. Second Ctrl-C: abort now."""
+    import signal
+
+    def request_stop(signum, _frame):
+        if stop_event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop_event.set()
+        click.echo("stopping: abandoning the current round, then checkpoint and leave "
+                   "(Ctrl-C again to abort now)", err=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+
+@main.command()
+@run_options
+@data_option
+@swarm_options
+@click.option("--new-swarm", is_flag=True, help="Start a new DHT (no initial peers) and print its address.")
+@click.option("--run-id", default=None, help="Run to join when no --run-config is given. [default: the default run]")
+@click.option("--path", "path_text", default=None, help="Path to train, e.g. 1,0. [default: the least-covered path]")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--identity", default=None, type=click.Path(dir_okay=False),
+              help="libp2p identity key file (created if missing). [default: <home>/identity.key]")
+@click.option("--no-identity", is_flag=True, help="Use a fresh random identity for this run only.")
+@click.option("--max-rounds", default=None, type=click.IntRange(1), help="Stop cleanly after this many rounds.")
+@click.option("--max-minutes", default=None, type=click.FloatRange(0, min_open=True),
+              help="Stop cleanly at the first round boundary after this many minutes.")
+@click.option("--wait-for-peers", default=1, show_default=True, type=click.IntRange(1),
+              help="Before the first round, wait (up to 5 minutes) until this many peers, this one included, "
+                   "are in the swarm.")
+@json_option
+def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode,
+         new_swarm, run_id, path_text, device, identity, no_identity, max_rounds, max_minutes, wait_for_peers,
+         as_json) -> None:
+    """Join a swarm (or start one with --new-swarm) and train a path with it.
+
+    Prints this node's multiaddrs; others join with --initial-peers ADDR.
+    """
+    from p2ptrain.config import RunConfig
+    from p2ptrain.home import resolve_home
+    from p2ptrain.model.grid import path_name
+    from p2ptrain.swarm.dht import PUBLIC_MADDRS
+    from p2ptrain.swarm.join import JoinOptions, open_node
+
+    home = resolve_home(home)
+    given = RunConfig.load(run_config) if run_config else None
+    peers, source = _initial_peers(initial_peers, bootstrap_file, new_swarm)
+    options = JoinOptions(initial_peers=peers, new_swarm=new_swarm, host_maddrs=list(host_maddrs) or PUBLIC_MADDRS,
+                          announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode,
+                          identity_path=_identity(home, identity, no_identity), path=path_text, run_config=given,
+                          run_id=run_id, device=device)
+    if not peers and not new_swarm:
+        from p2ptrain.errors import SwarmError
+        raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR, or start a new "
+                         "swarm with --new-swarm")
+    emit = (lambda obj: click.echo(json.dumps(obj), nl=True)) if as_json else None
+    if not as_json:
+        click.echo(f"joining {'a new swarm' if new_swarm else f'{len(peers)} initial peers from {source}'} ...")
+    opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data))
+    node = opened.node
+    try:
+        _install_stop_handlers(node.stop_requested)
+        info = {"event": "joined", "peer_id": node.peer_id, "run_id": opened.run_state.config.run.id,
+                "created_run": opened.created_run, "path": path_name(node.session.path),
+                "modules": node.session.module_ids, "maddrs": opened.maddrs, "round": node.round,
+                "restored_round": opened.restored_round, "caught_up": opened.caught_up,
+                "client_mode": client_mode}
+        if emit:
+            emit(info)
+        else:
+            click.echo(f"peer {node.peer_id} {'created' if opened.created_run else 'joined'} run "
+                       f"{info['run_id']}; training {node.describe()} from round {node.round}")
+            if opened.caught_up:
+                click.echo(f"downloaded the current state of {', '.join(opened.caught_up)} from peers")
+            if client_mode:
+                click.echo("client mode: not reachable from outside; peers are reached through relays")
+            click.echo("visible multiaddrs (others pass one to --initial-peers):")
+            for addr in opened.maddrs:
+                click.echo(f"  {addr}")
+
+        def on_round(report):
+            modules = {m: (len(r.group) if r.group else 1) for m, r in report.modules.items()}
+            if emit:
+                emit({"event": "round", "round": report.round, "loss": report.loss, "tokens": report.tokens,
+                      "tokens_per_s": report.tokens_per_s, "seconds_inner": report.seconds_inner,
+                      "seconds_outer": report.seconds_outer, "peers_per_module": modules,
+                      "resynced": [m for m, r in report.modules.items() if r.resynced_from],
+                      "partial": [m for m, r in report.modules.items() if r.partial]})
+            else:
+                peers_text = "  ".join(f"{m}:{n}" for m, n in modules.items())
+                click.echo(f"round {report.round:>4}  loss {report.loss:6.3f}  {report.tokens_per_s:>9,.0f} tok/s  "
+                           f"outer {report.seconds_outer:5.1f}s  peers {peers_text}")
+
+        if wait_for_peers > 1:
+            if not emit:
+                click.echo(f"waiting for {wait_for_peers} peers ...")
+            seen = node.wait_for_peers(wait_for_peers, timeout_s=300.0)
+            if emit:
+                emit({"event": "peers", "seen": seen})
+            elif seen < wait_for_peers:
+                click.echo(f"only {seen} of {wait_for_peers} peers arrived in 5 minutes; starting anyway")
+        node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round)
+        if emit:
+            emit({"event": "left", "round": node.round})
+        else:
+            click.echo(f"left the swarm at round {node.round}; checkpoints in {node.session.store.root}")
+    finally:
+        opened.close()
+
+
+@main.command()
+@click.option("--home", default=None, type=click.Path(file_okay=False), help="Node home directory.")
+@swarm_options
+@click.option("--port", default=31337, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port to listen on (0: any free port).")
+@click.option("--host", default="0.0.0.0", show_default=True, help="IPv4 address to listen on.")
+@click.option("--identity", default=None, type=click.Path(dir_okay=False),
+              help="Identity key file, so the entry node's address stays the same across restarts. "
+                   "[default: <home>/identity.key]")
+@click.option("--run-id", "run_ids", multiple=True,
+              help="Runs whose records this node validates (repeatable). [default: the default run]")
+@click.option("--max-minutes", default=None, type=click.FloatRange(0, min_open=True), help="Exit after this long.")
+@json_option
+def bootstrap(home, initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode, port, host, identity,
+              run_ids, max_minutes, as_json) -> None:
+    """Run a DHT-only entry node that others list in bootstrap_peers.txt."""
+    import threading
+    import time as _time
+    from p2ptrain.config import RunConfig
+    from p2ptrain.home import resolve_home
+    from p2ptrain.swarm.dht import start_dht, visible_maddrs
+    from p2ptrain.swarm.records import make_validators
+    from p2ptrain.swarm.signals import children_ignore_sigint
+
+    home = resolve_home(home)
+    _, validators = make_validators(run_ids or [RunConfig.load().run.id])
+    with children_ignore_sigint():
+        dht = start_dht(list(initial_peers), host_maddrs=list(host_maddrs) or [f"/ip4/{host}/tcp/{port}"],
+                        announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode,
+                        identity_path=_identity(home, identity, False), record_validators=validators)
+    stop = threading.Event()
+    try:
+        _install_stop_handlers(stop)
+        addrs = visible_maddrs(dht)
+        if as_json:
+            click.echo(json.dumps({"event": "bootstrap", "peer_id": dht.peer_id.to_base58(), "maddrs": addrs}))
+        else:
+            click.echo("entry node up; list one of these in bootstrap_peers.txt:")
+            for addr in addrs:
+                click.echo(f"  {addr}")
+        deadline = _time.monotonic() + 60 * max_minutes if max_minutes else None
+        while not stop.is_set() and (deadline is None or _time.monotonic() < deadline):
+            stop.wait(1.0)
+    finally:
+        dht.shutdown()
+
+
+@main.command()
+@swarm_options
+@click.option("--run-id", default=None, help="Run to inspect. [default: the default run]")
+@click.option("--timeout", default=15.0, show_default=True, type=click.FloatRange(1), help="Seconds to wait.")
+@json_option
+def peers(initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode, run_id, timeout,
+          as_json) -> None:
+    """List the live peers of a run and how well each module is covered."""
+    import time as _time
+    from p2ptrain.config import RunConfig
+    from p2ptrain.errors import SwarmError
+    from p2ptrain.model.grid import Grid, path_name
+    from p2ptrain.swarm.dht import LOOPBACK_MADDRS, start_dht
+    from p2ptrain.swarm.membership import module_coverage
+    from p2ptrain.swarm.records import SwarmRecords, make_validators
+    from p2ptrain.swarm.signals import children_ignore_sigint
+
+    addrs, source = _initial_peers(initial_peers, bootstrap_file, False)
+    if not addrs:
+        raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR")
+    run_id = run_id or RunConfig.load().run.id
+    signer, validators = make_validators(run_id)
+    with children_ignore_sigint():
+        # a short-lived observer: client mode, so nobody tries to route DHT traffic through it
+        dht = start_dht(addrs, host_maddrs=list(host_maddrs) or LOOPBACK_MADDRS, client_mode=True,
+                        record_validators=validators)
+    try:
+        records = SwarmRecords(dht, run_id, signer)
+        deadline = _time.monotonic() + timeout
+        published = records.fetch_run()
+        found = records.fetch_peers()
+        while not found and _time.monotonic() < deadline:
+            _time.sleep(0.5)
+            found = records.fetch_peers()
+    finally:
+        dht.shutdown()
+    grid = published.state.grid if published else None
+    coverage = module_coverage(grid, found) if grid else {}
+    now = _time.time()
+    rows = [{"peer_id": p.peer_id, "path": path_name(p.path), "round": p.round, "loss": p.loss,
+             "tokens_per_s": p.tokens_per_s, "tokens": p.tokens, "reachability": p.reachability,
+             "hardware": p.hardware, "version": p.version, "paused": p.paused, "age_s": round(now - p.time, 1)}
+            for p in sorted(found, key=lambda p: (p.path, p.peer_id))]
+    if as_json:
+        click.echo(json.dumps({"run_id": run_id, "run_found": published is not None, "peers": rows,
+                               "coverage": dict(coverage)}, indent=2))
+        return
+    if published is None:
+        click.echo(f"run {run_id}: no run record found on the DHT")
+    click.echo(f"{len(rows)} live peers of run {run_id}")
+    click.echo(f"{'peer':<14}{'path':<7}{'round':>6}{'loss':>8}{'tok/s':>10}  {'reach':<8}{'hardware':<18}{'age':>6}")
+    for r in rows:
+        loss = f"{r['loss']:.3f}" if r["loss"] is not None else "-"
+        click.echo(f"…{r['peer_id'][-12:]:<13}{r['path']:<7}{r['round']:>6}{loss:>8}{r['tokens_per_s']:>10,.0f}  "
+                   f"{r['reachability']:<8}{r['hardware'][:17]:<18}{r['age_s']:>5.0f}s")
+    if coverage:
+        click.echo("coverage: " + "  ".join(f"{m}:{n}" for m, n in coverage.items()))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,8 @@ import warnings
 
 def setup_logging(level: str | None = None) -> None:
     level = (level or os.environ.get("P2PTRAIN_LOGLEVEL", "WARNING")).upper()
+    # read by hivemind when it is first imported: its INFO lines are not for users
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "DEBUG" if level == "DEBUG" else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("p2ptrain").setLevel(level)
     # hivemind under torch 2.13 warns about torch.jit.script at import; not actionable for users

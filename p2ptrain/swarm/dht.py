@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -105,8 +106,12 @@ def start_dht(initial_peers: Sequence[str], *, host_maddrs: Sequence[str] = LOOP
 
 
 def _short(error: BaseException | None) -> str:
-    text = str(error).strip().splitlines()[-1] if error is not None and str(error).strip() else repr(error)
-    return text.split(": ", 1)[-1] if "Daemon failed to start" in text else text
+    """The useful last line of a p2pd error, without its timestamp."""
+    if error is None:
+        return "unknown error"
+    lines = [line for line in str(error).strip().splitlines() if line.strip()] or [repr(error)]
+    text = lines[-1].split("Daemon failed to start: ", 1)[-1]
+    return re.sub(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text)
 
 
 def visible_maddrs(dht) -> list[str]:

@@ -142,6 +142,20 @@ class SwarmNode:
 
     # ------------------------------------------------------------------ rounds
 
+    def wait_for_peers(self, count: int, timeout_s: float) -> int:
+        """Block until `count` peers (this one included) have published records, or the
+        timeout passes; returns how many were seen. Starting a run together keeps the
+        first rounds of all peers aligned."""
+        deadline = time.monotonic() + timeout_s
+        seen = 1
+        while not self.stop_requested.is_set():
+            self.publish_status()
+            seen = 1 + len([p for p in self.fetch_peers() if p.peer_id != self.peer_id])
+            if seen >= count or time.monotonic() >= deadline:
+                break
+            self.stop_requested.wait(1.0)
+        return seen
+
     def run(self, max_rounds: int | None = None, max_minutes: float | None = None,
             on_round: Callable[[RoundReport], None] | None = None,
             on_step: Callable | None = None) -> list[RoundReport]:

@@ -12,7 +12,7 @@ import logging
 import platform
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import pydantic.v1 as pydantic
 from pydantic.v1 import StrictBool, StrictFloat, StrictInt, StrictStr, confloat, conint
@@ -83,14 +83,16 @@ class SwarmSchema(pydantic.BaseModel):
     peers: Dict[BytesWithPublicKey, Optional[PeerRecord]]
 
 
-def make_validators(run_id: str, private_key=None):
-    """(signature validator, [validators to install in the DHT]) for this run."""
-    from hivemind.dht.schema import SchemaValidator
+def make_validators(run_ids: Union[str, Sequence[str]], private_key=None):
+    """(signature validator, [validators to install in the DHT]) for one or more runs."""
     from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.schema import SchemaValidator
     from hivemind.utils.crypto import RSAPrivateKey
 
     signer = RSASignatureValidator(private_key or RSAPrivateKey())
-    return signer, [SchemaValidator(SwarmSchema, allow_extra_keys=True, prefix=run_id), signer]
+    run_ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
+    schemas = [SchemaValidator(SwarmSchema, allow_extra_keys=True, prefix=run_id) for run_id in run_ids]
+    return signer, [*schemas, signer]
 
 
 def hardware_summary() -> str:

@@ -47,8 +47,9 @@ def shard_for_path(run_state: RunState, docs: Sequence[Document], path: PathInde
 @dataclass
 class StepReport:
     step: int
-    loss: float
+    loss: float  # of the latest step
     tokens_per_s: float
+    window: list[float]  # losses of every step since the previous report
 
 
 class PathSession:
@@ -101,7 +102,7 @@ class PathSession:
                 pending = []
                 if on_step is not None:
                     elapsed = max(time.perf_counter() - t0, 1e-9)
-                    on_step(StepReport(self.inner.step_count, values[-1], tokens / elapsed))
+                    on_step(StepReport(self.inner.step_count, values[-1], tokens / elapsed, values))
         if pending:
             losses.extend(torch.stack(pending).float().cpu().tolist())
         self.tokens_seen += tokens
