@@ -110,8 +110,8 @@ class AveragingConfig:
                                   lo=1.0, hi=3600.0)
     target_group_size: int = _f(64, "Most peers in one all-reduce group", lo=2, hi=4096)
     overlap: bool = _f(False, "Average in the background during the next inner steps; apply one round late")
-    sync_tolerance: float = _f(0.05, "Relative fingerprint difference above which peers re-sync a module",
-                               lo=1e-7, hi=1.0)
+    sync_tolerance: float = _f(0.0, "Relative fingerprint difference above which peers re-sync a module "
+                                    "(0: the wire codec's own bound)", lo=0.0, hi=1.0)
 
 
 @dataclass

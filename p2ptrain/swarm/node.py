@@ -22,7 +22,8 @@ import torch
 
 from p2ptrain.model.grid import path_name
 from p2ptrain.run_state import RunState
-from p2ptrain.swarm.averaging import fingerprint, fingerprints_agree, make_compression, module_averager_class
+from p2ptrain.swarm.averaging import (fingerprint, fingerprint_distance, fingerprints_agree, make_compression,
+                                      module_averager_class, sync_tolerance)
 from p2ptrain.swarm.membership import peers_holding
 from p2ptrain.swarm.records import ModuleSync, PeerRecord, SwarmRecords, averager_prefix, new_peer_record
 from p2ptrain.swarm.signals import children_ignore_sigint
@@ -30,8 +31,12 @@ from p2ptrain.train.session import PathSession
 
 logger = logging.getLogger(__name__)
 
-GLOBAL_TOLERANCE = 1e-3  # relative drift of global parameters tolerated before a re-sync
-SYNC_WAIT_S = 10.0  # how long to wait for group members' fingerprints after a round
+# Global copies of one module drift apart by wire-compression error each round (every
+# peer adds its own decompressed share of the average). Drift is tolerated up to this
+# many rounds' worth of that error, measured against the size of the last outer update,
+# plus fp32 round-off relative to the parameters themselves.
+DRIFT_ROUNDS = 20
+FP32_ROUNDOFF = 1e-6
 STATE_TIMEOUT_S = 30.0  # per-peer bound on a module state download
 
 
@@ -67,6 +72,7 @@ class ModuleSlot:
         self.outer = session.outer[module_id]
         self.lock = threading.Lock()
         self.round = 0
+        self.last_step_norm = 0.0  # size of the last outer update, the yardstick for drift
         buffers = [torch.zeros_like(p) for p in self.outer.global_params]
         mm = cfg.matchmaking_time
         with children_ignore_sigint():
@@ -74,6 +80,9 @@ class ModuleSlot:
                 buffers, dht, start=True, prefix=averager_prefix(run_state.config.run.id, module_id),
                 state_provider=self.current_state, target_group_size=cfg.target_group_size, min_group_size=2,
                 min_matchmaking_time=mm, request_timeout=min(3.0, mm / 2), allreduce_timeout=cfg.averaging_timeout,
+                # a peer that stops sending (or dies) mid all-reduce is excluded after this long instead
+                # of failing the whole round; its slice is then caught by verify_round
+                next_chunk_timeout=max(2.0, cfg.averaging_timeout / 6),
                 compression=make_compression(cfg.compression), client_mode=client_mode,
                 declare_state_period=min(30.0, 6 * mm))
 
@@ -207,7 +216,8 @@ class SwarmNode:
                 slot.outer.pseudo_gradient_into(self.session.local_state(module_id), buffers)
                 own[module_id] = [b.clone() for b in buffers]
             global_fp, global_norm = fingerprint(slot.outer.global_params)
-            gathers[module_id] = {"round": slot.round, "global": global_fp, "norm": global_norm}
+            gathers[module_id] = {"round": slot.round, "global": global_fp, "norm": global_norm,
+                                  "step": slot.last_step_norm}
             results[module_id] = ModuleRound()
             if not peers_holding(self.run_state.grid, peers, module_id, self.peer_id):
                 results[module_id].alone = True  # nobody else holds it: don't wait for a group
@@ -240,6 +250,8 @@ class SwarmNode:
                 scale = self._sharing_scale(module_id)
                 slot.outer.apply(mean, scale)
                 slot.round += 1
+            slot.last_step_norm = self.cfg.outer.lr * scale * math.sqrt(sum(float((d.double() ** 2).sum())
+                                                                            for d in mean))
             self.session.adopt_global(module_id)
             fp, norm = fingerprint(mean)
             self.sync[module_id] = ModuleSync(round=slot.round, fingerprint=fp, scale=norm)
@@ -256,7 +268,7 @@ class SwarmNode:
 
     def verify_round(self, report: RoundReport) -> None:
         """Re-sync any module that this round left inconsistent with its group."""
-        tolerance = self.cfg.averaging.sync_tolerance
+        tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
         for module_id, result in report.modules.items():
             gathered = result.gathered
             if not gathered or result.alone:
@@ -269,8 +281,9 @@ class SwarmNode:
             if ahead[0] != self.peer_id:
                 their = ahead[1]
                 behind = mine.get("round", -1) < their.get("round", -1)
-                drifted = not fingerprints_agree(mine.get("global", []), their.get("global", []),
-                                                 float(their.get("norm", 0.0)), GLOBAL_TOLERANCE)
+                allowed = (DRIFT_ROUNDS * tolerance * float(their.get("step", 0.0))
+                           + FP32_ROUNDOFF * float(their.get("norm", 0.0)))
+                drifted = not fingerprints_agree(mine.get("global", []), their.get("global", []), 1.0, allowed)
                 if behind or drifted:
                     source, min_round = ahead[0], int(their.get("round", 0)) + 1
                     logger.warning("module %s: %s peer %s before this round; re-syncing from it", module_id,
@@ -278,9 +291,12 @@ class SwarmNode:
             # 2. a partial all-reduce: compare fingerprints of the averaged Δ with the group
             if source is None:
                 others = self._wait_for_group_sync(module_id, slot.round, set(result.group) - {self.peer_id})
-                mismatched = [p for p, s in others.items()
-                              if not fingerprints_agree(self.sync[module_id].fingerprint, s.fingerprint,
-                                                        max(s.scale, self.sync[module_id].scale), tolerance)]
+                mine = self.sync[module_id]
+                distances = {p: fingerprint_distance(mine.fingerprint, s.fingerprint, max(s.scale, mine.scale))
+                             for p, s in others.items()}
+                logger.debug("module %s round %d: fingerprint distances %s (tolerance %g)", module_id, slot.round,
+                             {p[-8:]: round(d, 6) for p, d in distances.items()}, tolerance)
+                mismatched = [p for p, d in distances.items() if d > tolerance]
                 if mismatched:
                     result.partial = True
                     reference = min([self.peer_id, *others])  # the same choice on every survivor
@@ -297,8 +313,13 @@ class SwarmNode:
         self.session.round = max(slot.round for slot in self.slots.values())
 
     def _wait_for_group_sync(self, module_id: str, round_: int, members: set[str]) -> dict[str, ModuleSync]:
-        """Group members' fingerprints of this round's averaged Δ (those posted within SYNC_WAIT_S)."""
-        deadline = time.monotonic() + SYNC_WAIT_S
+        """Group members' fingerprints of this round's averaged Δ.
+
+        Members finish a round at different times (a dead peer costs the others up to
+        the reducer timeout), so wait up to averaging_timeout; only a round in which a
+        member died actually waits that long, since a dead member never posts.
+        """
+        deadline = time.monotonic() + self.cfg.averaging.averaging_timeout
         found: dict[str, ModuleSync] = {}
         while True:
             for peer in self.records.fetch_peers():

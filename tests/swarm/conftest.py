@@ -1,0 +1,90 @@
+"""Real loopback swarms for tests: every node is a real hivemind DHT + averagers + p2pd on
+127.0.0.1, opened through the same `open_node` that `p2ptrain join` uses."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+
+from p2ptrain.config import RunConfig
+from p2ptrain.data.corpus import load_documents
+from p2ptrain.swarm.join import JoinOptions, OpenNode, open_node
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+def swarm_config(run_id: str, *, levels=(2, 2), stem: str = "shared", compression: str = "fp16",
+                 steps_per_round: int = 3, averaging_timeout: float = 30.0) -> RunConfig:
+    """A run small enough that rounds take well under a second of compute."""
+    return RunConfig.from_dict({
+        "run": {"id": run_id, "seed": 0},
+        "model": {"d_model": 32, "n_heads": 2, "context": 32},
+        "grid": {"levels": list(levels), "blocks_per_level": 1, "stem": stem},
+        "router": {"kmeans_iters": 5, "sample_docs": 500},
+        "inner": {"batch_size": 4, "steps_per_round": steps_per_round, "warmup_steps": 1},
+        # generous windows: a loaded 2-core CI machine must still group every peer
+        "averaging": {"compression": compression, "matchmaking_time": 2.0,
+                      "averaging_timeout": averaging_timeout},
+    })
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    return load_documents(None, 4096)
+
+
+class Swarm:
+    """Opens nodes on loopback and closes every one of them at the end of the test."""
+
+    def __init__(self, tmp_path: Path, corpus):
+        self.tmp_path = tmp_path
+        self.corpus = corpus
+        self.nodes: list[OpenNode] = []
+
+    def open(self, config: RunConfig, path: str, initial_peers: Sequence[str] = (), **kwargs) -> OpenNode:
+        home = self.tmp_path / f"node{len(self.nodes)}"
+        options = JoinOptions(initial_peers=list(initial_peers), new_swarm=not initial_peers,
+                              host_maddrs=LOOPBACK, path=path, run_config=config, device="cpu", **kwargs)
+        opened = open_node(options, home, lambda: self.corpus)
+        self.nodes.append(opened)
+        opened.node.publish_status()
+        return opened
+
+    def close(self) -> None:
+        for opened in reversed(self.nodes):
+            opened.close()
+        self.nodes.clear()
+
+
+@pytest.fixture
+def swarm(tmp_path, corpus):
+    s = Swarm(tmp_path, corpus)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def in_parallel(*calls: Callable[[], object], timeout: float = 240.0) -> list:
+    """Run calls in threads (as separate machines would), return their results in order."""
+    results: list = [None] * len(calls)
+    errors: list = []
+
+    def target(i, call):
+        try:
+            results[i] = call()
+        except BaseException as e:  # surfaced to the test below
+            errors.append(e)
+
+    threads = [threading.Thread(target=target, args=(i, c), daemon=True) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a node did not finish its rounds in time"
+    if errors:
+        raise errors[0]
+    return results

@@ -1,0 +1,102 @@
+"""Staying in sync when things go wrong: a late joiner downloads the current state, and a
+peer killed mid all-reduce leaves the survivors to detect the partial average and re-sync."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.swarm.conftest import in_parallel, swarm_config
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def max_difference(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def test_a_late_joiner_downloads_the_current_state_and_then_averages_with_the_swarm(swarm):
+    # Prepare: two peers train two rounds together
+    config = swarm_config("late-joiner")
+    a = swarm.open(config, "0,0")
+    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
+    in_parallel(lambda: a.node.run(max_rounds=2), lambda: b.node.run(max_rounds=2))
+
+    # Execute: a third peer joins path 1,0 (shares the stem with both, L1.M0 with a)
+    c = swarm.open(config, "1,0", initial_peers=a.maddrs)
+
+    # Assert: it caught up to round 2 with exactly the state its peers hold
+    assert c.node.round == 2
+    assert set(c.caught_up) == {"stem", "L1.M0"}
+    assert torch.equal(torch.cat([p.flatten() for p in c.node.slots["L1.M0"].outer.global_params]),
+                       torch.cat([p.flatten() for p in a.node.slots["L1.M0"].outer.global_params]))
+    assert max_difference(c.node.slots["stem"].outer.global_params, a.node.slots["stem"].outer.global_params) == 0
+    # ... and its next round is averaged with the others
+    in_parallel(*[lambda n=n: n.run(max_rounds=1) for n in (a.node, b.node, c.node)])
+    assert sorted(c.node.history[-1].modules["stem"].group) == sorted(n.node.peer_id for n in (a, b, c))
+    assert max_difference(c.node.slots["stem"].outer.global_params, b.node.slots["stem"].outer.global_params) < 1e-4
+
+
+def test_a_peer_killed_mid_all_reduce_leaves_survivors_that_resync_and_agree_again(swarm, tmp_path):
+    # Prepare: survivors a (0,0) and b (0,1) in this process; a stalling peer v on path 0,0
+    config = swarm_config("killed-peer", averaging_timeout=15.0)
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(config.to_toml())
+    a = swarm.open(config, "0,0")
+    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
+    victim = subprocess.Popen(
+        [sys.executable, str(REPO / "tests/swarm/stalling_peer.py"), str(tmp_path / "victim"), str(config_file),
+         "0,0", a.maddrs[0]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert _wait_for_line(victim, "JOINED", 120), "the stalling peer did not join"
+        while len(a.node.fetch_peers()) < 3:
+            time.sleep(0.2)
+        killer = threading.Thread(target=lambda: _wait_for_line(victim, "REDUCING", 200)
+                                  and os.killpg(victim.pid, signal.SIGKILL), daemon=True)
+        killer.start()
+
+        # Execute: the round during which the victim dies, then one more
+        in_parallel(lambda: a.node.run(max_rounds=1), lambda: b.node.run(max_rounds=1))
+        killer.join(5)
+        in_parallel(lambda: a.node.run(max_rounds=1), lambda: b.node.run(max_rounds=1))
+    finally:
+        if victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+
+    # Assert: the round the victim died in left a module inconsistent (hivemind returned
+    # normally), and the survivors noticed it — right away through the fingerprints of the
+    # average, or at the next round through the global-state fingerprints in `gather`
+    (first_a, second_a), (first_b, second_b) = a.node.history, b.node.history
+    shared = ("stem", "L0.M0")
+    noticed = [m for m in shared for r in (first_a, first_b, second_a, second_b)
+               if r.modules[m].partial or r.modules[m].resynced_from]
+    assert noticed, "no survivor noticed the partial all-reduce"
+    # the next round is consistent again: no partial average, and the same parameters
+    assert not any(r.modules[m].partial for r in (second_a, second_b) for m in shared)
+    for module_id in shared:
+        assert max_difference(a.node.slots[module_id].outer.global_params,
+                              b.node.slots[module_id].outer.global_params) < 1e-4, module_id
+    assert a.node.round == b.node.round == 2
+
+
+def _wait_for_line(process: subprocess.Popen, text: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            return False
+        if text in line:
+            return True
+    return False

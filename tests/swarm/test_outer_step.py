@@ -1,0 +1,82 @@
+"""Per-module DiLoCo across real peers: the averaged result is the exact token-weighted
+mean of the pseudo-gradients followed by one Nesterov step, and every module of a 2×2
+grid is averaged with — and only with — the peers whose paths contain it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.swarm.conftest import in_parallel, swarm_config
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(300)]
+
+
+def test_two_peers_average_the_shared_module_to_the_closed_form(swarm):
+    # Prepare: grid [1, 2] with private stems: paths (0,0) and (0,1) share only L0.M0
+    config = swarm_config("closed-form", levels=(1, 2), stem="per_path", compression="none")
+    a = swarm.open(config, "0,0")
+    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
+    shared = "L0.M0"
+    start = [p.clone() for p in a.node.slots[shared].outer.global_params]
+    assert all(torch.equal(x, y) for x, y in zip(start, b.node.slots[shared].outer.global_params))
+    a.node.session.inner_steps(3)
+    b.node.session.inner_steps(3)
+    local_a = [p.clone() for p in a.node.session.local_state(shared).values()]
+    local_b = [p.clone() for p in b.node.session.local_state(shared).values()]
+    own_stem_start = [p.clone() for p in a.node.slots["stem.P0-0"].outer.global_params]
+    own_stem_local = [p.clone() for p in a.node.session.local_state("stem.P0-0").values()]
+
+    # Execute: one outer step, with 1000 vs 3000 tokens as the averaging weights
+    reports = in_parallel(lambda: a.node.outer_step(tokens=1000), lambda: b.node.outer_step(tokens=3000))
+
+    # Assert: θ ← θ − lr·(Δ̄ + μ·m) with m = Δ̄ (fresh momentum): θ − 0.7·1.9·Δ̄
+    for g, la, lb, got_a, got_b in zip(start, local_a, local_b, a.node.slots[shared].outer.global_params,
+                                       b.node.slots[shared].outer.global_params):
+        mean = (1000 * (g - la) + 3000 * (g - lb)) / 4000
+        expected = g - 0.7 * (mean + 0.9 * mean)
+        torch.testing.assert_close(got_a, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got_b, expected, rtol=0, atol=1e-6)
+    assert sorted(reports[0][shared].group) == sorted([a.node.peer_id, b.node.peer_id])
+    # a private module is stepped with this node's own pseudo-gradient, without waiting for anyone
+    assert reports[0]["stem.P0-0"].alone
+    for g, local, got in zip(own_stem_start, own_stem_local, a.node.slots["stem.P0-0"].outer.global_params):
+        torch.testing.assert_close(got, g - 0.7 * 1.9 * (g - local), rtol=0, atol=1e-6)
+    # training continues from the new global parameters
+    for name, got in a.node.session.local_state(shared).items():
+        assert torch.equal(got, a.node.slots[shared].outer.global_state()[name])
+
+
+def test_four_peers_on_a_2x2_grid_agree_on_every_module_after_three_rounds(swarm):
+    # Prepare: one peer per path; fp16 on the wire
+    config = swarm_config("grid-2x2")
+    first = swarm.open(config, "0,0")
+    others = [swarm.open(config, path, initial_peers=first.maddrs) for path in ("0,1", "1,0", "1,1")]
+    nodes = [first.node] + [o.node for o in others]
+    for node in nodes:
+        node.publish_status()
+
+    # Execute
+    histories = in_parallel(*[lambda n=n: n.run(max_rounds=3) for n in nodes])
+
+    # Assert: each module's holders hold the same global parameters (fp16 wire error only)
+    grid = config.grid
+    holders: dict[str, list] = {}
+    for node in nodes:
+        for module_id in node.session.module_ids:
+            holders.setdefault(module_id, []).append(node)
+    assert {m: len(h) for m, h in holders.items()} == {"stem": 4, "L0.M0": 2, "L0.M1": 2, "L1.M0": 2, "L1.M1": 2}
+    for module_id, nodes_with_module in holders.items():
+        reference = nodes_with_module[0].slots[module_id].outer.global_params
+        for other in nodes_with_module[1:]:
+            for x, y in zip(reference, other.slots[module_id].outer.global_params):
+                assert (x - y).abs().max().item() < 1e-4, f"{module_id} differs between peers"
+    # ... and was only ever averaged among those holders
+    for module_id, nodes_with_module in holders.items():
+        allowed = {n.peer_id for n in nodes_with_module}
+        groups = [set(r.modules[module_id].group) for h in histories for r in h if module_id in r.modules]
+        assert all(g <= allowed for g in groups if g), f"{module_id} was averaged with a non-holder"
+        assert allowed in groups, f"{module_id} was never averaged by all of its holders together"
+    assert all(len(h) == 3 for h in histories)
+    assert all(h[-1].loss < h[0].loss + 0.5 for h in histories)
+    del grid
