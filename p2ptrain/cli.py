@@ -41,14 +41,14 @@ def run_options(f):
     f = click.option("--run-config", "run_config", default=None, metavar="FILE|PRESET",
                      help="Run config TOML, or a packaged preset: default, gpu. [default: default]")(f)
     f = click.option("--home", default=None, type=click.Path(file_okay=False),
-                     help="Node home directory (checkpoints, identity, logs). "
+                     help="Node home directory (run state, checkpoints, identity). "
                           "[default: $P2PTRAIN_HOME or the platform's user data dir]")(f)
     return f
 
 
 def data_option(f):
     return click.option("--data", "data", multiple=True, type=click.Path(),
-                        help="Directory or file of .txt/.md/.py/.jsonl documents (repeatable). "
+                        help="Directory or file of .txt/.md/.py/.rst/.jsonl documents (repeatable). "
                              "[default: the built-in corpus, this machine's Python standard library]")(f)
 
 
@@ -107,6 +107,22 @@ def info(home, run_config, as_json) -> None:
     click.echo(f"a round: {report['inner_steps_per_round']} inner steps, {report['tokens_per_round']:,} tokens")
 
 
+# ------------------------------------------------------------------- config
+
+@main.command()
+@click.option("--run-config", "run_config", default=None, metavar="FILE|PRESET",
+              help="Run config TOML, or a packaged preset: default, gpu. [default: default]")
+@click.option("--explain", is_flag=True, help="List every key with its default, unit and allowed range.")
+def config(run_config, explain) -> None:
+    """Print a run config as TOML (a starting point for your own run), or explain its keys."""
+    from p2ptrain.config import RunConfig, describe_fields
+    if explain:
+        for key, default, text in describe_fields():
+            click.echo(f"{key} = {default}\n    {text}")
+        return
+    click.echo(RunConfig.load(run_config).to_toml())
+
+
 # -------------------------------------------------------------------- route
 
 @main.command()
@@ -137,9 +153,9 @@ def route(home, run_config, data, as_json) -> None:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"{len(docs)} documents: {len(train)} train, {len(heldout)} held out")
-    click.echo(f"{'path':<8}{'docs':>8}{'chars':>14}{'share':>9}")
+    click.echo(f"{'path':<8}{'docs':>8}{'chars':>14}{'doc share':>11}")
     for row in rows:
-        click.echo(f"{row['path']:<8}{row['docs']:>8}{row['chars']:>14,}{row['share']:>9.1%}")
+        click.echo(f"{row['path']:<8}{row['docs']:>8}{row['chars']:>14,}{row['share']:>11.1%}")
     click.echo(f"balance: min share {shares.min():.1%}, max share {shares.max():.1%} (even: {1 / len(rows):.1%})")
 
 
@@ -244,13 +260,16 @@ def format_eval(report) -> str:
 
 # ------------------------------------------------------------------- swarm
 
-def swarm_options(f):
-    """How to reach the swarm; shared by join, bootstrap and peers."""
+def initial_peer_options(f):
     f = click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
                      help="A peer's full multiaddr (…/p2p/12D3KooW…); repeatable. "
                           "[default: the peers in bootstrap_peers.txt]")(f)
     f = click.option("--bootstrap-file", type=click.Path(dir_okay=False), default=None,
                      help="Read initial peers from this file instead of ./bootstrap_peers.txt.")(f)
+    return f
+
+
+def listen_options(f):
     f = click.option("--host-maddrs", multiple=True, metavar="MULTIADDR",
                      help="Where to listen. [default: /ip4/0.0.0.0/tcp/0, every interface]")(f)
     f = click.option("--announce-maddrs", multiple=True, metavar="MULTIADDR",
@@ -258,6 +277,11 @@ def swarm_options(f):
     f = click.option("--client-mode", is_flag=True,
                      help="Behind NAT: don't accept incoming connections; reach peers through relays.")(f)
     return f
+
+
+def swarm_options(f):
+    """How to reach the swarm and where to listen (join)."""
+    return initial_peer_options(listen_options(f))
 
 
 def _initial_peers(initial_peers, bootstrap_file, new_swarm: bool) -> tuple[list[str], str]:
@@ -284,8 +308,8 @@ def _install_stop_handlers(stop_event) -> None:
         if stop_event.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop_event.set()
-        click.echo("stopping: abandoning the current round, then checkpoint and leave "
-                   "(Ctrl-C again to abort now)", err=True)
+        click.echo("stopping: abandoning the current round (the last round's checkpoint is kept), "
+                   "then leaving the swarm (Ctrl-C again to abort now)", err=True)
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
@@ -389,8 +413,11 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
 
 
 @main.command()
-@click.option("--home", default=None, type=click.Path(file_okay=False), help="Node home directory.")
-@swarm_options
+@click.option("--home", default=None, type=click.Path(file_okay=False),
+              help="Node home directory (its identity key). [default: $P2PTRAIN_HOME or the user data dir]")
+@click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
+              help="Other entry nodes to connect to (repeatable). [default: none, a new DHT]")
+@listen_options
 @click.option("--port", default=31337, show_default=True, type=click.IntRange(0, 65535),
               help="TCP port to listen on (0: any free port).")
 @click.option("--host", default="0.0.0.0", show_default=True, help="IPv4 address to listen on.")
@@ -401,7 +428,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
               help="Runs whose records this node validates (repeatable). [default: the default run]")
 @click.option("--max-minutes", default=None, type=click.FloatRange(0, min_open=True), help="Exit after this long.")
 @json_option
-def bootstrap(home, initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode, port, host, identity,
+def bootstrap(home, initial_peers, host_maddrs, announce_maddrs, client_mode, port, host, identity,
               run_ids, max_minutes, as_json) -> None:
     """Run a DHT-only entry node that others list in bootstrap_peers.txt."""
     import threading
@@ -436,12 +463,13 @@ def bootstrap(home, initial_peers, bootstrap_file, host_maddrs, announce_maddrs,
 
 
 @main.command()
-@swarm_options
+@initial_peer_options
+@click.option("--host-maddrs", multiple=True, metavar="MULTIADDR",
+              help="Where this short-lived observer listens. [default: /ip4/127.0.0.1/tcp/0]")
 @click.option("--run-id", default=None, help="Run to inspect. [default: the default run]")
 @click.option("--timeout", default=15.0, show_default=True, type=click.FloatRange(1), help="Seconds to wait.")
 @json_option
-def peers(initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode, run_id, timeout,
-          as_json) -> None:
+def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json) -> None:
     """List the live peers of a run and how well each module is covered."""
     import time as _time
     from p2ptrain.config import RunConfig

@@ -5,7 +5,6 @@ Layout::
     <home>/identity.key                     libp2p / DHT identity (swarm)
     <home>/runs/<run id>/run.json           run config + router this node trained with
     <home>/runs/<run id>/checkpoints/path-1-0/round-000012/   safetensors + manifest
-    <home>/logs/
 
 The home is `--home DIR`, else $P2PTRAIN_HOME, else the platform's user data dir.
 """

@@ -61,9 +61,12 @@ class OpenNode:
 
 
 def resolve_run(records: SwarmRecords, given: RunConfig | None, default: RunConfig,
-                docs_loader: Callable[[], Sequence[Document]]) -> tuple[RunState, bool]:
+                docs_loader: Callable[[], Sequence[Document]], may_create: bool = True) -> tuple[RunState, bool]:
     """The swarm's run state; if the DHT has none under this run id, create and publish it."""
     published = records.fetch_run()
+    if published is None and not may_create:
+        raise SwarmError(f"the swarm has no run '{records.run_id}': check the run id, or start that run "
+                         "with --run-config FILE (whose run.id names it)")
     if published is not None:
         if given is not None and given.fingerprint() != published.state.config.fingerprint():
             raise SwarmError(f"run '{records.run_id}' on the swarm has a different config than --run-config "
@@ -88,6 +91,9 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
     from p2ptrain.train.inner import resolve_device
 
     default = options.run_config or RunConfig.load()
+    if options.run_config is not None and options.run_id and options.run_id != options.run_config.run.id:
+        raise SwarmError(f"--run-id {options.run_id} differs from run.id {options.run_config.run.id!r} in "
+                         "--run-config: give one of them")
     run_id = options.run_id or default.run.id
     if not options.initial_peers and not options.new_swarm:
         raise SwarmError("no initial peers: pass --initial-peers, list peers in bootstrap_peers.txt, "
@@ -100,7 +106,8 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
     try:
         records = SwarmRecords(dht, run_id, signer)
         docs = _cached(docs_loader)
-        state, created = resolve_run(records, options.run_config, default, docs)
+        state, created = resolve_run(records, options.run_config, default, docs, may_create=(
+            options.run_config is not None or run_id == default.run.id))
         save_run_state(home, state)
         grid = state.grid
         if options.path is not None:

@@ -25,7 +25,8 @@ from p2ptrain.run_state import RunState
 from p2ptrain.swarm.averaging import (fingerprint, fingerprint_distance, fingerprints_agree, make_compression,
                                       module_averager_class, sync_tolerance)
 from p2ptrain.swarm.membership import peers_holding
-from p2ptrain.swarm.records import ModuleSync, PeerRecord, SwarmRecords, averager_prefix, new_peer_record
+from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, averager_prefix,
+                                    new_peer_record)
 from p2ptrain.swarm.signals import children_ignore_sigint
 from p2ptrain.train.session import PathSession
 
@@ -123,6 +124,8 @@ class SwarmNode:
         self.last_tps = 0.0
         self.stop_requested = threading.Event()
         self._peers_cache: list[PeerRecord] = []
+        self._heartbeat: threading.Thread | None = None
+        self._heartbeat_stop = threading.Event()
         for slot in self.slots.values():
             slot.round = session.round
 
@@ -170,6 +173,7 @@ class SwarmNode:
             on_step: Callable | None = None) -> list[RoundReport]:
         deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
         self.publish_status()
+        self.start_heartbeat()
         done = 0
         while not self.stop_requested.is_set() and (max_rounds is None or done < max_rounds):
             if time.monotonic() >= deadline:
@@ -374,7 +378,23 @@ class SwarmNode:
     def describe(self) -> str:
         return f"path {path_name(self.session.path)} modules {', '.join(self.session.module_ids)}"
 
+    def start_heartbeat(self, period_s: float = PEER_RECORD_TTL_S / 3) -> None:
+        """Re-publish this node's record in the background: rounds can be longer than the
+        record's lifetime, and a node that vanishes must drop out of others' view."""
+        if self._heartbeat is not None:
+            return
+
+        def beat():
+            while not self._heartbeat_stop.wait(period_s):
+                self.publish_status()
+
+        self._heartbeat = threading.Thread(target=beat, name="p2ptrain-heartbeat", daemon=True)
+        self._heartbeat.start()
+
     def shutdown(self) -> None:
+        self._heartbeat_stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=10)
         for slot in self.slots.values():
             try:
                 slot.averager.shutdown()

@@ -10,6 +10,7 @@ write its subkey, and malformed values are dropped on arrival.
 
 import logging
 import platform
+import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
@@ -117,6 +118,17 @@ class SwarmRecords:
         self.dht = dht
         self.run_id = run_id
         self.signer = signer
+        # hivemind's DHT takes commands over one pipe with no lock of its own; the
+        # heartbeat thread and the round driver both write records
+        self._lock = threading.Lock()
+
+    def _store(self, key: str, value: dict, expiration: float) -> bool:
+        with self._lock:
+            return bool(self.dht.store(key, value, expiration, subkey=self.public_key))
+
+    def _get(self, key: str):
+        with self._lock:
+            return self.dht.get(key, latest=True)
 
     @property
     def public_key(self) -> bytes:
@@ -128,12 +140,11 @@ class SwarmRecords:
         from hivemind.utils.timed_storage import get_dht_time
         record = RunRecord(protocol=PROTOCOL_VERSION, fingerprint=state.fingerprint(), state=state.to_json(),
                            created=float(get_dht_time()), p2ptrain_version=__version__)
-        return bool(self.dht.store(run_key(self.run_id), record.dict(), get_dht_time() + RUN_RECORD_TTL_S,
-                                   subkey=self.public_key))
+        return self._store(run_key(self.run_id), record.dict(), get_dht_time() + RUN_RECORD_TTL_S)
 
     def fetch_run(self) -> Optional[PublishedRun]:
         """The run as published by its creator: the earliest record wins a creation race."""
-        found = self.dht.get(run_key(self.run_id), latest=True)
+        found = self._get(run_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
             return None
         candidates = []
@@ -160,12 +171,11 @@ class SwarmRecords:
 
     def publish_peer(self, record: PeerRecord, ttl_s: float = PEER_RECORD_TTL_S) -> bool:
         from hivemind.utils.timed_storage import get_dht_time
-        return bool(self.dht.store(peers_key(self.run_id), record.dict(), get_dht_time() + ttl_s,
-                                   subkey=self.public_key))
+        return self._store(peers_key(self.run_id), record.dict(), get_dht_time() + ttl_s)
 
     def fetch_peers(self) -> list[PeerRecord]:
         """Live peers' records (expired ones are gone from the DHT by themselves)."""
-        found = self.dht.get(peers_key(self.run_id), latest=True)
+        found = self._get(peers_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
             return []
         peers = []
