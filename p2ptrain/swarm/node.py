@@ -125,6 +125,9 @@ class SwarmNode:
         self.stop_requested = threading.Event()
         self._peers_cache: list[PeerRecord] = []
         self._heartbeat: threading.Thread | None = None
+        self._background: threading.Thread | None = None  # overlap: last round's averaging
+        self._background_results: dict[str, ModuleRound] = {}
+        self._anchor: dict[str, list[torch.Tensor]] | None = None  # overlap: where this round started
         self._heartbeat_stop = threading.Event()
         for slot in self.slots.values():
             slot.round = session.round
@@ -186,6 +189,14 @@ class SwarmNode:
             self.history.append(report)
             if on_round is not None:
                 on_round(report)
+        if self._background is not None and not self.stop_requested.is_set():
+            # overlap: land the last round's average so the model and checkpoint include it
+            self.history[-1].modules = self._finish_background()
+            self.history[-1].round = self.round
+            for module_id in self.session.module_ids:
+                self.session.adopt_global(module_id)
+            self._anchor = None
+            self.session.save_checkpoint()
         return self.history
 
     def run_round(self, on_step=None) -> Optional[RoundReport]:
@@ -195,30 +206,101 @@ class SwarmNode:
         tokens, loss = self.session.inner_steps(H, on_step=on_step, should_stop=self.stop_requested.is_set)
         t_inner = time.perf_counter() - t0
         if self.stop_requested.is_set():
-            # stopping between rounds only: discard the partial round, keep the global state
+            # stop between rounds only: discard the partial round, keep the agreed global state
+            # (with overlap, the average still in flight lands first so the checkpoint has it)
+            if self._background is not None:
+                self._finish_background()
+                self.session.save_checkpoint()
             for module_id in self.session.module_ids:
                 self.session.adopt_global(module_id)
             return None
-        # --- outer: average each module's pseudo-gradient with its peers, Nesterov step
         report = RoundReport(self.round + 1, loss, tokens, tokens / max(t_inner, 1e-9), t_inner, 0.0)
-        t1 = time.perf_counter()
-        report.modules = self.outer_step(tokens)
-        report.seconds_outer = time.perf_counter() - t1
         self.last_loss, self.last_tps = loss, report.tokens_per_s
-        self.publish_status()
-        # --- verify: peers of each module must now hold the same global state
-        self.verify_round(report)
+        t1 = time.perf_counter()
+        if self.cfg.averaging.overlap:
+            report.modules = self.overlapped_outer_step(tokens)
+            report.round = self.round
+        else:
+            # --- outer: average each module's pseudo-gradient with its peers, Nesterov step
+            report.modules = self.outer_step(tokens)
+            self.publish_status()
+            # --- verify: peers of each module must now hold the same global state
+            self.verify_round(report.modules)
+        report.seconds_outer = time.perf_counter() - t1
         self.session.save_checkpoint()
         return report
 
-    def outer_step(self, tokens: int) -> dict[str, ModuleRound]:
+    # ------------------------------------------------------- overlapped rounds
+    #
+    # With averaging.overlap the all-reduce of round k runs in the background while round
+    # k+1 computes, and its outer update lands one round late (as in Streaming DiLoCo and
+    # hivemind's delayed updates). At the end of round k:
+    #     δ_k = local − anchor_k                 (this round's progress)
+    #     wait for round k−1's average; G ← Nesterov(G, mean Δ_{k−1})
+    #     local ← G + δ_k ;  anchor_{k+1} ← local
+    #     start averaging Δ_k = −δ_k in the background
+    # so the local model always equals the latest agreed global plus the progress whose
+    # average has not landed yet.
+
+    def overlapped_outer_step(self, tokens: int) -> dict[str, ModuleRound]:
+        if self._anchor is None:
+            self._anchor = {m: [g.clone() for g in self.slots[m].outer.global_params] for m in self.slots}
+        deltas = {}
+        for module_id, anchor in self._anchor.items():
+            local = self.session.local_state(module_id)
+            deltas[module_id] = [a - local[n].detach().to("cpu", torch.float32)
+                                 for a, n in zip(anchor, self.slots[module_id].outer.names)]
+        finished = self._finish_background()  # round k−1's average, applied to the globals
+        for module_id, slot in self.slots.items():
+            state = {n: g - d for n, g, d in zip(slot.outer.names, slot.outer.global_params, deltas[module_id])}
+            self.session.model.load_module_state(module_id, state)
+            self._anchor[module_id] = [state[n].clone() for n in slot.outer.names]
+
+        def average_in_background():
+            results = self.outer_step(tokens, deltas=deltas, adopt=False)
+            self.publish_status()
+            self.verify_round(results, adopt=False)
+            self._background_results = results
+
+        self._background = threading.Thread(target=average_in_background, name="p2ptrain-averaging", daemon=True)
+        self._background.start()
+        return finished
+
+    def _finish_background(self) -> dict[str, ModuleRound]:
+        """Wait for the averaging started one round ago; its results (empty if none)."""
+        if self._background is None:
+            return {}
+        self._background.join()
+        self._background = None
+        results, self._background_results = self._background_results, {}
+        return results
+
+    def outer_step(self, tokens: int, deltas: dict[str, list[torch.Tensor]] | None = None,
+                   adopt: bool = True) -> dict[str, ModuleRound]:
+        """Average each module's pseudo-gradient with its peers and apply the outer step.
+
+        deltas: the pseudo-gradients to average (default: global − local now).
+        adopt: continue training from the new globals (False while training runs on).
+        """
         peers = self.fetch_peers()
         avg_cfg = self.cfg.averaging
         controls, own, gathers, results = {}, {}, {}, {}
+        weight = float(max(tokens, 1))
         for module_id, slot in self.slots.items():
             with slot.averager.get_tensors() as buffers:
-                slot.outer.pseudo_gradient_into(self.session.local_state(module_id), buffers)
+                if deltas is None:
+                    slot.outer.pseudo_gradient_into(self.session.local_state(module_id), buffers)
+                else:
+                    for buf, d in zip(buffers, deltas[module_id]):
+                        buf.copy_(d)
                 own[module_id] = [b.clone() for b in buffers]
+                if not all(torch.isfinite(b).all() for b in buffers):
+                    # local training diverged: contribute nothing rather than poison the module
+                    logger.error("module %s: this node's pseudo-gradient is not finite; contributing zero",
+                                 module_id)
+                    for b, o in zip(buffers, own[module_id]):
+                        b.zero_()
+                        o.zero_()
             global_fp, global_norm = fingerprint(slot.outer.global_params)
             gathers[module_id] = {"round": slot.round, "global": global_fp, "norm": global_norm,
                                   "step": slot.last_step_norm}
@@ -227,7 +309,7 @@ class SwarmNode:
                 results[module_id].alone = True  # nobody else holds it: don't wait for a group
                 continue
             controls[module_id] = slot.averager.step(
-                gather=gathers[module_id], weight=float(max(tokens, 1)),
+                gather=gathers[module_id], weight=weight,
                 timeout=3 * avg_cfg.matchmaking_time, allow_retries=True, wait=False)
 
         for module_id, slot in self.slots.items():
@@ -256,7 +338,8 @@ class SwarmNode:
                 slot.round += 1
             slot.last_step_norm = self.cfg.outer.lr * scale * math.sqrt(sum(float((d.double() ** 2).sum())
                                                                             for d in mean))
-            self.session.adopt_global(module_id)
+            if adopt:
+                self.session.adopt_global(module_id)
             fp, norm = fingerprint(mean)
             self.sync[module_id] = ModuleSync(round=slot.round, fingerprint=fp, scale=norm)
         self.session.round = max(slot.round for slot in self.slots.values())
@@ -270,10 +353,10 @@ class SwarmNode:
 
     # ------------------------------------------------------------------ checks
 
-    def verify_round(self, report: RoundReport) -> None:
+    def verify_round(self, results: dict[str, ModuleRound], adopt: bool = True) -> None:
         """Re-sync any module that this round left inconsistent with its group."""
         tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
-        for module_id, result in report.modules.items():
+        for module_id, result in results.items():
             gathered = result.gathered
             if not gathered or result.alone:
                 continue
@@ -313,7 +396,8 @@ class SwarmNode:
                 fallback = [p for p in result.group if p not in (source, self.peer_id)]
                 if self._download(slot, [source, *fallback], min_round=min_round):
                     result.resynced_from = source
-                    self.session.adopt_global(module_id)
+                    if adopt:
+                        self.session.adopt_global(module_id)
         self.session.round = max(slot.round for slot in self.slots.values())
 
     def _wait_for_group_sync(self, module_id: str, round_: int, members: set[str]) -> dict[str, ModuleSync]:
@@ -392,6 +476,8 @@ class SwarmNode:
         self._heartbeat.start()
 
     def shutdown(self) -> None:
+        if self._background is not None:
+            self._background.join(timeout=self.cfg.averaging.averaging_timeout + 30)
         self._heartbeat_stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=10)

@@ -80,3 +80,26 @@ def test_four_peers_on_a_2x2_grid_agree_on_every_module_after_three_rounds(swarm
     assert all(len(h) == 3 for h in histories)
     assert all(h[-1].loss < h[0].loss + 0.5 for h in histories)
     del grid
+
+
+def test_overlapped_averaging_lands_one_round_late_and_peers_still_agree(swarm):
+    # Prepare: averaging runs in the background while the next round computes
+    config = swarm_config("overlap", levels=(1, 2))
+    config.averaging.overlap = True
+    a = swarm.open(config, "0,0")
+    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
+
+    # Execute
+    in_parallel(lambda: a.node.run(max_rounds=3), lambda: b.node.run(max_rounds=3))
+
+    # Assert: round 1 reports nothing averaged yet (its average lands at the end of round 2);
+    # at the end every shared module agrees and both peers counted all 3 rounds
+    first, *later = a.node.history
+    assert first.modules == {} and first.round == 0
+    assert all(sorted(r.modules["stem"].group) == sorted([a.node.peer_id, b.node.peer_id]) for r in later)
+    assert a.node.round == b.node.round == 3
+    for module_id in ("stem", "L0.M0"):
+        for x, y in zip(a.node.slots[module_id].outer.global_params, b.node.slots[module_id].outer.global_params):
+            assert (x - y).abs().max().item() < 1e-4
+        for name, value in a.node.session.local_state(module_id).items():
+            assert torch.equal(value, a.node.slots[module_id].outer.global_state()[name])
