@@ -387,7 +387,8 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
             if emit:
                 emit({"event": "round", "round": report.round, "loss": report.loss, "tokens": report.tokens,
                       "tokens_per_s": report.tokens_per_s, "seconds_inner": report.seconds_inner,
-                      "seconds_outer": report.seconds_outer, "peers_per_module": modules,
+                      "seconds_outer": report.seconds_outer, "seconds_wall": report.seconds_wall,
+                      "peers_per_module": modules,
                       "resynced": [m for m, r in report.modules.items() if r.resynced_from],
                       "partial": [m for m, r in report.modules.items() if r.partial]})
             else:

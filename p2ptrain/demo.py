@@ -38,9 +38,11 @@ def demo_config(rounds: int, steps_per_round: int) -> str:
 
 
 class Peer:
-    def __init__(self, index: int, home: Path, args: list[str], events: "queue.Queue"):
+    """One `p2ptrain join --json` process; its JSON events go to a shared queue."""
+
+    def __init__(self, index: int, path: str, home: Path, args: list[str], events: "queue.Queue"):
         self.index = index
-        self.path = PATHS[index]
+        self.path = path
         self.home = home
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", P2PTRAIN_LOGLEVEL="ERROR")
         self.log = open(home / "peer.log", "w")
@@ -68,6 +70,29 @@ class Peer:
         self.log.close()
 
 
+def launch_swarm(root: Path, config_file: Path, rounds: int, paths: list[str], events: "queue.Queue",
+                 device: str = "cpu") -> list[Peer]:
+    """Start one `p2ptrain join` process per path on loopback; the first starts the swarm,
+    and all wait for each other before round 1."""
+    common = ["--run-config", str(config_file), "--host-maddrs", LOOPBACK, "--no-identity", "--device", device,
+              "--max-rounds", str(rounds), "--wait-for-peers", str(len(paths))]
+    peers: list[Peer] = []
+    first_addr = None
+    try:
+        for i, path in enumerate(paths):
+            home = root / f"peer{i}"
+            home.mkdir(parents=True, exist_ok=True)
+            swarm = ["--new-swarm"] if i == 0 else ["--initial-peers", first_addr]
+            peers.append(Peer(i, path, home, [*common, *swarm, "--path", path], events))
+            if i == 0:
+                first_addr = _wait_for_join(events, peers[0])
+    except BaseException:
+        for peer in peers:
+            peer.stop()
+        raise
+    return peers
+
+
 @click.command()
 @click.option("--rounds", default=6, show_default=True, type=click.IntRange(1))
 @click.option("--steps-per-round", default=25, show_default=True, type=click.IntRange(1))
@@ -81,21 +106,13 @@ def main(rounds: int, steps_per_round: int, root: str) -> None:
     root_path.mkdir(parents=True)
     config_file = root_path / "run.toml"
     config_file.write_text(demo_config(rounds, steps_per_round))
-    common = ["--run-config", str(config_file), "--host-maddrs", LOOPBACK, "--no-identity", "--device", "cpu",
-              "--max-rounds", str(rounds), "--wait-for-peers", "4"]
     events: queue.Queue = queue.Queue()
     peers: list[Peer] = []
     t0 = time.monotonic()
     click.echo(f"p2ptrain demo: 4 peers on 127.0.0.1, grid 2x2, {rounds} rounds of {steps_per_round} "
                f"AdamW8bit steps, fp16 all-reduce per module; logs in {root_path}/peer*/peer.log")
     try:
-        for i in range(4):
-            home = root_path / f"peer{i}"
-            home.mkdir()
-            swarm = ["--new-swarm"] if i == 0 else ["--initial-peers", first_addr]
-            peers.append(Peer(i, home, [*common, *swarm, "--path", PATHS[i]], events))
-            if i == 0:
-                first_addr = _wait_for_join(events, peers[0])
+        peers = launch_swarm(root_path, config_file, rounds, PATHS, events)
         _live_table(events, peers, rounds, t0)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: stopping the peers", err=True)
@@ -103,14 +120,14 @@ def main(rounds: int, steps_per_round: int, root: str) -> None:
         for peer in peers:
             peer.stop()
     codes = [p.proc.returncode for p in peers]
-    if any(codes):
+    if len(peers) < len(PATHS) or any(codes):
         click.echo(f"some peers failed (exit codes {codes}); see {root_path}/peer*/peer.log", err=True)
         sys.exit(1)
     _evaluate(root_path, config_file, [p.home for p in peers])
     click.echo(f"demo finished in {time.monotonic() - t0:.0f} s")
 
 
-def _wait_for_join(events: "queue.Queue", first: Peer, timeout: float = 120.0) -> str:
+def _wait_for_join(events: "queue.Queue", first: Peer, timeout: float = 180.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -123,7 +140,7 @@ def _wait_for_join(events: "queue.Queue", first: Peer, timeout: float = 120.0) -
         if event.get("event") == "exit":
             raise click.ClickException(f"the first peer exited with code {event['code']}; "
                                        f"see {first.home / 'peer.log'}")
-    raise click.ClickException("the first peer did not start within 2 minutes")
+    raise click.ClickException("the first peer did not start within 3 minutes")
 
 
 def _live_table(events: "queue.Queue", peers: list[Peer], rounds: int, t0: float) -> None:

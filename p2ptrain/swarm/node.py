@@ -60,8 +60,9 @@ class RoundReport:
     tokens: int
     tokens_per_s: float
     seconds_inner: float
-    seconds_outer: float
+    seconds_outer: float  # training stalled for averaging (with overlap: waiting for last round's)
     modules: dict[str, ModuleRound] = field(default_factory=dict)
+    seconds_wall: float = 0.0  # the whole round, checkpoint included
 
 
 class ModuleSlot:
@@ -228,6 +229,7 @@ class SwarmNode:
             self.verify_round(report.modules)
         report.seconds_outer = time.perf_counter() - t1
         self.session.save_checkpoint()
+        report.seconds_wall = time.perf_counter() - t0
         return report
 
     # ------------------------------------------------------- overlapped rounds

@@ -40,7 +40,9 @@ def test_a_late_joiner_downloads_the_current_state_and_then_averages_with_the_sw
     assert set(c.caught_up) == {"stem", "L1.M0"}
     assert torch.equal(torch.cat([p.flatten() for p in c.node.slots["L1.M0"].outer.global_params]),
                        torch.cat([p.flatten() for p in a.node.slots["L1.M0"].outer.global_params]))
-    assert max_difference(c.node.slots["stem"].outer.global_params, a.node.slots["stem"].outer.global_params) == 0
+    # (a and b hold the stem up to fp16 wire error; c holds exactly the copy of one of them)
+    assert min(max_difference(c.node.slots["stem"].outer.global_params, peer.node.slots["stem"].outer.global_params)
+               for peer in (a, b)) == 0
     # ... and its next round is averaged with the others
     in_parallel(*[lambda n=n: n.run(max_rounds=1) for n in (a.node, b.node, c.node)])
     assert sorted(c.node.history[-1].modules["stem"].group) == sorted(n.node.peer_id for n in (a, b, c))

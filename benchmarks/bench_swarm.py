@@ -1,0 +1,167 @@
+"""Compute utilization (plain vs overlapped averaging), wire efficiency and communication
+vs data-parallel, measured on a real 4-peer loopback swarm.
+
+Each peer is a separate `p2ptrain join` process (as in `make demo`). Bytes on the wire are
+read from the loopback interface's counters (/proc/net/dev), so they include everything
+the swarm sends — all-reduce parts, libp2p framing and encryption, DHT records,
+matchmaking — and nothing else should use loopback while this runs.
+
+    python benchmarks/bench_swarm.py [--rounds 6] [--steps-per-round 25] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import queue
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from p2ptrain.config import RunConfig
+from p2ptrain.demo import PATHS, launch_swarm
+from p2ptrain.model.grid import Grid
+from p2ptrain.model.transformer import PathModel
+
+BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "8bit": 1.0 + 4.0 / 64}  # blockwise 8-bit: absmax per 64 values
+OUT = Path("bench-out")
+
+
+def loopback_tx_bytes() -> int:
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            return int(rest.split()[8])
+    raise RuntimeError("no loopback interface in /proc/net/dev")
+
+
+def module_sizes(config: RunConfig) -> dict[str, int]:
+    grid = Grid.from_config(config.grid)
+    sizes = {}
+    with torch.device("meta"):
+        for path in grid.paths():
+            model = PathModel(config.model, grid, config.grid.blocks_per_level, path, 257, initialize=False)
+            for module_id, part in model.parts().items():
+                sizes[module_id] = sum(p.numel() for p in part.parameters())
+    return sizes
+
+
+def run_swarm(config: RunConfig, rounds: int, workdir: Path) -> dict:
+    """Train `rounds` rounds with one peer per path; collect round events and loopback bytes."""
+    config_file = workdir / f"{config.run.id}.toml"
+    config_file.write_text(config.to_toml())
+    events: queue.Queue = queue.Queue()
+    peers = launch_swarm(workdir / config.run.id, config_file, rounds, PATHS, events)
+    rounds_by_peer: dict[int, list[dict]] = {i: [] for i in range(len(peers))}
+    start_bytes, start_time, finished = None, None, 0
+    try:
+        while finished < len(peers):
+            index, event = events.get(timeout=900)
+            if event.get("event") == "peers" and start_bytes is None:
+                start_bytes, start_time = loopback_tx_bytes(), time.monotonic()
+            elif event.get("event") == "round":
+                rounds_by_peer[index].append(event)
+            elif event.get("event") == "exit":
+                finished += 1
+    finally:
+        for peer in peers:
+            peer.stop()
+    if any(p.proc.returncode for p in peers):
+        raise SystemExit(f"a peer failed; see {workdir / config.run.id}/peer*/peer.log")
+    return {"rounds": rounds_by_peer, "bytes": loopback_tx_bytes() - start_bytes,
+            "seconds": time.monotonic() - start_time}
+
+
+def utilization(result: dict) -> float:
+    """Median over peers of inner-compute seconds / wall seconds, rounds 2.. (round 1 includes start-up)."""
+    values = []
+    for events in result["rounds"].values():
+        steady = events[1:] or events
+        values.append(sum(e["seconds_inner"] for e in steady) / sum(e["seconds_wall"] for e in steady))
+    values.sort()
+    return values[len(values) // 2]
+
+
+def bound_bytes_per_peer_round(config: RunConfig, sizes: dict[str, int]) -> float:
+    """Butterfly all-reduce bound per peer per round: Σ over its modules 2(n−1)/n × payload,
+    n = peers holding the module (one peer per path here)."""
+    grid = Grid.from_config(config.grid)
+    per_peer = []
+    for path in grid.paths():
+        total = 0.0
+        for module_id in grid.modules_of(path):
+            n = len(grid.paths_containing(module_id))
+            total += 2 * (n - 1) / n * sizes[module_id] * BYTES_PER_VALUE[config.averaging.compression]
+        per_peer.append(total)
+    return sum(per_peer) / len(per_peer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps-per-round", type=int, default=25)
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 10 steps")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps_per_round = 3, 10
+    workdir = Path(tempfile.mkdtemp(prefix="p2ptrain-bench-"))
+    base = RunConfig.load()
+    base.inner.steps_per_round = args.steps_per_round
+    base.inner.total_rounds = args.rounds
+    base.averaging.matchmaking_time = 3.0
+    sizes = module_sizes(base)
+    rows, results = [], {}
+    variants = [("plain", "fp16", False), ("overlap", "fp16", True), ("plain", "8bit", False)]
+    try:
+        for name, codec, overlap in variants:
+            config = RunConfig.from_dict(base.to_dict())
+            config.run.id = f"bench-{name}-{codec}"
+            config.averaging.compression = codec
+            config.averaging.overlap = overlap
+            result = run_swarm(config, args.rounds, workdir)
+            n_peers = len(result["rounds"])
+            measured = result["bytes"] / n_peers / args.rounds
+            bound = bound_bytes_per_peer_round(config, sizes)
+            params_per_path = sum(sizes[m] for m in Grid.from_config(config.grid).modules_of((0, 0)))
+            tokens_per_round = config.inner.steps_per_round * config.inner.batch_size * config.model.context
+            # synchronous DDP of the same path over the same peers: a ring all-reduce of fp32
+            # gradients every step, bound 2(n−1)/n × 4 B × params per step
+            ddp_per_token = 2 * (n_peers - 1) / n_peers * 4 * params_per_path / (
+                config.inner.batch_size * config.model.context)
+            ours_per_token = measured / tokens_per_round
+            results[f"{name}-{codec}"] = {"utilization": utilization(result), "bytes_per_peer_round": measured,
+                                          "bound_bytes_per_peer_round": bound, "wire_efficiency": measured / bound,
+                                          "ddp_bytes_per_token": ddp_per_token,
+                                          "bytes_per_token": ours_per_token,
+                                          "vs_ddp": ddp_per_token / ours_per_token,
+                                          "vs_ddp_at_H500": ddp_per_token / ours_per_token * 500 / args.steps_per_round,
+                                          "rounds": result["rounds"]}
+            r = results[f"{name}-{codec}"]
+            rows.append(f"| {name} | {codec} | {r['utilization']:.3f} | {measured / 1e6:.2f} | {bound / 1e6:.2f} | "
+                        f"{r['wire_efficiency']:.3f} | {r['vs_ddp']:.0f}× | {r['vs_ddp_at_H500']:.0f}× |")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"# bench_swarm — {datetime.date.today()} — {platform.platform()}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"4 peers (one per path of the default 2x2 grid, {sum(sizes[m] for m in ('stem', 'L0.M0', 'L1.M0')):,} "
+          f"params per path), {args.rounds} rounds of H={args.steps_per_round} steps, matchmaking 3 s, loopback\n")
+    print("| averaging | wire | utilization (inner / wall) | MB sent per peer per round | all-reduce bound MB "
+          "| wire efficiency (sent / bound) | bytes/token vs DDP | … at H=500 |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print("\nutilization: median over peers of Σ inner-step seconds / Σ round wall seconds, rounds 2.. ; "
+          "bytes: loopback interface counters / peers / rounds (everything the swarm sent); "
+          "DDP: ring all-reduce of fp32 gradients of the same path every step.")
+    OUT.mkdir(exist_ok=True)
+    (OUT / "bench_swarm.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

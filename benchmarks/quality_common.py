@@ -1,0 +1,261 @@
+"""Helpers shared by the quality benchmarks (bench_dipaco_quality, bench_diloco_quality).
+
+Both simulate K workers in one process. Each worker is a real `PathSession` — the same
+model, routed token stream and AdamW8bit `InnerTrainer` that `p2ptrain join` drives —
+and the outer step is the exact token-weighted mean of the pseudo-gradients of the
+workers holding a module, applied with `ModuleOuterState.apply`. A real-peer test proves
+the swarm's outer step equals exactly this; only the network is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from p2ptrain.config import RunConfig
+from p2ptrain.data.corpus import Document, load_documents
+from p2ptrain.data.tokenizer import load_tokenizer
+from p2ptrain.model.grid import PathIndex
+from p2ptrain.run_state import RunState
+from p2ptrain.train.evaluate import document_loss, heldout_by_path
+from p2ptrain.train.outer import ModuleOuterState
+from p2ptrain.train.session import PathSession
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO / "bench-out"
+DEVICE = torch.device("cpu")
+SIMULATION_NOTE = ("K workers are simulated in one process with exact averaging: each module's "
+                   "pseudo-gradient is the token-weighted mean over the workers whose path holds it, "
+                   "then ModuleOuterState.apply (Nesterov SGD) — the swarm's outer-step math minus the network.")
+
+
+# ----------------------------------------------------------------- run setup
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s): tiny budget, one seed")
+    parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (median reported)")
+    return parser
+
+
+def machine_info() -> dict:
+    """Date, machine and command, printed above every table and stored in the JSON."""
+    try:
+        import bitsandbytes
+        bnb = bitsandbytes.__version__
+    except Exception:  # the benchmark itself will fail later with a clearer message
+        bnb = "not importable"
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "bitsandbytes": bnb,
+        "command": shlex.join(["python", *sys.argv]),
+    }
+
+
+def print_header(title: str, info: dict) -> None:
+    print(f"## {title}\n")
+    print(f"- date: {info['date']}")
+    print(f"- machine: {info['platform']}, {info['cpu_count']} CPUs ({info['torch_threads']} torch threads), "
+          f"python {info['python']}, torch {info['torch']}, bitsandbytes {info['bitsandbytes']}")
+    print(f"- command: `{info['command']}`")
+    print(f"- {SIMULATION_NOTE}")
+
+
+def load_corpus() -> list[Document]:
+    """The built-in default corpus (this machine's Python standard library), split at 4096 chars."""
+    return load_documents(None, 4096)
+
+
+def small_config(seed: int, *, d_model: int, n_heads: int, context: int, levels: list[int],
+                 blocks_per_level: int, batch_size: int, steps_per_round: int, rounds: int,
+                 inner_lr: float | None = None, warmup_steps: int | None = None,
+                 outer_lr: float | None = None, outer_momentum: float | None = None,
+                 rescale_by_sharing: bool = False) -> RunConfig:
+    """The packaged default preset, shrunk; the cosine schedule spans exactly `rounds` rounds."""
+    cfg = RunConfig.load("default")
+    cfg.run.seed = seed
+    cfg.model.d_model, cfg.model.n_heads, cfg.model.context = d_model, n_heads, context
+    cfg.grid.levels, cfg.grid.blocks_per_level = list(levels), blocks_per_level
+    cfg.inner.batch_size, cfg.inner.steps_per_round, cfg.inner.total_rounds = batch_size, steps_per_round, rounds
+    if inner_lr is not None:
+        cfg.inner.lr = inner_lr
+    if warmup_steps is not None:
+        cfg.inner.warmup_steps = warmup_steps
+    if outer_lr is not None:
+        cfg.outer.lr = outer_lr
+    if outer_momentum is not None:
+        cfg.outer.momentum = outer_momentum
+    cfg.outer.rescale_by_sharing = rescale_by_sharing
+    cfg.validate("benchmark config")
+    return cfg
+
+
+def with_config(state: RunState, **changes: dict) -> RunState:
+    """The same router under a modified copy of the config: {'inner': {'batch_size': 64}, ...}."""
+    cfg = copy.deepcopy(state.config)
+    for section, values in changes.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    cfg.validate("benchmark config")
+    return RunState(cfg, state.router)
+
+
+# ------------------------------------------------------------ simulated swarm
+
+class SimulatedSwarm:
+    """Sessions of several simulated workers, with one global copy per module.
+
+    In the swarm every peer of a module keeps its own `ModuleOuterState`, but all of them
+    apply the same averaged Δ to the same starting point, so one shared copy per module
+    is the same thing.
+    """
+
+    def __init__(self, sessions: Sequence[PathSession], sharing_scale: Callable[[str], float] | None = None):
+        self.sessions = list(sessions)
+        self.sharing_scale = sharing_scale or (lambda module_id: 1.0)
+        self.globals: dict[str, ModuleOuterState] = {}
+        for session in self.sessions:
+            for module_id in session.module_ids:
+                if module_id not in self.globals:
+                    self.globals[module_id] = session.outer[module_id]
+                else:  # the init is a function of (run seed, module id): every holder starts equal
+                    for a, b in zip(self.globals[module_id].global_params, session.outer[module_id].global_params):
+                        assert torch.equal(a, b), f"{module_id}: workers start from different weights"
+                session.outer[module_id] = self.globals[module_id]
+
+    def holders(self, module_id: str) -> list[PathSession]:
+        return [s for s in self.sessions if module_id in s.module_ids]
+
+    def round(self, steps: int) -> float:
+        """H inner steps on every worker, then the outer step; returns the mean inner loss."""
+        tokens, losses = [], []
+        for session in self.sessions:
+            n, loss = session.inner_steps(steps, log_every=steps)
+            tokens.append(n)
+            losses.append(loss)
+        self.outer_step(tokens)
+        return sum(losses) / len(losses)
+
+    def outer_step(self, tokens: Sequence[int]) -> None:
+        """Per module: Δ̄ = Σ tokens_i·Δ_i / Σ tokens_i over its holders, Nesterov step, adopt."""
+        weight = {id(s): float(max(t, 1)) for s, t in zip(self.sessions, tokens)}
+        for module_id, state in self.globals.items():
+            holders = self.holders(module_id)
+            total = sum(weight[id(s)] for s in holders)
+            mean = [torch.zeros_like(p) for p in state.global_params]
+            delta = [torch.empty_like(p) for p in state.global_params]
+            for session in holders:
+                state.pseudo_gradient_into(session.local_state(module_id), delta)
+                for m, d in zip(mean, delta):
+                    m.add_(d, alpha=weight[id(session)] / total)
+            state.apply(mean, self.sharing_scale(module_id))
+        for session in self.sessions:
+            for module_id in session.module_ids:
+                session.adopt_global(module_id)
+
+
+def make_session(state: RunState, path: PathIndex, docs: Sequence[Document], data_seed: int = 0) -> PathSession:
+    # PathSession wants a node home for its checkpoint store; nothing is written unless saved
+    home = Path(tempfile.mkdtemp(prefix="p2ptrain-bench-"))
+    return PathSession(state, path, docs, DEVICE, home, data_seed=data_seed)
+
+
+# ------------------------------------------------------------------ evaluation
+
+def heldout_sequences(state: RunState, docs: Sequence[Document],
+                      max_tokens_per_path: int) -> dict[PathIndex, list[torch.Tensor]]:
+    """Routed held-out documents, tokenised like `evaluate` does (doc + EOS, a capped prefix)."""
+    tokenizer = load_tokenizer(state.config.data.tokenizer)
+    out = {}
+    for path, path_docs in heldout_by_path(state, docs).items():
+        sequences, budget = [], max_tokens_per_path
+        for doc in path_docs:
+            if budget <= 0:
+                break
+            ids = (list(tokenizer.encode(doc.text)) + [tokenizer.eos_id])[: budget + 1]
+            sequences.append(torch.tensor(ids, dtype=torch.long))
+            budget -= len(ids) - 1
+        out[path] = sequences
+    return out
+
+
+def score(model: torch.nn.Module, sequences: Sequence[torch.Tensor], context: int) -> tuple[float, int]:
+    """(summed loss, tokens) of a model over sequences, via evaluate.document_loss."""
+    total, count = 0.0, 0
+    for seq in sequences:
+        t, c = document_loss(model, seq, context, DEVICE)
+        total, count = total + t, count + c
+    model.train()
+    return total, count
+
+
+def param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------- output
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def fmt(x: float, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(name: str, payload: dict) -> Path:
+    OUT_DIR.mkdir(exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def plot_curves(name: str, series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
+                title: str) -> Path | None:
+    """One line per series into bench-out/<name>.png; None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: matplotlib is not installed; pip install matplotlib)")
+        return None
+    OUT_DIR.mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = OUT_DIR / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
