@@ -1,0 +1,83 @@
+"""Peers that misbehave: NaN on the wire, states of the wrong shape, forged or malformed
+DHT records. None of them may corrupt what an honest node holds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hivemind.utils.timed_storage import get_dht_time
+
+from p2ptrain.swarm.records import SwarmRecords, make_validators, new_peer_record, peers_key
+from tests.swarm.conftest import in_parallel, swarm_config
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(300)]
+
+
+def test_an_average_poisoned_with_nan_is_rejected_and_the_node_steps_with_its_own_delta(swarm):
+    # Prepare: b's path shares L0.M0 with a; b will put NaN on the wire for it
+    config = swarm_config("nan-peer", levels=(1, 2), stem="per_path", compression="none")
+    a = swarm.open(config, "0,0")
+    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
+    module = "L0.M0"
+    a.node.session.inner_steps(3)
+    start = [p.clone() for p in a.node.slots[module].outer.global_params]
+    local = [p.clone() for p in a.node.session.local_state(module).values()]
+    evil = b.node.slots[module].averager
+    with evil.get_tensors() as tensors:
+        for t in tensors:
+            t.fill_(math.nan)
+
+    # Execute: an honest outer step against a peer that sends NaN
+    reports, _ = in_parallel(lambda: a.node.outer_step(tokens=100),
+                             lambda: evil.step(gather={"round": 0}, weight=100.0, timeout=30))
+
+    # Assert: the poisoned average was noticed and not used
+    result = reports[module]
+    assert b.node.peer_id in result.group and "NaN" in result.rejected
+    for g, l, got in zip(start, local, a.node.slots[module].outer.global_params):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, g - 0.7 * 1.9 * (g - l), rtol=0, atol=1e-6)
+
+
+def test_a_downloaded_state_of_the_wrong_shape_or_with_nan_is_refused(swarm):
+    config = swarm_config("bad-state", levels=(1,))
+    a = swarm.open(config, "0")
+    slot = a.node.slots["L0.M0"]
+    before = [p.clone() for p in slot.outer.global_params]
+    good_shapes = [torch.zeros_like(p) for p in slot.outer.global_params] * 2
+
+    wrong_shape = [torch.zeros(3, 3)] + good_shapes[1:]
+    with_nan = [t.clone() for t in good_shapes]
+    with_nan[0][0] = math.nan
+    assert not slot.adopt({"module": "L0.M0", "round": 9}, wrong_shape)
+    assert not slot.adopt({"module": "L0.M0", "round": 9}, with_nan)
+    assert not slot.adopt({"module": "stem", "round": 9}, good_shapes)
+    assert not slot.adopt("not a dict", good_shapes)
+    assert slot.round == 0 and all(torch.equal(x, y) for x, y in zip(before, slot.outer.global_params))
+    assert slot.adopt({"module": "L0.M0", "round": 9}, good_shapes) and slot.round == 9
+
+
+def test_peer_records_are_signed_and_schema_checked(swarm):
+    # Prepare: two nodes, each with its own key, the run's validators installed
+    config = swarm_config("records")
+    a = swarm.open(config, "0,0")
+    b = swarm.open(config, "1,1", initial_peers=a.maddrs)
+    records_a, records_b = a.node.records, b.node.records
+    stranger, _ = make_validators(config.run.id)  # a key b's DHT node does not hold
+    key = peers_key(config.run.id)
+
+    # Execute: b tries to overwrite a's record, to publish garbage under its own key, and to
+    # write under a key it cannot sign for
+    forged = new_peer_record(peer_id=a.node.peer_id, path=[1, 1], round=999).dict()
+    overwrite = b.dht.store(key, forged, get_dht_time() + 60, subkey=records_a.public_key)
+    garbage = b.dht.store(key, {"round": "many"}, get_dht_time() + 60, subkey=records_b.public_key)
+    unsigned = SwarmRecords(b.dht, config.run.id, stranger).publish_peer(
+        new_peer_record(peer_id="nobody", path=[0, 0], round=1))
+
+    # Assert: only a can write a's record, and malformed or unsigned values never land
+    assert not overwrite and not garbage and not unsigned
+    seen = {p.peer_id: p for p in records_b.fetch_peers()}
+    assert seen[a.node.peer_id].path == [0, 0] and seen[a.node.peer_id].round == 0
+    assert set(seen) == {a.node.peer_id, b.node.peer_id}

@@ -1,0 +1,66 @@
+"""The swarm's pure pieces, without a network: bootstrap lists, addresses, fingerprints,
+coverage and path choice, DHT key names."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from p2ptrain.errors import SwarmError
+from p2ptrain.model.grid import Grid
+from p2ptrain.swarm.averaging import fingerprint, fingerprint_distance, sync_tolerance
+from p2ptrain.swarm.dht import check_maddrs, parse_bootstrap_text
+from p2ptrain.swarm.membership import least_covered_path, module_coverage
+from p2ptrain.swarm.records import averager_prefix, new_peer_record, peers_key, run_key
+
+PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWKeUrzZaV3Ppfh7U9gXvAXcT1kWCS89y76rWqf81b3faY"
+
+
+def test_bootstrap_file_ignores_comments_and_blank_lines():
+    text = f"# entry nodes\n\n{PEER}   # ours\n  /dns4/boot.example.org/tcp/1/p2p/x\n#/ip4/1.2.3.4/tcp/1\n"
+    assert parse_bootstrap_text(text) == [PEER, "/dns4/boot.example.org/tcp/1/p2p/x"]
+
+
+def test_addresses_without_peer_id_or_malformed_are_refused():
+    check_maddrs([PEER], "initial peer", need_peer_id=True)
+    with pytest.raises(SwarmError, match="lacks the peer id"):
+        check_maddrs(["/ip4/127.0.0.1/tcp/31337"], "initial peer", need_peer_id=True)
+    with pytest.raises(SwarmError, match="not a valid multiaddr"):
+        check_maddrs(["127.0.0.1:31337"], "initial peer")
+
+
+def test_fingerprints_see_an_unaveraged_slice_but_not_fp16_rounding():
+    gen = torch.Generator().manual_seed(0)
+    delta = [torch.randn(64, 64, generator=gen), torch.randn(300, generator=gen)]
+    fp, norm = fingerprint(delta)
+    rounded, _ = fingerprint([t.half().float() for t in delta])
+    partial = [delta[0].clone(), delta[1]]
+    partial[0][:16] = torch.randn(16, 64, generator=gen)  # a quarter of one tensor kept local values
+    broken, _ = fingerprint(partial)
+
+    assert norm == pytest.approx(torch.cat([t.flatten() for t in delta]).norm().item(), rel=1e-6)
+    assert fingerprint_distance(fp, rounded, norm) < sync_tolerance("fp16", 0.0)
+    assert fingerprint_distance(fp, broken, norm) > 10 * sync_tolerance("fp16", 0.0)
+    assert fingerprint(delta)[0] == fp  # deterministic: every peer projects on the same directions
+
+
+def test_sync_tolerance_follows_the_codec_unless_configured():
+    assert sync_tolerance("none", 0.0) < sync_tolerance("fp16", 0.0) < sync_tolerance("8bit", 0.0)
+    assert sync_tolerance("8bit", 0.02) == 0.02
+
+
+def test_coverage_counts_live_holders_and_a_joiner_takes_the_least_covered_path():
+    grid = Grid((2, 2))
+    peers = [new_peer_record(peer_id="a", path=[0, 0], round=1), new_peer_record(peer_id="b", path=[0, 1], round=1),
+             new_peer_record(peer_id="c", path=[5, 5], round=1)]  # a record for another grid is ignored
+    coverage = module_coverage(grid, peers)
+    assert dict(coverage) == {"stem": 2, "L0.M0": 2, "L0.M1": 0, "L1.M0": 1, "L1.M1": 1}
+    choices = {least_covered_path(grid, peers, random.Random(seed)) for seed in range(20)}
+    assert choices == {(1, 0), (1, 1)}
+
+
+def test_every_dht_key_is_prefixed_by_the_run_id():
+    assert run_key("r1") == "r1_run" and peers_key("r1") == "r1_peers"
+    assert averager_prefix("r1", "L0.M1") == "r1_avg_L0_M1"
