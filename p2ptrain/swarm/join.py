@@ -6,6 +6,7 @@ drive it, and `close` shuts everything down in reverse order.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class JoinOptions:
     run_config: RunConfig | None = None  # given explicitly: must match the swarm's
     run_id: str | None = None  # which run to join when no config is given
     device: str = "cpu"
-    data_seed: int = 0
+    data_seed: int | None = None  # None: derived from the peer id, so two peers never draw the same batches
     catch_up: bool = True
 
 
@@ -114,7 +115,10 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
             path: PathIndex = grid.parse_path(options.path)
         else:
             path = least_covered_path(grid, records.fetch_peers(), random.Random())
-        session = PathSession(state, path, docs(), resolve_device(options.device), home, options.data_seed)
+        data_seed = options.data_seed
+        if data_seed is None:
+            data_seed = int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:4], "little")
+        session = PathSession(state, path, docs(), resolve_device(options.device), home, data_seed)
         ckpt = session.restore()
         maddrs = visible_maddrs(dht)
         node = SwarmNode(state, session, dht, records, client_mode=options.client_mode, maddrs=maddrs)

@@ -26,7 +26,7 @@ def swarm_config(run_id: str, *, levels=(2, 2), stem: str = "shared", compressio
         "router": {"kmeans_iters": 5, "sample_docs": 500},
         "inner": {"batch_size": 4, "steps_per_round": steps_per_round, "warmup_steps": 1},
         # generous windows: a loaded 2-core CI machine must still group every peer
-        "averaging": {"compression": compression, "matchmaking_time": 2.0,
+        "averaging": {"compression": compression, "matchmaking_time": 4.0,
                       "averaging_timeout": averaging_timeout},
     })
 

@@ -16,13 +16,21 @@ from p2ptrain.data.corpus import load_documents
 from p2ptrain.swarm.join import JoinOptions, open_node
 
 
-async def stall(self, stream, context):
+healthy_rpc_aggregate_part = AllReduceRunner.rpc_aggregate_part
+
+
+async def stall_in_a_full_group(self, stream, context):
+    """Reduce normally in small groups; in a group of 3 (both survivors present), stall."""
+    if len(self.ordered_peer_ids) < 3:
+        async for message in healthy_rpc_aggregate_part(self, stream, context):
+            yield message
+        return
     print("REDUCING", flush=True)
     await asyncio.sleep(3600)
     yield  # never reached: this peer holds the others' parts and dies with them
 
 
-AllReduceRunner.rpc_aggregate_part = stall
+AllReduceRunner.rpc_aggregate_part = stall_in_a_full_group
 
 home, config_file, path, initial_peer = sys.argv[1:5]
 config = RunConfig.load(config_file)

@@ -50,19 +50,21 @@ def test_a_late_joiner_downloads_the_current_state_and_then_averages_with_the_sw
 
 
 def test_a_peer_killed_mid_all_reduce_leaves_survivors_that_resync_and_agree_again(swarm, tmp_path):
-    # Prepare: survivors a (0,0) and b (0,1) in this process; a stalling peer v on path 0,0
-    config = swarm_config("killed-peer", averaging_timeout=15.0)
+    # Prepare: survivors a and b in this process and a peer v that stalls mid all-reduce in
+    # a group of all three; one path, so every module is shared by all three
+    config = swarm_config("killed-peer", levels=(1,), averaging_timeout=15.0)
     config_file = tmp_path / "run.toml"
     config_file.write_text(config.to_toml())
-    a = swarm.open(config, "0,0")
-    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
+    a = swarm.open(config, "0")
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
     victim = subprocess.Popen(
         [sys.executable, str(REPO / "tests/swarm/stalling_peer.py"), str(tmp_path / "victim"), str(config_file),
-         "0,0", a.maddrs[0]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+         "0", a.maddrs[0]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         start_new_session=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
         assert _wait_for_line(victim, "JOINED", 120), "the stalling peer did not join"
-        while len(a.node.fetch_peers()) < 3:
+        deadline = time.monotonic() + 60
+        while len(a.node.fetch_peers()) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
         killer = threading.Thread(target=lambda: _wait_for_line(victim, "REDUCING", 200)
                                   and os.killpg(victim.pid, signal.SIGKILL), daemon=True)
@@ -82,6 +84,7 @@ def test_a_peer_killed_mid_all_reduce_leaves_survivors_that_resync_and_agree_aga
     # average, or at the next round through the global-state fingerprints in `gather`
     (first_a, second_a), (first_b, second_b) = a.node.history, b.node.history
     shared = ("stem", "L0.M0")
+    assert any(len(r.modules[m].group) == 3 for r in (first_a, first_b) for m in shared)
     noticed = [m for m in shared for r in (first_a, first_b, second_a, second_b)
                if r.modules[m].partial or r.modules[m].resynced_from]
     assert noticed, "no survivor noticed the partial all-reduce"
