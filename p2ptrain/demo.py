@@ -32,7 +32,7 @@ def demo_config(rounds: int, steps_per_round: int) -> str:
     config.inner.steps_per_round = steps_per_round
     config.inner.total_rounds = rounds
     config.inner.warmup_steps = min(config.inner.warmup_steps, steps_per_round)
-    config.averaging.matchmaking_time = 3.0
+    config.averaging.matchmaking_time = 4.0
     config.validate("demo")
     return config.to_toml()
 
