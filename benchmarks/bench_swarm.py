@@ -88,6 +88,16 @@ def utilization(result: dict) -> float:
     return values[len(values) // 2]
 
 
+def tokens_per_second(result: dict, tokens_per_round: int) -> float:
+    """Median over peers of tokens trained per wall second, rounds 2.. — what a volunteer gets."""
+    values = []
+    for events in result["rounds"].values():
+        steady = events[1:] or events
+        values.append(tokens_per_round * len(steady) / sum(e["seconds_wall"] for e in steady))
+    values.sort()
+    return values[len(values) // 2]
+
+
 def bound_bytes_per_peer_round(config: RunConfig, sizes: dict[str, int]) -> float:
     """Butterfly all-reduce bound per peer per round: Σ over its modules 2(n−1)/n × payload,
     n = peers holding the module (one peer per path here)."""
@@ -107,6 +117,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps-per-round", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 10 steps")
+    parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                        help="run only these of plain-fp16, overlap-fp16, plain-8bit")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps_per_round = 3, 10
@@ -118,6 +130,8 @@ def main() -> None:
     sizes = module_sizes(base)
     rows, results = [], {}
     variants = [("plain", "fp16", False), ("overlap", "fp16", True), ("plain", "8bit", False)]
+    if args.only:
+        variants = [v for v in variants if f"{v[0]}-{v[1]}" in args.only]
     try:
         for name, codec, overlap in variants:
             config = RunConfig.from_dict(base.to_dict())
@@ -135,7 +149,9 @@ def main() -> None:
             ddp_per_token = 2 * (n_peers - 1) / n_peers * 4 * params_per_path / (
                 config.inner.batch_size * config.model.context)
             ours_per_token = measured / tokens_per_round
-            results[f"{name}-{codec}"] = {"utilization": utilization(result), "bytes_per_peer_round": measured,
+            results[f"{name}-{codec}"] = {"utilization": utilization(result),
+                                          "tokens_per_s": tokens_per_second(result, tokens_per_round),
+                                          "bytes_per_peer_round": measured,
                                           "bound_bytes_per_peer_round": bound, "wire_efficiency": measured / bound,
                                           "ddp_bytes_per_token": ddp_per_token,
                                           "bytes_per_token": ours_per_token,
@@ -143,7 +159,8 @@ def main() -> None:
                                           "vs_ddp_at_H500": ddp_per_token / ours_per_token * 500 / args.steps_per_round,
                                           "rounds": result["rounds"]}
             r = results[f"{name}-{codec}"]
-            rows.append(f"| {name} | {codec} | {r['utilization']:.3f} | {measured / 1e6:.2f} | {bound / 1e6:.2f} | "
+            rows.append(f"| {name} | {codec} | {r['utilization']:.3f} | {r['tokens_per_s']:,.0f} | "
+                        f"{measured / 1e6:.2f} | {bound / 1e6:.2f} | "
                         f"{r['wire_efficiency']:.3f} | {r['vs_ddp']:.0f}× | {r['vs_ddp_at_H500']:.0f}× |")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -152,9 +169,9 @@ def main() -> None:
     print(f"command: {' '.join(sys.argv)}")
     print(f"4 peers (one per path of the default 2x2 grid, {sum(sizes[m] for m in ('stem', 'L0.M0', 'L1.M0')):,} "
           f"params per path), {args.rounds} rounds of H={args.steps_per_round} steps, matchmaking 3 s, loopback\n")
-    print("| averaging | wire | utilization (inner / wall) | MB sent per peer per round | all-reduce bound MB "
-          "| wire efficiency (sent / bound) | bytes/token vs DDP | … at H=500 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| averaging | wire | utilization (inner / wall) | tokens/s per peer | MB sent per peer per round "
+          "| all-reduce bound MB | wire efficiency (sent / bound) | bytes/token vs DDP | … at H=500 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\nutilization: median over peers of Σ inner-step seconds / Σ round wall seconds, rounds 2.. ; "
           "bytes: loopback interface counters / peers / rounds (everything the swarm sent); "

@@ -312,14 +312,14 @@ class SwarmNode:
                 continue
             controls[module_id] = slot.averager.step(
                 gather=gathers[module_id], weight=weight,
-                timeout=3 * avg_cfg.matchmaking_time, allow_retries=True, wait=False)
+                timeout=self._matchmaking_timeout(), allow_retries=True, wait=False)
 
         for module_id, slot in self.slots.items():
             result = results[module_id]
             mean = own[module_id]
             if module_id in controls:
                 try:
-                    group = controls[module_id].result(timeout=3 * avg_cfg.matchmaking_time
+                    group = controls[module_id].result(timeout=self._matchmaking_timeout()
                                                        + avg_cfg.averaging_timeout + 30)
                     result.group = sorted(peer.to_base58() for peer in group)
                     result.gathered = {peer.to_base58(): g for peer, g in group.items()}
@@ -346,6 +346,15 @@ class SwarmNode:
             self.sync[module_id] = ModuleSync(round=slot.round, fingerprint=fp, scale=norm)
         self.session.round = max(slot.round for slot in self.slots.values())
         return results
+
+    def _matchmaking_timeout(self) -> float:
+        """How long a module looks for its peers: up to 3 windows, so a slow peer delays fast
+        ones by at most that. With overlap nobody waits on it (training goes on), so peers
+        out of phase get up to most of a round to meet."""
+        window = 3 * self.cfg.averaging.matchmaking_time
+        if self.cfg.averaging.overlap and self.history:
+            return max(window, 0.8 * self.history[-1].seconds_inner)
+        return window
 
     def _sharing_scale(self, module_id: str) -> float:
         """DiPaCo's optional rescaling of a module's outer gradient by the paths sharing it."""
@@ -379,7 +388,8 @@ class SwarmNode:
                                    "behind" if behind else "drifted from", source[-8:])
             # 2. a partial all-reduce: compare fingerprints of the averaged Δ with the group
             if source is None:
-                others = self._wait_for_group_sync(module_id, slot.round, set(result.group) - {self.peer_id})
+                expected = {p: int(g.get("round", -1)) + 1 for p, g in gathered.items() if p != self.peer_id}
+                others = self._wait_for_group_sync(module_id, expected)
                 mine = self.sync[module_id]
                 distances = {p: fingerprint_distance(mine.fingerprint, s.fingerprint, max(s.scale, mine.scale))
                              for p, s in others.items()}
@@ -402,21 +412,27 @@ class SwarmNode:
                         self.session.adopt_global(module_id)
         self.session.round = max(slot.round for slot in self.slots.values())
 
-    def _wait_for_group_sync(self, module_id: str, round_: int, members: set[str]) -> dict[str, ModuleSync]:
-        """Group members' fingerprints of this round's averaged Δ.
+    def _wait_for_group_sync(self, module_id: str, expected: dict[str, int]) -> dict[str, ModuleSync]:
+        """Group members' fingerprints of this all-reduce's averaged Δ.
 
-        Members finish a round at different times (a dead peer costs the others up to
-        the reducer timeout), so wait up to averaging_timeout; only a round in which a
-        member died actually waits that long, since a dead member never posts.
+        expected: member → the round its entry for this all-reduce carries (its round
+        before the step, as sent through `gather`, plus one). Members finish at different
+        times (a dead peer costs the others up to the reducer timeout), so wait up to
+        averaging_timeout; a member that has already posted a later round is not waited for.
         """
         deadline = time.monotonic() + self.cfg.averaging.averaging_timeout
         found: dict[str, ModuleSync] = {}
+        settled: set[str] = set()
         while True:
             for peer in self.records.fetch_peers():
                 entry = peer.sync.get(module_id)
-                if peer.peer_id in members and entry is not None and entry.round == round_:
+                if peer.peer_id not in expected or entry is None:
+                    continue
+                if entry.round == expected[peer.peer_id]:
                     found[peer.peer_id] = entry
-            if set(found) >= members or time.monotonic() >= deadline:
+                if entry.round >= expected[peer.peer_id]:
+                    settled.add(peer.peer_id)
+            if settled >= set(expected) or time.monotonic() >= deadline:
                 return found
             time.sleep(0.25)
 
