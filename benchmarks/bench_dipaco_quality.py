@@ -15,7 +15,9 @@ Setup (per seed):
   ONE path worker — equal per-path compute;
 - evaluation: every held-out document is routed; the mixture scores it with its path,
   the dense model scores the very same documents (evaluate.document_loss).
-Optionally the same mixture again with outer.rescale_by_sharing on.
+Extras: outer.rescale_by_sharing on vs off; "dense+outer" controls (the dense model also
+taking the outer step as a lone worker), which separate the effect of routing from that
+of the outer optimizer; and the short-run outer setting of bench_diloco_quality.
 
 Run: python benchmarks/bench_dipaco_quality.py [--quick] [--seeds N]
 """
@@ -31,31 +33,56 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_common import (RunState, SimulatedSwarm, base_parser, fmt, heldout_sequences, load_corpus,  # noqa: E402
                             machine_info, make_session, markdown_table, median, param_count, plot_curves,
-                            print_header, score, small_config, with_config, write_json)
+                            print_header, score, setup_threads, small_config, with_config, write_json)
 
 from p2ptrain.model.grid import path_name  # noqa: E402
 
 NAME = "bench_dipaco_quality"
-PAPER_RATIO = 12.39 / 16.09  # DiPaCo, Table 1: mixture vs dense of one path's size
+PAPER_RATIO = 12.39 / 16.09  # DiPaCo: mixture vs dense of one path's size
 
-# the shrunk default preset: a 2x2 grid, 2 blocks per level, d_model 64 — about 40 ms per
-# inner step on 2 CPU cores, so 5 models x 240 steps take ~1 min per seed
+# the shrunk default preset: a 2x2 grid, 2 blocks per level, d_model 64 — ~40 ms per inner
+# step on one core, so one seed (6 models, 3000 steps in all) takes about 2 minutes
 FULL = dict(d_model=64, n_heads=4, context=64, levels=[2, 2], blocks_per_level=2, batch_size=16,
-            steps_per_round=20, rounds=12, eval_tokens=32_768, curve_tokens=8_192, seeds=3)
+            steps_per_round=20, rounds=10, eval_tokens=32_768, curve_tokens=4_096, seeds=3)
 QUICK = dict(d_model=32, n_heads=2, context=64, levels=[2, 2], blocks_per_level=2, batch_size=8,
              steps_per_round=10, rounds=3, eval_tokens=4_096, curve_tokens=2_048, seeds=1)
+
+# outer optimizers: DiLoCo's, and the short-run setting that bench_diloco_quality found
+# better when a run has only ~10 outer rounds (momentum 0.9 then overshoots)
+PAPER_OUTER = (0.7, 0.9)
+SHORT_OUTER = (1.0, 0.5)
+
+# label -> (routed mixture?, outer (lr, momentum) or None for none, rescale_by_sharing)
+RUNS = {
+    "mixture": (True, PAPER_OUTER, False),
+    "mixture+rescale": (True, PAPER_OUTER, True),
+    "mixture, short-run outer": (True, SHORT_OUTER, False),
+    "dense": (False, None, False),
+    "dense+outer": (False, PAPER_OUTER, False),
+    "dense+outer, short-run outer": (False, SHORT_OUTER, False),
+}
+# (numerator, denominator, what it measures)
+RATIOS = [
+    ("mixture", "dense", "**the claim**: mixture (DiLoCo outer) vs plain dense"),
+    ("mixture", "dense+outer", "routing alone: both take the same outer step"),
+    ("mixture+rescale", "dense", "with rescale_by_sharing"),
+    ("mixture+rescale", "mixture", "rescale_by_sharing on / off"),
+    ("mixture, short-run outer", "dense", "mixture (short-run outer) vs plain dense"),
+    ("mixture, short-run outer", "dense+outer, short-run outer", "routing alone, short-run outer"),
+]
 
 
 def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, help="outer rounds (overrides the preset)")
-    parser.add_argument("--steps-per-round", type=int, help="inner steps H per round (overrides the preset)")
     parser.add_argument("--no-rescale", action="store_true", help="skip the outer.rescale_by_sharing variant")
     args = parser.parse_args()
+    setup_threads(args.threads)
     p = dict(QUICK if args.quick else FULL)
     p["rounds"] = args.rounds or p["rounds"]
-    p["steps_per_round"] = args.steps_per_round or p["steps_per_round"]
     seeds = list(range(args.seeds if args.seeds is not None else p["seeds"]))
+    runs = {k: v for k, v in RUNS.items() if not (args.no_rescale and v[2])}
+    ratios = [r for r in RATIOS if r[0] in runs and r[1] in runs]
     info = machine_info()
     print_header("DiPaCo: routed mixture vs dense model of one path's size (equal per-path compute)", info)
 
@@ -63,80 +90,64 @@ def main() -> None:
     docs = load_corpus()
     model_kw = {k: p[k] for k in ("d_model", "n_heads", "context", "levels", "blocks_per_level",
                                   "batch_size", "steps_per_round", "rounds")}
-    H, rounds = p["steps_per_round"], p["rounds"]
+    H, rounds, context = p["steps_per_round"], p["rounds"], p["context"]
     steps = H * rounds
-    tokens_per_path = steps * p["batch_size"] * p["context"]
-    print(f"- budget: {rounds} rounds x H={H} inner steps = {steps} steps of {p['batch_size']} x {p['context']} "
-          f"tokens per path worker ({tokens_per_path:,} tokens); the dense model gets the same")
-    print(f"- inner: AdamW8bit, lr {small_config(0, **model_kw).inner.lr:g}, warm-up + cosine over the run; "
-          f"outer: Nesterov lr {small_config(0, **model_kw).outer.lr:g}, momentum "
-          f"{small_config(0, **model_kw).outer.momentum:g}")
+    inner = small_config(0, **model_kw).inner
+    print(f"- budget: {rounds} rounds x H={H} inner steps = {steps} steps of {p['batch_size']} x {context} tokens "
+          f"per path worker ({steps * p['batch_size'] * context:,} tokens); each dense model gets the same")
+    print(f"- inner: AdamW8bit, lr {inner.lr:g}, {inner.warmup_steps} warm-up steps, cosine to {inner.min_lr_ratio:g} x lr "
+          f"over the run; outer: Nesterov, DiLoCo's lr {PAPER_OUTER[0]} / momentum {PAPER_OUTER[1]}, or the short-run "
+          f"lr {SHORT_OUTER[0]} / momentum {SHORT_OUTER[1]}")
     print(f"- seeds: {seeds} (run.seed: initialisation, router fit, data order); corpus: {len(docs)} documents\n")
 
-    results, curves, sizes, per_path_first = [], [], None, None
+    results, curves, sizes = [], [], {}
     for seed in seeds:
-        cfg = small_config(seed, **model_kw)
-        state = RunState.create(cfg, docs)
-        dense_cfg = small_config(seed, **{**model_kw, "levels": [1] * len(cfg.grid.levels)})
-        dense_state = RunState.create(dense_cfg, docs)  # one path: every training document
-        grid = state.grid
+        state = RunState.create(small_config(seed, **model_kw), docs)
+        # a grid of one module per level: the same PathModel shape, and its one path gets every document
+        dense_state = RunState.create(small_config(seed, **{**model_kw, "levels": [1] * len(p["levels"])}), docs)
+        grid, dense_path = state.grid, (0,) * len(p["levels"])
         held = heldout_sequences(state, docs, p["eval_tokens"])
         curve_held = heldout_sequences(state, docs, p["curve_tokens"])
-        context = cfg.model.context
 
-        def mixture_loss(swarm: SimulatedSwarm, sequences: dict) -> tuple[float, dict]:
-            total, count, per_path = 0.0, 0, {}
-            for session in swarm.sessions:
-                t, c = score(session.model, sequences[session.path], context)
-                per_path[session.path] = (t, c)
-                total, count = total + t, count + c
-            return total / count, per_path
-
-        def dense_loss(model, sequences: dict) -> tuple[float, dict]:
-            per_path = {path: score(model, seqs, context) for path, seqs in sequences.items()}
+        def routed_loss(models: dict, sequences: dict) -> tuple[float, dict]:
+            """Token-weighted loss of held-out docs, each scored by models[its path]."""
+            per_path = {path: score(models[path], seqs, context) for path, seqs in sequences.items()}
             return sum(t for t, _ in per_path.values()) / sum(c for _, c in per_path.values()), per_path
 
-        # --- DiPaCo: one worker per path, outer step per module over the paths holding it
-        variants = {"mixture": state}
-        if not args.no_rescale:
-            variants["mixture (rescale_by_sharing)"] = with_config(state, outer={"rescale_by_sharing": True})
-        run, curve = {}, {"steps": [H * (r + 1) for r in range(rounds)]}
-        for label, vstate in variants.items():
-            rescale = vstate.config.outer.rescale_by_sharing
-            swarm = SimulatedSwarm([make_session(vstate, path, docs) for path in grid.paths()],
-                                   sharing_scale=(lambda m: 1.0 / len(grid.paths_containing(m))) if rescale else None)
+        row, curve = {"seed": seed}, {"steps": [H * (r + 1) for r in range(rounds)]}
+        for label, (routed, outer, rescale) in runs.items():
+            base = state if routed else dense_state
+            if outer is not None:
+                base = with_config(base, outer={"lr": outer[0], "momentum": outer[1], "rescale_by_sharing": rescale})
+            sessions = [make_session(base, path, docs) for path in (grid.paths() if routed else [dense_path])]
+            swarm = SimulatedSwarm(sessions, sharing_scale=(lambda m: 1.0 / len(grid.paths_containing(m)))
+                                   if rescale else None)  # as SwarmNode._sharing_scale
+            models = ({s.path: s.model for s in sessions} if routed
+                      else {path: sessions[0].model for path in grid.paths()})
             curve[label] = []
             for _ in range(rounds):
-                swarm.round(H)
-                curve[label].append(mixture_loss(swarm, curve_held)[0])
-            run[label] = mixture_loss(swarm, held)
-            if sizes is None:
-                sizes = model_sizes(swarm, grid)
-                sizes["shard_tokens"] = {path_name(s.path): len(s.stream) for s in swarm.sessions}
-                sizes["shard_docs"] = {path_name(s.path): s.stream.num_docs for s in swarm.sessions}
-
-        # --- dense: one path's shape, all training documents, one path worker's budget
-        dense = make_session(dense_state, (0,) * len(cfg.grid.levels), docs)
-        curve["dense"] = []
-        for _ in range(rounds):
-            dense.inner_steps(H, log_every=H)
-            curve["dense"].append(dense_loss(dense.model, curve_held)[0])
-        run["dense"] = dense_loss(dense.model, held)
-        if sizes is not None and "dense_params" not in sizes:
-            sizes["dense_params"] = param_count(dense.model)
-            sizes["dense_train_tokens"] = len(dense.stream)
-
-        row = {"seed": seed, **{f"{k}_loss": v[0] for k, v in run.items()}}
-        row["ratio"] = math.exp(row["mixture_loss"]) / math.exp(row["dense_loss"])
-        if "mixture (rescale_by_sharing)_loss" in row:
-            row["ratio_rescale"] = math.exp(row["mixture (rescale_by_sharing)_loss"]) / math.exp(row["dense_loss"])
-        row["per_path"] = {path_name(path): {"heldout_docs": len(held[path]), "tokens": run["mixture"][1][path][1],
-                                             "mixture_loss": run["mixture"][1][path][0] / max(run["mixture"][1][path][1], 1),
-                                             "dense_loss": run["dense"][1][path][0] / max(run["dense"][1][path][1], 1)}
-                           for path in grid.paths()}
+                if outer is None:  # the plain dense baseline: inner optimizer only
+                    sessions[0].inner_steps(H, log_every=H)
+                else:
+                    swarm.round(H)
+                curve[label].append(routed_loss(models, curve_held)[0])
+            loss, per_path = routed_loss(models, held)  # after the last outer step: the global weights
+            row[label] = loss
+            row[f"per_path {label}"] = {path_name(k): v[0] / max(v[1], 1) for k, v in per_path.items()}
+            if not sizes and label == "mixture":
+                sizes = model_sizes(sessions, grid)
+                sizes["shard_docs"] = {path_name(s.path): s.stream.num_docs for s in sessions}
+                sizes["shard_tokens"] = {path_name(s.path): len(s.stream) for s in sessions}
+                sizes["heldout_docs"] = {path_name(k): len(v) for k, v in held.items()}
+                sizes["heldout_tokens"] = {path_name(k): v[1] for k, v in per_path.items()}
+            if label == "dense" and "dense_params" not in sizes:
+                sizes["dense_params"] = param_count(sessions[0].model)
+                sizes["dense_train_docs"] = sessions[0].stream.num_docs
+                sizes["dense_train_tokens"] = len(sessions[0].stream)
+        for num, den, _ in ratios:
+            row[f"{num} / {den}"] = math.exp(row[num]) / math.exp(row[den])
         results.append(row)
         curves.append(curve)
-        per_path_first = per_path_first or row["per_path"]
         print(f"(seed {seed} done at {time.perf_counter() - t_start:.0f} s)", flush=True)
 
     # ------------------------------------------------------------------ report
@@ -147,66 +158,68 @@ def main() -> None:
         (f"whole mixture ({len(sizes['modules'])} modules, {sizes['paths']} paths)", f"{sizes['mixture_params']:,}"),
         ("dense model (one path's shape)", f"{sizes['dense_params']:,}"),
     ]))
-    print("\n### Shards (seed 0 router; training split)\n")
-    print(markdown_table(["path", "docs", "tokens"],
-                         [(k, sizes["shard_docs"][k], f"{v:,}") for k, v in sizes["shard_tokens"].items()]
-                         + [("dense (all)", "", f"{sizes['dense_train_tokens']:,}")]))
+    print(f"\n### Data (seed {seeds[0]} router): training shards and held-out documents scored\n")
+    print(markdown_table(["path", "train docs", "train tokens", "held-out docs", "held-out tokens scored"],
+                         [(k, sizes["shard_docs"][k], f"{sizes['shard_tokens'][k]:,}", sizes["heldout_docs"][k],
+                           f"{sizes['heldout_tokens'][k]:,}") for k in sizes["shard_tokens"]]
+                         + [("dense (all)", sizes["dense_train_docs"], f"{sizes['dense_train_tokens']:,}",
+                             sum(sizes["heldout_docs"].values()), f"{sum(sizes['heldout_tokens'].values()):,}")]))
 
-    has_rescale = "ratio_rescale" in results[0]
-    headers = ["seed", "mixture loss", "dense loss", "mixture ppl", "dense ppl", "ppl ratio mix/dense"]
-    if has_rescale:
-        headers += ["mixture+rescale loss", "ppl ratio (rescale)"]
-    rows = []
-    for r in results:
-        row = [r["seed"], fmt(r["mixture_loss"]), fmt(r["dense_loss"]), fmt(math.exp(r["mixture_loss"]), 3),
-               fmt(math.exp(r["dense_loss"]), 3), fmt(r["ratio"], 3)]
-        if has_rescale:
-            row += [fmt(r["mixture (rescale_by_sharing)_loss"]), fmt(r["ratio_rescale"], 3)]
-        rows.append(row)
-    summary = {k: median([r[k] for r in results]) for k in results[0] if k not in ("seed", "per_path")}
-    row = ["**median**", fmt(summary["mixture_loss"]), fmt(summary["dense_loss"]),
-           fmt(math.exp(summary["mixture_loss"]), 3), fmt(math.exp(summary["dense_loss"]), 3),
-           f"**{fmt(summary['ratio'], 3)}**"]
-    if has_rescale:
-        row += [fmt(summary["mixture (rescale_by_sharing)_loss"]), f"**{fmt(summary['ratio_rescale'], 3)}**"]
-    rows.append(row)
-    print("\n### Held-out loss (nats per byte-token) and perplexity\n")
-    print(markdown_table(headers, rows))
+    summary = {k: median([r[k] for r in results]) for k in results[0] if k != "seed" and not k.startswith("per_path")}
+    print("\n### Held-out loss, nats per byte-token (routed docs; the dense models score the same docs)\n")
+    print(markdown_table(["model", "outer step", *[f"seed {s}" for s in seeds], "median", "median ppl"],
+                         [(label, outer_text(outer, rescale), *[fmt(r[label]) for r in results],
+                           f"**{fmt(summary[label])}**", fmt(math.exp(summary[label]), 2))
+                          for label, (_, outer, rescale) in runs.items()]))
+    print("\n### Perplexity ratios (< 1: the numerator is better)\n")
+    print(markdown_table(["ratio", "measures", *[f"seed {s}" for s in seeds], "median"],
+                         [(f"{num} / {den}", what, *[fmt(r[f"{num} / {den}"], 3) for r in results],
+                           f"**{fmt(summary[f'{num} / {den}'], 3)}**") for num, den, what in ratios]))
+    print(f"\n### Per path (seed {seeds[0]}): loss on each path's routed held-out docs\n")
+    print(markdown_table(["path", *runs], [(path_name(path), *[fmt(results[0][f"per_path {label}"][path_name(path)])
+                                                                for label in runs]) for path in grid.paths()]))
 
-    print("\n### Per path (seed 0): the same routed held-out documents, scored by their path and by dense\n")
-    print(markdown_table(["path", "held-out docs", "tokens scored", "path loss", "dense loss"],
-                         [(k, v["heldout_docs"], f"{v['tokens']:,}", fmt(v["mixture_loss"]), fmt(v["dense_loss"]))
-                          for k, v in per_path_first.items()]))
-
-    verdict = "beats" if summary["ratio"] < 1 else "does not beat"
-    print(f"\nResult: the mixture {verdict} the dense model: median perplexity ratio {summary['ratio']:.3f} "
-          f"(DiPaCo paper: {PAPER_RATIO:.2f}; perplexities here are per byte, not per subword).")
-    if has_rescale:
-        better = summary["ratio_rescale"] < summary["ratio"]
-        wins = sum(r["ratio_rescale"] < r["ratio"] for r in results)
-        print(f"rescale_by_sharing: median ratio {summary['ratio_rescale']:.3f} vs {summary['ratio']:.3f} without; "
-              f"it {'helps' if better else 'does not help'} here (better on {wins} of {len(results)} seeds).")
+    claim = summary["mixture / dense"]
+    print(f"\nResult: with DiLoCo's outer step the mixture {'beats' if claim < 1 else 'does not beat'} the dense "
+          f"model: median perplexity ratio {claim:.3f} (DiPaCo paper: {PAPER_RATIO:.2f}; perplexity here is per "
+          f"byte, not per subword). Routing alone (both with the same outer step): "
+          f"{summary['mixture / dense+outer']:.3f}.")
+    if "mixture, short-run outer / dense" in summary:
+        print(f"With the short-run outer step the mixture vs dense ratio is "
+              f"{summary['mixture, short-run outer / dense']:.3f}.")
+    if "mixture+rescale / mixture" in summary:
+        helps = summary["mixture+rescale / mixture"] < 1
+        wins = sum(r["mixture+rescale / mixture"] < 1 for r in results)
+        print(f"rescale_by_sharing {'helps' if helps else 'does not help'} here: perplexity x"
+              f"{summary['mixture+rescale / mixture']:.3f} vs off (better on {wins} of {len(results)} seeds).")
 
     # ------------------------------------------------------------------ files
-    curve_labels = [k for k in curves[0] if k != "steps"]
-    medians = {k: [median([c[k][i] for c in curves]) for i in range(rounds)] for k in curve_labels}
+    medians = {k: [median([c[k][i] for c in curves]) for i in range(rounds)] for k in runs}
     png = plot_curves(NAME, {k: (curves[0]["steps"], v) for k, v in medians.items()},
-                      "inner steps per path worker", "held-out loss (nats/token)",
-                      f"DiPaCo mixture vs dense (median of {len(seeds)} seeds)")
-    out = write_json(NAME, {"machine": info, "params": p, "seeds": seeds, "sizes": sizes, "results": results,
-                            "median": summary, "curves": curves, "paper_ratio": PAPER_RATIO,
+                      "inner steps per worker (= per-path compute)", "held-out loss (nats/token)",
+                      f"DiPaCo mixture vs dense, median of {len(seeds)} seeds")
+    out = write_json(NAME, {"machine": info, "params": p, "seeds": seeds, "sizes": sizes,
+                            "runs": {k: {"routed": v[0], "outer": v[1], "rescale_by_sharing": v[2]}
+                                     for k, v in runs.items()},
+                            "results": results, "median": summary, "curves": curves, "paper_ratio": PAPER_RATIO,
                             "elapsed_s": time.perf_counter() - t_start})
     print(f"\nwrote {out.relative_to(out.parent.parent)}" + (f" and {png.relative_to(png.parent.parent)}" if png else "")
           + f" in {time.perf_counter() - t_start:.0f} s")
 
 
-def model_sizes(swarm: SimulatedSwarm, grid) -> dict:
+def outer_text(outer: tuple[float, float] | None, rescale: bool) -> str:
+    if outer is None:
+        return "none"
+    return f"lr {outer[0]}, mom {outer[1]}" + (", rescaled by sharing" if rescale else "")
+
+
+def model_sizes(sessions, grid) -> dict:
     modules = {}
-    for session in swarm.sessions:
+    for session in sessions:
         for module_id, module in session.model.parts().items():
             modules.setdefault(module_id, param_count(module))
     modules = {m: modules[m] for m in grid.all_modules()}
-    return {"modules": modules, "paths": grid.num_paths, "path_params": param_count(swarm.sessions[0].model),
+    return {"modules": modules, "paths": grid.num_paths, "path_params": param_count(sessions[0].model),
             "mixture_params": sum(modules.values())}
 
 

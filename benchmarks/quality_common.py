@@ -49,7 +49,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s): tiny budget, one seed")
     parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (median reported)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 because on a busy 2-core machine 2 threads ran 5-20x slower "
+                             "(OpenMP workers spinning against the other load)")
     return parser
+
+
+def setup_threads(threads: int) -> None:
+    torch.set_num_threads(max(threads, 1))
 
 
 def machine_info() -> dict:
@@ -74,7 +81,7 @@ def machine_info() -> dict:
 def print_header(title: str, info: dict) -> None:
     print(f"## {title}\n")
     print(f"- date: {info['date']}")
-    print(f"- machine: {info['platform']}, {info['cpu_count']} CPUs ({info['torch_threads']} torch threads), "
+    print(f"- machine: {info['platform']}, {info['cpu_count']} CPUs, torch threads: {info['torch_threads']}, "
           f"python {info['python']}, torch {info['torch']}, bitsandbytes {info['bitsandbytes']}")
     print(f"- command: `{info['command']}`")
     print(f"- {SIMULATION_NOTE}")
