@@ -60,7 +60,6 @@ def test_four_peers_on_a_2x2_grid_agree_on_every_module_after_three_rounds(swarm
     histories = in_parallel(*[lambda n=n: n.run(max_rounds=3) for n in nodes])
 
     # Assert: each module's holders hold the same global parameters (fp16 wire error only)
-    grid = config.grid
     holders: dict[str, list] = {}
     for node in nodes:
         for module_id in node.session.module_ids:
@@ -79,7 +78,6 @@ def test_four_peers_on_a_2x2_grid_agree_on_every_module_after_three_rounds(swarm
         assert allowed in groups, f"{module_id} was never averaged by all of its holders together"
     assert all(len(h) == 3 for h in histories)
     assert all(h[-1].loss < h[0].loss + 0.5 for h in histories)
-    del grid
 
 
 def test_overlapped_averaging_lands_one_round_late_and_peers_still_agree(swarm):
