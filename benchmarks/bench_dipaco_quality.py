@@ -31,11 +31,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_common import (RunState, SimulatedSwarm, base_parser, fmt, heldout_sequences, load_corpus,  # noqa: E402
-                            machine_info, make_session, markdown_table, median, param_count, plot_curves,
-                            print_header, score, setup_threads, small_config, with_config, write_json)
+from quality_common import (REPO, RunState, SimulatedSwarm, base_parser, fmt,  # noqa: E402
+                            heldout_sequences, load_corpus, machine_info, make_session, markdown_table, median,
+                            param_count, plot_curves, print_header, run_jobs, score, small_config, with_config,
+                            write_json)
 
-from p2ptrain.model.grid import path_name  # noqa: E402
+from p2ptrain.model.grid import Grid, path_name  # noqa: E402
 
 NAME = "bench_dipaco_quality"
 PAPER_RATIO = 12.39 / 16.09  # DiPaCo: mixture vs dense of one path's size
@@ -77,13 +78,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="outer rounds (overrides the preset)")
     parser.add_argument("--no-rescale", action="store_true", help="skip the outer.rescale_by_sharing variant")
     args = parser.parse_args()
-    setup_threads(args.threads)
     p = dict(QUICK if args.quick else FULL)
     p["rounds"] = args.rounds or p["rounds"]
     seeds = list(range(args.seeds if args.seeds is not None else p["seeds"]))
     runs = {k: v for k, v in RUNS.items() if not (args.no_rescale and v[2])}
     ratios = [r for r in RATIOS if r[0] in runs and r[1] in runs]
     info = machine_info()
+    if args.quick:
+        info["note"] = "--quick: a smoke run of a tiny model for a few steps; its numbers say nothing about the claim"
     print_header("DiPaCo: routed mixture vs dense model of one path's size (equal per-path compute)", info)
 
     t_start = time.perf_counter()
@@ -95,60 +97,34 @@ def main() -> None:
     inner = small_config(0, **model_kw).inner
     print(f"- budget: {rounds} rounds x H={H} inner steps = {steps} steps of {p['batch_size']} x {context} tokens "
           f"per path worker ({steps * p['batch_size'] * context:,} tokens); each dense model gets the same")
-    print(f"- inner: AdamW8bit, lr {inner.lr:g}, {inner.warmup_steps} warm-up steps, cosine to {inner.min_lr_ratio:g} x lr "
+    print(f"- inner: AdamW8bit, lr {inner.lr:g}, {inner.warmup_steps} warm-up steps, cosine to "
+          f"{inner.min_lr_ratio:g} x lr "
           f"over the run; outer: Nesterov, DiLoCo's lr {PAPER_OUTER[0]} / momentum {PAPER_OUTER[1]}, or the short-run "
           f"lr {SHORT_OUTER[0]} / momentum {SHORT_OUTER[1]}")
-    print(f"- seeds: {seeds} (run.seed: initialisation, router fit, data order); corpus: {len(docs)} documents\n")
+    print(f"- seeds: {seeds} (run.seed: initialisation, router fit, data order); corpus: {len(docs)} documents")
+    n_runs = len(seeds) * len(runs)
+    print(f"- {n_runs} training runs ({len(runs)} per seed) in {min(args.jobs, n_runs)} parallel processes\n",
+          flush=True)
 
-    results, curves, sizes = [], [], {}
+    # mixtures cost 4x a dense run: start them first so the processes finish together
+    jobs = sorted(((p, seed, label) for seed in seeds for label in runs), key=lambda j: not runs[j[2]][0])
+    outputs = run_jobs(train_and_score, jobs, args.jobs,
+                       on_done=lambda job, _: print(f"(seed {job[1]}, {job[2]}: done at "
+                                                    f"{time.perf_counter() - t_start:.0f} s)", flush=True))
+    by_job = {(job[1], job[2]): out for job, out in zip(jobs, outputs)}
+    sizes = {**by_job[(seeds[0], "mixture")]["sizes"], **by_job[(seeds[0], "dense")]["sizes"]}
+    results, curves = [], []
     for seed in seeds:
-        state = RunState.create(small_config(seed, **model_kw), docs)
-        # a grid of one module per level: the same PathModel shape, and its one path gets every document
-        dense_state = RunState.create(small_config(seed, **{**model_kw, "levels": [1] * len(p["levels"])}), docs)
-        grid, dense_path = state.grid, (0,) * len(p["levels"])
-        held = heldout_sequences(state, docs, p["eval_tokens"])
-        curve_held = heldout_sequences(state, docs, p["curve_tokens"])
-
-        def routed_loss(models: dict, sequences: dict) -> tuple[float, dict]:
-            """Token-weighted loss of held-out docs, each scored by models[its path]."""
-            per_path = {path: score(models[path], seqs, context) for path, seqs in sequences.items()}
-            return sum(t for t, _ in per_path.values()) / sum(c for _, c in per_path.values()), per_path
-
-        row, curve = {"seed": seed}, {"steps": [H * (r + 1) for r in range(rounds)]}
-        for label, (routed, outer, rescale) in runs.items():
-            base = state if routed else dense_state
-            if outer is not None:
-                base = with_config(base, outer={"lr": outer[0], "momentum": outer[1], "rescale_by_sharing": rescale})
-            sessions = [make_session(base, path, docs) for path in (grid.paths() if routed else [dense_path])]
-            swarm = SimulatedSwarm(sessions, sharing_scale=(lambda m: 1.0 / len(grid.paths_containing(m)))
-                                   if rescale else None)  # as SwarmNode._sharing_scale
-            models = ({s.path: s.model for s in sessions} if routed
-                      else {path: sessions[0].model for path in grid.paths()})
-            curve[label] = []
-            for _ in range(rounds):
-                if outer is None:  # the plain dense baseline: inner optimizer only
-                    sessions[0].inner_steps(H, log_every=H)
-                else:
-                    swarm.round(H)
-                curve[label].append(routed_loss(models, curve_held)[0])
-            loss, per_path = routed_loss(models, held)  # after the last outer step: the global weights
-            row[label] = loss
-            row[f"per_path {label}"] = {path_name(k): v[0] / max(v[1], 1) for k, v in per_path.items()}
-            if not sizes and label == "mixture":
-                sizes = model_sizes(sessions, grid)
-                sizes["shard_docs"] = {path_name(s.path): s.stream.num_docs for s in sessions}
-                sizes["shard_tokens"] = {path_name(s.path): len(s.stream) for s in sessions}
-                sizes["heldout_docs"] = {path_name(k): len(v) for k, v in held.items()}
-                sizes["heldout_tokens"] = {path_name(k): v[1] for k, v in per_path.items()}
-            if label == "dense" and "dense_params" not in sizes:
-                sizes["dense_params"] = param_count(sessions[0].model)
-                sizes["dense_train_docs"] = sessions[0].stream.num_docs
-                sizes["dense_train_tokens"] = len(sessions[0].stream)
+        row = {"seed": seed}
+        curve = {"steps": [H * (r + 1) for r in range(rounds)]}
+        for label in runs:
+            out = by_job[(seed, label)]
+            row[label], row[f"per_path {label}"], curve[label] = out["loss"], out["per_path"], out["curve"]
         for num, den, _ in ratios:
             row[f"{num} / {den}"] = math.exp(row[num]) / math.exp(row[den])
         results.append(row)
         curves.append(curve)
-        print(f"(seed {seed} done at {time.perf_counter() - t_start:.0f} s)", flush=True)
+    grid = Grid.from_config(small_config(0, **model_kw).grid)
 
     # ------------------------------------------------------------------ report
     print("\n### Model sizes (parameters)\n")
@@ -197,14 +173,62 @@ def main() -> None:
     medians = {k: [median([c[k][i] for c in curves]) for i in range(rounds)] for k in runs}
     png = plot_curves(NAME, {k: (curves[0]["steps"], v) for k, v in medians.items()},
                       "inner steps per worker (= per-path compute)", "held-out loss (nats/token)",
-                      f"DiPaCo mixture vs dense, median of {len(seeds)} seeds")
+                      f"DiPaCo mixture vs dense, median of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
     out = write_json(NAME, {"machine": info, "params": p, "seeds": seeds, "sizes": sizes,
                             "runs": {k: {"routed": v[0], "outer": v[1], "rescale_by_sharing": v[2]}
                                      for k, v in runs.items()},
                             "results": results, "median": summary, "curves": curves, "paper_ratio": PAPER_RATIO,
                             "elapsed_s": time.perf_counter() - t_start})
-    print(f"\nwrote {out.relative_to(out.parent.parent)}" + (f" and {png.relative_to(png.parent.parent)}" if png else "")
-          + f" in {time.perf_counter() - t_start:.0f} s")
+    written = " and ".join(str(f.relative_to(REPO)) for f in (out, png) if f)
+    print(f"\nwrote {written} in {time.perf_counter() - t_start:.0f} s")
+
+
+def train_and_score(p: dict, seed: int, label: str) -> dict:
+    """One training run of RUNS[label] for one seed: final and per-round held-out losses."""
+    routed, outer, rescale = RUNS[label]
+    docs = load_corpus()
+    model_kw = {k: p[k] for k in ("d_model", "n_heads", "context", "levels", "blocks_per_level",
+                                  "batch_size", "steps_per_round", "rounds")}
+    H, rounds, context = p["steps_per_round"], p["rounds"], p["context"]
+    state = RunState.create(small_config(seed, **model_kw), docs)
+    grid = state.grid
+    held = heldout_sequences(state, docs, p["eval_tokens"])
+    curve_held = heldout_sequences(state, docs, p["curve_tokens"])
+    if not routed:
+        # a grid of one module per level: the same PathModel shape (and init), and its one
+        # path gets every training document
+        state = RunState.create(small_config(seed, **{**model_kw, "levels": [1] * len(p["levels"])}), docs)
+    if outer is not None:
+        state = with_config(state, outer={"lr": outer[0], "momentum": outer[1], "rescale_by_sharing": rescale})
+    sessions = [make_session(state, path, docs) for path in (grid.paths() if routed else state.grid.paths())]
+    swarm = SimulatedSwarm(sessions, sharing_scale=(lambda m: 1.0 / len(grid.paths_containing(m)))
+                           if rescale else None)  # as SwarmNode._sharing_scale does
+    # each held-out doc is scored by its routed path; the dense model scores all of them
+    models = {s.path: s.model for s in sessions} if routed else {path: sessions[0].model for path in grid.paths()}
+
+    def routed_loss(sequences: dict) -> tuple[float, dict]:
+        per_path = {path: score(models[path], seqs, context) for path, seqs in sequences.items()}
+        return sum(t for t, _ in per_path.values()) / sum(c for _, c in per_path.values()), per_path
+
+    curve = []
+    for _ in range(rounds):
+        if outer is None:  # the plain dense baseline: inner optimizer only
+            sessions[0].inner_steps(H, log_every=H)
+        else:
+            swarm.round(H)
+        curve.append(routed_loss(curve_held)[0])
+    loss, per_path = routed_loss(held)  # after the last outer step: the modules' global weights
+    out = {"loss": loss, "curve": curve, "per_path": {path_name(k): t / max(c, 1) for k, (t, c) in per_path.items()}}
+    if label == "mixture":
+        out["sizes"] = model_sizes(sessions, grid)
+        out["sizes"].update(shard_docs={path_name(s.path): s.stream.num_docs for s in sessions},
+                            shard_tokens={path_name(s.path): len(s.stream) for s in sessions},
+                            heldout_docs={path_name(k): len(v) for k, v in held.items()},
+                            heldout_tokens={path_name(k): c for k, (_, c) in per_path.items()})
+    elif label == "dense":
+        out["sizes"] = {"dense_params": param_count(sessions[0].model), "dense_train_docs": sessions[0].stream.num_docs,
+                        "dense_train_tokens": len(sessions[0].stream)}
+    return out
 
 
 def outer_text(outer: tuple[float, float] | None, rescale: bool) -> str:

@@ -16,10 +16,14 @@ model. That part is arithmetic, not a GPU measurement.
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
+import multiprocessing
 import os
+import resource
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,47 +49,62 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def malloc_trim() -> bool:
+    """Ask glibc to hand freed heap memory back to the OS; False where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 # ------------------------------------------------------------ measurements
 
-def measure(label: str, cfg: RunConfig, real_batch: bool) -> list[dict]:
-    """One real optimizer step per optimizer kind on path 0 of cfg's grid."""
+def measure_one(label: str, cfg: RunConfig, kind: str, real_batch: bool) -> dict:
+    """One real optimizer step on path 0 of cfg's grid. Runs in a fresh process, so that the
+    resident-memory growth is this optimizer's alone."""
     grid = Grid.from_config(cfg.grid)
-    t0 = time.perf_counter()
     model = PathModel(cfg.model, grid, cfg.grid.blocks_per_level, grid.paths()[0], VOCAB, cfg.run.seed,
                       initialize=real_batch)  # a big model's init values do not change its state size
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    shapes = [tuple(p.shape) for p in params]
+    gen = torch.Generator().manual_seed(0)
     if real_batch:
-        gen = torch.Generator().manual_seed(0)
         x = torch.randint(0, VOCAB, (cfg.inner.batch_size, cfg.model.context + 1), generator=gen)
         _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
     else:
-        gen = torch.Generator().manual_seed(0)
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+            p.grad = torch.empty_like(p).normal_(0.0, 1e-3, generator=gen)
+    inner = copy.deepcopy(cfg.inner)
+    inner.optimizer = kind
+    gc.collect()
+    before = rss_bytes()
+    optimizer = make_inner_optimizer(params, inner)
+    t = time.perf_counter()
+    optimizer.step()
+    step_s = time.perf_counter() - t
+    measured = optimizer_state_bytes(optimizer)
+    grown, peak = rss_bytes() - before, peak_rss_bytes() - before
+    gc.collect()
+    trimmed = grown if not malloc_trim() else rss_bytes() - before
+    estimate = estimate_state_bytes([tuple(p.shape) for p in params], kind)
+    return {"model": label, "optimizer": kind, "params": n, "state_bytes": measured,
+            "bytes_per_param": measured / n, "estimate_bytes": estimate, "estimate_per_param": estimate / n,
+            "rss_growth_bytes": grown, "rss_growth_per_param": grown / n, "peak_rss_growth_bytes": peak,
+            "peak_rss_growth_per_param": peak / n, "trimmed_rss_growth_bytes": trimmed,
+            "trimmed_rss_growth_per_param": trimmed / n, "step_s": step_s, "real_batch": real_batch}
+
+
+def measure(label: str, cfg: RunConfig, real_batch: bool) -> list[dict]:
     rows = []
     for kind in ("adamw8bit", "adamw"):
-        inner = copy.deepcopy(cfg.inner)
-        inner.optimizer = kind
-        gc.collect()
-        before = rss_bytes()
-        optimizer = make_inner_optimizer(params, inner)
-        t = time.perf_counter()
-        optimizer.step()
-        step_s = time.perf_counter() - t
-        measured = optimizer_state_bytes(optimizer)
-        grown = rss_bytes() - before
-        estimate = estimate_state_bytes(shapes, kind)
-        rows.append({"model": label, "optimizer": kind, "params": n, "state_bytes": measured,
-                     "bytes_per_param": measured / n, "estimate_bytes": estimate, "estimate_per_param": estimate / n,
-                     "rss_growth_bytes": grown, "rss_growth_per_param": grown / n, "step_s": step_s,
-                     "real_batch": real_batch})
-        del optimizer
-    del model, params
-    gc.collect()
-    rows[0]["build_and_steps_s"] = time.perf_counter() - t0
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows.append(pool.submit(measure_one, label, cfg, kind, real_batch).result())
     return rows
 
 
@@ -155,19 +174,23 @@ def main() -> None:
     # --- report
     print_header("Optimizer state per parameter, and the path memory model", info, [
         "measured: `optimizer_state_bytes` after one step of `make_inner_optimizer` (CPU); "
-        "RSS growth = this process's resident memory after the first step minus before building the optimizer "
-        "(shown for states of 64 MiB and more; smaller ones reuse memory the allocator already holds)",
+        "each (model, optimizer) in a fresh process; RSS growth = resident memory after the first step minus "
+        "before building the optimizer; after malloc_trim = the same once glibc returned freed heap memory; "
+        "peak = the process's peak RSS minus that baseline "
+        "(shown for states of 64 MiB and more; smaller ones land in memory the allocator already holds)",
         f"default preset path: real forward/backward on a {default.inner.batch_size} x {default.model.context} "
         "batch; the larger model gets random gradients (state size does not depend on their values)",
         f"target: AdamW8bit <= {TARGET_8BIT} B/param",
     ])
     print(markdown_table(
         ["model", "optimizer", "params", "state MiB", "B/param measured", "B/param estimate", "measured/estimate",
-         "RSS growth B/param", "first step s"],
+         "RSS growth B/param", "after malloc_trim", "peak", "first step s"],
         [[r["model"], r["optimizer"], f"{r['params']:,}", f"{r['state_bytes'] / 2 ** 20:.1f}",
           f"{r['bytes_per_param']:.4f}", f"{r['estimate_per_param']:.4f}",
           f"{r['state_bytes'] / r['estimate_bytes']:.4f}",
-          f"{r['rss_growth_per_param']:.2f}" if r["state_bytes"] >= RSS_MIN_BYTES else "n/a", f"{r['step_s']:.1f}"]
+          *((f"{r['rss_growth_per_param']:.2f}", f"{r['trimmed_rss_growth_per_param']:.2f}",
+             f"{r['peak_rss_growth_per_param']:.2f}") if r["state_bytes"] >= RSS_MIN_BYTES else ("n/a",) * 3),
+          f"{r['step_s']:.1f}"]
          for r in measured]))
     eight = [r for r in measured if r["optimizer"] == "adamw8bit"]
     worst = max(r["bytes_per_param"] for r in eight)

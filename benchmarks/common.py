@@ -43,6 +43,20 @@ def _version(module: str) -> str:
         return "not importable"
 
 
+def speed_probe() -> float:
+    """GFLOP/s of a fixed 512x512 fp32 matmul (median of 5): shows how fast the machine was
+    at that moment. Shared 2-core VMs have phases tens of times slower than others."""
+    import time
+    a = torch.randn(512, 512)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        times.append(time.perf_counter() - t)
+    return 4 * 2 * 512 ** 3 / statistics.median(times) / 1e9
+
+
 def machine_info() -> dict:
     """Date, machine and command: printed above every table and stored in the JSON."""
     return {
@@ -56,11 +70,14 @@ def machine_info() -> dict:
         "bitsandbytes": _version("bitsandbytes"),
         "hivemind": _version("hivemind"),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "probe_gflops_start": speed_probe(),
         "command": shlex.join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
     }
 
 
 def print_header(title: str, info: dict, notes: Sequence[str] = ()) -> None:
+    """Prints the header; also records a second speed probe (end of run) in info."""
+    info["probe_gflops_end"] = speed_probe()
     print(f"## {title}\n")
     print(f"- date: {info['date']}")
     load = info.get("load_average")
@@ -69,6 +86,8 @@ def print_header(title: str, info: dict, notes: Sequence[str] = ()) -> None:
           f"{load_text}; python {info['python']}, torch {info['torch']}, numpy {info['numpy']}, "
           f"bitsandbytes {info['bitsandbytes']}, hivemind {info['hivemind']}")
     print(f"- command: `{info['command']}`")
+    print(f"- machine speed probe (512x512 fp32 matmul): {info['probe_gflops_start']:.1f} GFLOP/s at start, "
+          f"{info['probe_gflops_end']:.1f} at end")
     for note in notes:
         print(f"- {note}")
     print()

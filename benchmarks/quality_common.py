@@ -12,14 +12,17 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import functools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shlex
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -49,14 +52,43 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s): tiny budget, one seed")
     parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (median reported)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 because on a busy 2-core machine 2 threads ran 5-20x slower "
-                             "(OpenMP workers spinning against the other load)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="training runs in parallel processes (each with one torch thread)")
     return parser
 
 
-def setup_threads(threads: int) -> None:
+def setup_threads(threads: int = 1) -> None:
+    # one torch thread per process: on this busy 2-core machine two OpenMP threads per
+    # process ran 5-20x slower (workers spinning against the other load); parallelism
+    # comes from running independent training runs in separate processes instead
     torch.set_num_threads(max(threads, 1))
+
+
+def run_jobs(fn: Callable, jobs: Sequence[tuple], processes: int,
+             on_done: Callable[[tuple, object], None] | None = None) -> list:
+    """fn(*job) for every job, in `processes` spawned processes; results in job order.
+
+    fn must be a module-level function of the benchmark script (spawn pickles it by name).
+    """
+    results: list = [None] * len(jobs)
+    if processes <= 1:
+        setup_threads(1)
+        for i, job in enumerate(jobs):
+            results[i] = fn(*job)
+            if on_done:
+                on_done(job, results[i])
+        return results
+    ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads is unsafe
+    with ctx.Pool(min(processes, len(jobs)), initializer=setup_threads) as pool:
+        pending = {i: pool.apply_async(fn, job) for i, job in enumerate(jobs)}
+        while pending:
+            for i in list(pending):
+                if pending[i].ready():
+                    results[i] = pending.pop(i).get()
+                    if on_done:
+                        on_done(jobs[i], results[i])
+            time.sleep(0.2)
+    return results
 
 
 def machine_info() -> dict:
@@ -70,7 +102,7 @@ def machine_info() -> dict:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads_per_process": 1,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "bitsandbytes": bnb,
@@ -81,12 +113,15 @@ def machine_info() -> dict:
 def print_header(title: str, info: dict) -> None:
     print(f"## {title}\n")
     print(f"- date: {info['date']}")
-    print(f"- machine: {info['platform']}, {info['cpu_count']} CPUs, torch threads: {info['torch_threads']}, "
+    print(f"- machine: {info['platform']}, {info['cpu_count']} CPUs, 1 torch thread per training process, "
           f"python {info['python']}, torch {info['torch']}, bitsandbytes {info['bitsandbytes']}")
     print(f"- command: `{info['command']}`")
     print(f"- {SIMULATION_NOTE}")
+    if info.get("note"):
+        print(f"- **{info['note']}**")
 
 
+@functools.lru_cache(maxsize=1)
 def load_corpus() -> list[Document]:
     """The built-in default corpus (this machine's Python standard library), split at 4096 chars."""
     return load_documents(None, 4096)
@@ -181,8 +216,9 @@ class SimulatedSwarm:
 
 
 def make_session(state: RunState, path: PathIndex, docs: Sequence[Document], data_seed: int = 0) -> PathSession:
-    # PathSession wants a node home for its checkpoint store; nothing is written unless saved
-    home = Path(tempfile.mkdtemp(prefix="p2ptrain-bench-"))
+    # PathSession wants a node home for its checkpoint store; the store creates nothing
+    # until a checkpoint is saved, and the benchmarks never save one
+    home = Path(tempfile.gettempdir()) / "p2ptrain-bench-unused-home"
     return PathSession(state, path, docs, DEVICE, home, data_seed=data_seed)
 
 
