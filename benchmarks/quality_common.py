@@ -51,7 +51,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s): tiny budget, one seed")
-    parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (median reported)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds to run (median reported); default: the preset's")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="training runs in parallel processes (each with one torch thread)")
     return parser
