@@ -1,6 +1,6 @@
 """Helpers shared by the micro-benchmarks (inner throughput, optimizer memory, compression):
-the machine header printed above every table, markdown tables, paired-timing statistics
-and the JSON written to bench-out/<script-name>.json.
+the machine header printed above every table, markdown tables, paired-timing statistics,
+the real path session they train, and the JSON and PNG written to bench-out/<script-name>.*
 """
 
 from __future__ import annotations
@@ -13,19 +13,22 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench-out"
+QUICK_CORPUS_CHARS = 1_500_000  # --quick: a prefix of the default corpus, so setup takes seconds
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run (< 30 s): smaller sizes, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s): smaller sizes, fewer repeats")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice)")
     return parser
@@ -111,13 +114,72 @@ def paired_stats(a: Sequence[float], b: Sequence[float]) -> dict:
             "ratio_of_medians": statistics.median(a) / statistics.median(b), "ratios": ratios}
 
 
-def write_json(script_file: str, payload: dict) -> Path:
-    """bench-out/<script-name>.json (git-ignored)."""
+def write_outputs(script_file: str, payload: dict, draw: Callable[[Any], Any] | None = None) -> None:
+    """bench-out/<script-name>.json (git-ignored), and .png when draw is given: draw(pyplot)
+    returns the figure. Without matplotlib the PNG is skipped with a printed note."""
     OUT_DIR.mkdir(exist_ok=True)
-    path = OUT_DIR / f"{Path(script_file).stem}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    return path
+    stem = OUT_DIR / Path(script_file).stem
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    written = [json_path]
+    if draw is not None:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")  # files only: no display on a server
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("(matplotlib is not installed: no plot; `pip install matplotlib` to get one)")
+        else:
+            figure = draw(plt)
+            figure.savefig(stem.with_suffix(".png"), dpi=120, bbox_inches="tight")
+            plt.close(figure)
+            written.append(stem.with_suffix(".png"))
+    print(f"({', '.join(str(p.relative_to(REPO)) for p in written)})")
 
 
 def gib(n: float) -> str:
     return f"{n / 1024 ** 3:.2f}"
+
+
+# ------------------------------------------------ the real objects `p2ptrain train` builds
+
+def parse_path(text: str) -> tuple[int, ...]:
+    """'0,1' -> (0, 1), as the CLI's --path."""
+    return tuple(int(i) for i in text.split(","))
+
+
+def default_run(quick: bool):
+    """The default preset, the default corpus (a prefix of it with --quick) and a run state
+    with its router fitted on that corpus. Returns (config, run_state, documents)."""
+    from p2ptrain.config import RunConfig
+    from p2ptrain.data.corpus import load_documents
+    from p2ptrain.run_state import RunState
+
+    cfg = RunConfig.load()
+    docs = load_documents(None, cfg.data.max_doc_chars, max_total_chars=QUICK_CORPUS_CHARS if quick else None)
+    return cfg, RunState.create(cfg, docs), docs
+
+
+def open_session(state, docs, path: tuple[int, ...]):
+    """A CPU `PathSession` of path in a throw-away home (nothing here saves checkpoints)."""
+    from p2ptrain.train.session import PathSession
+
+    home = Path(tempfile.mkdtemp(prefix="p2ptrain-bench-"))
+    return PathSession(state, path, docs, torch.device("cpu"), home)
+
+
+def corpus_note(quick: bool, docs: Sequence) -> str:
+    prefix = f", first {QUICK_CORPUS_CHARS:,} chars" if quick else ""
+    return f"corpus: default (this machine's Python stdlib{prefix}), {len(docs):,} documents"
+
+
+class Stopwatch:
+    """Wall-clock and this process's CPU seconds of a `with` block. CPU time is less
+    sensitive to other processes on a shared machine (not immune: they share caches)."""
+
+    def __enter__(self) -> "Stopwatch":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
