@@ -345,8 +345,8 @@ def projection_report(args: argparse.Namespace, info: dict) -> dict:
 
 
 def write_results(name: str, payload: dict) -> None:
-    """bench-out/<name>.json and .png (written here rather than through common.py, whose
-    JSON writer is being reworked)."""
+    """bench-out/<name>.json and .png: the projection and the validation go to separate
+    files, so one does not overwrite the other (common.write_outputs names files by script)."""
     OUT_DIR.mkdir(exist_ok=True)
     path = OUT_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1, sort_keys=True, default=float) + "\n")
