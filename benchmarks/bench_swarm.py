@@ -28,8 +28,8 @@ from p2ptrain.config import RunConfig
 from p2ptrain.demo import PATHS, launch_swarm
 from p2ptrain.model.grid import Grid
 from p2ptrain.model.transformer import PathModel
+from p2ptrain.swarm.averaging import WIRE_BYTES_PER_VALUE as BYTES_PER_VALUE
 
-BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "8bit": 1.0 + 4.0 / 64}  # blockwise 8-bit: absmax per 64 values
 OUT = Path("bench-out")
 
 

@@ -4,6 +4,11 @@ A checkpoint is a directory `round-000012/` written atomically: every file goes 
 temporary directory, is fsynced, then the directory is renamed into place. On load each
 file's sha256 is checked against the manifest; a corrupt or truncated checkpoint is
 reported and the previous good one is used. No pickles are ever read.
+
+A swarm node saves after every round; `save_in_background` copies the tensors at once
+(so training and the next outer step may change them) and leaves serialization, the
+checksums and the fsyncs to a writer thread, so disk time is not taken from training.
+At most one write is in flight; the next save, or `wait`, waits for it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +69,10 @@ class CheckpointStore:
     def __init__(self, root: Path, keep: int = 3):
         self.root = Path(root)
         self.keep = keep
+        self._writer: threading.Thread | None = None
+
+    def directory(self, round_: int) -> Path:
+        return self.root / f"round-{round_:06d}"
 
     def rounds(self) -> list[int]:
         if not self.root.exists():
@@ -78,16 +88,42 @@ class CheckpointStore:
 
     def save(self, round_: int, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
         """Write each group (e.g. a module, or 'optimizer') as <name>.safetensors plus the manifest."""
+        self.wait()
+        return self._write(round_, _snapshot(groups), meta)
+
+    def save_in_background(self, round_: int, groups: dict[str, dict[str, torch.Tensor]],
+                           meta: dict[str, Any]) -> None:
+        """Like `save`, but only the copy of the tensors happens now; a failed write is logged
+        and the previous checkpoints stay."""
+        self.wait()
+        snapshot = _snapshot(groups)
+
+        def write() -> None:
+            try:
+                self._write(round_, snapshot, meta)
+            except OSError as e:
+                logger.warning("could not write the round %d checkpoint in %s: %s; the previous one stays",
+                               round_, self.root, e)
+
+        self._writer = threading.Thread(target=write, name="p2ptrain-checkpoint", daemon=True)
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Return once the background write (if any) is on disk."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+
+    def _write(self, round_: int, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"round-{round_:06d}"
+        final = self.directory(round_)
         tmp = self.root / f".tmp-round-{round_:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         files = {}
         for name, tensors in groups.items():
             path = tmp / f"{name}.safetensors"
-            # clone: bitsandbytes shares one quantisation map between tensors; safetensors refuses aliasing
-            save_file({k: v.detach().to("cpu").clone() for k, v in tensors.items()}, str(path))
+            save_file(tensors, str(path))
             _fsync_file(path)
             files[path.name] = _sha256(path)
         manifest = {"format": FORMAT_VERSION, "round": round_, "files": files, "meta": meta}
@@ -103,7 +139,7 @@ class CheckpointStore:
 
     def load(self, round_: int) -> Checkpoint:
         """Load and verify one checkpoint; raises ValueError saying what is wrong."""
-        directory = self.root / f"round-{round_:06d}"
+        directory = self.directory(round_)
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
             files = manifest["files"]
@@ -147,4 +183,10 @@ class CheckpointStore:
 
     def _prune(self) -> None:
         for round_ in self.rounds()[:-self.keep]:
-            shutil.rmtree(self.root / f"round-{round_:06d}", ignore_errors=True)
+            shutil.rmtree(self.directory(round_), ignore_errors=True)
+
+
+def _snapshot(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """CPU copies of every tensor. Copies also because bitsandbytes shares one quantization
+    map between tensors, and safetensors refuses aliased tensors."""
+    return {name: {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()} for name, tensors in groups.items()}

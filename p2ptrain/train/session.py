@@ -129,7 +129,9 @@ class PathSession:
     def schema_hashes(self) -> dict[str, str]:
         return {m: schema_hash(module_schema(mod)) for m, mod in self.model.parts().items()}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, background: bool = False) -> Path:
+        """Checkpoint this path; with background=True the disk write overlaps what comes next
+        (see CheckpointStore.save_in_background). Returns the checkpoint's directory."""
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for module_id in self.module_ids:
             groups[module_id] = self.outer[module_id].global_state()
@@ -149,6 +151,9 @@ class PathSession:
             "optimizer": opt_meta,
             "saved_at": time.time(),
         }
+        if background:
+            self.store.save_in_background(self.round, groups, meta)
+            return self.store.directory(self.round)
         return self.store.save(self.round, groups, meta)
 
     def restore(self) -> Checkpoint | None:

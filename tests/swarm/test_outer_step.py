@@ -55,11 +55,13 @@ def test_four_peers_on_a_2x2_grid_agree_on_every_module_after_three_rounds(swarm
     nodes = [first.node] + [o.node for o in others]
     for node in nodes:
         node.publish_status()
+    start = {m: [p.clone() for p in slot.outer.global_params] for node in nodes for m, slot in node.slots.items()}
 
     # Execute
     histories = in_parallel(*[lambda n=n: n.run(max_rounds=3) for n in nodes])
 
-    # Assert: each module's holders hold the same global parameters (fp16 wire error only)
+    # Assert: each module's holders hold the same global parameters, up to fp16 wire error:
+    # a few roundings of 2^-11 of the updates, far below 1 % of how far the module moved
     holders: dict[str, list] = {}
     for node in nodes:
         for module_id in node.session.module_ids:
@@ -68,8 +70,9 @@ def test_four_peers_on_a_2x2_grid_agree_on_every_module_after_three_rounds(swarm
     for module_id, nodes_with_module in holders.items():
         reference = nodes_with_module[0].slots[module_id].outer.global_params
         for other in nodes_with_module[1:]:
-            for x, y in zip(reference, other.slots[module_id].outer.global_params):
-                assert (x - y).abs().max().item() < 1e-4, f"{module_id} differs between peers"
+            for x, y, x0 in zip(reference, other.slots[module_id].outer.global_params, start[module_id]):
+                moved = (x - x0).abs().max().item()
+                assert moved > 0 and (x - y).abs().max().item() < 0.01 * moved, f"{module_id} differs between peers"
     # ... and was only ever averaged among those holders
     for module_id, nodes_with_module in holders.items():
         allowed = {n.peer_id for n in nodes_with_module}

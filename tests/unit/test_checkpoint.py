@@ -3,6 +3,7 @@ truncated checkpoints are detected, reported and skipped in favour of older ones
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -64,6 +65,46 @@ def test_store_keeps_only_the_newest_three_rounds(tmp_path):
     # Assert
     assert store.rounds() == [3, 4, 5]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round-000003", "round-000004", "round-000005"]
+
+
+def test_background_save_writes_the_values_of_the_moment_it_was_called(tmp_path):
+    # Prepare
+    store = CheckpointStore(tmp_path)
+    groups = tensors(1.0)
+    # Act: training changes the tensors while the writer thread runs
+    store.save_in_background(7, groups, {"step": 70})
+    groups["stem"]["w"].fill_(99.0)
+    store.wait()
+    # Assert
+    loaded = store.load(7)
+    assert torch.equal(loaded.groups["stem"]["w"], torch.full((64, 64), 1.0))
+    assert loaded.meta == {"step": 70}
+
+
+def test_a_save_waits_for_the_background_write_before_it(tmp_path):
+    # Prepare
+    store = CheckpointStore(tmp_path, keep=2)
+    # Act
+    store.save_in_background(1, tensors(1.0), {})
+    store.save_in_background(2, tensors(2.0), {})
+    store.save(3, tensors(3.0), {})
+    # Assert: all three were written in order, and pruning kept the newest two
+    assert store.rounds() == [2, 3]
+    assert float(store.load_latest().groups["stem"]["w"][0, 0]) == 3.0
+
+
+def test_a_failed_background_write_is_logged_and_keeps_the_previous_checkpoint(tmp_path, caplog):
+    # Prepare: a good round 1; a file squats where round 2's temporary directory goes
+    store = CheckpointStore(tmp_path)
+    store.save(1, tensors(1.0), {})
+    (tmp_path / f".tmp-round-000002-{os.getpid()}").write_text("in the way")
+    # Act
+    with caplog.at_level(logging.WARNING, logger=CHECKPOINT_LOGGER):
+        store.save_in_background(2, tensors(2.0), {})
+        store.wait()
+    # Assert
+    assert "could not write the round 2 checkpoint" in caplog.text
+    assert store.load_latest().round == 1
 
 
 def test_load_latest_returns_the_newest_good_round(store_with_three_rounds):

@@ -10,7 +10,7 @@ import torch
 
 from p2ptrain.errors import SwarmError
 from p2ptrain.model.grid import Grid
-from p2ptrain.swarm.averaging import fingerprint, fingerprint_distance, sync_tolerance
+from p2ptrain.swarm.averaging import averaging_part_bytes, fingerprint, fingerprint_distance, sync_tolerance
 from p2ptrain.swarm.dht import check_maddrs, parse_bootstrap_text
 from p2ptrain.swarm.membership import least_covered_path, module_coverage
 from p2ptrain.swarm.records import averager_prefix, new_peer_record, peers_key, run_key
@@ -49,6 +49,16 @@ def test_fingerprints_see_an_unaveraged_slice_but_not_fp16_rounding():
 def test_sync_tolerance_follows_the_codec_unless_configured():
     assert sync_tolerance("none", 0.0) < sync_tolerance("fp16", 0.0) < sync_tolerance("8bit", 0.0)
     assert sync_tolerance("8bit", 0.02) == 0.02
+
+
+def test_a_module_is_cut_into_16_parts_of_16_to_512_kib_for_the_all_reduce():
+    # a 394k-value module in fp16 (788 KB): 16 parts of ~49 KB, one per reducer of a group up to 16
+    assert averaging_part_bytes(394_240, "fp16") == 394_240 * 2 // 16
+    # a tiny module still gets parts of 16 KiB (framing is ~1 KB a part), a huge one hivemind's 512 KiB
+    assert averaging_part_bytes(33_152, "fp16") == 16 << 10
+    assert averaging_part_bytes(75_000_000, "8bit") == 512 << 10
+    # the codec's bytes per value count: fp32 parts are twice the fp16 ones
+    assert averaging_part_bytes(394_240, "none") == 2 * averaging_part_bytes(394_240, "fp16")
 
 
 def test_coverage_counts_live_holders_and_a_joiner_takes_the_least_covered_path():
