@@ -52,12 +52,12 @@ def module_sizes(config: RunConfig) -> dict[str, int]:
     return sizes
 
 
-def run_swarm(config: RunConfig, rounds: int, workdir: Path) -> dict:
-    """Train `rounds` rounds with one peer per path; collect round events and loopback bytes."""
+def run_swarm(config: RunConfig, rounds: int, workdir: Path, paths: list[str] = PATHS) -> dict:
+    """Train `rounds` rounds with one peer per entry of `paths`; collect round events and loopback bytes."""
     config_file = workdir / f"{config.run.id}.toml"
     config_file.write_text(config.to_toml())
     events: queue.Queue = queue.Queue()
-    peers = launch_swarm(workdir / config.run.id, config_file, rounds, PATHS, events)
+    peers = launch_swarm(workdir / config.run.id, config_file, rounds, paths, events)
     rounds_by_peer: dict[int, list[dict]] = {i: [] for i in range(len(peers))}
     start_bytes, start_time, finished = None, None, 0
     try:
@@ -112,13 +112,59 @@ def bound_bytes_per_peer_round(config: RunConfig, sizes: dict[str, int]) -> floa
     return sum(per_peer) / len(per_peer)
 
 
+# (name, averaging, wire codec, overlap?, model): "wide" is the default grid at d_model 512
+# (6.3M values per level module instead of 0.39M): module payloads of the size a real run
+# averages, where hivemind's per-part framing and the DHT's fixed per-round traffic are
+# small; a few steps per round keep its compute affordable on 2 cores
+VARIANTS = [("plain-fp16", "plain", "fp16", False, "default"),
+            ("overlap-fp16", "overlap", "fp16", True, "default"),
+            ("plain-8bit", "plain", "8bit", False, "default"),
+            ("plain-fp16-wide", "plain", "fp16", False, "wide"),
+            ("plain-8bit-wide", "plain", "8bit", False, "wide")]
+WIDE = {"d_model": 512, "n_heads": 8, "batch_size": 4, "steps_per_round": 4}
+
+
+def variant_config(base: RunConfig, name: str, codec: str, overlap: bool, model: str) -> RunConfig:
+    config = RunConfig.from_dict(base.to_dict())
+    config.run.id = f"bench-{name}"
+    config.averaging.compression = codec
+    config.averaging.overlap = overlap
+    if model == "wide":
+        config.model.d_model, config.model.n_heads = WIDE["d_model"], WIDE["n_heads"]
+        config.inner.batch_size, config.inner.steps_per_round = WIDE["batch_size"], WIDE["steps_per_round"]
+    return config
+
+
+def measure(config: RunConfig, rounds: int, workdir: Path) -> dict:
+    """Run one variant's swarm; utilization, bytes and the ratios against the bound and DDP."""
+    result = run_swarm(config, rounds, workdir)
+    sizes = module_sizes(config)
+    n_peers = len(result["rounds"])
+    measured = result["bytes"] / n_peers / rounds
+    bound = bound_bytes_per_peer_round(config, sizes)
+    params_per_path = sum(sizes[m] for m in Grid.from_config(config.grid).modules_of((0, 0)))
+    tokens_per_step = config.inner.batch_size * config.model.context
+    tokens_per_round = config.inner.steps_per_round * tokens_per_step
+    # synchronous DDP of the same path over the same peers: a ring all-reduce of fp32
+    # gradients every step, bound 2(n−1)/n × 4 B × params per step
+    ddp_per_token = 2 * (n_peers - 1) / n_peers * 4 * params_per_path / tokens_per_step
+    ours_per_token = measured / tokens_per_round
+    return {"params_per_path": params_per_path, "steps_per_round": config.inner.steps_per_round,
+            "utilization": utilization(result), "tokens_per_s": tokens_per_second(result, tokens_per_round),
+            "bytes_per_peer_round": measured, "bound_bytes_per_peer_round": bound,
+            "wire_efficiency": measured / bound, "ddp_bytes_per_token": ddp_per_token,
+            "bytes_per_token": ours_per_token, "vs_ddp": ddp_per_token / ours_per_token,
+            "vs_ddp_at_H500": ddp_per_token / ours_per_token * 500 / config.inner.steps_per_round,
+            "rounds": result["rounds"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps-per-round", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 10 steps")
     parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
-                        help="run only these of plain-fp16, overlap-fp16, plain-8bit")
+                        help=f"run only these of {', '.join(v[0] for v in VARIANTS)}")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps_per_round = 3, 10
@@ -127,51 +173,24 @@ def main() -> None:
     base.inner.steps_per_round = args.steps_per_round
     base.inner.total_rounds = args.rounds
     base.averaging.matchmaking_time = 3.0
-    sizes = module_sizes(base)
+    variants = [v for v in VARIANTS if args.only is None or v[0] in args.only]
     rows, results = [], {}
-    variants = [("plain", "fp16", False), ("overlap", "fp16", True), ("plain", "8bit", False)]
-    if args.only:
-        variants = [v for v in variants if f"{v[0]}-{v[1]}" in args.only]
     try:
-        for name, codec, overlap in variants:
-            config = RunConfig.from_dict(base.to_dict())
-            config.run.id = f"bench-{name}-{codec}"
-            config.averaging.compression = codec
-            config.averaging.overlap = overlap
-            result = run_swarm(config, args.rounds, workdir)
-            n_peers = len(result["rounds"])
-            measured = result["bytes"] / n_peers / args.rounds
-            bound = bound_bytes_per_peer_round(config, sizes)
-            params_per_path = sum(sizes[m] for m in Grid.from_config(config.grid).modules_of((0, 0)))
-            tokens_per_round = config.inner.steps_per_round * config.inner.batch_size * config.model.context
-            # synchronous DDP of the same path over the same peers: a ring all-reduce of fp32
-            # gradients every step, bound 2(n−1)/n × 4 B × params per step
-            ddp_per_token = 2 * (n_peers - 1) / n_peers * 4 * params_per_path / (
-                config.inner.batch_size * config.model.context)
-            ours_per_token = measured / tokens_per_round
-            results[f"{name}-{codec}"] = {"utilization": utilization(result),
-                                          "tokens_per_s": tokens_per_second(result, tokens_per_round),
-                                          "bytes_per_peer_round": measured,
-                                          "bound_bytes_per_peer_round": bound, "wire_efficiency": measured / bound,
-                                          "ddp_bytes_per_token": ddp_per_token,
-                                          "bytes_per_token": ours_per_token,
-                                          "vs_ddp": ddp_per_token / ours_per_token,
-                                          "vs_ddp_at_H500": ddp_per_token / ours_per_token * 500 / args.steps_per_round,
-                                          "rounds": result["rounds"]}
-            r = results[f"{name}-{codec}"]
-            rows.append(f"| {name} | {codec} | {r['utilization']:.3f} | {r['tokens_per_s']:,.0f} | "
-                        f"{measured / 1e6:.2f} | {bound / 1e6:.2f} | "
+        for name, averaging, codec, overlap, model in variants:
+            r = results[name] = measure(variant_config(base, name, codec, overlap, model), args.rounds, workdir)
+            rows.append(f"| {averaging} | {codec} | {model} ({r['params_per_path']:,} params/path, H={r['steps_per_round']}) "
+                        f"| {r['utilization']:.3f} | {r['tokens_per_s']:,.0f} | "
+                        f"{r['bytes_per_peer_round'] / 1e6:.2f} | {r['bound_bytes_per_peer_round'] / 1e6:.2f} | "
                         f"{r['wire_efficiency']:.3f} | {r['vs_ddp']:.0f}× | {r['vs_ddp_at_H500']:.0f}× |")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"# bench_swarm — {datetime.date.today()} — {platform.platform()}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
     print(f"command: {' '.join(sys.argv)}")
-    print(f"4 peers (one per path of the default 2x2 grid, {sum(sizes[m] for m in ('stem', 'L0.M0', 'L1.M0')):,} "
-          f"params per path), {args.rounds} rounds of H={args.steps_per_round} steps, matchmaking 3 s, loopback\n")
-    print("| averaging | wire | utilization (inner / wall) | tokens/s per peer | MB sent per peer per round "
+    print(f"4 peers on loopback, one per path of the 2x2 grid, {args.rounds} rounds, matchmaking 3 s\n")
+    print("| averaging | wire | model | utilization (inner / wall) | tokens/s per peer | MB sent per peer per round "
           "| all-reduce bound MB | wire efficiency (sent / bound) | bytes/token vs DDP | … at H=500 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\nutilization: median over peers of Σ inner-step seconds / Σ round wall seconds, rounds 2.. ; "
           "bytes: loopback interface counters / peers / rounds (everything the swarm sent); "

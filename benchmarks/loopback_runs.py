@@ -9,11 +9,9 @@ Every run here starts hivemind peers: wrap the command that calls it in
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import bench_swarm
 from p2ptrain.config import RunConfig
@@ -33,26 +31,15 @@ def loopback_config(n_peers: int, overlap: bool, steps_per_round: int, rounds: i
     return config
 
 
-@contextlib.contextmanager
-def peers_per_path(copies: int) -> Iterator[None]:
-    """bench_swarm.run_swarm launches one peer per entry of its module-level PATHS; repeat
-    each path `copies` times for the duration (a `paths` argument there would avoid this)."""
-    saved = bench_swarm.PATHS
-    bench_swarm.PATHS = [p for p in PATHS for _ in range(copies)]
-    try:
-        yield
-    finally:
-        bench_swarm.PATHS = saved
-
-
 def run_loopback(n_peers: int, overlap: bool, steps_per_round: int = 10, rounds: int = 5,
                  matchmaking_time: float = 3.0) -> dict:
     """One real swarm of n_peers (a multiple of 4: the 2×2 grid's paths, evenly covered)."""
     if n_peers % len(PATHS):
         raise ValueError(f"n_peers must be a multiple of {len(PATHS)}")
     config = loopback_config(n_peers, overlap, steps_per_round, rounds, matchmaking_time)
-    with tempfile.TemporaryDirectory(prefix="p2ptrain-sim-") as tmp, peers_per_path(n_peers // len(PATHS)):
-        result = bench_swarm.run_swarm(config, rounds, Path(tmp))
+    paths = [p for p in PATHS for _ in range(n_peers // len(PATHS))]
+    with tempfile.TemporaryDirectory(prefix="p2ptrain-sim-") as tmp:
+        result = bench_swarm.run_swarm(config, rounds, Path(tmp), paths)
     return summarize(result, config, n_peers)
 
 
