@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-swarm bench clean
+.PHONY: install demo test test-fast test-swarm bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,22 @@ test-fast: $(STAMP)
 test-swarm: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m swarm tests
 
-bench: $(STAMP)
-	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
+# Every benchmark, then the simulator's validation against real loopback swarms (about
+# an hour on 2 cores). Tables print to the terminal; JSON and PNG go to bench-out/.
+BENCHMARKS = $(sort $(wildcard benchmarks/bench_*.py))
+
+$(VENV)/.bench-installed: $(STAMP)
+	$(PIP) install -q -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	for script in $(BENCHMARKS); do $(PY) $$script || exit 1; done
+	$(PY) benchmarks/simulate.py --validate
+	$(PY) benchmarks/simulate.py
+
+# The same scripts in their smoke modes: each runs end to end in a minute or two.
+bench-quick: $(VENV)/.bench-installed
+	for script in $(BENCHMARKS) benchmarks/simulate.py; do $(PY) $$script --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-home bench-out
