@@ -54,8 +54,9 @@ from p2ptrain.model.grid import Grid, path_name  # noqa: E402
 NAME = "bench_dipaco_quality"
 PAPER_RATIO = 12.39 / 16.09  # DiPaCo: mixture vs dense of one path's size
 
-# the shrunk default preset: a 2x2 grid, 2 blocks per level, d_model 64 — ~40 ms per inner
-# step on one idle core, so one seed (6 models' worth of 1000 steps) takes ~4-5 CPU minutes
+# the shrunk default preset: a 2x2 grid, 2 blocks per level, d_model 64 — ~40-50 ms per
+# inner step on one core, so one seed (6 models' worth of 1000 steps) takes ~4-5 CPU minutes;
+# the 3-seed run took 26 min of wall time with --jobs 1 on a shared machine loaded 5-30
 FULL = dict(d_model=64, n_heads=4, context=64, levels=[2, 2], blocks_per_level=2, batch_size=16,
             steps_per_round=25, rounds=40, eval_tokens=32_768, curve_tokens=4_096, seeds=[1, 2, 3])
 QUICK = dict(d_model=32, n_heads=2, context=64, levels=[2, 2], blocks_per_level=2, batch_size=8,
