@@ -1,4 +1,5 @@
-"""Helpers shared by the micro-benchmarks (inner throughput, optimizer memory, compression):
+"""Helpers shared by the micro-benchmarks (inner throughput, optimizer memory, compression),
+and through quality_common by the quality benchmarks:
 the machine header printed above every table, markdown tables, paired-timing statistics,
 the real path session they train, and the JSON and PNG written to bench-out/<script-name>.*
 """
@@ -25,12 +26,15 @@ OUT_DIR = REPO / "bench-out"
 QUICK_CORPUS_CHARS = 1_500_000  # --quick: a prefix of the default corpus, so setup takes seconds
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, quick_help: str = "smoke run (< 60 s): smaller sizes, fewer repeats",
+                threads: bool = True) -> argparse.ArgumentParser:
+    """--quick, and --threads unless the script sets its own threads (threads=False)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s): smaller sizes, fewer repeats")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if threads:
+        parser.add_argument("--threads", type=int, default=None,
+                            help="torch intra-op threads (default: torch's own choice)")
     return parser
 
 
@@ -114,26 +118,39 @@ def paired_stats(a: Sequence[float], b: Sequence[float]) -> dict:
             "ratio_of_medians": statistics.median(a) / statistics.median(b), "ratios": ratios}
 
 
-def write_outputs(script_file: str, payload: dict, draw: Callable[[Any], Any] | None = None) -> None:
-    """bench-out/<script-name>.json (git-ignored), and .png when draw is given: draw(pyplot)
-    returns the figure. Without matplotlib the PNG is skipped with a printed note."""
+def write_json(name: str, payload: dict) -> Path:
+    """bench-out/<name>.json (git-ignored)."""
     OUT_DIR.mkdir(exist_ok=True)
-    stem = OUT_DIR / Path(script_file).stem
-    json_path = stem.with_suffix(".json")
-    json_path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    written = [json_path]
-    if draw is not None:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")  # files only: no display on a server
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("(matplotlib is not installed: no plot; `pip install matplotlib` to get one)")
-        else:
-            figure = draw(plt)
-            figure.savefig(stem.with_suffix(".png"), dpi=120, bbox_inches="tight")
-            plt.close(figure)
-            written.append(stem.with_suffix(".png"))
+    path = OUT_DIR / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_plot(name: str, draw: Callable[[Any], Any]) -> Path | None:
+    """bench-out/<name>.png: draw(pyplot) returns the figure. Without matplotlib: a printed
+    note and None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display on a server
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot; `pip install matplotlib` to get one)")
+        return None
+    OUT_DIR.mkdir(exist_ok=True)
+    path = OUT_DIR / f"{name}.png"
+    figure = draw(plt)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def write_outputs(script_file: str, payload: dict, draw: Callable[[Any], Any] | None = None) -> None:
+    """bench-out/<script-name>.json, and .png when draw is given (see write_plot)."""
+    name = Path(script_file).stem
+    written = [write_json(name, payload)]
+    png = write_plot(name, draw) if draw is not None else None
+    if png is not None:
+        written.append(png)
     print(f"({', '.join(str(p.relative_to(REPO)) for p in written)})")
 
 

@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import functools
-import json
 import math
 import multiprocessing
 import os
-import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,8 +32,9 @@ from p2ptrain.train.evaluate import document_loss, heldout_by_path
 from p2ptrain.train.outer import ModuleOuterState
 from p2ptrain.train.session import PathSession
 
-REPO = Path(__file__).resolve().parent.parent
-OUT_DIR = REPO / "bench-out"
+import common
+from common import REPO, markdown_table, write_json, write_plot  # noqa: F401 (re-exported to the scripts)
+
 DEVICE = torch.device("cpu")
 SIMULATION_NOTE = ("K workers are simulated in one process with exact averaging: each module's "
                    "pseudo-gradient is the token-weighted mean over the workers whose path holds it, "
@@ -48,9 +44,8 @@ SIMULATION_NOTE = ("K workers are simulated in one process with exact averaging:
 # ----------------------------------------------------------------- run setup
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s): tiny budget, one seed")
+    """common's --quick, plus --seeds and --jobs; no --threads: every training process uses one."""
+    parser = common.base_parser(description, quick_help="smoke run (< 60 s): tiny budget, one seed", threads=False)
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds to run (median reported); default: the preset's")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -93,33 +88,15 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], processes: int,
 
 
 def machine_info() -> dict:
-    """Date, machine and command, printed above every table and stored in the JSON."""
-    try:
-        import bitsandbytes
-        bnb = bitsandbytes.__version__
-    except Exception:  # the benchmark itself will fail later with a clearer message
-        bnb = "not importable"
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads_per_process": 1,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "bitsandbytes": bnb,
-        "command": shlex.join(["python", *sys.argv]),
-    }
+    """common.machine_info, taken after this process too is set to the one torch thread
+    that every training process uses."""
+    setup_threads(1)
+    return common.machine_info()
 
 
 def print_header(title: str, info: dict) -> None:
-    print(f"## {title}\n")
-    print(f"- date: {info['date']}")
-    print(f"- machine: {info['platform']}, {info['cpu_count']} CPUs, 1 torch thread per training process, "
-          f"python {info['python']}, torch {info['torch']}, bitsandbytes {info['bitsandbytes']}")
-    print(f"- command: `{info['command']}`")
-    print(f"- {SIMULATION_NOTE}")
-    if info.get("note"):
-        print(f"- **{info['note']}**")
+    notes = [SIMULATION_NOTE, "every training process uses 1 torch thread"]
+    common.print_header(title, info, notes + ([f"**{info['note']}**"] if info.get("note") else []))
 
 
 @functools.lru_cache(maxsize=1)
@@ -266,40 +243,19 @@ def fmt(x: float, digits: int = 4) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_json(name: str, payload: dict) -> Path:
-    OUT_DIR.mkdir(exist_ok=True)
-    path = OUT_DIR / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    return path
-
-
 def plot_curves(name: str, series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
                 title: str) -> Path | None:
     """One line per series into bench-out/<name>.png; None when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no plot: matplotlib is not installed; pip install matplotlib)")
-        return None
-    OUT_DIR.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = OUT_DIR / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        return fig
+
+    return write_plot(name, draw)
