@@ -78,9 +78,9 @@ class ModuleSlot:
         self.round = 0
         self.last_step_norm = 0.0  # size of the last outer update, the yardstick for drift
         # One flat buffer, not one tensor per parameter: hivemind sends each tensor of an
-        # all-reduce as separate parts, each costing about 1 KB of framing on the wire
-        # (measured on loopback: 400k values in 64 tensors cost 1.16-1.22x the all-reduce
-        # bound, in one tensor 1.02x). The buffer is cut into parts of part_bytes, so that
+        # all-reduce with its own metadata, about 1 KB of it on the wire (measured on
+        # loopback: 400k values in 64 tensors cost 1.16-1.22x the all-reduce bound, in one
+        # tensor 1.02x). The buffer is cut into 16 parts (see averaging_part_bytes), so that
         # even a small module is shared among up to 16 reducers.
         self.numels = [p.numel() for p in self.outer.global_params]
         buffers = [torch.zeros(sum(self.numels))]

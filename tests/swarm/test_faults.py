@@ -16,6 +16,8 @@ import torch
 
 from tests.swarm.conftest import in_parallel, swarm_config
 
+MAX_ROUNDS_TO_KILL = 4
+
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,13 +68,23 @@ def test_a_peer_killed_mid_all_reduce_leaves_survivors_that_resync_and_agree_aga
         deadline = time.monotonic() + 60
         while len(a.node.fetch_peers()) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
-        killer = threading.Thread(target=lambda: _wait_for_line(victim, "REDUCING", 200)
-                                  and os.killpg(victim.pid, signal.SIGKILL), daemon=True)
+        killed = threading.Event()
+
+        def kill_when_reducing():
+            if _wait_for_line(victim, "REDUCING", 200):
+                os.killpg(victim.pid, signal.SIGKILL)
+                killed.set()
+
+        killer = threading.Thread(target=kill_when_reducing, daemon=True)
         killer.start()
 
-        # Execute: the round during which the victim dies, then one more
-        in_parallel(lambda: a.node.run(max_rounds=1), lambda: b.node.run(max_rounds=1))
-        killer.join(5)
+        # Execute: rounds until the one during which the victim dies (normally the first: on
+        # a loaded machine the victim may miss a group), then one more
+        for _ in range(MAX_ROUNDS_TO_KILL):
+            in_parallel(lambda: a.node.run(max_rounds=1), lambda: b.node.run(max_rounds=1))
+            killer.join(5)
+            if killed.is_set():
+                break
         in_parallel(lambda: a.node.run(max_rounds=1), lambda: b.node.run(max_rounds=1))
     finally:
         if victim.poll() is None:
@@ -82,18 +94,20 @@ def test_a_peer_killed_mid_all_reduce_leaves_survivors_that_resync_and_agree_aga
     # Assert: the round the victim died in left a module inconsistent (hivemind returned
     # normally), and the survivors noticed it — right away through the fingerprints of the
     # average, or at the next round through the global-state fingerprints in `gather`
-    (first_a, second_a), (first_b, second_b) = a.node.history, b.node.history
+    # (the victim prints REDUCING only as a reducer in a group with both survivors; their
+    # all-reduce then returns with its slice missing, or fails and they step alone)
+    assert killed.is_set(), "the victim never became a reducer in a group with both survivors"
+    (killed_a, next_a), (killed_b, next_b) = a.node.history[-2:], b.node.history[-2:]
     shared = ("stem", "L0.M0")
-    assert any(len(r.modules[m].group) == 3 for r in (first_a, first_b) for m in shared)
-    noticed = [m for m in shared for r in (first_a, first_b, second_a, second_b)
+    noticed = [m for m in shared for r in (killed_a, killed_b, next_a, next_b)
                if r.modules[m].partial or r.modules[m].resynced_from]
     assert noticed, "no survivor noticed the partial all-reduce"
     # the next round is consistent again: no partial average, and the same parameters
-    assert not any(r.modules[m].partial for r in (second_a, second_b) for m in shared)
+    assert not any(r.modules[m].partial for r in (next_a, next_b) for m in shared)
     for module_id in shared:
         assert max_difference(a.node.slots[module_id].outer.global_params,
                               b.node.slots[module_id].outer.global_params) < 1e-4, module_id
-    assert a.node.round == b.node.round == 2
+    assert a.node.round == b.node.round == len(a.node.history)
 
 
 def _wait_for_line(process: subprocess.Popen, text: str, timeout: float) -> bool:

@@ -51,11 +51,13 @@ def test_sync_tolerance_follows_the_codec_unless_configured():
     assert sync_tolerance("8bit", 0.02) == 0.02
 
 
-def test_a_module_is_cut_into_16_parts_of_16_to_512_kib_for_the_all_reduce():
+def test_a_module_is_cut_into_16_parts_of_1_to_512_kib_for_the_all_reduce():
     # a 394k-value module in fp16 (788 KB): 16 parts of ~49 KB, one per reducer of a group up to 16
     assert averaging_part_bytes(394_240, "fp16") == 394_240 * 2 // 16
-    # a tiny module still gets parts of 16 KiB (framing is ~1 KB a part), a huge one hivemind's 512 KiB
-    assert averaging_part_bytes(33_152, "fp16") == 16 << 10
+    # a small module too is shared among 16 reducers, down to parts of 1 KiB
+    assert averaging_part_bytes(8_224, "fp16") == 8_224 * 2 // 16
+    assert averaging_part_bytes(1_000, "fp16") == 1 << 10
+    # a huge module is cut into hivemind's default 512 KiB parts
     assert averaging_part_bytes(75_000_000, "8bit") == 512 << 10
     # the codec's bytes per value count: fp32 parts are twice the fp16 ones
     assert averaging_part_bytes(394_240, "none") == 2 * averaging_part_bytes(394_240, "fp16")
