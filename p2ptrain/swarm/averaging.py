@@ -74,8 +74,9 @@ def fingerprints_agree(a: Sequence[float], b: Sequence[float], scale: float, tol
     return fingerprint_distance(a, b, scale) <= tolerance
 
 
-# Bytes per value on the wire for each codec (blockwise 8-bit: one fp32 absmax per 64 values).
-WIRE_BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "8bit": 1.0 + 4.0 / 64}
+# Bytes per value on the wire for each codec (hivemind's blockwise 8-bit: one fp32 absmax
+# per 4096 values; each part also carries its 256-entry fp32 codebook, 1 KiB, not counted here).
+WIRE_BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "8bit": 1.0 + 4.0 / 4096}
 MIN_PART_BYTES, MAX_PART_BYTES, PARTS_PER_MODULE = 1 << 10, 512 << 10, 16
 
 
