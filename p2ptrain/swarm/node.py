@@ -29,6 +29,7 @@ from p2ptrain.swarm.membership import peers_holding
 from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, averager_prefix,
                                     new_peer_record)
 from p2ptrain.swarm.signals import children_ignore_sigint
+from p2ptrain.swarm.suspension import Suspension
 from p2ptrain.train.session import PathSession
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,9 @@ class SwarmNode:
         self.last_loss: float | None = None
         self.last_tps = 0.0
         self.stop_requested = threading.Event()
+        self.suspension = Suspension()  # set by the daemon's policy; read at safe points
+        self.phase = "starting"  # starting | training | averaging | suspended | stopped
+        self.started_at = time.time()
         self._peers_cache: list[PeerRecord] = []
         self._heartbeat: threading.Thread | None = None
         self._background: threading.Thread | None = None  # overlap: last round's averaging
@@ -508,6 +512,27 @@ class SwarmNode:
             self.records.publish_peer(record)
         except Exception as e:
             logger.warning("could not publish this node's status: %s", e)
+
+    def status(self) -> dict:
+        """A JSON-able snapshot of this node: what `p2ptrain status`, the daemon's control
+        socket and the metrics endpoint report."""
+        last = self.history[-1] if self.history else None
+        outcomes = {}
+        if last is not None:
+            for module_id, r in last.modules.items():
+                outcome = ("rejected" if r.rejected else "partial" if r.partial else
+                           "resynced" if r.resynced_from else "alone" if r.alone else "ok")
+                outcomes[module_id] = {"peers": len(r.group) if r.group else 1, "outcome": outcome}
+        return {
+            "peer_id": self.peer_id, "run_id": self.cfg.run.id, "path": path_name(self.session.path),
+            "modules": list(self.session.module_ids), "state": self.phase,
+            "suspended": sorted(self.suspension.reasons()), "round": self.round,
+            "loss": self.last_loss if self.last_loss is not None and math.isfinite(self.last_loss) else None,
+            "tokens_per_s": float(self.last_tps), "tokens": int(self.session.tokens_seen),
+            "rounds_done": len(self.history), "uptime_s": round(time.time() - self.started_at, 1),
+            "last_round": outcomes, "checkpoints": str(self.session.store.root),
+            "reachability": "client" if self.client_mode else "public", "maddrs": list(self.maddrs),
+        }
 
     def describe(self) -> str:
         return f"path {path_name(self.session.path)} modules {', '.join(self.session.module_ids)}"
