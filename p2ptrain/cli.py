@@ -56,6 +56,18 @@ def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(f)
 
 
+def json_safe(obj):
+    """`obj` with every NaN or infinity replaced by null: JSON has no NaN, and a diverged
+    loss must not make `--json` output unparseable."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _context(home, run_config):
     from p2ptrain.config import RunConfig
     from p2ptrain.home import resolve_home
@@ -216,7 +228,7 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
     result = {"path": path_name(path), "steps": done, "first_loss": first_loss, "final_loss": last["loss"],
               "tokens_per_s": last["tps"], "round": session.round, "checkpoint": str(ckpt_dir)}
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(json_safe(result), indent=2, allow_nan=False))
     else:
         click.echo(f"loss {first_loss:.3f} -> {last['loss']:.3f}; checkpoint {ckpt_dir}")
 
@@ -346,6 +358,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     from p2ptrain.swarm.dht import PUBLIC_MADDRS
     from p2ptrain.swarm.join import JoinOptions, open_node
 
+    home_option = home
     home = resolve_home(home)
     given = RunConfig.load(run_config) if run_config else None
     peers, source = _initial_peers(initial_peers, bootstrap_file, new_swarm)
@@ -357,10 +370,21 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
         from p2ptrain.errors import SwarmError
         raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR, or start a new "
                          "swarm with --new-swarm")
-    emit = (lambda obj: click.echo(json.dumps(obj), nl=True)) if as_json else None
+    emit = (lambda obj: click.echo(json.dumps(json_safe(obj), allow_nan=False), nl=True)) if as_json else None
     if not as_json:
         click.echo(f"joining {'a new swarm' if new_swarm else f'{len(peers)} initial peers from {source}'} ...")
-    opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data))
+    # --- daemon services (p2ptrain.daemon): one node per home, its child processes die with it,
+    # and the control socket answers `p2ptrain status` / `daemon stop` for this foreground node
+    from p2ptrain.daemon.service import ForegroundServices
+    from p2ptrain.home import places
+    services = ForegroundServices(places(home_option))
+    try:
+        opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data))
+    except BaseException:
+        services.close()
+        raise
+    services.attach(opened)
+    # --- end of daemon services
     node = opened.node
     try:
         _install_stop_handlers(node.stop_requested)
@@ -411,6 +435,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
             click.echo(f"left the swarm at round {node.round}; checkpoints in {node.session.store.root}")
     finally:
         opened.close()
+        services.close()  # daemon services: release the home, close the control socket
 
 
 @main.command()
@@ -524,4 +549,10 @@ def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json) 
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m p2ptrain.cli`: run the module proper, which has every command registered
+    from p2ptrain.cli import main as _main
+    _main()
+else:
+    # daemon, prefs, service and status (p2ptrain/cli_daemon.py)
+    from p2ptrain.cli_daemon import register as _register_daemon_commands
+    _register_daemon_commands(main)
