@@ -173,6 +173,14 @@ class InstanceLock:
 
 # --------------------------------------------------------- logs, priority
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose files (the first and every one after a rotation) are mode 0600."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding,
+                    opener=lambda path, flags: os.open(path, flags, 0o600))
+
+
 def setup_daemon_logging(places: Places, to_stderr: bool) -> Path:
     """Log to <logs>/daemon.log, rotated at LOG_MAX_BYTES (LOG_BACKUPS old files kept); also to
     stderr in the foreground (systemd's journal). hivemind's records go to the same file
@@ -181,7 +189,7 @@ def setup_daemon_logging(places: Places, to_stderr: bool) -> Path:
     root = logging.getLogger()
     for h in list(root.handlers):  # the CLI's stderr handler: replaced by ours
         root.removeHandler(h)
-    file_handler = logging.handlers.RotatingFileHandler(places.log_file, maxBytes=LOG_MAX_BYTES,
+    file_handler = PrivateRotatingFileHandler(places.log_file, maxBytes=LOG_MAX_BYTES,
                                                         backupCount=LOG_BACKUPS, encoding="utf-8")
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     file_handler.setFormatter(formatter)
@@ -195,7 +203,7 @@ def setup_daemon_logging(places: Places, to_stderr: bool) -> Path:
     logging.getLogger("p2ptrain").setLevel(level)
     for noisy in ("hivemind", "bitsandbytes", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
-    os.chmod(places.log_file, 0o600)
+    os.chmod(places.log_file, 0o600)  # a file left by an older version
     return places.log_file
 
 
