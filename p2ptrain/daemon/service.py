@@ -335,6 +335,8 @@ class NodeControl:
         return {
             "kind": self.kind, "state": state, "suspended": reasons, "pid": os.getpid(), "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1), "node": node_status,
+            # the inner optimizer's step counter: moves with every inner step (tokens only per round)
+            "inner_steps": node.session.inner.step_count if node is not None else None,
             "restored_round": getattr(self.opened, "restored_round", None),
             "caught_up": dict(getattr(self.opened, "caught_up", {}) or {}),
             "checkpoint": checkpoint, "contributed": contribution(self.places.data),
@@ -700,8 +702,13 @@ def stop_node(places: Places, timeout: float = STOP_TIMEOUT_S) -> tuple[int, flo
         logger.info("control socket unavailable (%s); sending SIGTERM", e)
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-    _gone, alive = psutil.wait_procs(family, timeout=timeout)
-    alive = [p for p in alive if _alive(p)]
+    deadline = time.monotonic() + timeout
+    alive = family
+    while time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]  # (a zombie is gone: its parent has not reaped it yet)
+        if not alive:
+            break
+        time.sleep(0.1)
     if alive:
         raise UserError(f"the node did not stop within {timeout:.0f} s (still running: "
                         f"{', '.join(f'{p.pid}' for p in alive)}); `kill {info.pid}` again exits at once")

@@ -14,6 +14,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -255,6 +256,7 @@ class FakeNode:
         from p2ptrain.swarm.suspension import Suspension
         self.suspension = Suspension()
         self.stop_requested = threading.Event()
+        self.session = SimpleNamespace(inner=SimpleNamespace(step_count=7))
 
     def status(self) -> dict:
         return {"round": 0}
@@ -299,6 +301,6 @@ def test_the_policy_tick_applies_prefs_mode_and_readings_and_keeps_good_prefs_on
 
         # stop: the node is asked to stop at its next safe point
         assert daemon.handle({"cmd": "stop"})["ok"] and node.stop_requested.is_set()
-        assert daemon.status()["state"] == "stopping"
+        assert daemon.status()["state"] == "stopping" and daemon.status()["inner_steps"] == 7
     finally:
         daemon.close()
