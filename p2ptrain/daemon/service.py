@@ -402,7 +402,8 @@ class Daemon(NodeControl):
         self._monitor_factory = monitor_factory
         self._policy: threading.Thread | None = None
         self._policy_stop = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the run mode
+        self._evaluate_lock = threading.Lock()
         self.reload_prefs(initial=True)
 
     # ------------------------------------------------------- preferences
@@ -456,7 +457,12 @@ class Daemon(NodeControl):
                 logger.exception("the policy check failed; trying again in %.0f s", POLICY_TICK_S)
 
     def evaluate(self) -> set[str]:
-        """One policy tick: preferences, readings and mode → the node's suspend reasons."""
+        """One policy tick: preferences, readings and mode → the node's suspend reasons. From
+        the policy thread and from control requests: one at a time (the meters keep state)."""
+        with self._evaluate_lock:
+            return self._evaluate()
+
+    def _evaluate(self) -> set[str]:
         if self._prefs_changed_on_disk():
             self.reload_prefs()
         readings = self.monitor.read() if self.monitor is not None else None

@@ -30,9 +30,10 @@ pytestmark = [pytest.mark.swarm, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 PR_SET_CHILD_SUBREAPER = 36
-# a shared 2-core machine: other programs' CPU must not suspend the test daemons, nor free disk
+# a shared 2-core machine: other programs' CPU must not suspend the test daemons, nor free disk,
+# and at nice 19 a daemon would barely run next to other engineers' tests (nice is tested in unit/)
 QUIET_PREFS = {"suspend_cpu_usage": 0, "disk_min_free_gb": 0, "ram_max_used_busy_frac": 1,
-               "ram_max_used_idle_frac": 1}
+               "ram_max_used_idle_frac": 1, "low_priority": False}
 
 
 # ------------------------------------------------------------------ helpers
@@ -285,6 +286,7 @@ def test_stale_pid_second_start_sigkill_and_resume(tmp_path, run_files, daemons)
     trained = wait_for("two checkpointed rounds", lambda: (
         lambda s: s if s["node"] and s["node"]["rounds_done"] >= 2 and s["checkpoint"] else None)(status(home)),
         timeout=300)
+    steps_at_checkpoint = json.loads((Path(trained["checkpoint"]["dir"]) / "manifest.json").read_text())["meta"]["step"]
     procs = family(pid)
     names = sorted(p.name() for p in procs)
     assert "p2pd" in names
@@ -301,8 +303,10 @@ def test_stale_pid_second_start_sigkill_and_resume(tmp_path, run_files, daemons)
     # --- the next start resumes from that checkpoint
     pid2 = daemons.start(home, *args)
     resumed = wait_for("the restarted node", lambda: (lambda s: s if s["node"] else None)(status(home)), timeout=180)
+    # the model, optimizer and data order come back: the inner step count goes on from the checkpoint's
+    # (a lone node restarted with --new-swarm starts a new swarm, whose round numbers start again)
     assert resumed["restored_round"] == last_round
-    assert resumed["node"]["round"] >= last_round
+    assert resumed["inner_steps"] >= steps_at_checkpoint > 0
     done = cli("daemon", "stop", "--home", home)
     assert done.returncode == 0, done.stderr
     assert reap(pid2) == 0

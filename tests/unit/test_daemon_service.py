@@ -304,3 +304,23 @@ def test_the_policy_tick_applies_prefs_mode_and_readings_and_keeps_good_prefs_on
         assert daemon.status()["state"] == "stopping" and daemon.status()["inner_steps"] == 7
     finally:
         daemon.close()
+
+
+# ------------------------------------------------------------- priority
+
+def test_low_priority_is_nice_19_and_idle_io_inherited_by_children():
+    script = textwrap.dedent("""
+        import subprocess, psutil
+        from p2ptrain.daemon.service import lower_priority
+        print(",".join(lower_priority()))
+        child = subprocess.Popen(["sleep", "5"])
+        p = psutil.Process(child.pid)
+        print(p.nice(), int(p.ionice().ioclass))
+        child.kill()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr
+    applied, child = done.stdout.splitlines()
+    assert applied == "nice 19,idle IO"
+    assert child == f"19 {int(psutil.IOPRIO_CLASS_IDLE)}"
