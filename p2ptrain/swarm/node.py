@@ -230,6 +230,7 @@ class SwarmNode:
         if self._background is not None and not self.stop_requested.is_set():
             # overlap: land the last round's average so the model and checkpoint include it
             self.history[-1].modules = self._land_background()
+            self.history[-1].round = self.session.round
             for module_id in self.session.module_ids:
                 self.session.adopt_global(module_id)
             self._anchors.reset()
