@@ -143,6 +143,7 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
             options.run_config is not None or run_id == default.run.id))
         state = published.state
         save_run_state(home, state)
+        records.creator = published.creator  # from now on, no other key's run record counts
         save_creator_pin(home, run_id, published.creator)
         grid = state.grid
         if options.path is not None:

@@ -62,6 +62,7 @@ class ModuleRound:
     split: bool = False  # holders disagree and no majority decides (nobody moved)
     failed: str | None = None  # the round's averaging itself failed (an error on the averaging thread)
     voters: int = 0  # holders whose fingerprints for this round were compared
+    expected: set[str] = field(default_factory=set, repr=False)  # live holders when the round began
 
     @property
     def outcome(self) -> str:
@@ -117,6 +118,7 @@ class SwarmNode:
         self.sync: dict[str, ModuleSync] = {}
         self.rejections = Rejections()
         self.silent: Counter = Counter()  # peers that did not post their fingerprints in time, last round
+        self.absent: dict[str, set[str]] = {}  # module → holders that did not join its group last round
         self.last_loss: float | None = None
         self.last_tps = 0.0
         self.step_seconds = 0.0
@@ -354,7 +356,11 @@ class SwarmNode:
             if not holders:
                 results[module_id].alone = True  # nobody else trains it now: don't wait for a group
                 continue
-            slot.averager.set_target_group_size(min(len(holders) + 1, avg_cfg.target_group_size))
+            # assemble as soon as every holder that showed up last round is in: one that did
+            # not (dead, slow, or a stranger that never joins) costs the window once, not every round
+            expected = {p.peer_id for p in holders} - self.absent.get(module_id, set())
+            slot.averager.set_target_group_size(max(2, min(len(expected) + 1, avg_cfg.target_group_size)))
+            results[module_id].expected = {p.peer_id for p in holders}
             controls[module_id] = slot.averager.step(
                 gather=RoundClaim(round=round_, tokens=weight).dict(), weight=float(weight),
                 timeout=self._matchmaking_timeout(), allow_retries=True, wait=False)
@@ -367,8 +373,10 @@ class SwarmNode:
                     outcome = controls[module_id].result(timeout=self._matchmaking_timeout()
                                                          + avg_cfg.averaging_timeout + 30)
                     mean = self._accept_average(module_id, round_, outcome, result, own[module_id])
+                    self.absent[module_id] = result.expected - set(result.group)
                 except Exception as e:  # no group found in time, or the all-reduce failed
                     result.alone = True
+                    self.absent[module_id] = set()
                     logger.info("module %s averaged alone this round: %s", module_id, e)
             slot.apply_outer_step(mean, self._sharing_scale(module_id), self.cfg.outer.lr, round_)
             if adopt:
