@@ -125,6 +125,8 @@ class Ledger:
                 if source_tokens <= 0:
                     continue
                 src = data["sources"].setdefault(name, _empty_source())
+                if not src["open"]:  # removed during this round: the round still used it, and was its last
+                    src["removed_at_round"] = max(src["removed_at_round"] or 0, int(round))
                 src["tokens"] += int(source_tokens)
                 src["rounds"] += 1
                 _span(src, round)
