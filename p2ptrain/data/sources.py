@@ -17,8 +17,9 @@ Documents never leave the machine: they are read, redacted (p2ptrain.data.redact
 tokenized here; only the model's pseudo-gradients are averaged with peers.
 
 `DocumentFeed` is what training uses: it yields the documents of the registered sources
-(or of ``--data`` directories, or the built-in corpus when neither is there) and, called
-at each round boundary, records the round in the ledger and swaps in what changed.
+(or of ``--data`` directories, or the built-in corpus when neither is there); the round
+driver calls `begin_round` before each round's inner steps (swap in what changed) and
+`end_round` after it (record the round in the ledger).
 """
 
 from __future__ import annotations
@@ -614,9 +615,9 @@ class DocumentFeed:
     """The documents a node trains on, and their bookkeeping at round boundaries.
 
     Registered sources when the home has any (and no --data was given), else the --data
-    directories, else the built-in corpus. Call it for the documents; call `end_round`
-    after each finished round (it records the round in the ledger, then picks up added,
-    changed and removed files and sources for the next round).
+    directories, else the built-in corpus. Call it for the documents; call `begin_round`
+    before each round's inner steps (added, changed and removed files and sources take
+    effect there) and `end_round` after each finished round (the ledger).
     """
 
     def __init__(self, home: Path, max_doc_chars: int, data_dirs: Sequence[str | Path] = (), tokenizer=None):
@@ -704,23 +705,23 @@ class DocumentFeed:
                             f"({change.skipped} files skipped; see p2ptrain data list / data check)")
         return change
 
-    def end_round(self, session, round: int, seconds: float, averaged_modules: Sequence[str] | None = None,
-                  refresh: bool = True) -> FeedChange:
-        """At a round boundary: record what the round's inner steps consumed in the ledger,
-        then pick up new, changed and removed data for the next round."""
+    def begin_round(self, session) -> FeedChange:
+        """Before a round's inner steps: pick up added, changed and removed files and sources
+        (re-reading only what changed) and hand the new documents to the session."""
+        change = self.refresh()
+        if change.changed:
+            shard = session.set_documents(self._documents)
+            logger.info("data for round %d: %s (%d documents routed to this path)", session.round + 1,
+                        change.describe(), shard)
+        return change
+
+    def end_round(self, session, round: int, seconds: float, averaged_modules: Sequence[str] | None = None) -> None:
+        """After a finished round: record what its inner steps consumed in the ledger."""
         from p2ptrain.model.grid import path_name
         usage = session.take_data_usage()
         self.ledger.record_round(session.cfg.run.id, path_name(session.path), round, list(session.module_ids),
                                  usage.tokens, seconds, usage.tokens_by_source, usage.docs_by_source,
                                  list(averaged_modules or ()), usage.files_by_source, usage.documents_by_source)
-        if not refresh:
-            return FeedChange()
-        change = self.refresh()
-        if change.changed:
-            shard = session.set_documents(self._documents)
-            logger.info("data for round %d: %s (%d documents routed to this path)", round + 1,
-                        change.describe(), shard)
-        return change
 
     @staticmethod
     def discard_round(session) -> None:
