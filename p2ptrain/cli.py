@@ -188,6 +188,7 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
     from p2ptrain.train.inner import resolve_device
     from p2ptrain.train.session import PathSession
     from p2ptrain.model.grid import path_name
+    import time
     home, config = _context(home, run_config)
     load_docs = _docs_loader(config, data, home)
     docs = load_docs()
@@ -221,11 +222,14 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
                 seen = report.step
                 last["loss"], last["tps"] = report.loss, report.tokens_per_s
 
+            load_docs.begin_round(session)  # data sources: pick up added, changed, removed files
+            t_round = time.perf_counter()
             session.inner_steps(n, on_step=on_step, log_every=max(1, min(10, n // 5)))
             done += n
             session.make_local_global()
             session.round += 1
             ckpt_dir = session.save_checkpoint()
+            load_docs.end_round(session, session.round, time.perf_counter() - t_round)  # the ledger
     result = {"path": path_name(path), "steps": done, "first_loss": first_loss, "final_loss": last["loss"],
               "tokens_per_s": last["tps"], "round": session.round, "checkpoint": str(ckpt_dir)}
     if as_json:
