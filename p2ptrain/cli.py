@@ -337,7 +337,10 @@ def _install_stop_handlers(stop_event) -> None:
 @data_option
 @swarm_options
 @click.option("--new-swarm", is_flag=True, help="Start a new DHT (no initial peers) and print its address.")
-@click.option("--run-id", default=None, help="Run to join when no --run-config is given. [default: the default run]")
+@click.option("--run-id", default=None, metavar="NAME[@CREATOR]",
+              help="Run to join when no --run-config is given; @CREATOR pins the run to its creator's peer id "
+                   "(printed by the creator), so nobody else's run record is ever used. [default: the default "
+                   "run, pinned on first join]")
 @click.option("--path", "path_text", default=None, help="Path to train, e.g. 1,0. [default: the least-covered path]")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--identity", default=None, type=click.Path(dir_okay=False),
@@ -381,7 +384,9 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     node = opened.node
     try:
         _install_stop_handlers(node.stop_requested)
-        info = {"event": "joined", "peer_id": node.peer_id, "run_id": opened.run_state.config.run.id,
+        run_name = opened.run_state.config.run.id
+        info = {"event": "joined", "peer_id": node.peer_id, "run_id": run_name,
+                "run_pin": f"{run_name}@{opened.creator}", "creator": opened.creator,
                 "created_run": opened.created_run, "path": path_name(node.session.path),
                 "modules": node.session.module_ids, "maddrs": opened.maddrs, "round": node.round,
                 "restored_round": opened.restored_round, "caught_up": opened.caught_up,
@@ -398,6 +403,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
             click.echo("visible multiaddrs (others pass one to --initial-peers):")
             for addr in opened.maddrs:
                 click.echo(f"  {addr}")
+            click.echo(f"run pin (others pass it to --run-id): {info['run_pin']}")
 
         def on_round(report):
             modules = {m: (len(r.group) if r.group else 1) for m, r in report.modules.items()}
@@ -495,22 +501,27 @@ def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json) 
     from p2ptrain.model.grid import Grid, path_name
     from p2ptrain.swarm.dht import LOOPBACK_MADDRS, start_dht
     from p2ptrain.swarm.membership import module_coverage
-    from p2ptrain.swarm.records import SwarmRecords, make_validators
+    from p2ptrain.swarm.records import SwarmRecords, make_validators, split_run_id
     from p2ptrain.swarm.signals import children_ignore_sigint
 
     addrs, source = _initial_peers(initial_peers, bootstrap_file, False)
     if not addrs:
         raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR")
     run_id = run_id or RunConfig.load().run.id
-    signer, validators = make_validators(run_id)
+    signer, validators = make_validators(split_run_id(run_id)[0])
     with children_ignore_sigint():
         # a short-lived observer: client mode, so nobody tries to route DHT traffic through it
         dht = start_dht(addrs, host_maddrs=list(host_maddrs) or LOOPBACK_MADDRS, client_mode=True,
                         record_validators=validators)
     try:
-        records = SwarmRecords(dht, run_id, signer)
+        name, creator = split_run_id(run_id)
+        records = SwarmRecords(dht, name, signer, creator=creator)
         deadline = _time.monotonic() + timeout
-        published = records.fetch_run()
+        run_problem = None
+        try:
+            published = records.fetch_run()
+        except SwarmError as e:  # version skew, several creators: still list the peers
+            published, run_problem = None, str(e)
         found = records.fetch_peers()
         while not found and _time.monotonic() < deadline:
             _time.sleep(0.5)
@@ -525,10 +536,13 @@ def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json) 
              "hardware": p.hardware, "version": p.version, "paused": p.paused, "age_s": round(now - p.time, 1)}
             for p in sorted(found, key=lambda p: (p.path, p.peer_id))]
     if as_json:
-        click.echo(json.dumps({"run_id": run_id, "run_found": published is not None, "peers": rows,
+        click.echo(json.dumps({"run_id": run_id, "run_found": published is not None, "run_problem": run_problem,
+                               "creator": published.creator if published else None, "peers": rows,
                                "coverage": dict(coverage)}, indent=2))
         return
-    if published is None:
+    if run_problem:
+        click.echo(f"run {run_id}: {run_problem}")
+    elif published is None:
         click.echo(f"run {run_id}: no run record found on the DHT")
     click.echo(f"{len(rows)} live peers of run {run_id}")
     click.echo(f"{'peer':<14}{'path':<7}{'round':>6}{'loss':>8}{'tok/s':>10}  {'reach':<8}{'hardware':<18}{'age':>6}")
