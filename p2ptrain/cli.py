@@ -6,7 +6,6 @@ Errors the user can fix are printed as one line and exit with the code of their 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
@@ -62,9 +61,14 @@ def _context(home, run_config):
     return resolve_home(home), RunConfig.load(run_config)
 
 
-def _docs_loader(config, data):
-    from p2ptrain.data.corpus import load_documents
-    return functools.partial(load_documents, list(data) or None, config.data.max_doc_chars)
+def _docs_loader(config, data, home):
+    """The documents to train on: --data dirs, else the home's registered sources, else the
+    built-in corpus. Call it for the documents; its end_round() keeps the ledger and picks up
+    changed sources at round boundaries (p2ptrain.data.sources.DocumentFeed)."""
+    from p2ptrain.data.sources import DocumentFeed
+    from p2ptrain.data.tokenizer import load_tokenizer
+    tokenizer = None if config.data.tokenizer == "bytes" else load_tokenizer(config.data.tokenizer)
+    return DocumentFeed(home, config.data.max_doc_chars, list(data), tokenizer)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,27 +140,36 @@ def route(home, run_config, data, as_json) -> None:
     from p2ptrain.model.router import shard_shares
     from p2ptrain.run_state import load_or_create_run_state
     home, config = _context(home, run_config)
-    load_docs = _docs_loader(config, data)
+    load_docs = _docs_loader(config, data, home)
     docs = load_docs()
     state = load_or_create_run_state(home, config, lambda: docs)
+    from p2ptrain.data.tokenizer import load_tokenizer
     train, heldout = split_heldout(docs, config.data.heldout_percent)
     routes = state.router.route([d.text for d in train])
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokens = [len(tokenizer.encode(d.text)) + 1 for d in train]  # what training consumes, EOS included
     shares = shard_shares(routes, state.grid.num_paths)
+    token_shares = shard_shares(routes, state.grid.num_paths, tokens)
     rows = []
     for i, path in enumerate(state.grid.paths()):
         chars = sum(len(d.text) for d, r in zip(train, routes) if r == i)
         rows.append({"path": path_name(path), "docs": int((routes == i).sum()), "chars": chars,
-                     "share": float(shares[i])})
+                     "tokens": int(sum(t for t, r in zip(tokens, routes) if r == i)),
+                     "share": float(shares[i]), "token_share": float(token_shares[i])})
     summary = {"docs": len(docs), "train_docs": len(train), "heldout_docs": len(heldout),
-               "min_share": float(shares.min()), "max_share": float(shares.max()), "paths": rows}
+               "min_share": float(shares.min()), "max_share": float(shares.max()),
+               "min_token_share": float(token_shares.min()), "max_token_share": float(token_shares.max()),
+               "paths": rows}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"{len(docs)} documents: {len(train)} train, {len(heldout)} held out")
-    click.echo(f"{'path':<8}{'docs':>8}{'chars':>14}{'doc share':>11}")
+    click.echo(f"{'path':<8}{'docs':>8}{'chars':>14}{'tokens':>14}{'doc share':>11}{'token share':>13}")
     for row in rows:
-        click.echo(f"{row['path']:<8}{row['docs']:>8}{row['chars']:>14,}{row['share']:>11.1%}")
-    click.echo(f"balance: min share {shares.min():.1%}, max share {shares.max():.1%} (even: {1 / len(rows):.1%})")
+        click.echo(f"{row['path']:<8}{row['docs']:>8}{row['chars']:>14,}{row['tokens']:>14,}{row['share']:>11.1%}"
+                   f"{row['token_share']:>13.1%}")
+    click.echo(f"balance (tokens, what training consumes): min share {token_shares.min():.1%}, max share "
+               f"{token_shares.max():.1%} (even: {1 / len(rows):.1%}); documents {shares.min():.1%}-{shares.max():.1%}")
 
 
 # -------------------------------------------------------------------- train
@@ -175,8 +188,9 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
     from p2ptrain.train.inner import resolve_device
     from p2ptrain.train.session import PathSession
     from p2ptrain.model.grid import path_name
+    import time
     home, config = _context(home, run_config)
-    load_docs = _docs_loader(config, data)
+    load_docs = _docs_loader(config, data, home)
     docs = load_docs()
     state = load_or_create_run_state(home, config, lambda: docs)
     grid = state.grid
@@ -208,11 +222,14 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
                 seen = report.step
                 last["loss"], last["tps"] = report.loss, report.tokens_per_s
 
+            load_docs.begin_round(session)  # data sources: pick up added, changed, removed files
+            t_round = time.perf_counter()
             session.inner_steps(n, on_step=on_step, log_every=max(1, min(10, n // 5)))
             done += n
             session.make_local_global()
             session.round += 1
             ckpt_dir = session.save_checkpoint()
+            load_docs.end_round(session, session.round, time.perf_counter() - t_round)  # the ledger
     result = {"path": path_name(path), "steps": done, "first_loss": first_loss, "final_loss": last["loss"],
               "tokens_per_s": last["tps"], "round": session.round, "checkpoint": str(ckpt_dir)}
     if as_json:
@@ -238,7 +255,7 @@ def eval_(home, run_config, data, device, max_tokens, extra_homes, as_json) -> N
     from p2ptrain.train.evaluate import evaluate
     from p2ptrain.train.inner import resolve_device
     home, config = _context(home, run_config)
-    docs = _docs_loader(config, data)()
+    docs = _docs_loader(config, data, home)()
     state = load_or_create_run_state(home, config, lambda: docs)
     report = evaluate(state, docs, [home, *map(Path, extra_homes)], resolve_device(device), max_tokens)
     if as_json:
@@ -363,7 +380,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     emit = (lambda obj: click.echo(json.dumps(obj), nl=True)) if as_json else None
     if not as_json:
         click.echo(f"joining {'a new swarm' if new_swarm else f'{len(peers)} initial peers from {source}'} ...")
-    opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data))
+    opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data, home))
     node = opened.node
     try:
         _install_stop_handlers(node.stop_requested)
@@ -535,6 +552,15 @@ def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json) 
                    f"{r['reachability']:<8}{r['hardware'][:17]:<18}{r['age_s']:>5.0f}s")
     if coverage:
         click.echo("coverage: " + "  ".join(f"{m}:{n}" for m, n in coverage.items()))
+
+
+# ------------------------------------------------- data, export, generate (issue 15)
+
+from p2ptrain import cli_data  # noqa: E402  (its commands use the helpers above)
+
+main.add_command(cli_data.data_group)
+main.add_command(cli_data.export)
+main.add_command(cli_data.generate)
 
 
 if __name__ == "__main__":  # pragma: no cover

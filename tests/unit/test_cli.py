@@ -97,7 +97,7 @@ def test_train_then_eval_on_a_tiny_run(cli, tmp_path, tiny_run_toml, topic_data_
     assert rounds == {"0,0": 1, "0,1": None, "1,0": None, "1,1": None}
     assert report["untrained_paths"] == 3
     # 20 % of 40 documents are held out (by content hash), and routed by topic
-    assert sorted(p["docs"] for p in report["paths"]) == [1, 1, 2, 4]
+    assert sorted(p["docs"] for p in report["paths"]) == [0, 2, 2, 4]  # token-balanced router (issue 15)
     trained = next(p for p in report["paths"] if p["path"] == "0,0")
     assert trained["loss"] < trained["init_loss"] - 0.2
     assert report["mixture_loss"] < report["mixture_init_loss"]
