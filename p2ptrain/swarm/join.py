@@ -157,7 +157,9 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
         ckpt = session.restore()
         maddrs = visible_maddrs(dht)
         schedule = RoundSchedule(published.created, state.config.averaging.round_seconds)
-        node = SwarmNode(state, session, dht, records, schedule, client_mode=options.client_mode, maddrs=maddrs)
+        feed = docs_loader if hasattr(docs_loader, "begin_round") else None  # registered data sources
+        node = SwarmNode(state, session, dht, records, schedule, client_mode=options.client_mode, maddrs=maddrs,
+                         feed=feed)
         opened = OpenNode(node, dht, state, created, published.creator, maddrs, ckpt.round if ckpt else None)
         if options.catch_up:
             try:

@@ -102,7 +102,8 @@ class StepDeadline:
 
 class SwarmNode:
     def __init__(self, run_state: RunState, session: PathSession, dht, records: SwarmRecords,
-                 schedule: RoundSchedule, client_mode: bool = False, maddrs: list[str] | None = None):
+                 schedule: RoundSchedule, client_mode: bool = False, maddrs: list[str] | None = None,
+                 feed=None):
         self.run_state = run_state
         self.cfg = run_state.config
         self.session = session
@@ -112,6 +113,7 @@ class SwarmNode:
         self.client_mode = client_mode
         self.maddrs = maddrs or []
         self.peer_id = dht.peer_id.to_base58()
+        self.feed = feed  # data.sources.DocumentFeed: new files each round, the contribution ledger
         self.slots = {m: ModuleSlot(m, session, dht, run_state, client_mode) for m in session.module_ids}
         self.codec_tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
         self.history: list[RoundReport] = []
@@ -244,6 +246,9 @@ class SwarmNode:
     def run_round(self, round_: int, on_step=None) -> Optional[RoundReport]:
         H = self.cfg.inner.steps_per_round
         end = self.schedule.end_of(round_)
+        # --- data: pick up added or changed files of the registered sources (only those are re-read)
+        if self.feed is not None:
+            self.feed.begin_round(self.session)
         # --- inner: steps until the round's end on the swarm's clock, at most H of them
         self.phase = "training"
         t0 = time.perf_counter()
@@ -293,8 +298,19 @@ class SwarmNode:
             self.session.save_checkpoint(background=True)
         report.seconds_outer = time.perf_counter() - t1
         report.seconds_wall = time.perf_counter() - t0
+        self._record_contribution(round_, report)
         self.phase = "training"
         return report
+
+    def _record_contribution(self, round_: int, report: RoundReport) -> None:
+        """The ledger: what each data source contributed to this round (kept across restarts)."""
+        if self.feed is None:
+            return
+        averaged = [m for m, r in report.modules.items() if len(r.group) > 1]
+        try:
+            self.feed.end_round(self.session, round_, report.seconds_wall, averaged_modules=averaged)
+        except OSError as e:  # a full disk must not stop training; the ledger catches up next round
+            logger.error("could not write the contribution ledger: %s", e)
 
     def _steps(self, tokens: int) -> int:
         return tokens // (self.cfg.inner.batch_size * self.cfg.model.context)
@@ -309,6 +325,8 @@ class SwarmNode:
             self.session.save_checkpoint()
         for module_id in self.session.module_ids:
             self.session.adopt_global(module_id)
+        if self.feed is not None:
+            self.feed.discard_round(self.session)  # dropped steps are not credited to any source
 
     def _sit_out_suspension(self, catch_up: bool = True) -> None:
         """Stay a polite DHT member (the heartbeat says why we are suspended; we are not
