@@ -317,6 +317,28 @@ def _identity(home: Path, identity, no_identity: bool) -> str | None:
     return str(Path(identity).expanduser()) if identity else str(identity_path(home))
 
 
+def _abort_on_signals() -> None:
+    """While a node starts (router fitting, DHT, catch-up) there is no round to finish: SIGINT
+    and SIGTERM abort at once, through the same cleanup as Ctrl-C (DHT and p2pd shut down)."""
+    import signal
+
+    def abort(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, abort)
+    signal.signal(signal.SIGTERM, abort)
+
+
+def _read_credential(path) -> str | None:
+    if path is None:
+        return None
+    from p2ptrain.errors import SwarmError
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SwarmError(f"cannot read --credential {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def _install_stop_handlers(stop_event) -> None:
     """First Ctrl-C / SIGTERM: stop between rounds. Second Ctrl-C: abort now."""
     import signal
@@ -352,10 +374,14 @@ def _install_stop_handlers(stop_event) -> None:
 @click.option("--wait-for-peers", default=1, show_default=True, type=click.IntRange(1),
               help="Before the first round, wait (up to 5 minutes) until this many peers, this one included, "
                    "are in the swarm.")
+@click.option("--closed", is_flag=True,
+              help="With --new-swarm: a closed run; only peers you invite (`p2ptrain invite PEER_ID`) take part.")
+@click.option("--credential", default=None, type=click.Path(dir_okay=False),
+              help="Your invite to a closed run (a file printed by `p2ptrain invite` on the creator's machine).")
 @json_option
 def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode,
          new_swarm, run_id, path_text, device, identity, no_identity, max_rounds, max_minutes, wait_for_peers,
-         as_json) -> None:
+         closed, credential, as_json) -> None:
     """Join a swarm (or start one with --new-swarm) and train a path with it.
 
     Prints this node's multiaddrs; others join with --initial-peers ADDR.
@@ -372,7 +398,10 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     options = JoinOptions(initial_peers=peers, new_swarm=new_swarm, host_maddrs=list(host_maddrs) or PUBLIC_MADDRS,
                           announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode,
                           identity_path=_identity(home, identity, no_identity), path=path_text, run_config=given,
-                          run_id=run_id, device=device)
+                          run_id=run_id, device=device, closed=closed, credential=_read_credential(credential))
+    if closed and not new_swarm:
+        from p2ptrain.errors import SwarmError
+        raise SwarmError("--closed goes with --new-swarm: only a run's creator decides who may join it")
     if not peers and not new_swarm:
         from p2ptrain.errors import SwarmError
         raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR, or start a new "
@@ -380,6 +409,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     emit = (lambda obj: click.echo(json.dumps(obj), nl=True)) if as_json else None
     if not as_json:
         click.echo(f"joining {'a new swarm' if new_swarm else f'{len(peers)} initial peers from {source}'} ...")
+    _abort_on_signals()  # until the node is up, Ctrl-C or SIGTERM aborts the start cleanly
     opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data, home))
     node = opened.node
     try:
@@ -561,6 +591,53 @@ from p2ptrain import cli_data  # noqa: E402  (its commands use the helpers above
 main.add_command(cli_data.data_group)
 main.add_command(cli_data.export)
 main.add_command(cli_data.generate)
+
+
+# ------------------------------------------------------------ identity, invites
+
+@main.command(name="id")
+@click.option("--home", default=None, type=click.Path(file_okay=False),
+              help="Node home directory. [default: $P2PTRAIN_HOME or the platform's user data dir]")
+def id_(home) -> None:
+    """Print this node's peer id (creating its identity key if needed): what a closed run's creator invites."""
+    from p2ptrain.home import identity_path, resolve_home
+    from p2ptrain.swarm.identity import Identity, peer_id_of_public_key
+    identity = Identity(identity_path(resolve_home(home)))
+    click.echo(peer_id_of_public_key(identity.private_key.get_public_key().to_bytes()))
+
+
+@main.command()
+@click.argument("peer_id")
+@click.option("--home", default=None, type=click.Path(file_okay=False),
+              help="The run creator's node home (its identity key signs the invite).")
+@click.option("--run-id", default=None, help="The closed run. [default: the default run]")
+@click.option("--expires", default="30d", show_default=True, help="How long the invite is valid: 30d, 12h, 90m.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the invite here instead of stdout.")
+def invite(peer_id, home, run_id, expires, out) -> None:
+    """Invite PEER_ID (its `p2ptrain id`) to a closed run you created; prints the credential."""
+    from p2ptrain.config import RunConfig
+    from p2ptrain.errors import SwarmError
+    from p2ptrain.home import identity_path, resolve_home
+    from p2ptrain.swarm.credentials import issue, parse_duration
+    from p2ptrain.swarm.identity import Identity, peer_id_of_public_key
+    from p2ptrain.swarm.join import load_creator_pin
+    home = resolve_home(home)
+    run_id = run_id or RunConfig.load().run.id
+    lifetime = parse_duration(expires)
+    if not identity_path(home).exists():
+        raise SwarmError(f"{home} has no identity key: run `p2ptrain invite` in the home of the run's creator")
+    identity = Identity(identity_path(home))
+    me = peer_id_of_public_key(identity.private_key.get_public_key().to_bytes())
+    creator = load_creator_pin(home, run_id)
+    if creator != me:
+        raise SwarmError(f"this home ({me}) did not create run '{run_id}'"
+                         + (f" (its creator is {creator})" if creator else "") + ": only the creator can invite")
+    text = issue(identity.private_key, run_id, me, peer_id, lifetime).json()
+    if out:
+        Path(out).write_text(text + "\n")
+        click.echo(f"wrote the invite for {peer_id} to {out}", err=True)
+    else:
+        click.echo(text)
 
 
 if __name__ == "__main__":  # pragma: no cover

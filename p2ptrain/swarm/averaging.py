@@ -205,7 +205,14 @@ def _averager_class():
 
         async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
             """As hivemind's, but returns {"gathered", "rejected", "failed"} instead of the gathered
-            values alone (runs in the averager's process; the result goes back through step())."""
+            values alone (runs in the averager's process; the result goes back through step()).
+            A group that assembled with a peer we do not admit is left before any data moves."""
+            admission = getattr(self, "_admission", None)
+            if admission is not None:
+                strangers = admission.strangers(p.to_base58() for p in group_info.peer_ids)
+                if strangers:
+                    raise MatchmakingException(f"left a group with {len(strangers)} peer(s) this node does "
+                                               "not admit")
             try:
                 bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
                 user_gathered = {}
@@ -241,6 +248,14 @@ def _averager_class():
                     self.last_updated = get_dht_time()
                     self._state_updated.set()
             return runner
+
+        def set_admission(self, admission) -> None:
+            """Who may be in this module's groups (swarm/admission.py); applied in the averager's process."""
+            self._outer_pipe.send(("_set_admission", [admission], {}))
+
+        async def _set_admission(self, admission):
+            self._admission = admission
+            self._matchmaking._p2ptrain_admission = admission
 
         def set_target_group_size(self, size: int) -> None:
             """Assemble the group as soon as this many peers are in it (the module's live holders),

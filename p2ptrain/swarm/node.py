@@ -32,6 +32,7 @@ import torch
 
 from p2ptrain.model.grid import path_name
 from p2ptrain.run_state import RunState
+from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.averaging import sync_tolerance
 from p2ptrain.swarm.consistency import Vouch, choose_lineage, judge
 from p2ptrain.swarm.membership import peers_holding
@@ -114,6 +115,7 @@ class SwarmNode:
         self.maddrs = maddrs or []
         self.peer_id = dht.peer_id.to_base58()
         self.feed = feed  # data.sources.DocumentFeed: new files each round, the contribution ledger
+        self.credential: str | None = None  # closed runs: the creator's invite, shown in our record
         self.slots = {m: ModuleSlot(m, session, dht, run_state, client_mode) for m in session.module_ids}
         self.codec_tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
         self.history: list[RoundReport] = []
@@ -354,6 +356,7 @@ class SwarmNode:
         peers = self.fetch_peers()
         avg_cfg = self.cfg.averaging
         weight = int(max(tokens, 1))
+        admission = self.admission(peers)
         controls, own, results = {}, {}, {}
         for module_id, slot in self.slots.items():
             with slot.buffers() as buffers:
@@ -379,6 +382,7 @@ class SwarmNode:
             expected = {p.peer_id for p in holders} - self.absent.get(module_id, set())
             slot.averager.set_target_group_size(max(2, min(len(expected) + 1, avg_cfg.target_group_size)))
             results[module_id].expected = {p.peer_id for p in holders}
+            slot.averager.set_admission(admission)
             controls[module_id] = slot.averager.step(
                 gather=RoundClaim(round=round_, tokens=weight).dict(), weight=float(weight),
                 timeout=self._matchmaking_timeout(), allow_retries=True, wait=False)
@@ -438,6 +442,13 @@ class SwarmNode:
             logger.warning("module %s: %s; using our own pseudo-gradient this round", module_id, result.rejected)
             return own
         return [v.view_as(p) for v, p in zip(averaged.split(slot.numels), slot.outer.global_params)]
+
+    def admission(self, peers: list[PeerRecord]) -> Admission:
+        """Who may average with us this round: in a closed run the credentialed peers (their
+        records were checked when read), in an open one anybody."""
+        if self.records.closed_run is None:
+            return Admission()
+        return Admission(allowed=frozenset({self.peer_id, *(p.peer_id for p in peers)}))
 
     def _matchmaking_timeout(self) -> float:
         """How long a module looks for its holders: up to 3 windows, so a slow peer delays
@@ -571,7 +582,8 @@ class SwarmNode:
         record = new_peer_record(peer_id=self.peer_id, path=list(self.session.path), round=self.round, loss=loss,
                                  tokens_per_s=float(self.last_tps), tokens=int(self.session.tokens_seen),
                                  reachability="client" if self.client_mode else "public", maddrs=self.maddrs,
-                                 sync=dict(self.sync), paused=self.suspension.describe())
+                                 sync=dict(self.sync), paused=self.suspension.describe(),
+                                 credential=self.credential)
         try:
             self.records.publish_peer(record)
         except Exception as e:

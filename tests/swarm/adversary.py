@@ -113,7 +113,8 @@ class Adversary:
 
     def publish(self, round_: int = 0, sync: Optional[dict[str, ModuleSync]] = None, peer_id: str | None = None):
         return self.records.publish_peer(new_peer_record(peer_id=peer_id or self.peer_id, path=self.path,
-                                                         round=round_, sync=sync or {}))
+                                                         round=round_, sync=sync or {},
+                                                         credential=self.lie.get("credential")))
 
     def start_rounds(self) -> None:
         """Step the averager at the end of every round of the schedule, with the lie's gather."""
