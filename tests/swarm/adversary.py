@@ -9,7 +9,8 @@ for it), steps its averager at the end of every round of the run's schedule, and
   * send 1-element parts instead of its slices;
   * claim any fingerprint and round in its record;
   * serve an oversized or random module state;
-  * publish a run record of its own.
+  * publish a run record of its own;
+  * lie in its records only, never joining an all-reduce (lie "average": False).
 As a reducer of its own slice it behaves (its own part counts with a tiny weight), so the
 tests measure what the honest reducers' checks do.
 """
@@ -124,6 +125,8 @@ class Adversary:
                 self.publish(round_=max(round_ - 1, 0), sync=self.lie.get("sync"))
                 if not self.schedule.sleep_until(self.schedule.end_of(round_), self.stop):
                     return
+                if not self.lie.get("average", True):
+                    continue  # a liar in its records only
                 try:
                     self.averager.step(gather=self.lie.get("gather", {"round": round_, "tokens": 100}),
                                        weight=1.0, timeout=12.0, allow_retries=False)
