@@ -16,6 +16,7 @@ import click
 from p2ptrain.cli_options import data_option, home_and_config, json_option, run_options
 from p2ptrain.errors import UserError
 
+
 def _run_state(home, config):
     from p2ptrain.run_state import load_local_run_state
     return load_local_run_state(home, config)
