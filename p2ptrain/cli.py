@@ -6,7 +6,6 @@ Errors the user can fix are printed as one line and exit with the code of their 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
@@ -15,6 +14,10 @@ from pathlib import Path
 import click
 
 from p2ptrain import __version__
+from p2ptrain.cli_options import data_option, home_and_config, initial_peer_options, json_option, json_safe  # noqa: F401
+from p2ptrain.cli_options import docs_loader as _docs_loader, identity_file as _identity  # noqa: F401
+from p2ptrain.cli_options import listen_options, run_options, swarm_options  # noqa: F401
+from p2ptrain.cli_options import resolve_initial_peers as _initial_peers  # noqa: F401
 from p2ptrain.errors import UserError
 
 
@@ -34,49 +37,6 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-
-
-def run_options(f):
-    """--home and --run-config, shared by every command that uses a run."""
-    f = click.option("--run-config", "run_config", default=None, metavar="FILE|PRESET",
-                     help="Run config TOML, or a packaged preset: default, gpu. [default: default]")(f)
-    f = click.option("--home", default=None, type=click.Path(file_okay=False),
-                     help="Node home directory (run state, checkpoints, identity). "
-                          "[default: $P2PTRAIN_HOME or the platform's user data dir]")(f)
-    return f
-
-
-def data_option(f):
-    return click.option("--data", "data", multiple=True, type=click.Path(),
-                        help="Directory or file of .txt/.md/.py/.rst/.jsonl documents (repeatable). "
-                             "[default: the built-in corpus, this machine's Python standard library]")(f)
-
-
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(f)
-
-
-def json_safe(obj):
-    """`obj` with every NaN or infinity replaced by null: JSON has no NaN, and a diverged
-    loss must not make `--json` output unparseable."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def _context(home, run_config):
-    from p2ptrain.config import RunConfig
-    from p2ptrain.home import resolve_home
-    return resolve_home(home), RunConfig.load(run_config)
-
-
-def _docs_loader(config, data):
-    from p2ptrain.data.corpus import load_documents
-    return functools.partial(load_documents, list(data) or None, config.data.max_doc_chars)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,7 +59,7 @@ def main() -> None:
 def info(home, run_config, as_json) -> None:
     """The run: grid, parameters per module and path, memory per path."""
     from p2ptrain.info import run_info, GIB
-    _, config = _context(home, run_config)
+    _, config = home_and_config(home, run_config)
     report = run_info(config)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -147,28 +107,37 @@ def route(home, run_config, data, as_json) -> None:
     from p2ptrain.model.grid import path_name
     from p2ptrain.model.router import shard_shares
     from p2ptrain.run_state import load_or_create_run_state
-    home, config = _context(home, run_config)
-    load_docs = _docs_loader(config, data)
+    home, config = home_and_config(home, run_config)
+    load_docs = _docs_loader(config, data, home)
     docs = load_docs()
     state = load_or_create_run_state(home, config, lambda: docs)
+    from p2ptrain.data.tokenizer import load_tokenizer
     train, heldout = split_heldout(docs, config.data.heldout_percent)
     routes = state.router.route([d.text for d in train])
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokens = [len(tokenizer.encode(d.text)) + 1 for d in train]  # what training consumes, EOS included
     shares = shard_shares(routes, state.grid.num_paths)
+    token_shares = shard_shares(routes, state.grid.num_paths, tokens)
     rows = []
     for i, path in enumerate(state.grid.paths()):
         chars = sum(len(d.text) for d, r in zip(train, routes) if r == i)
         rows.append({"path": path_name(path), "docs": int((routes == i).sum()), "chars": chars,
-                     "share": float(shares[i])})
+                     "tokens": int(sum(t for t, r in zip(tokens, routes) if r == i)),
+                     "share": float(shares[i]), "token_share": float(token_shares[i])})
     summary = {"docs": len(docs), "train_docs": len(train), "heldout_docs": len(heldout),
-               "min_share": float(shares.min()), "max_share": float(shares.max()), "paths": rows}
+               "min_share": float(shares.min()), "max_share": float(shares.max()),
+               "min_token_share": float(token_shares.min()), "max_token_share": float(token_shares.max()),
+               "paths": rows}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"{len(docs)} documents: {len(train)} train, {len(heldout)} held out")
-    click.echo(f"{'path':<8}{'docs':>8}{'chars':>14}{'doc share':>11}")
+    click.echo(f"{'path':<8}{'docs':>8}{'chars':>14}{'tokens':>14}{'doc share':>11}{'token share':>13}")
     for row in rows:
-        click.echo(f"{row['path']:<8}{row['docs']:>8}{row['chars']:>14,}{row['share']:>11.1%}")
-    click.echo(f"balance: min share {shares.min():.1%}, max share {shares.max():.1%} (even: {1 / len(rows):.1%})")
+        click.echo(f"{row['path']:<8}{row['docs']:>8}{row['chars']:>14,}{row['tokens']:>14,}{row['share']:>11.1%}"
+                   f"{row['token_share']:>13.1%}")
+    click.echo(f"balance (tokens, what training consumes): min share {token_shares.min():.1%}, max share "
+               f"{token_shares.max():.1%} (even: {1 / len(rows):.1%}); documents {shares.min():.1%}-{shares.max():.1%}")
 
 
 # -------------------------------------------------------------------- train
@@ -187,8 +156,9 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
     from p2ptrain.train.inner import resolve_device
     from p2ptrain.train.session import PathSession
     from p2ptrain.model.grid import path_name
-    home, config = _context(home, run_config)
-    load_docs = _docs_loader(config, data)
+    import time
+    home, config = home_and_config(home, run_config)
+    load_docs = _docs_loader(config, data, home)
     docs = load_docs()
     state = load_or_create_run_state(home, config, lambda: docs)
     grid = state.grid
@@ -220,15 +190,18 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
                 seen = report.step
                 last["loss"], last["tps"] = report.loss, report.tokens_per_s
 
+            load_docs.begin_round(session)  # data sources: pick up added, changed, removed files
+            t_round = time.perf_counter()
             session.inner_steps(n, on_step=on_step, log_every=max(1, min(10, n // 5)))
             done += n
             session.make_local_global()
             session.round += 1
             ckpt_dir = session.save_checkpoint()
+            load_docs.end_round(session, session.round, time.perf_counter() - t_round)  # the ledger
     result = {"path": path_name(path), "steps": done, "first_loss": first_loss, "final_loss": last["loss"],
               "tokens_per_s": last["tps"], "round": session.round, "checkpoint": str(ckpt_dir)}
     if as_json:
-        click.echo(json.dumps(json_safe(result), indent=2, allow_nan=False))
+        click.echo(json.dumps(json_safe(result), indent=2, allow_nan=False))  # a diverged loss is null, not NaN
     else:
         click.echo(f"loss {first_loss:.3f} -> {last['loss']:.3f}; checkpoint {ckpt_dir}")
 
@@ -249,8 +222,8 @@ def eval_(home, run_config, data, device, max_tokens, extra_homes, as_json) -> N
     from p2ptrain.run_state import load_or_create_run_state
     from p2ptrain.train.evaluate import evaluate
     from p2ptrain.train.inner import resolve_device
-    home, config = _context(home, run_config)
-    docs = _docs_loader(config, data)()
+    home, config = home_and_config(home, run_config)
+    docs = _docs_loader(config, data, home)()
     state = load_or_create_run_state(home, config, lambda: docs)
     report = evaluate(state, docs, [home, *map(Path, extra_homes)], resolve_device(device), max_tokens)
     if as_json:
@@ -272,44 +245,26 @@ def format_eval(report) -> str:
 
 # ------------------------------------------------------------------- swarm
 
-def initial_peer_options(f):
-    f = click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
-                     help="A peer's full multiaddr (…/p2p/12D3KooW…); repeatable. "
-                          "[default: the peers in bootstrap_peers.txt]")(f)
-    f = click.option("--bootstrap-file", type=click.Path(dir_okay=False), default=None,
-                     help="Read initial peers from this file instead of ./bootstrap_peers.txt.")(f)
-    return f
+def _abort_on_signals() -> None:
+    """While a node starts (router fitting, DHT, catch-up) there is no round to finish: SIGINT
+    and SIGTERM abort at once, through the same cleanup as Ctrl-C (DHT and p2pd shut down)."""
+    import signal
+
+    def abort(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, abort)
+    signal.signal(signal.SIGTERM, abort)
 
 
-def listen_options(f):
-    f = click.option("--host-maddrs", multiple=True, metavar="MULTIADDR",
-                     help="Where to listen. [default: /ip4/0.0.0.0/tcp/0, every interface]")(f)
-    f = click.option("--announce-maddrs", multiple=True, metavar="MULTIADDR",
-                     help="Public addresses to announce (with an explicit port), e.g. behind port forwarding.")(f)
-    f = click.option("--client-mode", is_flag=True,
-                     help="Behind NAT: don't accept incoming connections; reach peers through relays.")(f)
-    return f
-
-
-def swarm_options(f):
-    """How to reach the swarm and where to listen (join)."""
-    return initial_peer_options(listen_options(f))
-
-
-def _initial_peers(initial_peers, bootstrap_file, new_swarm: bool) -> tuple[list[str], str]:
-    from p2ptrain.swarm.dht import bootstrap_peers
-    if new_swarm:
-        return [], "none (new swarm)"
-    if initial_peers:
-        return list(initial_peers), "--initial-peers"
-    return bootstrap_peers(bootstrap_file)
-
-
-def _identity(home: Path, identity, no_identity: bool) -> str | None:
-    from p2ptrain.home import identity_path
-    if no_identity:
+def _read_credential(path) -> str | None:
+    if path is None:
         return None
-    return str(Path(identity).expanduser()) if identity else str(identity_path(home))
+    from p2ptrain.errors import SwarmError
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SwarmError(f"cannot read --credential {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _install_stop_handlers(stop_event) -> None:
@@ -332,7 +287,10 @@ def _install_stop_handlers(stop_event) -> None:
 @data_option
 @swarm_options
 @click.option("--new-swarm", is_flag=True, help="Start a new DHT (no initial peers) and print its address.")
-@click.option("--run-id", default=None, help="Run to join when no --run-config is given. [default: the default run]")
+@click.option("--run-id", default=None, metavar="NAME[@CREATOR]",
+              help="Run to join when no --run-config is given; @CREATOR pins the run to its creator's peer id "
+                   "(printed by the creator), so nobody else's run record is ever used. [default: the default "
+                   "run, pinned on first join]")
 @click.option("--path", "path_text", default=None, help="Path to train, e.g. 1,0. [default: the least-covered path]")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--identity", default=None, type=click.Path(dir_okay=False),
@@ -344,10 +302,14 @@ def _install_stop_handlers(stop_event) -> None:
 @click.option("--wait-for-peers", default=1, show_default=True, type=click.IntRange(1),
               help="Before the first round, wait (up to 5 minutes) until this many peers, this one included, "
                    "are in the swarm.")
+@click.option("--closed", is_flag=True,
+              help="With --new-swarm: a closed run; only peers you invite (`p2ptrain invite PEER_ID`) take part.")
+@click.option("--credential", default=None, type=click.Path(dir_okay=False),
+              help="Your invite to a closed run (a file printed by `p2ptrain invite` on the creator's machine).")
 @json_option
 def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode,
          new_swarm, run_id, path_text, device, identity, no_identity, max_rounds, max_minutes, wait_for_peers,
-         as_json) -> None:
+         closed, credential, as_json) -> None:
     """Join a swarm (or start one with --new-swarm) and train a path with it.
 
     Prints this node's multiaddrs; others join with --initial-peers ADDR.
@@ -365,7 +327,10 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     options = JoinOptions(initial_peers=peers, new_swarm=new_swarm, host_maddrs=list(host_maddrs) or PUBLIC_MADDRS,
                           announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode,
                           identity_path=_identity(home, identity, no_identity), path=path_text, run_config=given,
-                          run_id=run_id, device=device)
+                          run_id=run_id, device=device, closed=closed, credential=_read_credential(credential))
+    if closed and not new_swarm:
+        from p2ptrain.errors import SwarmError
+        raise SwarmError("--closed goes with --new-swarm: only a run's creator decides who may join it")
     if not peers and not new_swarm:
         from p2ptrain.errors import SwarmError
         raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR, or start a new "
@@ -379,7 +344,8 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     from p2ptrain.home import places
     services = ForegroundServices(places(home_option))
     try:
-        opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data))
+        _abort_on_signals()  # until the node is up, Ctrl-C or SIGTERM aborts the start cleanly
+        opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data, home))
     except BaseException:
         services.close()
         raise
@@ -388,7 +354,9 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     node = opened.node
     try:
         _install_stop_handlers(node.stop_requested)
-        info = {"event": "joined", "peer_id": node.peer_id, "run_id": opened.run_state.config.run.id,
+        run_name = opened.run_state.config.run.id
+        info = {"event": "joined", "peer_id": node.peer_id, "run_id": run_name,
+                "run_pin": f"{run_name}@{opened.creator}", "creator": opened.creator,
                 "created_run": opened.created_run, "path": path_name(node.session.path),
                 "modules": node.session.module_ids, "maddrs": opened.maddrs, "round": node.round,
                 "restored_round": opened.restored_round, "caught_up": opened.caught_up,
@@ -405,6 +373,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
             click.echo("visible multiaddrs (others pass one to --initial-peers):")
             for addr in opened.maddrs:
                 click.echo(f"  {addr}")
+            click.echo(f"run pin (others pass it to --run-id): {info['run_pin']}")
 
         def on_round(report):
             modules = {m: (len(r.group) if r.group else 1) for m, r in report.modules.items()}
@@ -503,22 +472,27 @@ def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json) 
     from p2ptrain.model.grid import Grid, path_name
     from p2ptrain.swarm.dht import LOOPBACK_MADDRS, start_dht
     from p2ptrain.swarm.membership import module_coverage
-    from p2ptrain.swarm.records import SwarmRecords, make_validators
+    from p2ptrain.swarm.records import SwarmRecords, make_validators, split_run_id
     from p2ptrain.swarm.signals import children_ignore_sigint
 
     addrs, source = _initial_peers(initial_peers, bootstrap_file, False)
     if not addrs:
         raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR")
     run_id = run_id or RunConfig.load().run.id
-    signer, validators = make_validators(run_id)
+    signer, validators = make_validators(split_run_id(run_id)[0])
     with children_ignore_sigint():
         # a short-lived observer: client mode, so nobody tries to route DHT traffic through it
         dht = start_dht(addrs, host_maddrs=list(host_maddrs) or LOOPBACK_MADDRS, client_mode=True,
                         record_validators=validators)
     try:
-        records = SwarmRecords(dht, run_id, signer)
+        name, creator = split_run_id(run_id)
+        records = SwarmRecords(dht, name, signer, creator=creator)
         deadline = _time.monotonic() + timeout
-        published = records.fetch_run()
+        run_problem = None
+        try:
+            published = records.fetch_run()
+        except SwarmError as e:  # version skew, several creators: still list the peers
+            published, run_problem = None, str(e)
         found = records.fetch_peers()
         while not found and _time.monotonic() < deadline:
             _time.sleep(0.5)
@@ -533,10 +507,13 @@ def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json) 
              "hardware": p.hardware, "version": p.version, "paused": p.paused, "age_s": round(now - p.time, 1)}
             for p in sorted(found, key=lambda p: (p.path, p.peer_id))]
     if as_json:
-        click.echo(json.dumps({"run_id": run_id, "run_found": published is not None, "peers": rows,
+        click.echo(json.dumps({"run_id": run_id, "run_found": published is not None, "run_problem": run_problem,
+                               "creator": published.creator if published else None, "peers": rows,
                                "coverage": dict(coverage)}, indent=2))
         return
-    if published is None:
+    if run_problem:
+        click.echo(f"run {run_id}: {run_problem}")
+    elif published is None:
         click.echo(f"run {run_id}: no run record found on the DHT")
     click.echo(f"{len(rows)} live peers of run {run_id}")
     click.echo(f"{'peer':<14}{'path':<7}{'round':>6}{'loss':>8}{'tok/s':>10}  {'reach':<8}{'hardware':<18}{'age':>6}")
@@ -548,11 +525,68 @@ def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json) 
         click.echo("coverage: " + "  ".join(f"{m}:{n}" for m, n in coverage.items()))
 
 
+# ------------------------------------------------- data, export, generate (issue 15)
+
+from p2ptrain import cli_data  # noqa: E402  (its commands use the helpers above)
+
+main.add_command(cli_data.data_group)
+main.add_command(cli_data.export)
+main.add_command(cli_data.generate)
+
+
+# --------------------------------------- daemon, prefs, service, status (issue 12)
+
+from p2ptrain import cli_daemon  # noqa: E402
+
+cli_daemon.register(main)
+
+
+# ------------------------------------------------------------ identity, invites
+
+@main.command(name="id")
+@click.option("--home", default=None, type=click.Path(file_okay=False),
+              help="Node home directory. [default: $P2PTRAIN_HOME or the platform's user data dir]")
+def id_(home) -> None:
+    """Print this node's peer id (creating its identity key if needed): what a closed run's creator invites."""
+    from p2ptrain.home import identity_path, resolve_home
+    from p2ptrain.swarm.identity import Identity, peer_id_of_public_key
+    identity = Identity(identity_path(resolve_home(home)))
+    click.echo(peer_id_of_public_key(identity.private_key.get_public_key().to_bytes()))
+
+
+@main.command()
+@click.argument("peer_id")
+@click.option("--home", default=None, type=click.Path(file_okay=False),
+              help="The run creator's node home (its identity key signs the invite).")
+@click.option("--run-id", default=None, help="The closed run. [default: the default run]")
+@click.option("--expires", default="30d", show_default=True, help="How long the invite is valid: 30d, 12h, 90m.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the invite here instead of stdout.")
+def invite(peer_id, home, run_id, expires, out) -> None:
+    """Invite PEER_ID (its `p2ptrain id`) to a closed run you created; prints the credential."""
+    from p2ptrain.config import RunConfig
+    from p2ptrain.errors import SwarmError
+    from p2ptrain.home import identity_path, resolve_home
+    from p2ptrain.swarm.credentials import issue, parse_duration
+    from p2ptrain.swarm.identity import Identity, peer_id_of_public_key
+    from p2ptrain.swarm.join import load_creator_pin
+    home = resolve_home(home)
+    run_id = run_id or RunConfig.load().run.id
+    lifetime = parse_duration(expires)
+    if not identity_path(home).exists():
+        raise SwarmError(f"{home} has no identity key: run `p2ptrain invite` in the home of the run's creator")
+    identity = Identity(identity_path(home))
+    me = peer_id_of_public_key(identity.private_key.get_public_key().to_bytes())
+    creator = load_creator_pin(home, run_id)
+    if creator != me:
+        raise SwarmError(f"this home ({me}) did not create run '{run_id}'"
+                         + (f" (its creator is {creator})" if creator else "") + ": only the creator can invite")
+    text = issue(identity.private_key, run_id, me, peer_id, lifetime).json()
+    if out:
+        Path(out).write_text(text + "\n")
+        click.echo(f"wrote the invite for {peer_id} to {out}", err=True)
+    else:
+        click.echo(text)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    # `python -m p2ptrain.cli`: run the module proper, which has every command registered
-    from p2ptrain.cli import main as _main
-    _main()
-else:
-    # daemon, prefs, service and status (p2ptrain/cli_daemon.py)
-    from p2ptrain.cli_daemon import register as _register_daemon_commands
-    _register_daemon_commands(main)
+    main()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from p2ptrain.cli import _docs_loader, _identity, _initial_peers, data_option, json_option, run_options, swarm_options
+from p2ptrain.cli_options import (data_option, docs_loader, identity_file, json_option, json_safe,
+                                  resolve_initial_peers, run_options, swarm_options)
 from p2ptrain.errors import SwarmError, UserError
 
 
@@ -31,8 +32,13 @@ def node_options(f):
     f = click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))(f)
     f = click.option("--path", "path_text", default=None,
                      help="Path to train, e.g. 1,0. [default: the least-covered path]")(f)
-    f = click.option("--run-id", default=None, help="Run to join when no --run-config is given.")(f)
+    f = click.option("--run-id", default=None, metavar="NAME[@CREATOR]",
+                     help="Run to join when no --run-config is given; @CREATOR pins it to its creator.")(f)
     f = click.option("--new-swarm", is_flag=True, help="Start a new DHT (no initial peers).")(f)
+    f = click.option("--closed", is_flag=True,
+                     help="With --new-swarm: a closed run; only peers you invite take part.")(f)
+    f = click.option("--credential", default=None, type=click.Path(dir_okay=False),
+                     help="Your invite to a closed run (printed by `p2ptrain invite` on the creator's machine).")(f)
     return run_options(data_option(swarm_options(f)))
 
 
@@ -73,13 +79,19 @@ def forward_args(params: dict, peers: list[str]) -> list[str]:
             args += [flag, str(params[key])]
     if params.get("identity"):
         args += ["--identity", _abs(params["identity"])]
+    if params.get("closed"):
+        args.append("--closed")
+    if params.get("credential"):
+        args += ["--credential", _abs(params["credential"])]
     if params.get("no_identity"):
         args.append("--no-identity")
     return args
 
 
 def _resolve_peers(params: dict) -> list[str]:
-    peers, source = _initial_peers(params.get("initial_peers") or (), params.get("bootstrap_file"),
+    if params.get("closed") and not params.get("new_swarm"):
+        raise SwarmError("--closed goes with --new-swarm: only a run's creator decides who may join it")
+    peers, source = resolve_initial_peers(params.get("initial_peers") or (), params.get("bootstrap_file"),
                                    params.get("new_swarm", False))
     if not peers and not params.get("new_swarm"):
         raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR, or start a new "
@@ -93,7 +105,6 @@ def _check_prefs(places) -> None:
 
 
 def _echo_json(obj) -> None:
-    from p2ptrain.cli import json_safe
     click.echo(json.dumps(json_safe(obj), indent=2, allow_nan=False))
 
 
@@ -142,6 +153,13 @@ def run(detached, max_rounds, max_minutes, **params) -> None:
     _check_prefs(places)
     peers = _resolve_peers(params)
     given = RunConfig.load(params["run_config"]) if params.get("run_config") else None
+    credential = None
+    if params.get("credential"):
+        try:
+            credential = Path(params["credential"]).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SwarmError(f"cannot read --credential {params['credential']}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
 
     def open_fn():
         from p2ptrain.swarm.join import JoinOptions, open_node
@@ -149,10 +167,10 @@ def run(detached, max_rounds, max_minutes, **params) -> None:
                               host_maddrs=list(params["host_maddrs"]) or PUBLIC_MADDRS,
                               announce_maddrs=list(params["announce_maddrs"]) or None,
                               client_mode=params["client_mode"],
-                              identity_path=_identity(places.data, params["identity"], params["no_identity"]),
+                              identity_path=identity_file(places.data, params["identity"], params["no_identity"]),
                               path=params["path_text"], run_config=given, run_id=params["run_id"],
-                              device=params["device"])
-        opened = open_node(options, places.data, _docs_loader(given or RunConfig.load(), params["data"]))
+                              device=params["device"], closed=params["closed"], credential=credential)
+        opened = open_node(options, places.data, docs_loader(given or RunConfig.load(), params["data"], places.data))
         from p2ptrain.home import identity_path, secure_key_file
         secure_key_file(identity_path(places.data))
         return opened
