@@ -371,3 +371,50 @@ def test_foreground_join_answers_status_and_stop(tmp_path, run_files):
     assert code == 0, err[-2000:]
     assert node.events[-1]["event"] == "left"
     assert status(home)["state"] == "stopped"
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_the_node_training(tmp_path, corpus, caplog):
+    """A node whose home fills up: the round's checkpoint fails with a clear log line, the
+    previous one stays, no temporary directory is left, and training goes on."""
+    import logging
+    from tests.unit.test_daemon_checkpoints import small_filesystem
+    from p2ptrain.swarm.join import JoinOptions, open_node
+
+    with small_filesystem(tmp_path, size="64m") as disk:
+        home = disk / "home"
+        options = JoinOptions(new_swarm=True, host_maddrs=[LOOPBACK], path="0,0", device="cpu",
+                              run_config=swarm_config("full-disk", round_seconds=4.0))
+        opened = open_node(options, home, lambda: corpus)
+        try:
+            node = opened.node
+            store = node.session.store
+            node.run(max_rounds=1)
+            first = store.rounds()
+
+            # Execute: the disk fills up (a filler file takes every free byte), training goes on
+            filler = disk / "filler"
+            with open(filler, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                        f.flush()
+                except OSError:
+                    pass
+            with caplog.at_level(logging.ERROR, logger="p2ptrain.train.checkpoint"):
+                node.run(max_rounds=2)
+            during = store.rounds()
+            leftovers = list(store.root.glob(".tmp-*"))
+            error = store.last_error
+
+            # space again: the next round's checkpoint is written
+            filler.unlink()
+            node.run(max_rounds=1)
+            after = store.rounds()
+        finally:
+            opened.close()
+
+    assert first and len(node.history) == 4
+    assert during == first and not leftovers
+    assert error.endswith(f"no space left on device; the round {first[-1]} checkpoint stays")
+    assert any("no space left on device" in r.getMessage() for r in caplog.records)
+    assert after[-1] > first[-1] and store.last_error is None
