@@ -324,3 +324,34 @@ def test_low_priority_is_nice_19_and_idle_io_inherited_by_children():
     applied, child = done.stdout.splitlines()
     assert applied == "nice 19,idle IO"
     assert child == f"19 {int(psutil.IOPRIO_CLASS_IDLE)}"
+
+
+# ------------------------------------------------------------- daemon logs
+
+def test_daemon_logs_shows_the_tail_and_follows_across_a_rotation(tmp_path):
+    here = places(tmp_path)
+    here.logs.mkdir(parents=True)
+    here.log_file.write_text("".join(f"old line {i}\n" for i in range(10)))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    tail = subprocess.run([sys.executable, "-m", "p2ptrain.cli", "daemon", "logs", "-n", "3", "--home", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    follow = subprocess.Popen([sys.executable, "-m", "p2ptrain.cli", "daemon", "logs", "-f", "-n", "0", "--home",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.strip() for line in follow.stdout), daemon=True)
+    reader.start()
+    try:
+        time.sleep(3.0)  # it is now at the end of the file
+        with open(here.log_file, "a") as f:
+            f.write("appended\n")
+        time.sleep(1.5)
+        os.rename(here.log_file, here.logs / "daemon.log.1")  # what the rotating handler does
+        here.log_file.write_text("after rotation\n")
+        deadline = time.monotonic() + 30
+        while "after rotation" not in lines and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        follow.kill()
+        follow.wait()
+    assert tail.returncode == 0 and tail.stdout.splitlines() == ["old line 7", "old line 8", "old line 9"]
+    assert lines == ["appended", "after rotation"]
