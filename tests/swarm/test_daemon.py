@@ -318,6 +318,9 @@ def test_stale_pid_second_start_sigkill_and_resume(tmp_path, run_files, daemons)
 
 @pytest.mark.timeout(1800)  # waits for a quiet moment on a shared machine
 def test_suspends_while_a_real_program_burns_cpu_and_resumes_when_it_ends(tmp_path, run_files, daemons):
+    """Needs a moment when other programs leave the machine some headroom: every program
+    counts, so on a machine that others keep saturated the burner cannot be told apart
+    (and a suspended node rightly stays suspended); the test waits up to 15 minutes for one."""
     config, data = run_files
     ncpu = psutil.cpu_count()
     home = quiet_home(tmp_path / "a")  # suspend_cpu_usage = 0 while it starts: the machine is shared
