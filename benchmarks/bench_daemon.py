@@ -234,7 +234,7 @@ def main() -> None:
          f"{plain['daemon'] / plain['join']:.2f} ({plain['daemon']:,.0f} / {plain['join']:,.0f} tok/s)", "≈ 1.0"],
         ["training speed, daemon / join (low_priority = true, the default: nice 19)",
          f"{nice['daemon'] / nice['join']:.2f} ({nice['daemon']:,.0f} / {nice['join']:,.0f} tok/s)",
-         "< 1: yields to others"],
+         "≈ 1 on an idle core; less where a core is contended"],
         ["SIGTERM → exit, s (median, max)", f"{statistics.median(life['sigterm_s']):.1f}, "
          f"{max(life['sigterm_s']):.1f}", "< 90 (systemd)"],
         ["resume → first inner step, s (median, max)", f"{statistics.median(life['resume_s']):.2f}, "
