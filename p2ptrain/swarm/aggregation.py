@@ -34,6 +34,7 @@ import torch
 RULES = ("mean", "centered_clip", "trimmed_mean")
 CLIP_ITERATIONS = 20
 AUTO_TAU_FACTOR = 2.0
+MIN_ROBUST_SENDERS = 3
 
 
 def _stack(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +112,12 @@ def trimmed_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], trim: 
 
 
 def aggregate(rule: str, parts: Sequence[torch.Tensor], weights: Sequence[float], tau: float = 0.0) -> torch.Tensor:
-    """One slice's aggregate under `rule` (one of RULES)."""
-    if rule == "mean":
+    """One slice's aggregate under `rule` (one of RULES). With fewer than MIN_ROBUST_SENDERS
+    parts every rule is the weighted mean: two senders have no majority to side with."""
+    if rule not in RULES:
+        raise ValueError(f"unknown aggregation rule {rule!r}; allowed: {', '.join(RULES)}")
+    if rule == "mean" or len(parts) < MIN_ROBUST_SENDERS:
         return weighted_mean(parts, weights)
     if rule == "centered_clip":
         return centered_clip(parts, weights, tau)
-    if rule == "trimmed_mean":
-        return trimmed_mean(parts, weights)
-    raise ValueError(f"unknown aggregation rule {rule!r}; allowed: {', '.join(RULES)}")
+    return trimmed_mean(parts, weights)

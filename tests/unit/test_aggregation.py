@@ -78,3 +78,8 @@ def test_the_rules_agree_with_the_mean_on_identical_parts_and_refuse_bad_input()
         aggregate("median", parts, [1, 1, 1, 1])
     with pytest.raises(ValueError):
         weighted_mean(parts, [1, 1, 1, 0])
+
+
+def test_two_senders_are_averaged_by_every_rule():
+    for rule in ("mean", "centered_clip", "trimmed_mean"):
+        assert aggregate(rule, [t(0.0), t(4.0)], [3, 1]).item() == 1.0
