@@ -186,10 +186,10 @@ def _averager_class():
             self.rejected: dict[str, str] = {}  # sender → why its parts were refused
             self.failed_ranges: list[tuple[int, int]] = []  # (offset, length) of un-averaged values
             self.lying_reducers: dict[str, str] = {}  # reducer → why the slice it returned was rejected
-            if rule != "mean":
-                plain = self.tensor_part_reducer
-                self.tensor_part_reducer = RobustTensorPartReducer(plain.part_shapes, plain.num_senders,
-                                                                   rule=rule, tau=tau)
+            plain = self.tensor_part_reducer
+            self.tensor_part_reducer = self.make_reducer(plain, rule, tau)
+            if self.tensor_part_reducer is not plain:
+                plain.num_senders = 0  # discarded unused: no "received 0% of input tensors" warning
                 plain.finalize()
             container = self.tensor_part_container
             register_failed = container.register_failed_reducer
@@ -229,6 +229,12 @@ def _averager_class():
                 register_failed(peer_index)
 
             container.register_failed_reducer = register_failed_reducer
+
+        def make_reducer(self, plain, rule: str, tau: float):
+            """The reducer of our slice: hivemind's own (the weighted mean) or the robust rule's."""
+            if rule == "mean":
+                return plain
+            return RobustTensorPartReducer(plain.part_shapes, plain.num_senders, rule=rule, tau=tau)
 
         def _part_problem(self, part_index: int, msg, tensor) -> str | None:
             shapes = self.tensor_part_reducer.part_shapes
@@ -286,6 +292,8 @@ def _averager_class():
         failed, a module state served to peers, downloads from chosen peers with a size cap,
         and a group size that follows the module's live holders."""
 
+        runner_class = CheckedAllReduceRunner  # the all-reduce each step runs
+
         def __init__(self, averaged_tensors, dht, *, state_provider: Callable[[], tuple[Any, list]],
                      max_weight: float, aggregation: str = "mean", clip_radius: float = 0.0,
                      reducer_check: float = 0.0, **kwargs):
@@ -331,7 +339,7 @@ def _averager_class():
 
         async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
             group_id = group_info.group_id if group_id is None else group_id
-            runner = CheckedAllReduceRunner(
+            runner = self.runner_class(
                 p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
                 ordered_peer_ids=group_info.peer_ids, max_weight=self._max_weight, **self._robust, **kwargs)
             self._running_groups[group_id].set_result(runner)
