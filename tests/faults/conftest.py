@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults import tally
+from tests.swarm.conftest import corpus, swarm  # noqa: F401  (real loopback swarms, as in tests/swarm)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -195,8 +195,6 @@ def _garbage_averager_class():
 
     class GarbageRunner(honest_class.runner_class):
         def make_reducer(self, plain, rule, tau):
-            plain.num_senders = 0
-            plain.finalize()
             return GarbageReducer(plain.part_shapes, plain.num_senders)
 
     class ModuleAverager(honest_class):
