@@ -16,6 +16,13 @@ parts its group's senders hand it (pure functions, no hivemind).
                     from 3 senders on). A minority of up to `trim` liars stays inside the
                     honest values' range on every coordinate.
 
+Outliers (centered_clip): after clipping, a part further than OUTLIER_FACTOR × τ from the
+result (8× the parts' median spread with the auto τ; an honest part sits within about
+1 τ) is dropped and the rest clipped again — as long as fewer than half the parts are
+dropped. Its sender is reported, and the node bans it from matchmaking. So a gross liar
+(×100, a flipped and scaled update, noise far above the honest spread) stops counting at
+all and leaves the group, while a subtle one is still only clipped.
+
 τ (the clip radius): `clip_radius` from the run config, or 0 = auto:
     τ = AUTO_TAU_FACTOR × median over senders of ‖xᵢ − median‖₂,
 the spread of the parts around their coordinate-wise median. A minority of senders
@@ -34,6 +41,7 @@ import torch
 RULES = ("mean", "centered_clip", "trimmed_mean")
 CLIP_ITERATIONS = 20
 AUTO_TAU_FACTOR = 2.0
+OUTLIER_FACTOR = 4.0  # centered_clip drops parts this many τ from its result (honest ones: ≲ 1 τ)
 MIN_ROBUST_SENDERS = 3
 
 
@@ -95,6 +103,25 @@ def centered_clip(parts: Sequence[torch.Tensor], weights: Sequence[float], tau: 
     return v.to(parts[0].dtype).reshape(parts[0].shape)
 
 
+def centered_clip_dropping_outliers(parts: Sequence[torch.Tensor], weights: Sequence[float], tau: float = 0.0,
+                                    factor: float = OUTLIER_FACTOR) -> tuple[torch.Tensor, list[int]]:
+    """CenteredClip, then parts further than factor × τ from its result are dropped (a minority
+    at most: fewer than half of the parts) and the rest clipped again with the same τ.
+    Returns (aggregate, indices of the dropped parts) — the node bans their senders."""
+    if tau <= 0:
+        tau = auto_tau(parts, weights)
+    result = centered_clip(parts, weights, tau)
+    if not (tau > 0 and math.isfinite(tau)):
+        return result, []
+    x, _ = _stack(parts, weights)
+    distances = (x - result.reshape(-1).to(torch.float64)).norm(dim=1)
+    outliers = [i for i, d in enumerate(distances.tolist()) if d > factor * tau]
+    if not outliers or 2 * len(outliers) >= len(parts):
+        return result, []
+    keep = [i for i in range(len(parts)) if i not in outliers]
+    return centered_clip([parts[i] for i in keep], [weights[i] for i in keep], tau), outliers
+
+
 def trim_count(n: int) -> int:
     """How many values trimmed_mean drops at each end of a coordinate with n senders."""
     return max(n // 4, 1) if n >= 3 else 0
@@ -111,13 +138,20 @@ def trimmed_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], trim: 
     return ((kept * kept_w).sum(0) / kept_w.sum(0)).to(parts[0].dtype).reshape(parts[0].shape)
 
 
-def aggregate(rule: str, parts: Sequence[torch.Tensor], weights: Sequence[float], tau: float = 0.0) -> torch.Tensor:
-    """One slice's aggregate under `rule` (one of RULES). With fewer than MIN_ROBUST_SENDERS
-    parts every rule is the weighted mean: two senders have no majority to side with."""
+def aggregate_reporting(rule: str, parts: Sequence[torch.Tensor], weights: Sequence[float],
+                        tau: float = 0.0) -> tuple[torch.Tensor, list[int]]:
+    """One slice's aggregate under `rule` (one of RULES), and the parts it dropped as outliers
+    (centered_clip only). With fewer than MIN_ROBUST_SENDERS parts every rule is the weighted
+    mean: two senders have no majority to side with."""
     if rule not in RULES:
         raise ValueError(f"unknown aggregation rule {rule!r}; allowed: {', '.join(RULES)}")
     if rule == "mean" or len(parts) < MIN_ROBUST_SENDERS:
-        return weighted_mean(parts, weights)
+        return weighted_mean(parts, weights), []
     if rule == "centered_clip":
-        return centered_clip(parts, weights, tau)
-    return trimmed_mean(parts, weights)
+        return centered_clip_dropping_outliers(parts, weights, tau)
+    return trimmed_mean(parts, weights), []
+
+
+def aggregate(rule: str, parts: Sequence[torch.Tensor], weights: Sequence[float], tau: float = 0.0) -> torch.Tensor:
+    """One slice's aggregate under `rule` (see aggregate_reporting)."""
+    return aggregate_reporting(rule, parts, weights, tau)[0]

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from p2ptrain.swarm.aggregation import aggregate
+from p2ptrain.swarm.aggregation import OUTLIER_FACTOR, aggregate_reporting
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +126,17 @@ def _averager_class():
         is in, instead of summing them as they arrive. Wire format, codecs, part order, sender
         bans and timeouts are hivemind's own."""
 
-        def __init__(self, part_shapes, num_senders: int, *, rule: str, tau: float):
-            self.rule, self.tau = rule, tau
+        def __init__(self, part_shapes, num_senders: int, *, rule: str, tau: float,
+                     on_outlier: Callable[[int], None] = lambda sender_index: None):
+            self.rule, self.tau, self.on_outlier = rule, tau, on_outlier
             self.current_parts: list[tuple[torch.Tensor, float]] = []
+            self.current_senders: list[int] = []
             super().__init__(part_shapes, num_senders)
 
         def reset_accumulators(self):
             super().reset_accumulators()
             self.current_parts = []
+            self.current_senders = []
 
         async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
                                   weight: float = 1.0) -> torch.Tensor:
@@ -151,6 +154,7 @@ def _averager_class():
             current_part_future = self.current_part_future
             if part_index < self.sender_failed_after[sender_index]:
                 self.current_parts.append((tensor_part, float(weight)))
+                self.current_senders.append(sender_index)
                 self.current_part_accumulated_from += 1
                 self.check_current_part_finished()
             return await current_part_future
@@ -160,7 +164,9 @@ def _averager_class():
             if self.current_part_accumulated_from == self.num_current_senders:
                 if self.current_parts:
                     parts, weights = zip(*self.current_parts)
-                    result = aggregate(self.rule, parts, weights, self.tau)
+                    result, outliers = aggregate_reporting(self.rule, parts, weights, self.tau)
+                    for index in outliers:
+                        self.on_outlier(self.current_senders[index])
                 else:  # every sender of this part failed: nobody is waiting for it
                     result = torch.zeros(self.part_shapes[self.current_part_index])
                 self.current_part_future.set_result(result)
@@ -234,7 +240,13 @@ def _averager_class():
             """The reducer of our slice: hivemind's own (the weighted mean) or the robust rule's."""
             if rule == "mean":
                 return plain
-            return RobustTensorPartReducer(plain.part_shapes, plain.num_senders, rule=rule, tau=tau)
+            def on_outlier(sender_index: int):
+                sender = self.sender_peer_ids[sender_index].to_base58()
+                self.rejected.setdefault(sender, f"parts further than {OUTLIER_FACTOR:g} clip radii from the "
+                                                 "robust aggregate (dropped)")
+
+            return RobustTensorPartReducer(plain.part_shapes, plain.num_senders, rule=rule, tau=tau,
+                                           on_outlier=on_outlier)
 
         def _part_problem(self, part_index: int, msg, tensor) -> str | None:
             shapes = self.tensor_part_reducer.part_shapes

@@ -58,6 +58,11 @@ def test_three_peers_reduce_each_part_with_the_robust_rule_to_the_closed_form(sw
     for node in nodes:
         for want, got in zip(expected, node.slots[MODULE].outer.global_params):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    # nobody was refused: an outlier is bounded by the rule, not banned
-    assert not any(n.bans_issued for n in nodes)
+    # no reducer lied; centered_clip dropped the ×50 peer's parts as outliers, and the honest
+    # peers banned it; trimmed_mean just trims it, coordinate by coordinate
     assert not any(r[MODULE].lying_reducers for r in reports)
+    if rule == "centered_clip":
+        assert a.node.bans_issued[c.node.peer_id] and b.node.bans_issued[c.node.peer_id]
+        assert c.node.peer_id in a.node.banned()
+    else:
+        assert not any(n.bans_issued for n in nodes)
