@@ -17,11 +17,16 @@ parts its group's senders hand it (pure functions, no hivemind).
                     honest values' range on every coordinate.
 
 Outliers (centered_clip): after clipping, a part further than OUTLIER_FACTOR × τ from the
-result (8× the parts' median spread with the auto τ; an honest part sits within about
-1 τ) is dropped and the rest clipped again — as long as fewer than half the parts are
-dropped. Its sender is reported, and the node bans it from matchmaking. So a gross liar
-(×100, a flipped and scaled update, noise far above the honest spread) stops counting at
-all and leaves the group, while a subtle one is still only clipped.
+result (8× the parts' median spread with the auto τ) AND further than
+OUTLIER_SCALE × the reducer's own pseudo-gradient RMS × √(part size) is dropped and the
+rest clipped again — as long as fewer than half the parts are dropped. Its sender is
+reported, and the node bans it from matchmaking. The second condition is needed because a
+part's spread alone cannot tell a liar from an honest peer that saw tokens the others did
+not (embedding rows only it updated: the other parts are ~0, so τ is ~0); with Adam as
+the inner optimizer an honest element moves about lr per step, so an honest part stays
+within a few RMS per value. So a gross liar (×100, a flipped and scaled update, noise far
+above the honest scale) stops counting at all and leaves the group, while a subtle one
+is still only clipped.
 
 τ (the clip radius): `clip_radius` from the run config, or 0 = auto:
     τ = AUTO_TAU_FACTOR × median over senders of ‖xᵢ − median‖₂,
@@ -41,7 +46,8 @@ import torch
 RULES = ("mean", "centered_clip", "trimmed_mean")
 CLIP_ITERATIONS = 20
 AUTO_TAU_FACTOR = 2.0
-OUTLIER_FACTOR = 4.0  # centered_clip drops parts this many τ from its result (honest ones: ≲ 1 τ)
+OUTLIER_FACTOR = 4.0  # centered_clip drops parts this many τ from its result (honest ones: ≲ 1 τ) ...
+OUTLIER_SCALE = 10.0  # ... and this many times the reducer's own RMS per value away (see module doc)
 MIN_ROBUST_SENDERS = 3
 
 
@@ -104,10 +110,12 @@ def centered_clip(parts: Sequence[torch.Tensor], weights: Sequence[float], tau: 
 
 
 def centered_clip_dropping_outliers(parts: Sequence[torch.Tensor], weights: Sequence[float], tau: float = 0.0,
-                                    factor: float = OUTLIER_FACTOR) -> tuple[torch.Tensor, list[int]]:
-    """CenteredClip, then parts further than factor × τ from its result are dropped (a minority
-    at most: fewer than half of the parts) and the rest clipped again with the same τ.
-    Returns (aggregate, indices of the dropped parts) — the node bans their senders."""
+                                    factor: float = OUTLIER_FACTOR, min_distance: float = math.inf
+                                    ) -> tuple[torch.Tensor, list[int]]:
+    """CenteredClip, then parts further than factor × τ and than min_distance from its result
+    are dropped (a minority at most: fewer than half of the parts) and the rest clipped again
+    with the same τ. Returns (aggregate, indices of the dropped parts) — the node bans their
+    senders. min_distance = inf: nothing is ever dropped."""
     if tau <= 0:
         tau = auto_tau(parts, weights)
     result = centered_clip(parts, weights, tau)
@@ -115,7 +123,7 @@ def centered_clip_dropping_outliers(parts: Sequence[torch.Tensor], weights: Sequ
         return result, []
     x, _ = _stack(parts, weights)
     distances = (x - result.reshape(-1).to(torch.float64)).norm(dim=1)
-    outliers = [i for i, d in enumerate(distances.tolist()) if d > factor * tau]
+    outliers = [i for i, d in enumerate(distances.tolist()) if d > factor * tau and d > min_distance]
     if not outliers or 2 * len(outliers) >= len(parts):
         return result, []
     keep = [i for i in range(len(parts)) if i not in outliers]
@@ -139,7 +147,7 @@ def trimmed_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], trim: 
 
 
 def aggregate_reporting(rule: str, parts: Sequence[torch.Tensor], weights: Sequence[float],
-                        tau: float = 0.0) -> tuple[torch.Tensor, list[int]]:
+                        tau: float = 0.0, min_outlier_distance: float = math.inf) -> tuple[torch.Tensor, list[int]]:
     """One slice's aggregate under `rule` (one of RULES), and the parts it dropped as outliers
     (centered_clip only). With fewer than MIN_ROBUST_SENDERS parts every rule is the weighted
     mean: two senders have no majority to side with."""
@@ -148,7 +156,7 @@ def aggregate_reporting(rule: str, parts: Sequence[torch.Tensor], weights: Seque
     if rule == "mean" or len(parts) < MIN_ROBUST_SENDERS:
         return weighted_mean(parts, weights), []
     if rule == "centered_clip":
-        return centered_clip_dropping_outliers(parts, weights, tau)
+        return centered_clip_dropping_outliers(parts, weights, tau, min_distance=min_outlier_distance)
     return trimmed_mean(parts, weights), []
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from p2ptrain.swarm.aggregation import OUTLIER_FACTOR, aggregate_reporting
+from p2ptrain.swarm.aggregation import OUTLIER_FACTOR, OUTLIER_SCALE, aggregate_reporting
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ def _averager_class():
         bans and timeouts are hivemind's own."""
 
         def __init__(self, part_shapes, num_senders: int, *, rule: str, tau: float,
-                     on_outlier: Callable[[int], None] = lambda sender_index: None):
-            self.rule, self.tau, self.on_outlier = rule, tau, on_outlier
+                     on_outlier: Callable[[int], None] = lambda sender_index: None, own_rms: float = 0.0):
+            self.rule, self.tau, self.on_outlier, self.own_rms = rule, tau, on_outlier, own_rms
             self.current_parts: list[tuple[torch.Tensor, float]] = []
             self.current_senders: list[int] = []
             super().__init__(part_shapes, num_senders)
@@ -164,7 +164,9 @@ def _averager_class():
             if self.current_part_accumulated_from == self.num_current_senders:
                 if self.current_parts:
                     parts, weights = zip(*self.current_parts)
-                    result, outliers = aggregate_reporting(self.rule, parts, weights, self.tau)
+                    floor = (OUTLIER_SCALE * self.own_rms * math.sqrt(parts[0].numel()) if self.own_rms > 0
+                             else math.inf)
+                    result, outliers = aggregate_reporting(self.rule, parts, weights, self.tau, floor)
                     for index in outliers:
                         self.on_outlier(self.current_senders[index])
                 else:  # every sender of this part failed: nobody is waiting for it
@@ -245,8 +247,11 @@ def _averager_class():
                 self.rejected.setdefault(sender, f"parts further than {OUTLIER_FACTOR:g} clip radii from the "
                                                  "robust aggregate (dropped)")
 
+            local = self.tensor_part_container.local_tensors
+            own_rms = math.sqrt(sum(float(t.double().pow(2).sum()) for t in local)
+                                / max(sum(t.numel() for t in local), 1))
             return RobustTensorPartReducer(plain.part_shapes, plain.num_senders, rule=rule, tau=tau,
-                                           on_outlier=on_outlier)
+                                           on_outlier=on_outlier, own_rms=own_rms)
 
         def _part_problem(self, part_index: int, msg, tensor) -> str | None:
             shapes = self.tensor_part_reducer.part_shapes

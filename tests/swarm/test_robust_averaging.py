@@ -26,7 +26,8 @@ def hivemind_parts(flat: torch.Tensor, compression: str) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("rule", ["centered_clip", "trimmed_mean"])
 def test_three_peers_reduce_each_part_with_the_robust_rule_to_the_closed_form(swarm, rule):
-    # Prepare: three holders of one path; the third peer's pseudo-gradient is blown up ×50
+    # Prepare: three holders of one path; the third peer's pseudo-gradient is blown up ×6 (an
+    # outlier the rule clips, not one so far out that centered_clip drops it)
     config = swarm_config(f"robust-{rule}", levels=(1,), compression="none")
     config.averaging.aggregation = rule
     a = swarm.open(config, "0")
@@ -39,7 +40,7 @@ def test_three_peers_reduce_each_part_with_the_robust_rule_to_the_closed_form(sw
         node.session.inner_steps(3)
     with torch.no_grad():
         for g, p in zip(start, c.node.session.local_state(MODULE).values()):
-            p.copy_(g - 50 * (g - p))
+            p.copy_(g - 6 * (g - p))
     deltas = [torch.cat([(g - p).reshape(-1) for g, p in zip(start, node.session.local_state(MODULE).values())])
               for node in nodes]
     tokens = [300, 200, 100]  # the outlier holds the least weight: a minority
@@ -52,17 +53,12 @@ def test_three_peers_reduce_each_part_with_the_robust_rule_to_the_closed_form(sw
     per_peer = [hivemind_parts(d, "none") for d in deltas]
     expected_mean = torch.cat([aggregate(rule, list(parts), tokens) for parts in zip(*per_peer)])
     plain_mean = torch.cat([weighted_mean(list(parts), tokens) for parts in zip(*per_peer)])
-    # the rule matters here: its result is far from the weighted mean the outlier drags
-    assert (expected_mean - plain_mean).norm() > 0.5 * plain_mean.norm()
+    # the rule matters here: its result differs from the weighted mean the outlier drags
+    assert (expected_mean - plain_mean).norm() > 0.02 * plain_mean.norm()
     expected = [g - 0.7 * 1.9 * d.view_as(g) for g, d in zip(start, expected_mean.split([p.numel() for p in start]))]
     for node in nodes:
         for want, got in zip(expected, node.slots[MODULE].outer.global_params):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    # no reducer lied; centered_clip dropped the ×50 peer's parts as outliers, and the honest
-    # peers banned it; trimmed_mean just trims it, coordinate by coordinate
+    # no reducer lied and nobody was banned: an outlier this close is bounded, not refused
     assert not any(r[MODULE].lying_reducers for r in reports)
-    if rule == "centered_clip":
-        assert a.node.bans_issued[c.node.peer_id] and b.node.bans_issued[c.node.peer_id]
-        assert c.node.peer_id in a.node.banned()
-    else:
-        assert not any(n.bans_issued for n in nodes)
+    assert not any(n.bans_issued for n in nodes)

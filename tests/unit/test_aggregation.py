@@ -88,12 +88,19 @@ def test_two_senders_are_averaged_by_every_rule():
 def test_centered_clip_drops_a_far_outlier_and_reports_it():
     from p2ptrain.swarm.aggregation import aggregate_reporting, centered_clip_dropping_outliers
     # clipped: 1.5; the part at 1000 is 998.5 > 4 τ away: dropped, the rest clip to their median 1
-    got, dropped = centered_clip_dropping_outliers([t(0.0), t(1.0), t(2.0), t(1000.0)], [1, 1, 1, 1], tau=1.0)
+    got, dropped = centered_clip_dropping_outliers([t(0.0), t(1.0), t(2.0), t(1000.0)], [1, 1, 1, 1], tau=1.0,
+                                                   min_distance=0.0)
     assert got.item() == 1.0 and dropped == [3]
+    # ... unless it is within min_distance (an honest peer's scale): then it is only clipped
+    got, dropped = centered_clip_dropping_outliers([t(0.0), t(1.0), t(2.0), t(1000.0)], [1, 1, 1, 1], tau=1.0,
+                                                   min_distance=2000.0)
+    assert got.item() == 1.5 and dropped == []
     # within 4 τ: only clipped, nobody dropped
-    got, dropped = centered_clip_dropping_outliers([t(0.0), t(0.0), t(0.0), t(3.0)], [1, 1, 1, 1], tau=1.0)
+    got, dropped = centered_clip_dropping_outliers([t(0.0), t(0.0), t(0.0), t(3.0)], [1, 1, 1, 1], tau=1.0,
+                                                   min_distance=0.0)
     assert dropped == [] and abs(got.item() - 1 / 3) < 1e-6
     # never half the parts or more
-    got, dropped = centered_clip_dropping_outliers([t(0.0), t(0.0), t(10.0), t(10.0)], [1, 1, 1, 1], tau=1.0)
+    got, dropped = centered_clip_dropping_outliers([t(0.0), t(0.0), t(10.0), t(10.0)], [1, 1, 1, 1], tau=1.0,
+                                                   min_distance=0.0)
     assert dropped == [] and got.item() == 5.0
     assert aggregate_reporting("trimmed_mean", [t(0.0), t(1.0), t(2.0), t(1000.0)], [1, 1, 1, 1])[1] == []
