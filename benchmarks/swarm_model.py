@@ -17,8 +17,9 @@ swarm's clock (T = averaging.round_seconds) for every peer.
    most `target_group_size`: a group takes the arrivals within one `matchmaking_time`
    window of its first and starts when it is full. A group that expects more holders
    than arrive (the records of peers that left in the last 60 s, of peers that enter a
-   later round) waits the whole window; a lone holder that expected others waits its
-   3-window timeout and averages alone; a lone holder that expected nobody does not wait.
+   later round; a holder that missed last round's group is not expected again) waits the
+   whole window; a lone holder that expected others waits its 3-window timeout and
+   averages alone; a lone holder that expected nobody does not wait.
 4. A group's butterfly all-reduce takes 4 RTT + 2(n−1)/n × payload / the slowest member's
    link; a peer's link is shared by its modules in proportion to their payloads.
 5. Plain: the outer step ends when its last module is done, plus a fixed cost (peer-table
@@ -405,6 +406,7 @@ class AlignedSwarm:
         self.path_params = self.holds.T @ self.params
         # random phases: the initial peers join at random moments over the first rounds
         self.ready = self.rng.uniform(0, join_spread_rounds * self.T, n_peers)  # can start its next round
+        self.joined_at = self.ready.copy()  # when the slot's record first appeared
         self.min_round = np.ones(n_peers, int)  # a round it entered too late for a step: the next one
         self.avg_done = np.full(n_peers, -np.inf)  # overlap: when its last background average lands
         self.last_round = np.zeros(n_peers, int)  # the last round whose outer step it applied
@@ -412,6 +414,8 @@ class AlignedSwarm:
         self.published = np.zeros(n_peers, bool)  # its record is on the DHT
         self.ghost_until: list[float] = []  # departed peers' records, visible until then
         self.ghost_path: list[int] = []
+        self.ghost_last: list[int] = []  # the last round a departed peer took part in
+        self.ghost_published: list[float] = []  # when its record first appeared
         self.rows: dict[str, list] = {k: [] for k in ("peer", "round", "wall_s", "compute_s", "tokens",
                                                       "potential_tokens", "stale", "skipped_before", "outer_s")}
         self.n_rows = 0
@@ -473,9 +477,12 @@ class AlignedSwarm:
             seen = self.published[gone] | (self.ready[gone] < left_at)
             self.ghost_until += list(left_at[seen] + RECORD_TTL_S)
             self.ghost_path += list(self.peers.path[gone[seen]])
+            self.ghost_last += list(self.last_participation[gone[seen]])
+            self.ghost_published += list(self.joined_at[gone[seen]])
             self.departures += len(gone)
             replace(self.peers, self.rng, self.vol, gone, left_at)
             self.ready[gone] = left_at + self.over.join_s + self.download_s(gone)
+            self.joined_at[gone] = self.ready[gone]
             self.min_round[gone] = 1
             self.avg_done[gone] = -np.inf
             self.fresh[gone] = True
@@ -506,16 +513,23 @@ class AlignedSwarm:
             slots, step, steps = slots[~late], step[~late], steps[~late]
             if not len(slots):
                 continue
-            # visible holders that will not arrive: departed peers' records, peers waiting for a later round
-            ghosts_alive = np.array(self.ghost_until) > end
-            ghost_paths = np.array(self.ghost_path, int)[ghosts_alive]
-            waiting = np.flatnonzero((entry > r) & (self.ready < end) | (entry == r) & np.isin(
-                np.arange(self.n), slots, invert=True) & (self.ready < end))
-            ghosts = (self.holds_by_path[ghost_paths].sum(axis=0) if len(ghost_paths) else 0) + \
-                self.holds[:, waiting].sum(axis=1)
-            keep = ghosts_alive
+            # visible holders that will not arrive (departed peers' records, peers waiting for a
+            # later round) and are still expected: a holder listed last round that missed last
+            # round's group is not waited for again (SwarmNode.absent)
+            keep = np.array(self.ghost_until) > end
             self.ghost_until = list(np.array(self.ghost_until)[keep])
             self.ghost_path = list(np.array(self.ghost_path, int)[keep])
+            self.ghost_last = list(np.array(self.ghost_last, int)[keep])
+            self.ghost_published = list(np.array(self.ghost_published)[keep])
+            listed_before = end - T
+            expected_ghost = ((np.array(self.ghost_last, int) == r - 1)
+                              | (np.array(self.ghost_published) > listed_before))
+            ghost_paths = np.array(self.ghost_path, int)[expected_ghost]
+            waiting = np.flatnonzero((entry > r) & (self.ready < end) | (entry == r) & np.isin(
+                np.arange(self.n), slots, invert=True) & (self.ready < end))
+            waiting = waiting[(self.last_participation[waiting] == r - 1) | (self.joined_at[waiting] > listed_before)]
+            ghosts = (self.holds_by_path[ghost_paths].sum(axis=0) if len(ghost_paths) else 0) + \
+                self.holds[:, waiting].sum(axis=1)
             # plain: at the round's end; overlap: once the previous round's average has landed
             arrive = (np.maximum(end, self.avg_done[slots]) if work.overlap else end) + self.table_fetch_s(slots)
             timeout = 3 * work.matchmaking_time
