@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from p2ptrain import __version__
+from p2ptrain.cli_options import data_option, home_and_config, json_option, run_options
 from p2ptrain.errors import UserError
 
 
@@ -33,32 +34,6 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-
-
-def run_options(f):
-    """--home and --run-config, shared by every command that uses a run."""
-    f = click.option("--run-config", "run_config", default=None, metavar="FILE|PRESET",
-                     help="Run config TOML, or a packaged preset: default, gpu. [default: default]")(f)
-    f = click.option("--home", default=None, type=click.Path(file_okay=False),
-                     help="Node home directory (run state, checkpoints, identity). "
-                          "[default: $P2PTRAIN_HOME or the platform's user data dir]")(f)
-    return f
-
-
-def data_option(f):
-    return click.option("--data", "data", multiple=True, type=click.Path(),
-                        help="Directory or file of .txt/.md/.py/.rst/.jsonl documents (repeatable). "
-                             "[default: the built-in corpus, this machine's Python standard library]")(f)
-
-
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(f)
-
-
-def _context(home, run_config):
-    from p2ptrain.config import RunConfig
-    from p2ptrain.home import resolve_home
-    return resolve_home(home), RunConfig.load(run_config)
 
 
 def _docs_loader(config, data, home):
@@ -91,7 +66,7 @@ def main() -> None:
 def info(home, run_config, as_json) -> None:
     """The run: grid, parameters per module and path, memory per path."""
     from p2ptrain.info import run_info, GIB
-    _, config = _context(home, run_config)
+    _, config = home_and_config(home, run_config)
     report = run_info(config)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -139,7 +114,7 @@ def route(home, run_config, data, as_json) -> None:
     from p2ptrain.model.grid import path_name
     from p2ptrain.model.router import shard_shares
     from p2ptrain.run_state import load_or_create_run_state
-    home, config = _context(home, run_config)
+    home, config = home_and_config(home, run_config)
     load_docs = _docs_loader(config, data, home)
     docs = load_docs()
     state = load_or_create_run_state(home, config, lambda: docs)
@@ -189,7 +164,7 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
     from p2ptrain.train.session import PathSession
     from p2ptrain.model.grid import path_name
     import time
-    home, config = _context(home, run_config)
+    home, config = home_and_config(home, run_config)
     load_docs = _docs_loader(config, data, home)
     docs = load_docs()
     state = load_or_create_run_state(home, config, lambda: docs)
@@ -254,7 +229,7 @@ def eval_(home, run_config, data, device, max_tokens, extra_homes, as_json) -> N
     from p2ptrain.run_state import load_or_create_run_state
     from p2ptrain.train.evaluate import evaluate
     from p2ptrain.train.inner import resolve_device
-    home, config = _context(home, run_config)
+    home, config = home_and_config(home, run_config)
     docs = _docs_loader(config, data, home)()
     state = load_or_create_run_state(home, config, lambda: docs)
     report = evaluate(state, docs, [home, *map(Path, extra_homes)], resolve_device(device), max_tokens)

@@ -13,34 +13,8 @@ from pathlib import Path
 
 import click
 
+from p2ptrain.cli_options import data_option, home_and_config, json_option, run_options
 from p2ptrain.errors import UserError
-
-# The same options as p2ptrain.cli's (which imports this module, so it cannot be imported here).
-
-
-def run_options(f):
-    f = click.option("--run-config", "run_config", default=None, metavar="FILE|PRESET",
-                     help="Run config TOML, or a packaged preset: default, gpu. [default: default]")(f)
-    f = click.option("--home", default=None, type=click.Path(file_okay=False),
-                     help="Node home directory (run state, checkpoints, sources, ledger). "
-                          "[default: $P2PTRAIN_HOME or the platform's user data dir]")(f)
-    return f
-
-
-def data_option(f):
-    return click.option("--data", "data", multiple=True, type=click.Path(),
-                        help="Directory or file of documents (repeatable). [default: the registered sources, "
-                             "else the built-in corpus]")(f)
-
-
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(f)
-
-
-def _home_and_config(home, run_config):
-    from p2ptrain.config import RunConfig
-    from p2ptrain.home import resolve_home
-    return resolve_home(home), RunConfig.load(run_config)
 
 
 def _run_state(home, config):
@@ -130,7 +104,7 @@ def data_list(home, run_config, as_json) -> None:
     from p2ptrain.data.ledger import Ledger
     from p2ptrain.data.sources import SourceScanner, read_sources, route_files, source_dir
     from p2ptrain.errors import DataError
-    home, config = _home_and_config(home, run_config)
+    home, config = home_and_config(home, run_config)
     state = _run_state(home, config)
     ledger = Ledger(home).totals()
     rows = []
@@ -210,7 +184,7 @@ def data_show(name, home, run_config, limit, as_json) -> None:
     """Which files of source NAME were used, how much, and up to which round."""
     from p2ptrain.data.ledger import Ledger
     from p2ptrain.data.sources import get_source, read_sources
-    home, _ = _home_and_config(home, run_config)
+    home, _ = home_and_config(home, run_config)
     ledger = Ledger(home)
     spec = get_source(home, name)
     entry = ledger.source(name)
@@ -341,7 +315,7 @@ def export(home, run_config, data, path_text, out, fmt, extra_homes, no_eval, ov
     from p2ptrain.model.export import export_model
     from p2ptrain.model.generate import path_model_from_checkpoint
     from p2ptrain.train.evaluate import _score, heldout_by_path
-    home, config = _home_and_config(home, run_config)
+    home, config = home_and_config(home, run_config)
     state = _run_state(home, config)
     if state is None:
         raise CheckpointError(f"no run {config.run.id} in {home}: nothing trained here to export "
@@ -418,7 +392,7 @@ def generate(prompt, home, run_config, path_text, model_dir, max_new_tokens, tem
         used = {"path": ",".join(map(str, provenance.get("path", []))) or "?", "how": f"exported model {model_dir}",
                 "round": provenance.get("round")}
     else:
-        home, config = _home_and_config(home, run_config)
+        home, config = home_and_config(home, run_config)
         state = _run_state(home, config)
         if state is None:
             raise CheckpointError(f"no run {config.run.id} in {home}: train or join first (or pass --home / "

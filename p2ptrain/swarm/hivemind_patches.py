@@ -18,8 +18,7 @@ the reads of one group key by at least GROUP_KEY_POLL_S; a follower then learns 
 leader at most that much later, which is small against a matchmaking window of seconds.
 
 Admission: hivemind's matchmaking accepts any follower. A leader running p2ptrain also
-refuses followers its node does not admit, and a follower does not ask a leader it does
-not admit (see swarm/admission.py).
+refuses followers its node does not admit (see swarm/admission.py).
 """
 
 from __future__ import annotations
@@ -75,18 +74,17 @@ def _admitting(hivemind_checks):
     return check_reasons_to_reject
 
 
-def _joining_only_admitted(request_join_group):
-    """Wrap Matchmaking._request_join_group so a follower does not ask a leader our node does
-    not admit (a banned peer, a stranger in a closed run) to take it in: it moves on to the
-    next potential leader instead of joining a group it would then have to leave."""
+def _joining_admitted_leaders_only(request_join_group):
+    """Wrap Matchmaking._request_join_group so a follower never asks a leader its node does not
+    admit: such a group would be left before any data moved, costing the round."""
 
-    async def request_join_admitted_group(self, leader):
+    async def join_admitted_leader(self, leader):
         admission = getattr(self, "_p2ptrain_admission", None)
         if admission is not None and not admission.admits(leader.to_base58()):
             return None
         return await request_join_group(self, leader)
 
-    return request_join_admitted_group
+    return join_admitted_leader
 
 
 def apply() -> None:
@@ -106,5 +104,5 @@ def apply() -> None:
     GroupKeyManager.get_averagers = _throttled(GroupKeyManager.get_averagers)
     from hivemind.averaging.matchmaking import Matchmaking
     Matchmaking._check_reasons_to_reject = _admitting(Matchmaking._check_reasons_to_reject)
-    Matchmaking._request_join_group = _joining_only_admitted(Matchmaking._request_join_group)
+    Matchmaking._request_join_group = _joining_admitted_leaders_only(Matchmaking._request_join_group)
     _APPLIED = True

@@ -84,6 +84,11 @@ class RoundReport:
     seconds_wall: float = 0.0  # the whole round, checkpoint included
 
 
+def round_group_bits(round_: int) -> str:
+    """hivemind group-key bits for a round (8 bits: rounds 256 apart never overlap in time)."""
+    return format(round_ % 256, "08b")
+
+
 class StepDeadline:
     """`should_stop` for the inner loop: stop before a step that would end after `end`
     (estimated from the previous steps), when stopping, or when suspended."""
@@ -138,6 +143,7 @@ class SwarmNode:
         self._heartbeat_stop = threading.Event()
         self._background: BackgroundRound | None = None  # overlap: last round's averaging
         self._anchors = Anchors()
+        self._last_entered: int | None = None  # the last round run_round was entered for
         for slot in self.slots.values():
             slot.round = session.round
         self._update_sync()
@@ -229,6 +235,12 @@ class SwarmNode:
                 continue
             # --- enter the round in progress on the swarm's clock (the next one if too little is left)
             round_ = self.schedule.next_round_to_enter(max(1.5 * self.step_seconds, 0.05))
+            if self._last_entered is not None and round_ > self._last_entered + 1:
+                # the last outer phase overran whole rounds: the holders moved on without us
+                logger.info("skipped rounds %d-%d; catching up before round %d", self._last_entered + 1,
+                            round_ - 1, round_)
+                self.catch_up()
+            self._last_entered = round_
             report = self.run_round(round_, on_step=on_step)
             if report is None:  # stopped, or the swarm moved on while suspended: nothing to report
                 continue
@@ -384,6 +396,8 @@ class SwarmNode:
             # not (dead, slow, or a stranger that never joins) costs the window once, not every round
             expected = {p.peer_id for p in holders} - self.absent.get(module_id, set())
             slot.averager.set_target_group_size(max(2, min(len(expected) + 1, avg_cfg.target_group_size)))
+            # the round is part of the group key: a node late for round r never lands in round r+1's group
+            slot.averager.set_group_bits(round_group_bits(round_))
             results[module_id].expected = {p.peer_id for p in holders}
             slot.averager.set_admission(admission)
             controls[module_id] = slot.averager.step(

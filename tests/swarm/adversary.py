@@ -9,7 +9,8 @@ for it), steps its averager at the end of every round of the run's schedule, and
   * send 1-element parts instead of its slices;
   * claim any fingerprint and round in its record;
   * serve an oversized or random module state;
-  * publish a run record of its own.
+  * publish a run record of its own;
+  * lie in its records only, never joining an all-reduce (lie "average": False).
 As a reducer of its own slice it behaves (its own part counts with a tiny weight), so the
 tests measure what the honest reducers' checks do.
 """
@@ -24,6 +25,7 @@ import torch
 from p2ptrain.swarm.averaging import averaging_part_bytes, make_compression
 from p2ptrain.swarm.dht import start_dht
 from p2ptrain.swarm.identity import Identity
+from p2ptrain.swarm.node import round_group_bits
 from p2ptrain.swarm.records import (ModuleSync, SwarmRecords, averager_prefix, make_validators, new_peer_record)
 from p2ptrain.swarm.schedule import RoundSchedule
 
@@ -116,6 +118,15 @@ class Adversary:
                                                          round=round_, sync=sync or {},
                                                          credential=self.lie.get("credential")))
 
+    def step(self, round_: int, timeout: float = 30.0):
+        """Join one all-reduce of the module now, with the lie's gather; the group, or None."""
+        self.averager.set_group_bits(round_group_bits(round_))  # the round's group key, as honest nodes use
+        try:
+            return self.averager.step(gather=self.lie.get("gather", {"round": round_, "tokens": 100}),
+                                      weight=1.0, timeout=timeout, allow_retries=False)
+        except Exception:  # no group this time
+            return None
+
     def start_rounds(self) -> None:
         """Step the averager at the end of every round of the schedule, with the lie's gather."""
         def loop():
@@ -124,12 +135,10 @@ class Adversary:
                 self.publish(round_=max(round_ - 1, 0), sync=self.lie.get("sync"))
                 if not self.schedule.sleep_until(self.schedule.end_of(round_), self.stop):
                     return
-                try:
-                    self.averager.step(gather=self.lie.get("gather", {"round": round_, "tokens": 100}),
-                                       weight=1.0, timeout=12.0, allow_retries=False)
+                if not self.lie.get("average", True):
+                    continue  # a liar in its records only
+                if self.step(round_, timeout=12.0) is not None:
                     self.steps_joined += 1
-                except Exception:  # no group this round: try the next
-                    pass
 
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
@@ -226,8 +235,10 @@ def open_liar(swarm, config, path: str, attack: str, initial_peers, seed: int = 
             round_ = gather.get("round", 0) if isinstance(gather, dict) else 0
             with _averager.get_tensors() as (flat,):
                 corrupt(attack, flat, round_, generator)
-            if attack == "weight_cap":
+            if attack == "weight_cap":  # claims the cap in its round claim too, or the mismatch gives it away
                 weight = cap
+                if isinstance(gather, dict):
+                    gather = {**gather, "tokens": int(cap)}
             return _honest_step(*args, gather=gather, weight=weight, **kwargs)
 
         averager.step = lying_step

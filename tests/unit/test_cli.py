@@ -7,24 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from p2ptrain.cli import main
-
-
-@pytest.fixture
-def cli():
-    def invoke(*args: str):
-        return CliRunner().invoke(main, [str(a) for a in args])
-    return invoke
+from tests.unit.conftest import assert_one_line_error
 
 
-def assert_one_line_error(result, exit_code: int, starts_with: str) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert result.stdout == ""
-    assert result.stderr.startswith(f"error: {starts_with}"), result.stderr
-    assert result.stderr.count("\n") == 1
-    assert "Traceback" not in result.output
+
+
 
 
 def test_info_json_reports_params_of_the_default_2x2_run(cli, tmp_path):

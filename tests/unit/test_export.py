@@ -5,32 +5,21 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from p2ptrain.cli import main
 from p2ptrain.config import RunConfig
 from p2ptrain.data.tokenizer import ByteTokenizer, HFTokenizer
 from p2ptrain.model.export import export_model
 from p2ptrain.run_state import RunState
 from p2ptrain.train.session import build_model
+from tests.unit.conftest import assert_one_line_error
 
 transformers = pytest.importorskip("transformers", reason="export tests need p2ptrain[export]")
 
 TEXT = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # é ü 😀 中文\n"
 
 
-@pytest.fixture
-def cli():
-    def invoke(*args):
-        return CliRunner().invoke(main, [str(a) for a in args])
-    return invoke
 
 
-def assert_one_line_error(result, exit_code: int, starts_with: str) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert result.stdout == ""
-    assert result.stderr.startswith(f"error: {starts_with}"), result.stderr
-    assert result.stderr.count("\n") == 1
 
 
 def _perturbed_model(state, path, seed=0):

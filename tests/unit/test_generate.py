@@ -9,22 +9,13 @@ from click.testing import CliRunner
 
 from p2ptrain.cli import main
 from p2ptrain.model.generate import Sampling, next_token, sample
+from tests.unit.conftest import assert_one_line_error
 
 transformers = pytest.importorskip("transformers", reason="these tests need p2ptrain[export]")
 
 
-@pytest.fixture
-def cli():
-    def invoke(*args):
-        return CliRunner().invoke(main, [str(a) for a in args])
-    return invoke
 
 
-def assert_one_line_error(result, exit_code: int, starts_with: str) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert result.stdout == ""
-    assert result.stderr.startswith(f"error: {starts_with}"), result.stderr
-    assert result.stderr.count("\n") == 1
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from p2ptrain.cli import main
 from p2ptrain.config import RunConfig
 from p2ptrain.data.ledger import Ledger
 from p2ptrain.data.sources import (DocumentFeed, SourceScanner, add_source, check_directory, read_sources,
@@ -22,6 +20,7 @@ from p2ptrain.run_state import RunState
 from p2ptrain.train.session import PathSession
 
 from conftest import TINY_RUN, topic_text
+from tests.unit.conftest import assert_one_line_error
 
 ONE_PATH_RUN = {**TINY_RUN, "run": {"id": "unit-sources", "seed": 0}, "grid": {"levels": [1], "blocks_per_level": 1},
                 "data": {"heldout_percent": 0.0},
@@ -29,18 +28,8 @@ ONE_PATH_RUN = {**TINY_RUN, "run": {"id": "unit-sources", "seed": 0}, "grid": {"
 STEPS = 3  # inner steps per round in these tests
 
 
-@pytest.fixture
-def cli():
-    def invoke(*args):
-        return CliRunner().invoke(main, [str(a) for a in args])
-    return invoke
 
 
-def assert_one_line_error(result, exit_code: int, starts_with: str) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert result.stdout == ""
-    assert result.stderr.startswith(f"error: {starts_with}"), result.stderr
-    assert result.stderr.count("\n") == 1
 
 
 def write_docs(directory: Path, topic: int, count: int, chars: int = 400, prefix: str = "doc") -> Path:
