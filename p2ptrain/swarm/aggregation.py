@@ -114,7 +114,7 @@ def centered_clip_dropping_outliers(parts: Sequence[torch.Tensor], weights: Sequ
                                     ) -> tuple[torch.Tensor, list[int]]:
     """CenteredClip, then parts further than factor × τ and than min_distance from its result
     are dropped (a minority at most: fewer than half of the parts) and the rest clipped again
-    with the same τ. Returns (aggregate, indices of the dropped parts) — the node bans their
+    with the same τ. Returns (aggregate, indices of the dropped parts) — the node reports their
     senders. min_distance = inf: nothing is ever dropped."""
     if tau <= 0:
         tau = auto_tau(parts, weights)
