@@ -8,6 +8,7 @@ write its subkey, and malformed values are dropped on arrival.
     <run>_peers  one status record per live peer: path, round, speed, module sync fingerprints
 """
 
+import functools
 import logging
 import platform
 import threading
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import pydantic.v1 as pydantic
-from pydantic.v1 import StrictBool, StrictFloat, StrictInt, StrictStr, confloat, conint
+from pydantic.v1 import StrictBool, StrictFloat, StrictInt, StrictStr, confloat, conint, conlist, constr
 
 from hivemind.dht.schema import BytesWithPublicKey
 
@@ -61,6 +62,40 @@ class ModuleSync(pydantic.BaseModel):
     scale: confloat(ge=0.0, strict=True)  # its norm, to compare fingerprints relatively
 
 
+# --- monitoring schemas (issue 13) ----------------------------------------------------
+
+ROUND_OUTCOMES = ("ok", "alone", "partial", "resynced", "rejected")
+
+
+class HardwareInfo(pydantic.BaseModel):
+    """What the machine brings: shown by `peers` and the dashboard."""
+
+    cpu: constr(strict=True, max_length=128)  # processor model
+    cpu_count: conint(ge=0, le=1_000_000, strict=True)  # logical CPUs
+    ram_bytes: conint(ge=0, strict=True)
+    gpu: Optional[constr(strict=True, max_length=128)] = None  # CUDA device name, if training on one
+    gpu_memory_bytes: Optional[conint(ge=0, strict=True)] = None
+
+
+class Contribution(pydantic.BaseModel):
+    """What this node has contributed in its current session."""
+
+    tokens: conint(ge=0, strict=True)  # tokens trained on
+    rounds: conint(ge=0, strict=True)  # rounds completed
+    rounds_averaged: conint(ge=0, strict=True)  # rounds in which at least one module averaged with a peer
+    seconds: confloat(ge=0.0, strict=True)  # time since the node started
+
+
+class ModuleOutcome(pydantic.BaseModel):
+    module: constr(strict=True, max_length=32)
+    outcome: constr(strict=True, max_length=16)  # one of ROUND_OUTCOMES
+    peers: conint(ge=0, le=1_000_000, strict=True)  # group size, this node included
+
+
+MONITORING_FIELDS = ("hardware_info", "suspended", "contribution", "last_round")
+# --- end of monitoring schemas --------------------------------------------------------
+
+
 class PeerRecord(pydantic.BaseModel):
     peer_id: StrictStr
     path: List[conint(ge=0, strict=True)]
@@ -75,6 +110,26 @@ class PeerRecord(pydantic.BaseModel):
     sync: Dict[StrictStr, ModuleSync]
     paused: Optional[StrictStr]
     time: StrictFloat
+
+    # --- monitoring fields (issue 13) -------------------------------------------------
+    # Optional and bounded, so a record from a peer that does not send them still parses
+    # (and still passes hivemind's SchemaValidator: see `dict` below). Filled from the
+    # node's status() by `status_record_fields`.
+    hardware_info: Optional[HardwareInfo] = None
+    suspended: conlist(constr(strict=True, max_length=64), max_items=16) = []  # the Suspension's reasons
+    contribution: Optional[Contribution] = None
+    last_round: conlist(ModuleOutcome, max_items=64) = []  # per module, the node's last round
+
+    def dict(self, **kwargs):
+        """hivemind's SchemaValidator accepts a value only if parsing it changes nothing: a
+        record that left out the optional monitoring fields must not come back with their
+        defaults filled in."""
+        out = super().dict(**kwargs)
+        for name in MONITORING_FIELDS:
+            if name not in self.__fields_set__:
+                out.pop(name, None)
+        return out
+    # --- end of monitoring fields -----------------------------------------------------
 
 
 class SwarmSchema(pydantic.BaseModel):
@@ -189,6 +244,47 @@ class SwarmRecords:
 
 def new_peer_record(**fields) -> PeerRecord:
     defaults = dict(loss=None, tokens_per_s=0.0, tokens=0, version=__version__, hardware=hardware_summary(),
-                    reachability="public", maddrs=[], sync={}, paused=None, time=time.time())
+                    reachability="public", maddrs=[], sync={}, paused=None, time=time.time(),
+                    hardware_info=hardware_info())
     defaults.update(fields)
     return PeerRecord(**defaults)
+
+
+# --- monitoring helpers (issue 13) ----------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def hardware_info() -> HardwareInfo:
+    """This machine's CPU, RAM and (if torch sees one) GPU; read once per process."""
+    import os
+    import psutil
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = gpu_memory = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu, gpu_memory = props.name[:128], int(props.total_memory)
+    return HardwareInfo(cpu=cpu[:128], cpu_count=int(os.cpu_count() or 0),
+                        ram_bytes=int(psutil.virtual_memory().total), gpu=gpu, gpu_memory_bytes=gpu_memory)
+
+
+def status_record_fields(status: dict) -> dict:
+    """The monitoring fields of a peer record, from `SwarmNode.status()`:
+    `new_peer_record(..., **status_record_fields(node.status()))`."""
+    outcomes = [ModuleOutcome(module=str(m)[:32], outcome=str(o.get("outcome", "ok"))[:16],
+                              peers=max(int(o.get("peers", 1)), 0))
+                for m, o in list((status.get("last_round") or {}).items())[:64]]
+    return {
+        "suspended": [str(r)[:64] for r in sorted(status.get("suspended") or [])[:16]],
+        "contribution": Contribution(tokens=max(int(status.get("tokens", 0)), 0),
+                                     rounds=max(int(status.get("rounds_done", 0)), 0),
+                                     rounds_averaged=max(int(status.get("rounds_averaged", 0)), 0),
+                                     seconds=max(float(status.get("uptime_s", 0.0)), 0.0)),
+        "last_round": outcomes,
+    }
+# --- end of monitoring helpers --------------------------------------------------------
