@@ -149,6 +149,7 @@ class NodeState:
         self._view: Optional[SwarmView] = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.metrics = NodeMetrics(node, view=lambda: self._view, registry=registry)
 
@@ -164,6 +165,7 @@ class NodeState:
 
     def on_round(self, report) -> None:
         self.metrics.on_round(report)
+        self._wake.set()  # the peers' records changed with the round: re-read them now
         with self._lock:
             self.rounds.append({
                 "round": report.round, "loss": report.loss, "tokens_per_s": report.tokens_per_s,
@@ -194,7 +196,9 @@ class NodeState:
                     self.refresh()
                 except Exception as e:  # the DHT is best effort: keep the last view
                     logger.debug("swarm view refresh failed: %s", e)
-                if self._stop.wait(self.refresh_s):
+                self._wake.wait(self.refresh_s)
+                self._wake.clear()
+                if self._stop.is_set():
                     return
 
         self._thread = threading.Thread(target=run, name="p2ptrain-swarm-view", daemon=True)
@@ -203,6 +207,7 @@ class NodeState:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.metrics.stop()

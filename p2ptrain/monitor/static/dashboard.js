@@ -40,8 +40,9 @@ function lineChart(svg, series, label) {
   const sy = (y) => H - B - (y - y0) / (y1 - y0) * (H - T - B);
   mk("text", {x: 2, y: T + 8}).textContent = fmt.num(y1, y1 < 100 ? 2 : 0);
   mk("text", {x: 2, y: H - B}).textContent = fmt.num(y0, y0 < 100 ? 2 : 0);
-  mk("text", {x: L, y: H - 6}).textContent = fmt.num(x0);
-  mk("text", {x: W - R - 40, y: H - 6}).textContent = fmt.num(x1);
+  const xd = x1 - x0 < 10 ? 1 : 0;
+  mk("text", {x: L, y: H - 6}).textContent = fmt.num(x0, xd);
+  mk("text", {x: W - R - 30, y: H - 6}).textContent = fmt.num(x1, xd);
   mk("text", {x: W / 2 - 20, y: H - 6}).textContent = label;
   series.forEach((s, i) => {
     const pts = s.points.filter((p) => p[1] !== null && Number.isFinite(p[1]));
@@ -123,7 +124,7 @@ function renderNode(state) {
   const items = [["peer", n.peer_id], ["run", n.run_id], ["path", n.path], ["state", n.state], ["round", n.round],
     ["loss", fmt.loss(n.loss)], ["tokens/s", fmt.num(n.tokens_per_s)], ["tokens", fmt.num(n.tokens)],
     ["rounds this session", n.rounds_done], ["uptime", fmt.secs(n.uptime_s)], ["reachability", n.reachability]];
-  $("node").replaceChildren(...items.map(([k, v]) => el("div", {}, el("dt", {}, k), el("dd", {}, v))));
+  $("node").replaceChildren(...items.map(([k, v]) => el("div", {class: k === "peer" ? "wide" : ""}, el("dt", {}, k), el("dd", {}, v))));
   banner.hidden = n.suspended.length === 0;
   banner.textContent = n.suspended.length ? `suspended — ${n.suspended.join(", ")}` : "";
 }
