@@ -64,6 +64,7 @@ class SwarmView:
     coverage: dict[str, int]  # module -> live peers holding it
     tokens_per_s: float  # sum over live, unsuspended peers
     outcomes: dict[str, int]  # outcome -> modules with that outcome in the peers' last rounds
+    outcomes_from: int  # peers whose records report their last round (older peers don't)
     bootstrap: list[BootstrapState]
     taken_at: float
 
@@ -110,7 +111,7 @@ def build_view(run_id: str, grid: Optional[Grid], records: Iterable[PeerRecord],
     modules = grid.all_modules() if grid is not None else []
     coverage = {m: 0 for m in modules}
     outcomes = {o: 0 for o in ROUND_OUTCOMES}
-    rows, speed = [], 0.0
+    rows, speed, reporting = [], 0.0, 0
     newest: dict[str, PeerRecord] = {}
     for record in records:  # one row per peer: a restarted peer's older record may linger
         if record.peer_id not in newest or record.time > newest[record.peer_id].time:
@@ -125,6 +126,7 @@ def build_view(run_id: str, grid: Optional[Grid], records: Iterable[PeerRecord],
         suspended = list(record.suspended) or ([record.paused] if record.paused else [])
         if not suspended:
             speed += record.tokens_per_s
+        reporting += bool(record.last_round)
         for entry in record.last_round:
             if entry.outcome in outcomes:
                 outcomes[entry.outcome] += 1
@@ -140,7 +142,7 @@ def build_view(run_id: str, grid: Optional[Grid], records: Iterable[PeerRecord],
     rows.sort(key=lambda r: (r.path, r.peer_id))
     return SwarmView(run_id=run_id, run_found=grid is not None, levels=list(grid.levels) if grid else [],
                      modules=modules, peers=rows, coverage=coverage, tokens_per_s=speed, outcomes=outcomes,
-                     bootstrap=list(bootstrap), taken_at=now)
+                     outcomes_from=reporting, bootstrap=list(bootstrap), taken_at=now)
 
 
 # ------------------------------------------------------------------ text
@@ -163,7 +165,11 @@ def format_view(view: SwarmView) -> str:
         lines.append("coverage: " + "  ".join(f"{m}:{n}" for m, n in view.coverage.items())
                      + (f"   (uncovered: {', '.join(view.uncovered)})" if view.uncovered else ""))
     lines.append(f"swarm: {view.tokens_per_s:,.0f} tok/s")
-    lines.append("last rounds (modules): " + "  ".join(f"{o} {n}" for o, n in view.outcomes.items()))
+    if view.outcomes_from:
+        lines.append(f"last rounds of {view.outcomes_from} peers, by module: "
+                     + "  ".join(f"{o} {n}" for o, n in view.outcomes.items()))
+    else:
+        lines.append("last rounds: no peer's record reports them")
     for b in view.bootstrap:
         lines.append(f"bootstrap {b.address}: {b.state}" + (f" ({b.error})" if b.error else ""))
     return "\n".join(lines)

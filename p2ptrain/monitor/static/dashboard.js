@@ -109,9 +109,9 @@ function renderOutcomes(state) {
     table.append(tbody);
     box.append(table);
   }
-  if (state.swarm) {
+  if (state.swarm && state.swarm.outcomes_from > 0) {
     const counts = Object.entries(state.swarm.outcomes).map(([o, n]) => el("span", {class: `o-${o}`}, `${o} ${n}   `));
-    box.append(el("p", {}, "modules in the live peers' last rounds: ", ...counts));
+    box.append(el("p", {}, `modules in the last rounds of ${state.swarm.outcomes_from} live peers: `, ...counts));
   }
 }
 
