@@ -320,7 +320,10 @@ def _install_stop_handlers(stop_event) -> None:
 @data_option
 @swarm_options
 @click.option("--new-swarm", is_flag=True, help="Start a new DHT (no initial peers) and print its address.")
-@click.option("--run-id", default=None, help="Run to join when no --run-config is given. [default: the default run]")
+@click.option("--run-id", default=None, metavar="NAME[@CREATOR]",
+              help="Run to join when no --run-config is given; @CREATOR pins the run to its creator's peer id "
+                   "(printed by the creator), so nobody else's run record is ever used. [default: the default "
+                   "run, pinned on first join]")
 @click.option("--path", "path_text", default=None, help="Path to train, e.g. 1,0. [default: the least-covered path]")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--identity", default=None, type=click.Path(dir_okay=False),
@@ -372,7 +375,9 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     monitoring = (None, None)  # (NodeState, DashboardServer) with --metrics-port (issue 13)
     try:
         _install_stop_handlers(node.stop_requested)
-        info = {"event": "joined", "peer_id": node.peer_id, "run_id": opened.run_state.config.run.id,
+        run_name = opened.run_state.config.run.id
+        info = {"event": "joined", "peer_id": node.peer_id, "run_id": run_name,
+                "run_pin": f"{run_name}@{opened.creator}", "creator": opened.creator,
                 "created_run": opened.created_run, "path": path_name(node.session.path),
                 "modules": node.session.module_ids, "maddrs": opened.maddrs, "round": node.round,
                 "restored_round": opened.restored_round, "caught_up": opened.caught_up,
@@ -389,6 +394,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
             click.echo("visible multiaddrs (others pass one to --initial-peers):")
             for addr in opened.maddrs:
                 click.echo(f"  {addr}")
+            click.echo(f"run pin (others pass it to --run-id): {info['run_pin']}")
         if metrics_port is not None:  # --- monitoring (issue 13)
             from p2ptrain.cli_monitor import start_node_monitor
             monitoring = start_node_monitor(node, metrics_host, metrics_port, emit)

@@ -44,38 +44,39 @@ def open_observer(initial_peers, bootstrap_file, host_maddrs, run_id):
     from p2ptrain.cli import _initial_peers
     from p2ptrain.config import RunConfig
     from p2ptrain.swarm.dht import LOOPBACK_MADDRS, start_dht
-    from p2ptrain.swarm.records import SwarmRecords, make_validators
+    from p2ptrain.swarm.records import SwarmRecords, make_validators, split_run_id
     from p2ptrain.swarm.signals import children_ignore_sigint
 
     addrs, source = _initial_peers(initial_peers, bootstrap_file, False)
     if not addrs:
         raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR")
-    run_id = run_id or RunConfig.load().run.id
-    signer, validators = make_validators(run_id)
+    run_id = run_id or RunConfig.load().run.id  # NAME or NAME@CREATOR
+    name, creator = split_run_id(run_id)
+    signer, validators = make_validators(name)  # a throwaway key: an observer publishes nothing
     with children_ignore_sigint():
         # client mode: nobody routes DHT traffic through an observer
         dht = start_dht(addrs, host_maddrs=list(host_maddrs) or LOOPBACK_MADDRS, client_mode=True,
                         record_validators=validators)
-    return dht, SwarmRecords(dht, run_id, signer), run_id, addrs
+    return dht, SwarmRecords(dht, name, signer, creator=creator), run_id, addrs
 
 
 def read_view(records, addrs, dht, timeout: float, grid_cache: dict, wait_for_peers: bool):
     """One look at the swarm: the run's grid, live peers (waiting up to `timeout` for the
     first record), and whether each bootstrap peer answers."""
+    from p2ptrain.monitor.health import read_grid
     from p2ptrain.monitor.probe import bootstrap_states
     from p2ptrain.monitor.swarm_view import build_view
 
     deadline = time.monotonic() + timeout
-    if "grid" not in grid_cache:
-        published = records.fetch_run()
-        if published is not None:
-            grid_cache["grid"] = published.state.grid
+    if grid_cache.get("grid") is None:
+        grid_cache["grid"], grid_cache["creator"], grid_cache["problem"] = read_grid(records)
     found = records.fetch_peers()
     while wait_for_peers and not found and time.monotonic() < deadline:
         time.sleep(0.5)
         found = records.fetch_peers()
     bootstrap = bootstrap_states(dht, addrs, timeout_s=min(5.0, timeout))
-    return build_view(records.run_id, grid_cache.get("grid"), found, bootstrap=bootstrap)
+    return build_view(records.run_id, grid_cache["grid"], found, bootstrap=bootstrap,
+                      run_problem=grid_cache["problem"], creator=grid_cache["creator"])
 
 
 def run_peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json, watch, interval) -> None:

@@ -109,6 +109,10 @@ class AveragingConfig:
     averaging_timeout: float = _f(60.0, "Seconds before a round's all-reduce is abandoned", unit="s",
                                   lo=1.0, hi=3600.0)
     target_group_size: int = _f(64, "Most peers in one all-reduce group", lo=2, hi=4096)
+    round_seconds: float = _f(30.0, "Wall-clock length of a round on the swarm's shared schedule (DHT time): "
+                                    "every node ends its inner steps at the same moments, so peers that join at "
+                                    "any time average together; a node runs at most inner.steps_per_round steps "
+                                    "a round", unit="s", lo=1.0, hi=86400.0)
     overlap: bool = _f(False, "Average in the background during the next inner steps; apply one round late")
     sync_tolerance: float = _f(0.0, "Relative fingerprint difference above which peers re-sync a module "
                                     "(0: the wire codec's own bound)", lo=0.0, hi=1.0)
@@ -180,8 +184,10 @@ class RunConfig:
         betas = self.inner.betas
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise ConfigError(f"{source}: inner.betas must be two numbers in [0, 1), got {betas}")
-        if "." in self.run.id or not self.run.id or len(self.run.id) > 64 or not self.run.id.isprintable():
-            raise ConfigError(f"{source}: run.id must be 1-64 printable characters without '.', got {self.run.id!r}")
+        if (any(c in self.run.id for c in ".@") or not self.run.id or len(self.run.id) > 64
+                or not self.run.id.isprintable()):
+            raise ConfigError(f"{source}: run.id must be 1-64 printable characters without '.' or '@', "
+                              f"got {self.run.id!r}")
 
     # ---------------------------------------------------------------- output
 

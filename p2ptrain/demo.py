@@ -33,6 +33,8 @@ def demo_config(rounds: int, steps_per_round: int) -> str:
     config.inner.total_rounds = rounds
     config.inner.warmup_steps = min(config.inner.warmup_steps, steps_per_round)
     config.averaging.matchmaking_time = 4.0
+    # H steps take ~11 s on 2 shared cores with 4 peers; the rest of the round is averaging
+    config.averaging.round_seconds = 16.0
     config.validate("demo")
     return config.to_toml()
 
@@ -77,15 +79,16 @@ def launch_swarm(root: Path, config_file: Path, rounds: int, paths: list[str], e
     common = ["--run-config", str(config_file), "--host-maddrs", LOOPBACK, "--no-identity", "--device", device,
               "--max-rounds", str(rounds), "--wait-for-peers", str(len(paths))]
     peers: list[Peer] = []
-    first_addr = None
+    first_addr = run_pin = None
     try:
         for i, path in enumerate(paths):
             home = root / f"peer{i}"
             home.mkdir(parents=True, exist_ok=True)
-            swarm = ["--new-swarm"] if i == 0 else ["--initial-peers", first_addr]
+            # joiners pin the run to its creator, so no other run record could ever be used
+            swarm = ["--new-swarm"] if i == 0 else ["--initial-peers", first_addr, "--run-id", run_pin]
             peers.append(Peer(i, path, home, [*common, *swarm, "--path", path], events))
             if i == 0:
-                first_addr = _wait_for_join(events, peers[0])
+                first_addr, run_pin = _wait_for_join(events, peers[0])
     except BaseException:
         for peer in peers:
             peer.stop()
@@ -127,7 +130,8 @@ def main(rounds: int, steps_per_round: int, root: str) -> None:
     click.echo(f"demo finished in {time.monotonic() - t0:.0f} s")
 
 
-def _wait_for_join(events: "queue.Queue", first: Peer, timeout: float = 180.0) -> str:
+def _wait_for_join(events: "queue.Queue", first: Peer, timeout: float = 180.0) -> tuple[str, str]:
+    """The first peer's address and its run pin (run id @ creator), once it has joined."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -136,7 +140,7 @@ def _wait_for_join(events: "queue.Queue", first: Peer, timeout: float = 180.0) -
             continue
         if event.get("event") == "joined":
             click.echo(f"peer 0 started the swarm at {event['maddrs'][0]}")
-            return event["maddrs"][0]
+            return event["maddrs"][0], event["run_pin"]
         if event.get("event") == "exit":
             raise click.ClickException(f"the first peer exited with code {event['code']}; "
                                        f"see {first.home / 'peer.log'}")

@@ -32,10 +32,13 @@ class SwarmMonitor:
     def __init__(self, dht, run_id: str, *, initial_peers: Sequence[str] = (), refresh_s: float = 5.0,
                  probe_every_s: float = 60.0, probe_timeout_s: float = DEFAULT_TIMEOUT_S, probe: bool = True,
                  host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)):
-        from p2ptrain.swarm.records import SwarmRecords, make_validators
-        signer, _ = make_validators(run_id)  # reads only: the key signs nothing
-        self.records = SwarmRecords(dht, run_id, signer)
-        self.run_id = run_id
+        from p2ptrain.swarm.records import SwarmRecords, make_validators, split_run_id
+        name, creator = split_run_id(run_id)
+        signer, _ = make_validators(name)  # reads only: the key signs nothing
+        self.records = SwarmRecords(dht, name, signer, creator=creator)
+        self.run_id = name
+        self.run_problem: Optional[str] = None  # why the run record could not be used, if it could not
+        self.creator: Optional[str] = None  # the run creator's peer id
         self.initial_peers = list(initial_peers)
         self.refresh_s, self.probe_every_s, self.probe_timeout_s = refresh_s, probe_every_s, probe_timeout_s
         self.grid = None
@@ -44,7 +47,7 @@ class SwarmMonitor:
         self.probes: dict[str, ProbeResult] = {}
         self.bootstrap: list[BootstrapState] = []
         self._bootstrap_checked = 0.0
-        self.metrics = SwarmMetrics(lambda: self.view)
+        self.metrics = SwarmMetrics(lambda: self.view, impersonations=lambda: self.records.impersonations)
         self._rounds_seen: dict[str, int] = {}
         self._probe = ReachabilityProbe(host_maddrs=host_maddrs, start=False) if probe else None
         self._stop = threading.Event()
@@ -62,8 +65,7 @@ class SwarmMonitor:
         t0 = time.perf_counter()
         try:
             if self.grid is None:
-                published = self.records.fetch_run()
-                self.grid = published.state.grid if published is not None else None
+                self.grid, self.creator, self.run_problem = read_grid(self.records)
             found = self.records.fetch_peers()
         except Exception:
             self.metrics.refresh_failures.inc()
@@ -87,7 +89,8 @@ class SwarmMonitor:
             if seen is not None and record.round > seen:
                 self.metrics.on_peer_round({e.module: e.outcome for e in record.last_round})
             self._rounds_seen[record.peer_id] = record.round
-        view = build_view(self.run_id, self.grid, found, probes=self.probes, bootstrap=self.bootstrap, now=now)
+        view = build_view(self.run_id, self.grid, found, probes=self.probes, bootstrap=self.bootstrap, now=now,
+                          run_problem=self.run_problem, creator=self.creator)
         losses = [p.loss for p in view.peers if p.loss is not None]
         with self._lock:
             self.view = view
@@ -138,3 +141,17 @@ class SwarmMonitor:
             self._thread.join(timeout=120)
         if self._probe is not None:
             self._probe.shutdown()
+
+
+def read_grid(records) -> tuple:
+    """(the run's grid, its creator's peer id, why not): None, None and the reason when the
+    run record cannot be used (several creators, a version skew), which still lets the
+    peers be listed."""
+    from p2ptrain.errors import SwarmError
+    try:
+        published = records.fetch_run()
+    except SwarmError as e:
+        return None, None, str(e)
+    if published is None:
+        return None, None, None
+    return published.state.grid, published.creator, None

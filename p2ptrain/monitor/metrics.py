@@ -34,26 +34,22 @@ disable_created_metrics()
 PREFIX = "p2ptrain_"
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 GROUP_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
-REJECT_REASONS = ("non_finite", "other")  # why an average was not used (see reject_reason)
 MAX_SUSPEND_REASONS = 32  # distinct suspend-reason labels kept; more fold into "other"
-
-
-def reject_reason(text: str) -> str:
-    """The driver's free-text reason, folded into a bounded label."""
-    return "non_finite" if "non-finite" in text or "NaN" in text else "other"
+MAX_REJECT_REASONS = 32  # the driver's rejection reasons are a fixed vocabulary in its code
 
 
 def outcome_of(module_round) -> str:
-    """The same outcome words as `SwarmNode.status()`."""
+    """The driver's outcome word for one module's round (ModuleRound.outcome)."""
+    outcome = getattr(module_round, "outcome", None)
+    if isinstance(outcome, str):
+        return outcome
     if module_round.rejected:
         return "rejected"
     if module_round.partial:
         return "partial"
     if module_round.resynced_from:
         return "resynced"
-    if module_round.alone:
-        return "alone"
-    return "ok"
+    return "alone" if module_round.alone else "ok"
 
 
 def reason_label(reason: str) -> str:
@@ -104,8 +100,9 @@ class NodeMetrics:
                                        "outer (averaging and the outer step, training stalled), wall (whole round).",
                                        ["phase"], buckets=SECONDS_BUCKETS, registry=r)
         self.module_rounds = Counter("p2ptrain_module_rounds", "Outer steps per module, by outcome: ok (averaged "
-                                     "with peers), alone, partial (all-reduce partly failed), resynced (state "
-                                     "downloaded from a peer), rejected (average refused).",
+                                     "with peers), alone, partial (all-reduce partly failed), split (holders "
+                                     "disagree, no majority), resynced (state downloaded from a peer), rejected "
+                                     "(average refused), failed (the averaging itself failed).",
                                      ["module", "outcome"], registry=r)
         self.group_size = Histogram("p2ptrain_averaging_group_size", "Peers in a module's all-reduce group, this "
                                     "node included (1 = alone).", ["module"], buckets=GROUP_BUCKETS, registry=r)
@@ -117,8 +114,6 @@ class NodeMetrics:
         self.group_target.set(cfg.averaging.target_group_size)
         self.resyncs = Counter("p2ptrain_resyncs", "Module states downloaded from a peer after a round (behind, "
                                "drifted or partial).", ["module"], registry=r)
-        self.rejected = Counter("p2ptrain_rejected_contributions", "Averages refused, by reason.", ["reason"],
-                                registry=r)
         # values only the driver can measure: exported when its ModuleRound carries them
         self.matchmaking_seconds = Histogram("p2ptrain_matchmaking_seconds", "Seconds a module spent finding its "
                                              "group.", ["module"], buckets=SECONDS_BUCKETS, registry=r)
@@ -132,8 +127,6 @@ class NodeMetrics:
             for outcome in ROUND_OUTCOMES:
                 self.module_rounds.labels(module, outcome)
             self.resyncs.labels(module)
-        for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
         # --- suspension: seconds per reason, sampled once a second
         self.suspended_seconds = Counter("p2ptrain_suspended_seconds", "Seconds suspended, by reason (a node "
                                          "suspended for two reasons counts in both).", ["reason"], registry=r)
@@ -177,8 +170,6 @@ class NodeMetrics:
             self.group_fill.labels(module).set(min(size / possible, 1.0))
             if r.resynced_from:
                 self.resyncs.labels(module).inc()
-            if r.rejected:
-                self.rejected.labels(reject_reason(r.rejected)).inc()
             for attr, histogram in (("seconds_matchmaking", self.matchmaking_seconds),
                                     ("seconds_allreduce", self.allreduce_seconds)):
                 if getattr(r, attr, None) is not None:
@@ -249,6 +240,14 @@ class _NodeCollector(Collector):
         for reason in status["suspended"]:
             suspended.add_metric([self.metrics.reason_label(reason)], 1)
         yield suspended
+        rejected = CounterMetricFamily("p2ptrain_rejected_contributions", "Messages from peers refused (malformed "
+                                       "or implausible claims, states, all-reduce parts), by reason.",
+                                       labels=["reason"])
+        for reason, n in sorted((status.get("rejected") or {}).get("by_reason", {}).items())[:MAX_REJECT_REASONS]:
+            rejected.add_metric([reason_label(reason)], n)
+        yield rejected
+        yield _counter("p2ptrain_impersonated_records", "Peer records dropped because another key signed them.",
+                       getattr(node.records, "impersonations", 0))
         stats = getattr(node.session.store, "stats", None)
         if stats is not None:
             writes = SummaryMetricFamily("p2ptrain_checkpoint_write_seconds", "Seconds to write a checkpoint "
@@ -295,8 +294,10 @@ class SwarmMetrics:
     """Metrics of `monitor`: the swarm view at scrape time, plus counters the monitor
     accumulates as it watches (module rounds by outcome, probes)."""
 
-    def __init__(self, view: Callable[[], object], registry: Optional[CollectorRegistry] = None):
+    def __init__(self, view: Callable[[], object], registry: Optional[CollectorRegistry] = None,
+                 impersonations: Callable[[], int] = lambda: 0):
         self.view = view
+        self.impersonations = impersonations
         self.registry = registry or CollectorRegistry()
         r = self.registry
         add_build_info(r)
@@ -332,6 +333,8 @@ class _SwarmCollector(Collector):
     def collect(self) -> Iterable:
         view = self.metrics.view()
         yield from swarm_families(view)
+        yield _counter("p2ptrain_impersonated_records", "Peer records dropped because another key signed them.",
+                       self.metrics.impersonations())
         if view is not None:
             probed = GaugeMetricFamily("p2ptrain_swarm_peers_probed", "Peers announcing themselves public, by what "
                                        "the last probe found.", labels=["result"])

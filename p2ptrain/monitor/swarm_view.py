@@ -67,6 +67,8 @@ class SwarmView:
     outcomes_from: int  # peers whose records report their last round (older peers don't)
     bootstrap: list[BootstrapState]
     taken_at: float
+    run_problem: Optional[str] = None  # why the run record could not be used (e.g. two creators)
+    creator: Optional[str] = None  # peer id of the run's creator
 
     @property
     def uncovered(self) -> list[str]:
@@ -104,7 +106,8 @@ def hardware_text(record: PeerRecord) -> str:
 
 def build_view(run_id: str, grid: Optional[Grid], records: Iterable[PeerRecord], *,
                probes: Optional[Mapping[str, ProbeResult]] = None,
-               bootstrap: Sequence[BootstrapState] = (), now: Optional[float] = None) -> SwarmView:
+               bootstrap: Sequence[BootstrapState] = (), now: Optional[float] = None,
+               run_problem: Optional[str] = None, creator: Optional[str] = None) -> SwarmView:
     """The swarm view of `records` (already signature- and schema-checked by the DHT)."""
     now = time.time() if now is None else now
     probes = probes or {}
@@ -142,7 +145,8 @@ def build_view(run_id: str, grid: Optional[Grid], records: Iterable[PeerRecord],
     rows.sort(key=lambda r: (r.path, r.peer_id))
     return SwarmView(run_id=run_id, run_found=grid is not None, levels=list(grid.levels) if grid else [],
                      modules=modules, peers=rows, coverage=coverage, tokens_per_s=speed, outcomes=outcomes,
-                     outcomes_from=reporting, bootstrap=list(bootstrap), taken_at=now)
+                     outcomes_from=reporting, bootstrap=list(bootstrap), taken_at=now,
+                     run_problem=run_problem, creator=creator)
 
 
 # ------------------------------------------------------------------ text
@@ -150,7 +154,9 @@ def build_view(run_id: str, grid: Optional[Grid], records: Iterable[PeerRecord],
 def format_view(view: SwarmView) -> str:
     """The `peers` table: one row per live peer, then coverage, speed, outcomes, bootstrap."""
     lines = []
-    if not view.run_found:
+    if view.run_problem:
+        lines.append(f"run {view.run_id}: {view.run_problem}")
+    elif not view.run_found:
         lines.append(f"run {view.run_id}: no run record found on the DHT")
     lines.append(f"{len(view.peers)} live peers of run {view.run_id}")
     lines.append(f"{'peer':<10}{'path':<7}{'round':>6}{'loss':>8}{'tok/s':>9}  {'version':<8}{'reach':<12}"

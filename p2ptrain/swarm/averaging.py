@@ -1,15 +1,17 @@
 """One hivemind averager per module: all-reduce of pseudo-gradients among the peers whose
-paths contain the module, with checks that hivemind itself does not make.
+paths contain the module, with the checks hivemind itself does not make.
 
-hivemind returns normally when a peer dies mid all-reduce, leaving that peer's slice of
-the vector un-averaged (each survivor keeps its own values there), and its reducers add
-parts without checking them. So after every round we
-  * reject a non-finite average (a peer sent NaN/inf): the round falls back to our own Δ;
-  * compare random-projection fingerprints of the averaged Δ with the group (through the
-    DHT peer records): a mismatch means a partial all-reduce, and every peer but one
-    reference re-syncs the module's global state from that reference;
-  * compare round numbers and global-state fingerprints sent through `gather`: a peer
-    that is behind or has drifted re-syncs from one that is ahead.
+hivemind's reducers add whatever parts and weights senders declare, and a peer dying
+mid all-reduce does not fail `step()`: the slice it was reducing silently keeps each
+survivor's own values. Our averager (ModuleAverager, with CheckedAllReduceRunner):
+  * refuses parts of the wrong size, non-finite values and weights outside (0, tokens
+    per round], banning the sender from that all-reduce and reporting it;
+  * reports the values a failed reducer left un-averaged, so every survivor can treat
+    that slice alike (the node skips it this round) instead of drifting apart;
+  * serves its module's global state with a fingerprint, and downloads a peer's state
+    with a byte cap known from the module's own size;
+  * assembles its group as soon as all live holders of the module are in it.
+Whether holders still agree after a round is consistency.py's job.
 """
 
 from __future__ import annotations
@@ -97,57 +99,191 @@ def make_compression(name: str):
 
 def _averager_class():
     from hivemind.averaging import DecentralizedAverager
-    from hivemind.compression import deserialize_torch_tensor
+    from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+    from hivemind.averaging.load_balancing import load_balance_peers
+    from hivemind.averaging.matchmaking import MatchmakingException
+    from hivemind.averaging.partition import BannedException
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
     from hivemind.p2p import PeerID
     from hivemind.proto import averaging_pb2
-    from hivemind.utils.asyncio import aiter_with_timeout
+    from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, azip, as_aiter, enter_asynchronously
     from hivemind.utils.mpfuture import MPFuture
     from hivemind.utils.streaming import combine_from_streaming
+    from hivemind.utils.timed_storage import get_dht_time
+
+    class CheckedAllReduceRunner(AllReduceRunner):
+        """hivemind's butterfly all-reduce, with the checks its reducer does not make.
+
+        Each part a sender hands us to reduce must have the exact shape of our slice, finite
+        values, a wire size no larger than the slice uncompressed, and a declared weight that
+        is finite, positive and at most `max_weight` (the run's tokens per round): anything
+        else bans the sender from this all-reduce (hivemind then averages the slice without
+        it, the same for every member) and is reported. A reducer that fails us leaves its
+        slice un-averaged; we record which values, so the node can treat that slice the same
+        way on every survivor instead of keeping each survivor's own values.
+        """
+
+        def __init__(self, *, max_weight: float, **kwargs):
+            super().__init__(**kwargs)
+            self.max_weight = max_weight
+            self.rejected: dict[str, str] = {}  # sender → why its parts were refused
+            self.failed_ranges: list[tuple[int, int]] = []  # (offset, length) of un-averaged values
+            container = self.tensor_part_container
+            register_failed = container.register_failed_reducer
+
+            def register_failed_reducer(peer_index: int):
+                for part, _info in list(container._input_parts_by_peer[peer_index])[
+                        container._outputs_registered_by_peer[peer_index]:]:
+                    self.failed_ranges.append((part.storage_offset(), part.numel()))
+                register_failed(peer_index)
+
+            container.register_failed_reducer = register_failed_reducer
+
+        def _part_problem(self, part_index: int, msg, tensor) -> str | None:
+            shapes = self.tensor_part_reducer.part_shapes
+            if part_index >= len(shapes):
+                return "more parts than its slice has"
+            weight = msg.weight
+            if not (math.isfinite(weight) and 0.0 < weight <= self.max_weight):
+                return f"weight {weight!r} outside (0, {self.max_weight:g}]"
+            if tensor is None or tuple(tensor.shape) != tuple(shapes[part_index]):
+                return "a part of the wrong size"
+            if not torch.isfinite(tensor).all():
+                return "non-finite values"
+            return None
+
+        def _decode(self, part_index_box: list, msg):
+            """Deserialize a part only if its wire size fits the slice (checked before allocation)."""
+            shapes = self.tensor_part_reducer.part_shapes
+            index = part_index_box[0]
+            part_index_box[0] += 1
+            limit = 4 * (math.prod(shapes[index]) if index < len(shapes) else 0) + 4096
+            if len(msg.tensor_part.buffer) > limit:
+                return None, msg
+            try:
+                return deserialize_torch_tensor(msg.tensor_part), msg
+            except Exception:  # a malformed part: refused below like any other bad part
+                return None, msg
+
+        async def _accumulate_parts_streaming(self, stream, sender_index: int):
+            part_index, decoded = 0, [0]
+            sender = self.sender_peer_ids[sender_index]
+            try:
+                loop = asyncio.get_event_loop()
+                async for tensor_part, msg in amap_in_executor(
+                        lambda m: self._decode(decoded, m), stream, max_prefetch=self.tensor_part_container.prefetch):
+                    problem = self._part_problem(part_index, msg, tensor_part)
+                    if problem is not None:
+                        self.rejected[sender.to_base58()] = problem
+                        break  # the finally below bans the sender from this all-reduce
+                    try:
+                        averaged_part = await self.tensor_part_reducer.accumulate_part(
+                            sender_index, part_index, tensor_part, weight=msg.weight)
+                        part_index += 1
+                    except BannedException:
+                        break
+                    compression = msg.tensor_part.compression
+                    serialized_delta = await loop.run_in_executor(
+                        None, lambda: serialize_torch_tensor(averaged_part - tensor_part, compression))
+                    yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta)
+            finally:
+                if part_index != self.tensor_part_reducer.num_parts:
+                    await self._ban_sender(sender)
 
     class ModuleAverager(DecentralizedAverager):
-        """A DecentralizedAverager that serves a module's global state and can download it
-        from a chosen peer (hivemind's own `load_state_from_peers` picks by priority)."""
+        """A DecentralizedAverager for one module: checked all-reduce parts, a report of what
+        failed, a module state served to peers, downloads from chosen peers with a size cap,
+        and a group size that follows the module's live holders."""
 
-        def __init__(self, averaged_tensors, dht, *, state_provider: Callable[[], tuple[Any, list]], **kwargs):
+        def __init__(self, averaged_tensors, dht, *, state_provider: Callable[[], tuple[Any, list]],
+                     max_weight: float, **kwargs):
             self._state_provider = state_provider
+            self._max_weight = max_weight
             super().__init__(averaged_tensors, dht, **kwargs)
+
+        # ------------------------------------------------------------ all-reduce
+
+        async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
+            """As hivemind's, but returns {"gathered", "rejected", "failed"} instead of the gathered
+            values alone (runs in the averager's process; the result goes back through step())."""
+            try:
+                bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
+                user_gathered = {}
+                for peer_id, raw in zip(group_info.peer_ids, user_gathered_bytes):
+                    try:
+                        user_gathered[peer_id] = self.serializer.loads(raw)
+                    except Exception:  # undecodable: the node's protocol parser rejects None
+                        user_gathered[peer_id] = None
+                modes = tuple(map(AveragingMode, mode_ids))
+                download_bandwidths = [thr if mode != AveragingMode.CLIENT else 0.0
+                                       for thr, mode in zip(bandwidths, modes)]
+                peer_fractions = await asyncio.get_event_loop().run_in_executor(
+                    None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size)
+                async with enter_asynchronously(self.get_tensors()) as local_tensors:
+                    runner = await self._run_allreduce_inplace_(local_tensors, group_info,
+                                                                peer_fractions=peer_fractions, **kwargs)
+                    return {"gathered": user_gathered, "rejected": dict(runner.rejected),
+                            "failed": list(runner.failed_ranges)}
+            except BaseException as e:
+                if isinstance(e, Exception):
+                    logger.debug("all-reduce failed: %r", e)
+                raise MatchmakingException(f"Unable to run All-Reduce: {e}")
+
+        async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+            group_id = group_info.group_id if group_id is None else group_id
+            runner = CheckedAllReduceRunner(
+                p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+                ordered_peer_ids=group_info.peer_ids, max_weight=self._max_weight, **kwargs)
+            self._running_groups[group_id].set_result(runner)
+            if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+                async for tensor, update in azip(as_aiter(*tensors), runner):
+                    tensor.add_(update, alpha=self._averaging_alpha)
+                    self.last_updated = get_dht_time()
+                    self._state_updated.set()
+            return runner
+
+        def set_target_group_size(self, size: int) -> None:
+            """Assemble the group as soon as this many peers are in it (the module's live holders),
+            instead of waiting out the whole matchmaking window every round."""
+            self._outer_pipe.send(("_set_target_group_size", [int(size)], {}))
+
+        async def _set_target_group_size(self, size: int):
+            self._matchmaking.target_group_size = size
+
+        # ---------------------------------------------------------- module state
 
         def get_current_state(self):
             metadata, tensors = self._state_provider()
             return metadata, tensors, None
 
-        def download_state_from(self, peers: Sequence[str], timeout: float) -> Optional[tuple[Any, list]]:
-            """Try peers in order; (metadata, tensors) from the first that answers, else None."""
+        def download_state_from(self, peer: str, timeout: float, max_bytes: int) -> Optional[tuple[Any, list]]:
+            """(metadata, tensors) from one peer, or None; refuses more than max_bytes of tensors."""
             future = MPFuture()
-            self._outer_pipe.send(("_download_state_from", [], dict(peers=list(peers), timeout=timeout,
-                                                                   future=future)))
-            return future.result(timeout=timeout * max(len(peers), 1) + 10)
+            self._outer_pipe.send(("_download_state_from", [], dict(peer=peer, timeout=timeout,
+                                                                   max_bytes=max_bytes, future=future)))
+            return future.result(timeout=timeout + 10)
 
-        async def _download_state_from(self, peers: list, timeout: float, future):
+        async def _download_state_from(self, peer: str, timeout: float, max_bytes: int, future):
             try:
-                for peer_text in peers:
-                    peer = PeerID.from_base58(peer_text)
-                    if peer == self.peer_id:
-                        continue
-                    try:
-                        result = await asyncio.wait_for(self._download_one(peer, timeout), timeout)
-                    except Exception as e:  # a dead or misbehaving peer: try the next one
-                        logger.warning("state download from %s failed: %r", peer_text[-8:], e)
-                        continue
-                    if result is not None:
-                        future.set_result(result)
-                        return
-            finally:
-                if not future.done():
-                    future.set_result(None)
+                result = await asyncio.wait_for(self._download_one(PeerID.from_base58(peer), max_bytes), timeout)
+            except Exception as e:  # a dead, slow or misbehaving peer
+                logger.warning("state download from …%s failed: %r", peer[-8:], e)
+                result = None
+            if not future.done():
+                future.set_result(result)
 
-        async def _download_one(self, peer, timeout: float):
+        async def _download_one(self, peer, max_bytes: int):
             stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-            metadata, parts, tensors = None, [], []
-            async for message in aiter_with_timeout(stream, timeout=timeout):
+            metadata, parts, tensors, received = None, [], [], 0
+            async for message in stream:
                 if message.metadata:
+                    if metadata is not None or len(message.metadata) > 1 << 16:
+                        raise ValueError("more than one, or an oversized, metadata message")
                     metadata = self.serializer.loads(message.metadata)
+                received += len(message.tensor_part.buffer)
+                if received > max_bytes:
+                    raise ValueError(f"the state is larger than the module ({max_bytes} bytes)")
                 if message.tensor_part.dtype and parts:
                     tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
                     parts = []

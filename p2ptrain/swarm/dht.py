@@ -67,7 +67,7 @@ def check_maddrs(maddrs: Sequence[str], what: str, need_peer_id: bool = False) -
 def start_dht(initial_peers: Sequence[str], *, host_maddrs: Sequence[str] = LOOPBACK_MADDRS,
               announce_maddrs: Sequence[str] | None = None, client_mode: bool = False,
               identity_path: str | None = None, record_validators=(), attempts: int = 4,
-              backoff_s: float = 1.0):
+              backoff_s: float = 1.0, check_identity_free: bool = True):
     """Start a hivemind DHT node; with initial peers, retry with exponential backoff.
 
     Raises SwarmError when every attempt fails to reach any initial peer.
@@ -88,7 +88,7 @@ def start_dht(initial_peers: Sequence[str], *, host_maddrs: Sequence[str] = LOOP
                        announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
                        client_mode=client_mode, identity_path=identity_path,
                        record_validators=list(record_validators), use_relay=True,
-                       use_auto_relay=client_mode)
+                       use_auto_relay=client_mode, check_if_identity_free=check_identity_free)
         except (P2PDaemonError, TimeoutError, OSError) as e:
             last_error = e
             if not initial_peers:

@@ -17,11 +17,14 @@ from p2ptrain.config import RunConfig
 from p2ptrain.data.corpus import Document
 from p2ptrain.errors import SwarmError
 from p2ptrain.model.grid import PathIndex
+from p2ptrain.home import run_dir
 from p2ptrain.run_state import RunState, save_run_state
 from p2ptrain.swarm.dht import LOOPBACK_MADDRS, start_dht, visible_maddrs
+from p2ptrain.swarm.identity import Identity
 from p2ptrain.swarm.membership import least_covered_path
 from p2ptrain.swarm.node import SwarmNode
-from p2ptrain.swarm.records import SwarmRecords, make_validators
+from p2ptrain.swarm.records import PublishedRun, SwarmRecords, make_validators, split_run_id
+from p2ptrain.swarm.schedule import RoundSchedule
 from p2ptrain.swarm.signals import children_ignore_sigint
 from p2ptrain.train.session import PathSession
 
@@ -35,10 +38,10 @@ class JoinOptions:
     host_maddrs: Sequence[str] = LOOPBACK_MADDRS
     announce_maddrs: Sequence[str] | None = None
     client_mode: bool = False
-    identity_path: str | None = None
+    identity_path: str | None = None  # None: a throw-away identity for this run only
     path: str | None = None  # "1,0"; None picks the least-covered path
     run_config: RunConfig | None = None  # given explicitly: must match the swarm's
-    run_id: str | None = None  # which run to join when no config is given
+    run_id: str | None = None  # which run to join when no config is given: NAME or NAME@CREATOR
     device: str = "cpu"
     data_seed: int | None = None  # None: derived from the peer id, so two peers never draw the same batches
     catch_up: bool = True
@@ -50,6 +53,7 @@ class OpenNode:
     dht: object
     run_state: RunState
     created_run: bool
+    creator: str  # the run's creator (peer id): others pin the run with --run-id NAME@CREATOR
     maddrs: list[str]
     restored_round: int | None
     caught_up: dict[str, str] = field(default_factory=dict)
@@ -61,10 +65,34 @@ class OpenNode:
             self.dht.shutdown()
 
 
+def creator_pin_file(home: Path, run_id: str) -> Path:
+    return run_dir(home, run_id) / "creator"
+
+
+def load_creator_pin(home: Path, run_id: str) -> str | None:
+    """The run creator this home joined before (trust on first use)."""
+    path = creator_pin_file(home, run_id)
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def save_creator_pin(home: Path, run_id: str, creator: str) -> None:
+    path = creator_pin_file(home, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(creator + "\n")
+
+
 def resolve_run(records: SwarmRecords, given: RunConfig | None, default: RunConfig,
-                docs_loader: Callable[[], Sequence[Document]], may_create: bool = True) -> tuple[RunState, bool]:
-    """The swarm's run state; if the DHT has none under this run id, create and publish it."""
+                docs_loader: Callable[[], Sequence[Document]], own_peer_id: str,
+                may_create: bool = True) -> tuple[PublishedRun, bool]:
+    """The swarm's run (state, creator, epoch); if the DHT has none under this run id, create
+    and publish it with this node as its creator. Returns (run, created by us)."""
     published = records.fetch_run()
+    if published is None and records.creator is not None and records.creator != own_peer_id:
+        raise SwarmError(f"no run '{records.run_id}' from creator {records.creator} on the swarm: check the "
+                         "run id and creator, or that its peers are online")
     if published is None and not may_create:
         raise SwarmError(f"the swarm has no run '{records.run_id}': check the run id, or start that run "
                          "with --run-config FILE (whose run.id names it)")
@@ -74,42 +102,48 @@ def resolve_run(records: SwarmRecords, given: RunConfig | None, default: RunConf
                              f"(swarm {published.state.config.fingerprint()[:12]}, yours "
                              f"{given.fingerprint()[:12]}): drop --run-config to use the swarm's, or pick "
                              "another run.id to start a new run")
-        return published.state, False
+        return published, False
     config = given or default
     state = RunState.create(config, docs_loader())
     if not records.publish_run(state):
         raise SwarmError("could not publish the run state on the DHT")
-    winner = records.fetch_run()  # two creators at once: the earliest record wins everywhere
-    if winner is not None and winner.state.fingerprint() != state.fingerprint():
-        if given is not None and given.fingerprint() != winner.state.config.fingerprint():
-            raise SwarmError(f"another node created run '{records.run_id}' with a different config a moment "
-                             "earlier; pick another run.id")
-        return winner.state, False
-    return state, True
+    records.creator = own_peer_id
+    published = records.fetch_run()
+    if published is None:
+        raise SwarmError("published the run state but cannot read it back from the DHT")
+    return published, True
 
 
 def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequence[Document]]) -> OpenNode:
     from p2ptrain.train.inner import resolve_device
 
     default = options.run_config or RunConfig.load()
-    if options.run_config is not None and options.run_id and options.run_id != options.run_config.run.id:
-        raise SwarmError(f"--run-id {options.run_id} differs from run.id {options.run_config.run.id!r} in "
+    run_name, pinned_creator = split_run_id(options.run_id) if options.run_id else (None, None)
+    if options.run_config is not None and run_name and run_name != options.run_config.run.id:
+        raise SwarmError(f"--run-id {run_name} differs from run.id {options.run_config.run.id!r} in "
                          "--run-config: give one of them")
-    run_id = options.run_id or default.run.id
+    run_id = run_name or default.run.id
     if not options.initial_peers and not options.new_swarm:
         raise SwarmError("no initial peers: pass --initial-peers, list peers in bootstrap_peers.txt, "
                          "or start a new swarm with --new-swarm")
-    signer, validators = make_validators(run_id)
+    identity = Identity(Path(options.identity_path) if options.identity_path else None)
+    signer, validators = make_validators(run_id, identity.private_key)
     with children_ignore_sigint():
         dht = start_dht(options.initial_peers if not options.new_swarm else (), host_maddrs=options.host_maddrs,
                         announce_maddrs=options.announce_maddrs, client_mode=options.client_mode,
-                        identity_path=options.identity_path, record_validators=validators)
+                        identity_path=str(identity.path), record_validators=validators,
+                        check_identity_free=not identity.fresh)
+    identity.discard_temporary()
     try:
-        records = SwarmRecords(dht, run_id, signer)
+        own_peer_id = dht.peer_id.to_base58()
+        creator = pinned_creator or load_creator_pin(home, run_id)
+        records = SwarmRecords(dht, run_id, signer, creator=creator)
         docs = _cached(docs_loader)
-        state, created = resolve_run(records, options.run_config, default, docs, may_create=(
+        published, created = resolve_run(records, options.run_config, default, docs, own_peer_id, may_create=(
             options.run_config is not None or run_id == default.run.id))
+        state = published.state
         save_run_state(home, state)
+        save_creator_pin(home, run_id, published.creator)
         grid = state.grid
         if options.path is not None:
             path: PathIndex = grid.parse_path(options.path)
@@ -121,12 +155,13 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
         session = PathSession(state, path, docs(), resolve_device(options.device), home, data_seed)
         ckpt = session.restore()
         maddrs = visible_maddrs(dht)
-        node = SwarmNode(state, session, dht, records, client_mode=options.client_mode, maddrs=maddrs)
-        opened = OpenNode(node, dht, state, created, maddrs, ckpt.round if ckpt else None)
+        schedule = RoundSchedule(published.created, state.config.averaging.round_seconds)
+        node = SwarmNode(state, session, dht, records, schedule, client_mode=options.client_mode, maddrs=maddrs)
+        opened = OpenNode(node, dht, state, created, published.creator, maddrs, ckpt.round if ckpt else None)
         if options.catch_up:
             try:
                 opened.caught_up = node.catch_up()
-            except Exception:
+            except BaseException:
                 node.shutdown()
                 raise
         return opened

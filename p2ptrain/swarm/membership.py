@@ -11,10 +11,10 @@ from p2ptrain.swarm.records import PeerRecord
 
 
 def module_coverage(grid: Grid, peers: Iterable[PeerRecord], exclude_peer: str | None = None) -> Counter:
-    """Module id → number of live peers whose path contains it."""
+    """Module id → number of live, training (not suspended) peers whose path contains it."""
     coverage: Counter = Counter({m: 0 for m in grid.all_modules()})
     for peer in peers:
-        if peer.peer_id == exclude_peer:
+        if peer.peer_id == exclude_peer or peer.paused:
             continue
         try:
             modules = grid.modules_of(tuple(peer.path))
@@ -39,9 +39,10 @@ def least_covered_path(grid: Grid, peers: Iterable[PeerRecord], rng: random.Rand
 
 
 def peers_holding(grid: Grid, peers: Iterable[PeerRecord], module_id: str, exclude_peer: str) -> list[PeerRecord]:
+    """Live peers other than exclude_peer that train module_id now (suspended ones do not)."""
     out = []
     for peer in peers:
-        if peer.peer_id == exclude_peer:
+        if peer.peer_id == exclude_peer or peer.paused:
             continue
         try:
             if module_id in grid.modules_of(tuple(peer.path)):

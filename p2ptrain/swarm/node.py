@@ -1,47 +1,53 @@
-"""The swarm round driver: inner steps, then a DiLoCo outer step per module averaged with
-the module's peers, then consistency checks, progress records and a checkpoint.
+"""The swarm round driver: inner steps until the round's end on the swarm's clock, then a
+DiLoCo outer step per module averaged with the module's holders, then a majority check
+of every module's state, progress records and a checkpoint.
 
-Round rule (step-based): every node runs H = inner.steps_per_round inner steps, then
-looks for the peers of each of its modules. Peers that arrive within the matchmaking
-window (averaging.matchmaking_time, at most 3× that in total) average together; a slow
-peer that misses the window averages with whoever is there next time, and a module
-whose peers are all gone is updated with the node's own pseudo-gradient. So a slow peer
-delays fast ones by at most the window, and a lone peer never waits forever.
+Round rule (see schedule.py): round r ends at the same DHT time on every node. A node
+trains until then (at most inner.steps_per_round steps; a step that would end after the
+deadline is not started), then looks for the holders of each module, who arrive at the
+same moment. Peers that arrive within the matchmaking window (at most 3× it) average
+together, weighted by tokens; a module whose holders are all gone or suspended is
+updated with the node's own pseudo-gradient without waiting. So a slow peer delays fast
+ones by at most the window, and a lone peer never waits at all.
+
+Threads and what each owns:
+  * the driver (this file's `run`): the local model, the inner optimizer, the history;
+  * the overlap thread (averaging.overlap): module globals while a background round runs;
+  * the heartbeat: only reads (`status_record`) and publishes the peer record;
+  * hivemind's fetch thread: reads a module's state under its slot lock to serve it.
+Module globals, their round and their last step size are guarded by each slot's lock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
 from p2ptrain.model.grid import path_name
 from p2ptrain.run_state import RunState
-from p2ptrain.swarm.averaging import (averaging_part_bytes, fingerprint, fingerprint_distance, fingerprints_agree,
-                                      make_compression, module_averager_class, sync_tolerance)
+from p2ptrain.swarm.averaging import sync_tolerance
+from p2ptrain.swarm.consistency import Vouch, choose_lineage, judge
 from p2ptrain.swarm.membership import peers_holding
-from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, averager_prefix,
-                                    new_peer_record)
-from p2ptrain.swarm.signals import children_ignore_sigint
+from p2ptrain.swarm.overlap import Anchors, BackgroundRound
+from p2ptrain.swarm.protocol import Rejections, RoundClaim, parse
+from p2ptrain.swarm.records import PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, new_peer_record
+from p2ptrain.swarm.schedule import RoundSchedule
+from p2ptrain.swarm.slot import ModuleSlot
+from p2ptrain.swarm.state_transfer import fetch_verified_state
 from p2ptrain.swarm.suspension import Suspension
 from p2ptrain.train.session import PathSession
 
 logger = logging.getLogger(__name__)
 
-# Global copies of one module drift apart by wire-compression error each round (every
-# peer adds its own decompressed share of the average). Drift is tolerated up to this
-# many rounds' worth of that error, measured against the size of the last outer update,
-# plus fp32 round-off relative to the parameters themselves.
-DRIFT_ROUNDS = 20
-FP32_ROUNDOFF = 1e-6
-STATE_TIMEOUT_S = 30.0  # per-peer bound on a module state download
-SYNC_POLL_S, SYNC_POLL_MAX_S = 0.2, 2.0  # reads of the group's post-round fingerprints
+SYNC_POLL_S, SYNC_POLL_MAX_S = 0.2, 2.0  # reads of the holders' post-round fingerprints
+CATCH_UP_ATTEMPTS = 3  # reads of the holders' records before a newcomer starts from its own state
 
 
 @dataclass
@@ -52,8 +58,15 @@ class ModuleRound:
     alone: bool = False
     rejected: str | None = None  # why the average was not used, if it was not
     resynced_from: str | None = None
-    partial: bool = False
-    gathered: dict = field(default_factory=dict, repr=False)  # peer id → what it sent through `gather`
+    partial: bool = False  # some values were left un-averaged by a failed reducer (skipped this round)
+    split: bool = False  # holders disagree and no majority decides (nobody moved)
+    failed: str | None = None  # the round's averaging itself failed (an error on the averaging thread)
+    voters: int = 0  # holders whose fingerprints for this round were compared
+
+    @property
+    def outcome(self) -> str:
+        return ("failed" if self.failed else "rejected" if self.rejected else "resynced" if self.resynced_from
+                else "split" if self.split else "partial" if self.partial else "alone" if self.alone else "ok")
 
 
 @dataclass
@@ -68,89 +81,57 @@ class RoundReport:
     seconds_wall: float = 0.0  # the whole round, checkpoint included
 
 
-class ModuleSlot:
-    """A module's averager, its shared pseudo-gradient buffers and a lock over its global state."""
+class StepDeadline:
+    """`should_stop` for the inner loop: stop before a step that would end after `end`
+    (estimated from the previous steps), when stopping, or when suspended."""
 
-    def __init__(self, module_id: str, session: PathSession, dht, run_state: RunState, client_mode: bool):
-        cfg = run_state.config.averaging
-        self.module_id = module_id
-        self.outer = session.outer[module_id]
-        self.lock = threading.Lock()
-        self.round = 0
-        self.last_step_norm = 0.0  # size of the last outer update, the yardstick for drift
-        # One flat buffer, not one tensor per parameter: hivemind sends each tensor of an
-        # all-reduce with its own metadata, about 1 KB of it on the wire (measured on
-        # loopback: 400k values in 64 tensors cost 1.16-1.22x the all-reduce bound, in one
-        # tensor 1.02x). The buffer is cut into 16 parts (see averaging_part_bytes), so that
-        # even a small module is shared among up to 16 reducers.
-        self.numels = [p.numel() for p in self.outer.global_params]
-        buffers = [torch.zeros(sum(self.numels))]
-        part_bytes = averaging_part_bytes(sum(self.numels), cfg.compression)
-        mm = cfg.matchmaking_time
-        with children_ignore_sigint():
-            self.averager = module_averager_class()(
-                buffers, dht, start=True, prefix=averager_prefix(run_state.config.run.id, module_id),
-                state_provider=self.current_state, target_group_size=cfg.target_group_size, min_group_size=2,
-                min_matchmaking_time=mm, request_timeout=min(3.0, mm / 2), allreduce_timeout=cfg.averaging_timeout,
-                # a peer that stops sending (or dies) mid all-reduce is excluded after this long instead
-                # of failing the whole round; its slice is then caught by verify_round
-                next_chunk_timeout=max(2.0, cfg.averaging_timeout / 6),
-                compression=make_compression(cfg.compression), part_size_bytes=part_bytes, client_mode=client_mode,
-                declare_state_period=min(30.0, 6 * mm))
+    def __init__(self, schedule: RoundSchedule, end: float, stop: threading.Event, suspension: Suspension,
+                 step_seconds: float):
+        self.schedule, self.end, self.stop, self.suspension = schedule, end, stop, suspension
+        self.step_seconds = step_seconds  # running estimate of one step, carried across rounds
+        self._last: Optional[float] = None
 
-    @contextlib.contextmanager
-    def buffers(self) -> Iterator[list[torch.Tensor]]:
-        """The averager's shared buffer, as one view per parameter of the module."""
-        with self.averager.get_tensors() as (flat,):
-            yield [v.view_as(p) for v, p in zip(flat.split(self.numels), self.outer.global_params)]
-
-    def current_state(self):
-        """Served to peers that download this module (runs in hivemind's fetch thread)."""
-        with self.lock:
-            tensors = [p.clone() for p in self.outer.global_params] + [m.clone() for m in self.outer.momentum]
-            return {"module": self.module_id, "round": self.round}, tensors
-
-    def adopt(self, metadata, tensors) -> bool:
-        n = len(self.outer.global_params)
-        if (not isinstance(metadata, dict) or metadata.get("module") != self.module_id or len(tensors) != 2 * n
-                or any(t.shape != p.shape for t, p in zip(tensors, self.outer.global_params * 2))
-                or not all(torch.isfinite(t).all() for t in tensors)):
-            return False
-        with self.lock:
-            for dst, src in zip(self.outer.global_params + self.outer.momentum, tensors):
-                dst.copy_(src)
-            self.round = int(metadata["round"])
-        return True
+    def __call__(self) -> bool:
+        now = self.schedule.clock()
+        if self._last is not None:
+            self.step_seconds = 0.7 * self.step_seconds + 0.3 * (now - self._last)
+        self._last = now
+        return self.stop.is_set() or self.suspension.active or now + self.step_seconds > self.end
 
 
 class SwarmNode:
     def __init__(self, run_state: RunState, session: PathSession, dht, records: SwarmRecords,
-                 client_mode: bool = False, maddrs: list[str] | None = None):
+                 schedule: RoundSchedule, client_mode: bool = False, maddrs: list[str] | None = None):
         self.run_state = run_state
         self.cfg = run_state.config
         self.session = session
         self.dht = dht
         self.records = records
+        self.schedule = schedule
         self.client_mode = client_mode
         self.maddrs = maddrs or []
         self.peer_id = dht.peer_id.to_base58()
         self.slots = {m: ModuleSlot(m, session, dht, run_state, client_mode) for m in session.module_ids}
+        self.codec_tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
         self.history: list[RoundReport] = []
         self.sync: dict[str, ModuleSync] = {}
+        self.rejections = Rejections()
+        self.silent: Counter = Counter()  # peers that did not post their fingerprints in time, last round
         self.last_loss: float | None = None
         self.last_tps = 0.0
+        self.step_seconds = 0.0
         self.stop_requested = threading.Event()
         self.suspension = Suspension()  # set by the daemon's policy; read at safe points
         self.phase = "starting"  # starting | training | averaging | suspended | stopped
         self.started_at = time.time()
         self._peers_cache: list[PeerRecord] = []
         self._heartbeat: threading.Thread | None = None
-        self._background: threading.Thread | None = None  # overlap: last round's averaging
-        self._background_results: dict[str, ModuleRound] = {}
-        self._anchor: dict[str, list[torch.Tensor]] | None = None  # overlap: where this round started
         self._heartbeat_stop = threading.Event()
+        self._background: BackgroundRound | None = None  # overlap: last round's averaging
+        self._anchors = Anchors()
         for slot in self.slots.values():
             slot.round = session.round
+        self._update_sync()
 
     @property
     def round(self) -> int:
@@ -159,28 +140,60 @@ class SwarmNode:
     # ------------------------------------------------------------------ start
 
     def catch_up(self) -> dict[str, str]:
-        """Download each module's global state from the most advanced peer holding it, if
-        that peer is ahead of our own checkpoint. Returns module → peer it came from."""
-        peers = self.fetch_peers()
-        got = {}
-        for module_id, slot in self.slots.items():
-            holders = sorted(peers_holding(self.run_state.grid, peers, module_id, self.peer_id),
-                             key=lambda p: (-p.round, p.peer_id))
-            holders = [p for p in holders if p.round > slot.round]
-            if holders and self._download(slot, [p.peer_id for p in holders], min_round=slot.round + 1):
-                got[module_id] = holders[0].peer_id
+        """Adopt, for each module, the state the majority of its live holders vouch for, if it
+        differs from ours. Returns module → peer it came from. A newcomer follows the
+        majority, not the highest claim; with no majority it keeps its own state."""
+        got: dict[str, str] = {}
+        for attempt in range(CATCH_UP_ATTEMPTS):
+            peers = self.fetch_peers()
+            undecided = 0
+            for module_id, slot in self.slots.items():
+                if module_id in got:
+                    continue
+                claims = self._claims(peers, module_id)
+                if not claims:
+                    continue
+                lineage = choose_lineage(claims, self.schedule.max_plausible_round(), self.codec_tolerance)
+                if lineage is None:
+                    undecided += 1
+                    continue
+                reference = lineage[0]
+                mine = slot.vouch(self.peer_id)
+                if reference.round < mine.round or judge(mine, lineage, self.codec_tolerance).outcome == "agree":
+                    continue
+                source = fetch_verified_state(slot, [c.peer_id for c in lineage], reference, self.codec_tolerance,
+                                              self.rejections, self.peer_id)
+                if source is not None:
+                    got[module_id] = source
+                else:
+                    undecided += 1
+            if not undecided:
+                break
+            logger.info("catch-up: no verified majority yet for %d module(s); reading the records again",
+                        undecided)
+            time.sleep(2.0)
         if got:
             self.session.round = max(slot.round for slot in self.slots.values())
-            for slot in self.slots.values():
-                slot.round = self.session.round
+            for module_id in got:
+                self.session.adopt_global(module_id)
+            self._update_sync()
         return got
+
+    def _claims(self, peers: list[PeerRecord], module_id: str) -> list[Vouch]:
+        """The live holders' (not suspended) fingerprints of a module, as published."""
+        out = []
+        for peer in peers_holding(self.run_state.grid, peers, module_id, self.peer_id):
+            entry = peer.sync.get(module_id)
+            if entry is not None:
+                out.append(Vouch(peer.peer_id, entry.round, tuple(entry.fingerprint), entry.norm, entry.step))
+        return out
 
     # ------------------------------------------------------------------ rounds
 
     def wait_for_peers(self, count: int, timeout_s: float) -> int:
         """Block until `count` peers (this one included) have published records, or the
-        timeout passes; returns how many were seen. Starting a run together keeps the
-        first rounds of all peers aligned."""
+        timeout passes; returns how many were seen. Rounds are aligned on the swarm's
+        clock anyway; this only lets a demo start with everyone in."""
         deadline = time.monotonic() + timeout_s
         seen = 1
         while not self.stop_requested.is_set():
@@ -202,112 +215,126 @@ class SwarmNode:
             if time.monotonic() >= deadline:
                 logger.info("--max-minutes reached; stopping between rounds")
                 break
-            report = self.run_round(on_step=on_step)
-            if report is None:  # stopped mid-round: the round is abandoned
-                break
+            if self.suspension.active:
+                self._sit_out_suspension()
+                continue
+            # --- enter the round in progress on the swarm's clock (the next one if too little is left)
+            round_ = self.schedule.next_round_to_enter(max(1.5 * self.step_seconds, 0.05))
+            report = self.run_round(round_, on_step=on_step)
+            if report is None:  # stopped, or the swarm moved on while suspended: nothing to report
+                continue
             done += 1
             self.history.append(report)
             if on_round is not None:
                 on_round(report)
         if self._background is not None and not self.stop_requested.is_set():
             # overlap: land the last round's average so the model and checkpoint include it
-            self.history[-1].modules = self._finish_background()
-            self.history[-1].round = self.round
+            self.history[-1].modules = self._land_background()
+            self.history[-1].round = self.session.round
             for module_id in self.session.module_ids:
                 self.session.adopt_global(module_id)
-            self._anchor = None
+            self._anchors.reset()
             self.session.save_checkpoint()
+        self.phase = "stopped"
         self.session.store.wait()  # the last round's checkpoint is on disk when run() returns
         return self.history
 
-    def run_round(self, on_step=None) -> Optional[RoundReport]:
+    def run_round(self, round_: int, on_step=None) -> Optional[RoundReport]:
         H = self.cfg.inner.steps_per_round
-        # --- inner: H steps of the inner optimizer on this path's shard
+        end = self.schedule.end_of(round_)
+        # --- inner: steps until the round's end on the swarm's clock, at most H of them
+        self.phase = "training"
         t0 = time.perf_counter()
-        tokens, loss = self.session.inner_steps(H, on_step=on_step, should_stop=self.stop_requested.is_set)
-        t_inner = time.perf_counter() - t0
+        tokens, losses, inner_seconds = 0, [], 0.0
+        while True:
+            deadline = StepDeadline(self.schedule, end, self.stop_requested, self.suspension, self.step_seconds)
+            t_start = time.perf_counter()
+            n_tokens, loss = self.session.inner_steps(H - self._steps(tokens), on_step=on_step, should_stop=deadline)
+            inner_seconds += time.perf_counter() - t_start
+            self.step_seconds = deadline.step_seconds
+            if n_tokens:
+                tokens += n_tokens
+                losses.append((loss, n_tokens))
+            if self.stop_requested.is_set():
+                self._abandon_round()
+                return None
+            if not self.suspension.active:
+                break
+            # --- suspended mid-round: continue if the round is still on, else drop its steps
+            self._sit_out_suspension(catch_up=False)
+            if self.schedule.clock() + max(self.step_seconds, 0.05) >= end:
+                logger.info("round %d ended while suspended: dropping its %d stale inner steps and catching up",
+                            round_, self._steps(tokens))
+                self._abandon_round()
+                self.catch_up()
+                return None
+        if tokens == 0:
+            return None  # entered too late for even one step: the next round is ours
+        # a node that reached H steps early waits for the round's end: everyone averages at once
+        self.schedule.sleep_until(end, self.stop_requested)
         if self.stop_requested.is_set():
-            # stop between rounds only: discard the partial round, keep the agreed global state
-            # (with overlap, the average still in flight lands first so the checkpoint has it)
-            if self._background is not None:
-                self._finish_background()
-                self.session.save_checkpoint()
-            for module_id in self.session.module_ids:
-                self.session.adopt_global(module_id)
+            self._abandon_round()
             return None
-        report = RoundReport(self.round + 1, loss, tokens, tokens / max(t_inner, 1e-9), t_inner, 0.0)
+        loss = sum(l * n for l, n in losses) / tokens
+        report = RoundReport(round_, loss, tokens, tokens / max(inner_seconds, 1e-9), inner_seconds, 0.0)
         self.last_loss, self.last_tps = loss, report.tokens_per_s
+        # --- outer: average each module's pseudo-gradient with its holders, Nesterov step, verify
+        self.phase = "averaging"
         t1 = time.perf_counter()
         if self.cfg.averaging.overlap:
-            report.modules = self.overlapped_outer_step(tokens)
-            report.round = self.round
+            report.modules = self._overlapped_outer_step(round_, tokens)
+            report.round = self.session.round  # the round whose average just landed
         else:
-            # --- outer: average each module's pseudo-gradient with its peers, Nesterov step
-            report.modules = self.outer_step(tokens)
+            report.modules = self.outer_step(round_, tokens)
             self.publish_status()
-            # --- verify: peers of each module must now hold the same global state
-            self.verify_round(report.modules)
+            self.verify_round(round_, report.modules)
+            self.session.save_checkpoint(background=True)
         report.seconds_outer = time.perf_counter() - t1
-        self.session.save_checkpoint(background=True)
         report.seconds_wall = time.perf_counter() - t0
+        self.phase = "training"
         return report
 
-    # ------------------------------------------------------- overlapped rounds
-    #
-    # With averaging.overlap the all-reduce of round k runs in the background while round
-    # k+1 computes, and its outer update lands one round late (as in Streaming DiLoCo and
-    # hivemind's delayed updates). At the end of round k:
-    #     δ_k = local − anchor_k                 (this round's progress)
-    #     wait for round k−1's average; G ← Nesterov(G, mean Δ_{k−1})
-    #     local ← G + δ_k ;  anchor_{k+1} ← local
-    #     start averaging Δ_k = −δ_k in the background
-    # so the local model always equals the latest agreed global plus the progress whose
-    # average has not landed yet.
+    def _steps(self, tokens: int) -> int:
+        return tokens // (self.cfg.inner.batch_size * self.cfg.model.context)
 
-    def overlapped_outer_step(self, tokens: int) -> dict[str, ModuleRound]:
-        if self._anchor is None:
-            self._anchor = {m: [g.clone() for g in self.slots[m].outer.global_params] for m in self.slots}
-        deltas = {}
-        for module_id, anchor in self._anchor.items():
-            local = self.session.local_state(module_id)
-            deltas[module_id] = [a - local[n].detach().to("cpu", torch.float32)
-                                 for a, n in zip(anchor, self.slots[module_id].outer.names)]
-        finished = self._finish_background()  # round k−1's average, applied to the globals
-        for module_id, slot in self.slots.items():
-            state = {n: g - d for n, g, d in zip(slot.outer.names, slot.outer.global_params, deltas[module_id])}
-            self.session.model.load_module_state(module_id, state)
-            self._anchor[module_id] = [state[n].clone() for n in slot.outer.names]
+    def _abandon_round(self) -> None:
+        """Stop between rounds only: discard this round's local progress, keep the agreed
+        global state (with overlap, the average still in flight lands first so the
+        checkpoint has it)."""
+        if self._background is not None:
+            self._land_background()
+            self._anchors.reset()
+            self.session.save_checkpoint()
+        for module_id in self.session.module_ids:
+            self.session.adopt_global(module_id)
 
-        def average_in_background():
-            results = self.outer_step(tokens, deltas=deltas, adopt=False)
-            self.publish_status()
-            self.verify_round(results, adopt=False)
-            self._background_results = results
+    def _sit_out_suspension(self, catch_up: bool = True) -> None:
+        """Stay a polite DHT member (the heartbeat says why we are suspended; we are not
+        counted as a holder) until resumed; then catch up if the swarm moved on."""
+        self.phase = "suspended"
+        self.publish_status()
+        logger.info("suspended — %s", self.suspension.describe())
+        self.suspension.wait_until_resumed(self.stop_requested)
+        self.phase = "training"
+        self.publish_status()
+        if catch_up and not self.stop_requested.is_set():
+            got = self.catch_up()
+            if got:
+                logger.info("resumed: caught up %s from peers", ", ".join(got))
 
-        self._background = threading.Thread(target=average_in_background, name="p2ptrain-averaging", daemon=True)
-        self._background.start()
-        return finished
+    # ------------------------------------------------------------------ outer step
 
-    def _finish_background(self) -> dict[str, ModuleRound]:
-        """Wait for the averaging started one round ago; its results (empty if none)."""
-        if self._background is None:
-            return {}
-        self._background.join()
-        self._background = None
-        results, self._background_results = self._background_results, {}
-        return results
-
-    def outer_step(self, tokens: int, deltas: dict[str, list[torch.Tensor]] | None = None,
+    def outer_step(self, round_: int, tokens: int, deltas: dict[str, list[torch.Tensor]] | None = None,
                    adopt: bool = True) -> dict[str, ModuleRound]:
-        """Average each module's pseudo-gradient with its peers and apply the outer step.
+        """Average each module's pseudo-gradient with its holders and apply the outer step.
 
         deltas: the pseudo-gradients to average (default: global − local now).
         adopt: continue training from the new globals (False while training runs on).
         """
         peers = self.fetch_peers()
         avg_cfg = self.cfg.averaging
-        controls, own, gathers, results = {}, {}, {}, {}
-        weight = float(max(tokens, 1))
+        weight = int(max(tokens, 1))
+        controls, own, results = {}, {}, {}
         for module_id, slot in self.slots.items():
             with slot.buffers() as buffers:
                 if deltas is None:
@@ -315,23 +342,21 @@ class SwarmNode:
                 else:
                     for buf, d in zip(buffers, deltas[module_id]):
                         buf.copy_(d)
-                own[module_id] = [b.clone() for b in buffers]
                 if not all(torch.isfinite(b).all() for b in buffers):
                     # local training diverged: contribute nothing rather than poison the module
                     logger.error("module %s: this node's pseudo-gradient is not finite; contributing zero",
                                  module_id)
-                    for b, o in zip(buffers, own[module_id]):
+                    for b in buffers:
                         b.zero_()
-                        o.zero_()
-            global_fp, global_norm = fingerprint(slot.outer.global_params)
-            gathers[module_id] = {"round": slot.round, "global": global_fp, "norm": global_norm,
-                                  "step": slot.last_step_norm}
+                own[module_id] = [b.clone() for b in buffers]
             results[module_id] = ModuleRound()
-            if not peers_holding(self.run_state.grid, peers, module_id, self.peer_id):
-                results[module_id].alone = True  # nobody else holds it: don't wait for a group
+            holders = peers_holding(self.run_state.grid, peers, module_id, self.peer_id)
+            if not holders:
+                results[module_id].alone = True  # nobody else trains it now: don't wait for a group
                 continue
+            slot.averager.set_target_group_size(min(len(holders) + 1, avg_cfg.target_group_size))
             controls[module_id] = slot.averager.step(
-                gather=gathers[module_id], weight=weight,
+                gather=RoundClaim(round=round_, tokens=weight).dict(), weight=float(weight),
                 timeout=self._matchmaking_timeout(), allow_retries=True, wait=False)
 
         for module_id, slot in self.slots.items():
@@ -339,42 +364,59 @@ class SwarmNode:
             mean = own[module_id]
             if module_id in controls:
                 try:
-                    group = controls[module_id].result(timeout=self._matchmaking_timeout()
-                                                       + avg_cfg.averaging_timeout + 30)
-                    result.group = sorted(peer.to_base58() for peer in group)
-                    result.gathered = {peer.to_base58(): g for peer, g in group.items()}
-                    with slot.buffers() as buffers:
-                        averaged = [b.clone() for b in buffers]
-                    if all(torch.isfinite(t).all() for t in averaged):
-                        mean = averaged
-                    else:
-                        result.rejected = "non-finite values in the average (a peer sent NaN/inf)"
-                        logger.warning("module %s: %s; using our own pseudo-gradient this round",
-                                       module_id, result.rejected)
+                    outcome = controls[module_id].result(timeout=self._matchmaking_timeout()
+                                                         + avg_cfg.averaging_timeout + 30)
+                    mean = self._accept_average(module_id, round_, outcome, result, own[module_id])
                 except Exception as e:  # no group found in time, or the all-reduce failed
                     result.alone = True
                     logger.info("module %s averaged alone this round: %s", module_id, e)
-            with slot.lock:
-                scale = self._sharing_scale(module_id)
-                slot.outer.apply(mean, scale)
-                slot.round += 1
-            slot.last_step_norm = self.cfg.outer.lr * scale * math.sqrt(sum(float((d.double() ** 2).sum())
-                                                                            for d in mean))
+            slot.apply_outer_step(mean, self._sharing_scale(module_id), self.cfg.outer.lr, round_)
             if adopt:
                 self.session.adopt_global(module_id)
-            fp, norm = fingerprint(mean)
-            self.sync[module_id] = ModuleSync(round=slot.round, fingerprint=fp, scale=norm)
-        self.session.round = max(slot.round for slot in self.slots.values())
+        self.session.round = round_
+        self._update_sync()
         return results
 
+    def _accept_average(self, module_id: str, round_: int, outcome: dict, result: ModuleRound,
+                        own: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Read what the all-reduce returned: who was in the group and what they claimed (each
+        claim parsed, a bad one reported), whom our reducer refused, and which values a failed
+        reducer left un-averaged. Returns the mean pseudo-gradient to step with."""
+        slot = self.slots[module_id]
+        gathered = outcome.get("gathered", {})
+        result.group = sorted(peer.to_base58() for peer in gathered)
+        for peer, claim in gathered.items():
+            peer_id = peer.to_base58()
+            if peer_id == self.peer_id:
+                continue
+            parsed, why = parse(RoundClaim, claim)
+            if parsed is None:
+                self.rejections.add(peer_id, "malformed round claim", why)
+            elif parsed.round != round_:
+                self.rejections.add(peer_id, "a claim for another round", f"{parsed.round} vs {round_}")
+        for peer_id, why in outcome.get("rejected", {}).items():
+            self.rejections.add(peer_id, "all-reduce part refused by our reducer", why)
+        with slot.averager.get_tensors() as (flat,):
+            averaged = flat.clone()
+        failed = outcome.get("failed", [])
+        if failed:
+            # a reducer failed us: its slice holds our own values. Every survivor missed the
+            # same slice, so every survivor skips it this round and the globals stay equal.
+            for offset, length in failed:
+                averaged[offset:offset + length] = 0.0
+            result.partial = True
+            logger.warning("module %s: %d values were left un-averaged by a failed reducer; skipped this round",
+                           module_id, sum(n for _, n in failed))
+        if not torch.isfinite(averaged).all():
+            result.rejected = "non-finite values in the average (a reducer returned NaN/inf)"
+            logger.warning("module %s: %s; using our own pseudo-gradient this round", module_id, result.rejected)
+            return own
+        return [v.view_as(p) for v, p in zip(averaged.split(slot.numels), slot.outer.global_params)]
+
     def _matchmaking_timeout(self) -> float:
-        """How long a module looks for its peers: up to 3 windows, so a slow peer delays fast
-        ones by at most that. With overlap nobody waits on it (training goes on), so peers
-        out of phase get up to most of a round to meet."""
-        window = 3 * self.cfg.averaging.matchmaking_time
-        if self.cfg.averaging.overlap and self.history:
-            return max(window, 0.8 * self.history[-1].seconds_inner)
-        return window
+        """How long a module looks for its holders: up to 3 windows, so a slow peer delays
+        fast ones by at most that (everyone arrives at the same moment of the schedule)."""
+        return 3 * self.cfg.averaging.matchmaking_time
 
     def _sharing_scale(self, module_id: str) -> float:
         """DiPaCo's optional rescaling of a module's outer gradient by the paths sharing it."""
@@ -382,116 +424,112 @@ class SwarmNode:
             return 1.0
         return 1.0 / len(self.run_state.grid.paths_containing(module_id))
 
+    def _update_sync(self) -> None:
+        """The fingerprints this node vouches for in its peer record."""
+        for module_id, slot in self.slots.items():
+            v = slot.vouch(self.peer_id)
+            self.sync[module_id] = ModuleSync(round=v.round, fingerprint=list(v.fingerprint), norm=v.norm,
+                                              step=v.step)
+
+    # ------------------------------------------------------------- overlapped rounds
+
+    def _overlapped_outer_step(self, round_: int, tokens: int) -> dict[str, ModuleRound]:
+        deltas = self._anchors.progress(self.slots, self.session)
+        finished = self._land_background()  # round k−1's average, applied to the globals
+        self._anchors.rebase(self.slots, self.session, deltas)
+        # checkpoint now: the globals are consistent and no averaging thread is touching them
+        self.session.save_checkpoint(background=True)
+
+        def average_in_background() -> dict[str, ModuleRound]:
+            results = self.outer_step(round_, tokens, deltas=deltas, adopt=False)
+            self.publish_status()
+            self.verify_round(round_, results, adopt=False)
+            return results
+
+        self._background = BackgroundRound(round_, average_in_background)
+        return finished
+
+    def _land_background(self) -> dict[str, ModuleRound]:
+        """Wait for the averaging started one round ago; its results (empty if none)."""
+        if self._background is None:
+            return {}
+        background, self._background = self._background, None
+        results, error = background.finish(timeout=self._matchmaking_timeout()
+                                           + 2 * self.cfg.averaging.averaging_timeout + 60)
+        if error is not None:
+            logger.error("round %d: averaging failed on its thread: %r; training goes on from the last "
+                         "agreed state", background.round, error)
+            return {m: ModuleRound(failed=repr(error)[:200]) for m in self.slots}
+        return results
+
     # ------------------------------------------------------------------ checks
 
-    def verify_round(self, results: dict[str, ModuleRound], adopt: bool = True) -> None:
-        """Re-sync any module that this round left inconsistent with its group."""
-        tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
-        sources: dict[str, tuple[str, int]] = {}  # module → (peer to download from, least round)
-        to_compare: dict[str, dict[str, int]] = {}  # module → {member: round its sync entry must carry}
+    def verify_round(self, round_: int, results: dict[str, ModuleRound], adopt: bool = True) -> None:
+        """Compare every module's new global state with the other holders' for this round, and
+        re-sync a module whose state a strict majority of them does not share."""
+        mine = {m: slot.vouch(self.peer_id) for m, slot in self.slots.items()}
+        claims = self._wait_for_claims(round_, results, mine)
         for module_id, result in results.items():
-            if not result.gathered or result.alone:
-                continue
-            source = self._source_if_behind_or_drifted(module_id, result.gathered, tolerance)
-            if source is not None:
-                sources[module_id] = source
-            else:
-                to_compare[module_id] = {p: int(g.get("round", -1)) + 1
-                                         for p, g in result.gathered.items() if p != self.peer_id}
-        # a partial all-reduce: compare fingerprints of the averaged Δ with the group
-        for module_id, others in self._wait_for_group_sync(to_compare).items():
-            slot, mine = self.slots[module_id], self.sync[module_id]
-            distances = {p: fingerprint_distance(mine.fingerprint, s.fingerprint, max(s.scale, mine.scale))
-                         for p, s in others.items()}
-            logger.debug("module %s round %d: fingerprint distances %s (tolerance %g)", module_id, slot.round,
-                         {p[-8:]: round(d, 6) for p, d in distances.items()}, tolerance)
-            mismatched = [p for p, d in distances.items() if d > tolerance]
-            if mismatched:
-                results[module_id].partial = True
-                reference = min([self.peer_id, *others])  # the same choice on every survivor
-                logger.warning("module %s: round %d was only partly averaged (%d of %d peers disagree)%s",
-                               module_id, slot.round, len(mismatched), len(others),
-                               "" if reference == self.peer_id else f"; re-syncing from {reference[-8:]}")
-                if reference != self.peer_id:
-                    sources[module_id] = (reference, slot.round)
-        for module_id, (source, min_round) in sources.items():
-            result = results[module_id]
-            fallback = [p for p in result.group if p not in (source, self.peer_id)]
-            if self._download(self.slots[module_id], [source, *fallback], min_round=min_round):
-                result.resynced_from = source
-                if adopt:
-                    self.session.adopt_global(module_id)
-        self.session.round = max(slot.round for slot in self.slots.values())
+            verdict = judge(mine[module_id], claims.get(module_id, []), self.codec_tolerance)
+            result.voters = verdict.voters
+            if verdict.outcome == "tie":
+                result.split = True
+                logger.warning("module %s: round %d holders disagree and no majority decides (%d voters); "
+                               "keeping this node's state until a majority forms", module_id, round_,
+                               verdict.voters)
+            elif verdict.outcome == "minority":
+                logger.warning("module %s: this node's round %d state differs from the majority of %d "
+                               "holders; re-syncing from it", module_id, round_, verdict.voters)
+                source = fetch_verified_state(self.slots[module_id], verdict.sources, verdict.reference,
+                                              self.codec_tolerance, self.rejections, self.peer_id)
+                if source is not None:
+                    result.resynced_from = source
+                    if adopt:
+                        self.session.adopt_global(module_id)
+        if any(r.resynced_from for r in results.values()):
+            self._update_sync()
+            self.publish_status()
 
-    def _source_if_behind_or_drifted(self, module_id: str, gathered: dict[str, dict],
-                                     tolerance: float) -> Optional[tuple[str, int]]:
-        """(the most advanced member, the round to download) if this node was behind it or had
-        drifted from it before this round, else None."""
-        ahead = max(gathered.items(), key=lambda kv: (kv[1].get("round", -1), _neg(kv[0])))
-        if ahead[0] == self.peer_id:
-            return None
-        mine, their = gathered.get(self.peer_id, {}), ahead[1]
-        behind = mine.get("round", -1) < their.get("round", -1)
-        allowed = (DRIFT_ROUNDS * tolerance * float(their.get("step", 0.0))
-                   + FP32_ROUNDOFF * float(their.get("norm", 0.0)))
-        drifted = not fingerprints_agree(mine.get("global", []), their.get("global", []), 1.0, allowed)
-        if not (behind or drifted):
-            return None
-        logger.warning("module %s: %s peer %s before this round; re-syncing from it", module_id,
-                       "behind" if behind else "drifted from", ahead[0][-8:])
-        return ahead[0], int(their.get("round", 0)) + 1
+    def _wait_for_claims(self, round_: int, results: dict[str, ModuleRound],
+                         mine: dict[str, Vouch]) -> dict[str, list[Vouch]]:
+        """The other holders' fingerprints for this round, per module.
 
-    def _wait_for_group_sync(self, expected: dict[str, dict[str, int]]) -> dict[str, dict[str, ModuleSync]]:
-        """Group members' fingerprints of this all-reduce's averaged Δ, for every module at once.
-
-        expected: module → {member → the round its entry for this all-reduce carries (its
-        round before the step, as sent through `gather`, plus one)}. Members finish at
-        different times (a dead peer costs the others up to the reducer timeout), so wait up
-        to averaging_timeout; a member that has already posted a later round is not waited
-        for. One DHT read serves all modules, and reads back off from SYNC_POLL_S to
-        SYNC_POLL_MAX_S: most members post within a fraction of a second, and the reads are
-        the largest DHT traffic of a round.
+        Waits (bounded by twice the matchmaking window) for the members of each module's
+        group, but not for members that were silent last round, and stops early once a
+        strict majority of the expected voters agrees with us: the remaining answers could
+        not change the verdict. One DHT read serves all modules; reads back off.
         """
-        deadline = time.monotonic() + self.cfg.averaging.averaging_timeout
-        found: dict[str, dict[str, ModuleSync]] = {m: {} for m in expected}
-        settled: dict[str, set[str]] = {m: set() for m in expected}
+        expected = {m: {p for p in r.group if p != self.peer_id and not self.silent[p]} for m, r in results.items()}
+        bound = time.monotonic() + min(self.cfg.averaging.averaging_timeout, 2 * self.cfg.averaging.matchmaking_time)
         pause = SYNC_POLL_S
-        while expected:
-            for peer in self.records.fetch_peers():
-                for module_id, rounds in expected.items():
-                    entry = peer.sync.get(module_id)
-                    if peer.peer_id not in rounds or entry is None:
-                        continue
-                    if entry.round == rounds[peer.peer_id]:
-                        found[module_id][peer.peer_id] = entry
-                    if entry.round >= rounds[peer.peer_id]:
-                        settled[module_id].add(peer.peer_id)
-            if all(settled[m] >= set(rounds) for m, rounds in expected.items()) or time.monotonic() >= deadline:
+        claims: dict[str, list[Vouch]] = {}
+        max_round = self.schedule.max_plausible_round()
+        while True:
+            peers = self.fetch_peers()
+            for peer in peers:
+                for entry in peer.sync.values():
+                    if entry.round > max_round:
+                        self.rejections.add(peer.peer_id, "a round that has not happened yet",
+                                            f"{entry.round} > {max_round}")
+                        break
+            claims = {m: [c for c in self._claims(peers, m) if c.round == round_] for m in results}
+            pending = {m: expected[m] - {c.peer_id for c in claims[m]} for m in results}
+            decided = all(not pending[m] or self._majority_agrees(mine[m], claims[m], len(expected[m]) + 1)
+                          for m in results)
+            if decided or time.monotonic() >= bound:
                 break
             time.sleep(pause)
             pause = min(pause * 1.5, SYNC_POLL_MAX_S)
-        return found
+        silent = set().union(*pending.values()) if results else set()
+        self.silent = Counter({p: 1 for p in silent})
+        if silent:
+            logger.info("round %d: %d group member(s) posted no fingerprints in time; not waited for next round",
+                        round_, len(silent))
+        return claims
 
-    def _download(self, slot: ModuleSlot, peers: list[str], min_round: int) -> bool:
-        """Adopt a module's global state from the first of `peers` that has round ≥ min_round."""
-        deadline = time.monotonic() + STATE_TIMEOUT_S
-        while time.monotonic() < deadline:
-            got = slot.averager.download_state_from(peers, timeout=STATE_TIMEOUT_S)
-            if got is not None:
-                metadata, tensors = got
-                if isinstance(metadata, dict) and int(metadata.get("round", -1)) >= min_round:
-                    if slot.adopt(metadata, tensors):
-                        logger.info("module %s: adopted round %d state from a peer", slot.module_id, slot.round)
-                        return True
-                    logger.warning("module %s: a peer sent a state of the wrong shape or with NaN; ignored",
-                                   slot.module_id)
-                    peers = peers[1:]
-                    if not peers:
-                        return False
-            time.sleep(0.5)
-        logger.warning("module %s: could not download its state from %d peers; continuing with ours",
-                       slot.module_id, len(peers))
-        return False
+    def _majority_agrees(self, mine: Vouch, claims: list[Vouch], voters: int) -> bool:
+        agreeing = 1 + sum(judge(mine, [c], self.codec_tolerance).outcome == "agree" for c in claims)
+        return 2 * agreeing > voters
 
     # ------------------------------------------------------------------ status
 
@@ -502,12 +540,12 @@ class SwarmNode:
             logger.warning("could not read peer records: %s", e)
         return self._peers_cache
 
-    def publish_status(self, paused: str | None = None) -> None:
-        record = new_peer_record(peer_id=self.peer_id, path=list(self.session.path), round=self.round,
-                                 loss=self.last_loss if self.last_loss is None or math.isfinite(self.last_loss)
-                                 else None, tokens_per_s=float(self.last_tps), tokens=int(self.session.tokens_seen),
+    def publish_status(self) -> None:
+        loss = self.last_loss if self.last_loss is not None and math.isfinite(self.last_loss) else None
+        record = new_peer_record(peer_id=self.peer_id, path=list(self.session.path), round=self.round, loss=loss,
+                                 tokens_per_s=float(self.last_tps), tokens=int(self.session.tokens_seen),
                                  reachability="client" if self.client_mode else "public", maddrs=self.maddrs,
-                                 sync=dict(self.sync), paused=paused)
+                                 sync=dict(self.sync), paused=self.suspension.describe())
         try:
             self.records.publish_peer(record)
         except Exception as e:
@@ -520,18 +558,18 @@ class SwarmNode:
         outcomes = {}
         if last is not None:
             for module_id, r in last.modules.items():
-                outcome = ("rejected" if r.rejected else "partial" if r.partial else
-                           "resynced" if r.resynced_from else "alone" if r.alone else "ok")
-                outcomes[module_id] = {"peers": len(r.group) if r.group else 1, "outcome": outcome}
+                outcomes[module_id] = {"peers": len(r.group) if r.group else 1, "outcome": r.outcome}
         return {
             "peer_id": self.peer_id, "run_id": self.cfg.run.id, "path": path_name(self.session.path),
             "modules": list(self.session.module_ids), "state": self.phase,
             "suspended": sorted(self.suspension.reasons()), "round": self.round,
+            "schedule_round": self.schedule.current_round(),
             "loss": self.last_loss if self.last_loss is not None and math.isfinite(self.last_loss) else None,
             "tokens_per_s": float(self.last_tps), "tokens": int(self.session.tokens_seen),
             "rounds_done": len(self.history), "uptime_s": round(time.time() - self.started_at, 1),
             "last_round": outcomes, "checkpoints": str(self.session.store.root),
             "reachability": "client" if self.client_mode else "public", "maddrs": list(self.maddrs),
+            "rejected": self.rejections.snapshot(),
         }
 
     def describe(self) -> str:
@@ -552,7 +590,7 @@ class SwarmNode:
 
     def shutdown(self) -> None:
         if self._background is not None:
-            self._background.join(timeout=self.cfg.averaging.averaging_timeout + 30)
+            self._background.finish(timeout=self.cfg.averaging.averaging_timeout + 30)
         self.session.store.wait()
         self._heartbeat_stop.set()
         if self._heartbeat is not None:
@@ -563,7 +601,3 @@ class SwarmNode:
             except Exception as e:
                 logger.debug("averager shutdown: %s", e)
 
-
-def _neg(peer_id: str) -> tuple:
-    """Sort key so that, among equal rounds, the smallest peer id wins a max()."""
-    return tuple(-ord(c) for c in peer_id)

@@ -1,11 +1,14 @@
 """Every DHT key of a run is built here, and every value is schema-checked and signed.
 
 Records live under `<run id>_<field>` with one subkey per writer: the writer's RSA
-public key. Every honest node installs the same validators, so only a key's owner can
-write its subkey, and malformed values are dropped on arrival.
+public key, which is also its libp2p identity (identity.py). Every honest node installs
+the same validators, so only a key's owner can write its subkey, and malformed values are
+dropped on arrival. On reading, a peer record counts only if the peer id it names is the
+peer id of the key that signed it, and a run record only if it comes from the run's
+creator (pinned: `--run-id NAME@CREATOR`, remembered in the home after the first join).
 
     <run>_run    the run state (config + router), published once by the run's creator
-    <run>_peers  one status record per live peer: path, round, speed, module sync fingerprints
+    <run>_peers  one status record per live peer: path, round, speed, module fingerprints
 """
 
 import functools
@@ -17,12 +20,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import pydantic.v1 as pydantic
-from pydantic.v1 import StrictBool, StrictFloat, StrictInt, StrictStr, confloat, conint, conlist, constr
+from pydantic.v1 import StrictFloat, StrictStr, confloat, conint, conlist, constr
 
 from hivemind.dht.schema import BytesWithPublicKey
 
 from p2ptrain import __version__
 from p2ptrain.run_state import RunState
+from p2ptrain.swarm.identity import owner_peer_id
 
 logger = logging.getLogger(__name__)
 
@@ -48,26 +52,35 @@ def averager_prefix(run_id: str, module_id: str) -> str:
 
 # ------------------------------------------------------------------ schemas
 
-class RunRecord(pydantic.BaseModel):
+class _Bounded(pydantic.BaseModel):
+    class Config:
+        allow_inf_nan = False  # a NaN or inf in a record is malformed, not a number
+
+
+class RunRecord(_Bounded):
     protocol: conint(ge=0, strict=True)
-    fingerprint: StrictStr
-    state: StrictStr  # RunState.to_json()
-    created: StrictFloat
-    p2ptrain_version: StrictStr
+    fingerprint: constr(strict=True, max_length=128)
+    state: constr(strict=True, max_length=4 << 20)  # RunState.to_json()
+    created: StrictFloat  # DHT time of creation: the epoch of the run's round schedule
+    p2ptrain_version: constr(strict=True, max_length=64)
 
 
-class ModuleSync(pydantic.BaseModel):
-    round: conint(ge=0, strict=True)
-    fingerprint: List[StrictFloat]  # random projections of the round's averaged pseudo-gradient
-    scale: confloat(ge=0.0, strict=True)  # its norm, to compare fingerprints relatively
+class ModuleSync(_Bounded):
+    """A holder's claim about one module: at `round`, its global state has this fingerprint."""
+
+    round: conint(ge=0, le=10 ** 9, strict=True)
+    fingerprint: conlist(StrictFloat, min_items=8, max_items=8)  # random projections of the global parameters
+    norm: confloat(ge=0.0, strict=True)  # their L2 norm
+    step: confloat(ge=0.0, strict=True)  # L2 norm of the holder's last outer update (drift yardstick)
 
 
 # --- monitoring schemas (issue 13) ----------------------------------------------------
 
-ROUND_OUTCOMES = ("ok", "alone", "partial", "resynced", "rejected")
+# the words of ModuleRound.outcome (swarm/node.py)
+ROUND_OUTCOMES = ("ok", "alone", "partial", "split", "resynced", "rejected", "failed")
 
 
-class HardwareInfo(pydantic.BaseModel):
+class HardwareInfo(_Bounded):
     """What the machine brings: shown by `peers` and the dashboard."""
 
     cpu: constr(strict=True, max_length=128)  # processor model
@@ -77,7 +90,7 @@ class HardwareInfo(pydantic.BaseModel):
     gpu_memory_bytes: Optional[conint(ge=0, strict=True)] = None
 
 
-class Contribution(pydantic.BaseModel):
+class Contribution(_Bounded):
     """What this node has contributed in its current session."""
 
     tokens: conint(ge=0, strict=True)  # tokens trained on
@@ -86,7 +99,7 @@ class Contribution(pydantic.BaseModel):
     seconds: confloat(ge=0.0, strict=True)  # time since the node started
 
 
-class ModuleOutcome(pydantic.BaseModel):
+class ModuleOutcome(_Bounded):
     module: constr(strict=True, max_length=32)
     outcome: constr(strict=True, max_length=16)  # one of ROUND_OUTCOMES
     peers: conint(ge=0, le=1_000_000, strict=True)  # group size, this node included
@@ -96,20 +109,29 @@ MONITORING_FIELDS = ("hardware_info", "suspended", "contribution", "last_round")
 # --- end of monitoring schemas --------------------------------------------------------
 
 
-class PeerRecord(pydantic.BaseModel):
-    peer_id: StrictStr
-    path: List[conint(ge=0, strict=True)]
-    round: conint(ge=0, strict=True)
+MAX_MODULES_PER_PATH = 64
+
+
+class PeerRecord(_Bounded):
+    peer_id: constr(strict=True, max_length=128)  # must be the peer id of the key that signed the record
+    path: conlist(conint(ge=0, le=4096, strict=True), max_items=MAX_MODULES_PER_PATH)
+    round: conint(ge=0, le=10 ** 9, strict=True)
     loss: Optional[StrictFloat]
     tokens_per_s: confloat(ge=0.0, strict=True)
     tokens: conint(ge=0, strict=True)
-    version: StrictStr
-    hardware: StrictStr
-    reachability: StrictStr  # "public" or "client" (behind NAT, dials out through relays)
-    maddrs: List[StrictStr]
-    sync: Dict[StrictStr, ModuleSync]
-    paused: Optional[StrictStr]
+    version: constr(strict=True, max_length=64)
+    hardware: constr(strict=True, max_length=256)
+    reachability: constr(strict=True, max_length=16)  # "public" or "client" (behind NAT, dials out through relays)
+    maddrs: conlist(constr(strict=True, max_length=256), max_items=16)
+    sync: Dict[constr(strict=True, max_length=64), ModuleSync]
+    paused: Optional[constr(strict=True, max_length=256)]  # suspend reasons, e.g. "on batteries, user active"
     time: StrictFloat
+
+    @pydantic.validator("sync")
+    def _few_modules(cls, value):
+        if len(value) > MAX_MODULES_PER_PATH + 1:
+            raise ValueError("too many modules")
+        return value
 
     # --- monitoring fields (issue 13) -------------------------------------------------
     # Optional and bounded, so a record from a peer that does not send them still parses
@@ -140,7 +162,10 @@ class SwarmSchema(pydantic.BaseModel):
 
 
 def make_validators(run_ids: Union[str, Sequence[str]], private_key=None):
-    """(signature validator, [validators to install in the DHT]) for one or more runs."""
+    """(signature validator, [validators to install in the DHT]) for one or more runs.
+
+    private_key: the node's identity key (identity.Identity), so that its records are
+    bound to its peer id; a random key only for observers that publish nothing."""
     from hivemind.dht.crypto import RSASignatureValidator
     from hivemind.dht.schema import SchemaValidator
     from hivemind.utils.crypto import RSAPrivateKey
@@ -162,17 +187,26 @@ def hardware_summary() -> str:
 @dataclass
 class PublishedRun:
     state: RunState
-    creator: bytes
-    created: float
+    creator: str  # the creator's peer id: the run's identity
+    created: float  # DHT time: the epoch of the round schedule
+    version: str
+
+
+def split_run_id(text: str) -> tuple[str, Optional[str]]:
+    """`NAME@CREATOR` → (NAME, CREATOR peer id); a bare NAME pins no creator."""
+    name, _, creator = text.partition("@")
+    return name, (creator or None)
 
 
 class SwarmRecords:
     """Reads and writes this run's records on the DHT, signed with this node's key."""
 
-    def __init__(self, dht, run_id: str, signer):
+    def __init__(self, dht, run_id: str, signer, creator: Optional[str] = None):
         self.dht = dht
         self.run_id = run_id
         self.signer = signer
+        self.creator = creator  # pinned run creator (peer id), once known
+        self.impersonations = 0  # peer records whose peer_id is not their signer's
         # hivemind's DHT takes commands over one pipe with no lock of its own; the
         # heartbeat thread and the round driver both write records
         self._lock = threading.Lock()
@@ -197,30 +231,53 @@ class SwarmRecords:
                            created=float(get_dht_time()), p2ptrain_version=__version__)
         return self._store(run_key(self.run_id), record.dict(), get_dht_time() + RUN_RECORD_TTL_S)
 
-    def fetch_run(self) -> Optional[PublishedRun]:
-        """The run as published by its creator: the earliest record wins a creation race."""
+    def run_creators(self) -> dict[str, RunRecord]:
+        """Every well-formed run record under this run id, by its signer's peer id."""
         found = self._get(run_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
-            return None
-        candidates = []
-        for creator, entry in found.value.items():
+            return {}
+        creators = {}
+        for subkey, entry in found.value.items():
+            creator = owner_peer_id(subkey)
             try:
                 record = RunRecord.parse_obj(entry.value)
-            except (pydantic.ValidationError, AttributeError, TypeError):
+            except (pydantic.ValidationError, AttributeError, TypeError, ValueError):
                 continue
-            candidates.append((record.created, bytes(creator), record))
-        if not candidates:
+            if creator is not None:
+                creators[creator] = record
+        return creators
+
+    def fetch_run(self) -> Optional[PublishedRun]:
+        """The run as published by its creator: the pinned one, else the only one there is.
+
+        A second writer of a run record is ignored whatever it claims: with a pin, records of
+        other keys never count; without one, several creators are an error naming them, so
+        the user pins the right one instead of us guessing (an earlier `created` is a claim
+        anyone can make).
+        """
+        from p2ptrain.errors import SwarmError
+        creators = self.run_creators()
+        if self.creator is not None:
+            record = creators.get(self.creator)
+            if record is None:
+                return None
+            creator = self.creator
+        elif not creators:
             return None
-        created, creator, record = min(candidates)
+        elif len(creators) > 1:
+            names = ", ".join(sorted(creators))
+            raise SwarmError(f"run '{self.run_id}' was published by {len(creators)} different keys ({names}): "
+                             f"pass --run-id {self.run_id}@CREATOR with the creator you trust")
+        else:
+            (creator, record), = creators.items()
         if record.protocol != PROTOCOL_VERSION:
-            from p2ptrain.errors import SwarmError
-            raise SwarmError(f"run '{self.run_id}' speaks protocol {record.protocol}, this p2ptrain "
-                             f"{__version__} speaks {PROTOCOL_VERSION}: upgrade to {record.p2ptrain_version}")
+            raise SwarmError(f"run '{self.run_id}' speaks protocol {record.protocol} (p2ptrain "
+                             f"{record.p2ptrain_version}); this p2ptrain {__version__} speaks protocol "
+                             f"{PROTOCOL_VERSION}: install the run's version to join it")
         state = RunState.from_json(record.state, f"run '{self.run_id}' on the DHT")
         if state.fingerprint() != record.fingerprint:
-            from p2ptrain.errors import SwarmError
             raise SwarmError(f"run '{self.run_id}' on the DHT: its run state does not match its own fingerprint")
-        return PublishedRun(state, creator, created)
+        return PublishedRun(state, creator, record.created, record.p2ptrain_version)
 
     # ------------------------------------------------------------ peer status
 
@@ -229,16 +286,22 @@ class SwarmRecords:
         return self._store(peers_key(self.run_id), record.dict(), get_dht_time() + ttl_s)
 
     def fetch_peers(self) -> list[PeerRecord]:
-        """Live peers' records (expired ones are gone from the DHT by themselves)."""
+        """Live peers' records (expired ones are gone from the DHT by themselves), each signed
+        by the key of the peer it names; a record naming another peer is dropped and counted."""
         found = self._get(peers_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
             return []
         peers = []
-        for entry in found.value.values():
+        for subkey, entry in found.value.items():
             try:
-                peers.append(PeerRecord.parse_obj(entry.value))
-            except (pydantic.ValidationError, AttributeError, TypeError):
+                record = PeerRecord.parse_obj(entry.value)
+            except (pydantic.ValidationError, AttributeError, TypeError, ValueError):
                 continue
+            if owner_peer_id(subkey) != record.peer_id:
+                self.impersonations += 1
+                logger.warning("ignored a peer record naming …%s, signed by another key", record.peer_id[-8:])
+                continue
+            peers.append(record)
         return peers
 
 

@@ -17,8 +17,10 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 
 def swarm_config(run_id: str, *, levels=(2, 2), stem: str = "shared", compression: str = "fp16",
-                 steps_per_round: int = 3, averaging_timeout: float = 30.0) -> RunConfig:
-    """A run small enough that rounds take well under a second of compute."""
+                 steps_per_round: int = 3, averaging_timeout: float = 30.0, round_seconds: float = 5.0,
+                 overlap: bool = False) -> RunConfig:
+    """A run small enough that rounds take well under a second of compute; rounds end every
+    round_seconds on the swarm's clock."""
     return RunConfig.from_dict({
         "run": {"id": run_id, "seed": 0},
         "model": {"d_model": 32, "n_heads": 2, "context": 32},
@@ -27,7 +29,7 @@ def swarm_config(run_id: str, *, levels=(2, 2), stem: str = "shared", compressio
         "inner": {"batch_size": 4, "steps_per_round": steps_per_round, "warmup_steps": 1},
         # generous windows: a loaded 2-core CI machine must still group every peer
         "averaging": {"compression": compression, "matchmaking_time": 4.0,
-                      "averaging_timeout": averaging_timeout},
+                      "averaging_timeout": averaging_timeout, "round_seconds": round_seconds, "overlap": overlap},
     })
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
+from p2ptrain.swarm.protocol import StateMetadata
 from p2ptrain.swarm.records import SwarmRecords, make_validators, new_peer_record, peers_key
 from tests.swarm.conftest import in_parallel, swarm_config
 
@@ -30,8 +31,8 @@ def test_an_average_poisoned_with_nan_is_rejected_and_the_node_steps_with_its_ow
             t.fill_(math.nan)
 
     # Execute: an honest outer step against a peer that sends NaN
-    reports, _ = in_parallel(lambda: a.node.outer_step(tokens=100),
-                             lambda: evil.step(gather={"round": 0}, weight=100.0, timeout=30))
+    reports, _ = in_parallel(lambda: a.node.outer_step(1, tokens=100),
+                             lambda: evil.step(gather={"round": 1, "tokens": 100}, weight=100.0, timeout=30))
 
     # Assert: the poisoned average was noticed and not used
     result = reports[module]
@@ -41,22 +42,27 @@ def test_an_average_poisoned_with_nan_is_rejected_and_the_node_steps_with_its_ow
         torch.testing.assert_close(got, g - 0.7 * 1.9 * (g - l), rtol=0, atol=1e-6)
 
 
-def test_a_downloaded_state_of_the_wrong_shape_or_with_nan_is_refused(swarm):
+def test_a_downloaded_state_is_adopted_only_if_it_is_what_the_majority_vouched_for(swarm):
     config = swarm_config("bad-state", levels=(1,))
     a = swarm.open(config, "0")
     slot = a.node.slots["L0.M0"]
-    before = [p.clone() for p in slot.outer.global_params]
-    good_shapes = [torch.zeros_like(p) for p in slot.outer.global_params] * 2
+    reference = slot.vouch("majority")  # what the majority vouched for: our own state here
+    good = [p.clone() for p in slot.outer.global_params] + [m.clone() for m in slot.outer.momentum]
+    meta = StateMetadata(module="L0.M0", round=reference.round)
 
-    wrong_shape = [torch.zeros(3, 3)] + good_shapes[1:]
-    with_nan = [t.clone() for t in good_shapes]
-    with_nan[0][0] = math.nan
-    assert not slot.adopt({"module": "L0.M0", "round": 9}, wrong_shape)
-    assert not slot.adopt({"module": "L0.M0", "round": 9}, with_nan)
-    assert not slot.adopt({"module": "stem", "round": 9}, good_shapes)
-    assert not slot.adopt("not a dict", good_shapes)
-    assert slot.round == 0 and all(torch.equal(x, y) for x, y in zip(before, slot.outer.global_params))
-    assert slot.adopt({"module": "L0.M0", "round": 9}, good_shapes) and slot.round == 9
+    wrong_shape = [torch.zeros(3, 3)] + good[1:]
+    with_nan = [t.clone() for t in good]
+    with_nan[0].view(-1)[0] = math.nan
+    other_values = [t + 0.1 for t in good]  # right shapes, finite, but not the vouched state
+
+    assert "shape" in slot.state_problem(meta, wrong_shape, reference, 5e-3)
+    assert "non-finite" in slot.state_problem(meta, with_nan, reference, 5e-3)
+    assert "fingerprint" in slot.state_problem(meta, other_values, reference, 5e-3)
+    assert "module" in slot.state_problem(StateMetadata(module="stem", round=reference.round), good, reference, 5e-3)
+    assert "round" in slot.state_problem(StateMetadata(module="L0.M0", round=reference.round + 3), good,
+                                         reference, 5e-3)
+    assert "tensors" in slot.state_problem(meta, good[:1], reference, 5e-3)
+    assert slot.state_problem(meta, good, reference, 5e-3) is None
 
 
 def test_peer_records_are_signed_and_schema_checked(swarm):
@@ -72,12 +78,18 @@ def test_peer_records_are_signed_and_schema_checked(swarm):
     # write under a key it cannot sign for
     forged = new_peer_record(peer_id=a.node.peer_id, path=[1, 1], round=999).dict()
     overwrite = b.dht.store(key, forged, get_dht_time() + 60, subkey=records_a.public_key)
+    in_own_name = records_b.publish_peer(new_peer_record(peer_id=a.node.peer_id, path=[1, 1], round=7))
     garbage = b.dht.store(key, {"round": "many"}, get_dht_time() + 60, subkey=records_b.public_key)
     unsigned = SwarmRecords(b.dht, config.run.id, stranger).publish_peer(
         new_peer_record(peer_id="nobody", path=[0, 0], round=1))
 
-    # Assert: only a can write a's record, and malformed or unsigned values never land
+    # Assert: only a can write a's record, malformed or unsigned values never land, and a
+    # record b signed in a's name is stored but never believed
     assert not overwrite and not garbage and not unsigned
+    assert in_own_name
     seen = {p.peer_id: p for p in records_b.fetch_peers()}
     assert seen[a.node.peer_id].path == [0, 0] and seen[a.node.peer_id].round == 0
-    assert set(seen) == {a.node.peer_id, b.node.peer_id}
+    assert set(seen) == {a.node.peer_id}
+    assert records_b.impersonations >= 1
+    b.node.publish_status()
+    assert {p.peer_id for p in records_a.fetch_peers()} == {a.node.peer_id, b.node.peer_id}

@@ -102,7 +102,6 @@ def test_a_record_forged_under_another_peers_key_does_not_show(swarm):
     assert shown == {a.node.peer_id: ("0,0", 0), b.node.peer_id: ("1,1", 0)}
 
 
-@pytest.mark.xfail(strict=True, reason="needs peer records bound to the libp2p identity that signs them (issue 11)")
 def test_a_record_claiming_another_peers_id_under_its_own_key_does_not_show(swarm):
     # Prepare
     config = swarm_config("mon-impostor")

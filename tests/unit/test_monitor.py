@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2ptrain.model.grid import Grid
-from p2ptrain.monitor.metrics import reason_label, reject_reason
+from p2ptrain.monitor.metrics import reason_label
 from p2ptrain.monitor.swarm_view import ProbeResult, build_view, format_view
 from p2ptrain.monitor.web import DashboardServer, json_safe
 from p2ptrain.swarm.records import (MONITORING_FIELDS, ModuleOutcome, make_validators, new_peer_record, peers_key,
@@ -91,7 +91,7 @@ def test_the_swarm_view_counts_coverage_speed_outcomes_and_probes():
     assert view.coverage == {"stem": 3, "L0.M0": 3, "L0.M1": 0, "L1.M0": 1, "L1.M1": 2}
     assert view.uncovered == ["L0.M1"]
     assert view.tokens_per_s == 150.0  # the suspended peer's speed does not count
-    assert view.outcomes == {"ok": 1, "alone": 1, "partial": 1, "resynced": 0, "rejected": 0}
+    assert view.outcomes == {"ok": 1, "alone": 1, "partial": 1, "split": 0, "resynced": 0, "rejected": 0, "failed": 0}
     assert view.outcomes_from == 2
     by_id = {p.peer_id: p for p in view.peers}
     assert [by_id[p].reachability for p in ("peerA", "peerB", "peerC")] == ["public", "public", "relay"]
@@ -103,8 +103,7 @@ def test_the_swarm_view_counts_coverage_speed_outcomes_and_probes():
 
 
 def test_free_text_becomes_bounded_label_values():
-    assert reject_reason("non-finite values in the average (a peer sent NaN/inf)") == "non_finite"
-    assert reject_reason("anything else") == "other"
+    assert reason_label("all-reduce part refused by our reducer") == "all_reduce_part_refused_by_our_reducer"
     assert reason_label("On batteries") == "on_batteries"
     assert reason_label("x" * 100) == "x" * 48
     assert json_safe({"a": float("nan"), "b": [float("inf"), 1.5]}) == {"a": None, "b": [None, 1.5]}

@@ -1,0 +1,67 @@
+"""The swarm's round schedule: round r ends at epoch + r × round_seconds on DHT time.
+
+Why a wall-clock schedule. With step-counted rounds, two peers of equal speed whose
+rounds start more than a matchmaking window apart stay apart forever and never average
+(measured: a peer joining half a round late averaged alone in 5 of 5 rounds). On a shared
+clock every node ends its inner steps at the same moments whatever its speed or start
+time, so the holders of a module look for each other together; weights count tokens, so
+a fast peer still counts more. hivemind already requires clocks within 3 s of each other
+(its DHT rejects peers beyond that), which is well inside a matchmaking window.
+
+Round numbers are therefore global: every node means the same thing by "round 17", a
+joiner enters the round in progress, and a claim of a round that has not begun yet is
+provably false — the trust checks use that.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+
+def dht_time() -> float:
+    from hivemind.utils.timed_storage import get_dht_time
+    return get_dht_time()
+
+
+@dataclass(frozen=True)
+class RoundSchedule:
+    epoch: float  # DHT time the run was created: round 1 ends at epoch + round_seconds
+    round_seconds: float
+    clock: Callable[[], float] = dht_time
+
+    def round_at(self, t: float) -> int:
+        """The round in progress at time t (round r spans (end(r-1), end(r)])."""
+        return max(1, math.ceil((t - self.epoch) / self.round_seconds))
+
+    def current_round(self) -> int:
+        return self.round_at(self.clock())
+
+    def end_of(self, round_: int) -> float:
+        return self.epoch + round_ * self.round_seconds
+
+    def seconds_left(self, round_: int) -> float:
+        return self.end_of(round_) - self.clock()
+
+    def next_round_to_enter(self, min_seconds: float) -> int:
+        """The first round that still has at least min_seconds of inner time left."""
+        now = self.clock()
+        r = self.round_at(now)
+        while self.end_of(r) - now < min_seconds:
+            r += 1
+        return r
+
+    def max_plausible_round(self, slack_rounds: int = 1) -> int:
+        """No honest peer can have finished a round later than the one in progress (plus
+        slack for clock skew): anything beyond is a false claim."""
+        return self.current_round() + slack_rounds
+
+    def sleep_until(self, t: float, stop) -> bool:
+        """Wait until DHT time t or until `stop` (an Event) is set; True if t was reached."""
+        while not stop.is_set():
+            left = t - self.clock()
+            if left <= 0:
+                return True
+            stop.wait(min(left, 0.5))
+        return False

@@ -1,0 +1,53 @@
+"""Downloading a module's state from peers, believing nothing the server says.
+
+A download is adopted only when it is the module at the round a majority of holders
+vouched for, fits the module's schema exactly (the byte cap is known before anything is
+allocated), is finite, and its parameters match the majority's fingerprint. A server
+that fails any of this is reported and the next member of the majority is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Optional, Sequence
+
+from p2ptrain.swarm.consistency import Vouch
+from p2ptrain.swarm.protocol import Rejections, StateMetadata, parse
+from p2ptrain.swarm.slot import ModuleSlot
+
+logger = logging.getLogger(__name__)
+
+STATE_TIMEOUT_S = 30.0  # per-peer bound on a module state download
+FRAMING_BYTES = 64 << 10  # serialisation overhead allowed on top of the raw fp32 state
+
+
+def fetch_verified_state(slot: ModuleSlot, sources: Sequence[str], reference: Vouch, codec_tolerance: float,
+                         rejections: Rejections, own_peer_id: str) -> Optional[str]:
+    """Adopt the module's state from the first of `sources` (tried in random order, so no
+    ordering can be ground for) that serves what `reference` vouched for; returns that
+    peer, or None when none did."""
+    candidates = [p for p in sources if p != own_peer_id]
+    random.shuffle(candidates)
+    for peer in candidates:
+        got = slot.averager.download_state_from(peer, timeout=STATE_TIMEOUT_S,
+                                                max_bytes=slot.state_bytes + FRAMING_BYTES)
+        if got is None:
+            continue  # unreachable, too slow, or oversized (logged by the averager)
+        raw_metadata, tensors = got
+        metadata, why = parse(StateMetadata, raw_metadata)
+        if metadata is None:
+            rejections.add(peer, "malformed state metadata", why)
+            continue
+        problem = slot.state_problem(metadata, tensors, reference, codec_tolerance)
+        if problem is not None:
+            if metadata.round != reference.round:  # it moved on since it vouched: not a lie
+                logger.info("module %s: …%s now serves round %d", slot.module_id, peer[-8:], metadata.round)
+                continue
+            rejections.add(peer, "a state that does not match its claim", problem)
+            continue
+        slot.install(metadata.round, tensors, reference.step)
+        logger.info("module %s: adopted the majority's round %d state from …%s", slot.module_id, metadata.round,
+                    peer[-8:])
+        return peer
+    return None

@@ -1,0 +1,161 @@
+"""Rounds line up on the swarm's clock: peers that join at any moment, at any speed,
+average together from their second round on, and a lineage that trained apart is healed
+by the majority."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+
+import pytest
+
+from tests.swarm.conftest import in_parallel, swarm_config
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
+
+
+def max_difference(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def in_background(call):
+    """Run call on a thread (as another machine would); returns a join() giving its result."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = call()
+        except BaseException as e:  # surfaced by join()
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def join(timeout: float = 240.0):
+        thread.join(timeout)
+        assert not thread.is_alive(), "a node did not finish in time"
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    return join
+
+
+def test_a_peer_joining_half_a_round_late_averages_with_the_first_from_its_second_round_on(swarm):
+    # Prepare: a trains alone on the only path; measure its round, then b joins half a round late
+    config = swarm_config("half-round-late", levels=(1,), round_seconds=6.0)
+    a = swarm.open(config, "0")
+    a_done = in_background(lambda: a.node.run(max_rounds=8))
+    while not a.node.history:
+        time.sleep(0.1)
+    time.sleep(config.averaging.round_seconds / 2)
+
+    # Execute: b joins (downloads a's state) and trains 3 rounds; then a stops between rounds
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
+    b.node.run(max_rounds=3)
+    a.node.stop_requested.set()
+    a_done()
+
+    # Assert: every round of b after its first averaged both peers, and they agree at the end
+    both = sorted([a.node.peer_id, b.node.peer_id])
+    for report in b.node.history[1:]:
+        assert sorted(report.modules["stem"].group) == both, report
+        assert sorted(report.modules["L0.M0"].group) == both, report
+    assert a.node.round == b.node.round == b.node.history[-1].round
+    for module_id in ("stem", "L0.M0"):
+        assert max_difference(a.node.slots[module_id].outer.global_params,
+                              b.node.slots[module_id].outer.global_params) < 1e-3, module_id
+
+
+def test_three_peers_starting_at_spread_out_times_meet_in_every_group_after_their_first_round(swarm):
+    # Prepare: grid [2]: a and b hold L0.M0, c holds L0.M1; all three share the stem
+    config = swarm_config("spread-out", levels=(2,), round_seconds=6.0)
+    a = swarm.open(config, "0")
+    a_done = in_background(lambda: a.node.run(max_rounds=10))
+    time.sleep(config.averaging.round_seconds * 0.4)
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
+    b_done = in_background(lambda: b.node.run(max_rounds=10))
+    time.sleep(config.averaging.round_seconds * 0.7)
+
+    # Execute: c joins last and trains 3 rounds; then everyone stops
+    c = swarm.open(config, "1", initial_peers=a.maddrs)
+    c.node.run(max_rounds=3)
+    for opened in (a, b):
+        opened.node.stop_requested.set()
+    a_done(), b_done()
+
+    # Assert: in every round of c after its first, the stem was averaged by all three and
+    # L0.M0 by both of its holders
+    everyone = sorted(n.node.peer_id for n in (a, b, c))
+    common = {r.round for r in c.node.history[1:]}
+    assert len(common) == 2
+    for report in c.node.history[1:]:
+        assert sorted(report.modules["stem"].group) == everyone, report
+    for report in b.node.history:
+        if report.round in common:
+            assert sorted(report.modules["L0.M0"].group) == sorted([a.node.peer_id, b.node.peer_id]), report
+            assert sorted(report.modules["stem"].group) == everyone, report
+
+
+def test_a_slow_peer_averages_with_smaller_weight_and_fast_peers_wait_at_most_the_window(swarm):
+    # Prepare: b's every inner step takes 0.4 s longer (a slower machine)
+    config = swarm_config("slow-peer", levels=(1,), round_seconds=6.0, steps_per_round=40)
+    a = swarm.open(config, "0")
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
+    step = b.node.session.inner.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.4)
+        return step(*args, **kwargs)
+
+    b.node.session.inner.step = slow_step
+
+    # Execute
+    in_parallel(lambda: a.node.run(max_rounds=3), lambda: b.node.run(max_rounds=3))
+
+    # Assert: every round averaged both (b's weight, its tokens, smaller than a's), and a's
+    # outer phase never waited longer than the matchmaking bound plus the all-reduce
+    both = sorted([a.node.peer_id, b.node.peer_id])
+    assert [r.round for r in a.node.history] == [r.round for r in b.node.history]
+    for fast, slow in zip(a.node.history, b.node.history):
+        assert sorted(fast.modules["stem"].group) == both
+        assert slow.tokens < fast.tokens
+        assert fast.seconds_outer < 3 * config.averaging.matchmaking_time + config.averaging.averaging_timeout
+
+
+async def _bridge(_dht, node, peer_id: str, maddrs: list[str]) -> None:
+    """Connect this DHT node to a peer of the other half and put it in the routing table."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+    peer = PeerID.from_base58(peer_id)
+    await node.p2p._client.connect(peer, [Multiaddr(m.split("/p2p/")[0]) for m in maddrs])
+    await node.protocol.call_ping(peer)
+
+
+def test_a_half_that_trained_apart_is_detected_and_resynced_to_the_majority_within_two_rounds(swarm):
+    # Prepare: two halves of one run (the same config and round schedule) train apart on
+    # separate DHTs: a1 and a2 together, b alone
+    config = swarm_config("split-halves", levels=(1,), round_seconds=6.0)
+    a1 = swarm.open(config, "0")
+    a2 = swarm.open(config, "0", initial_peers=a1.maddrs)
+    b = swarm.open(config, "0")  # a new DHT: the other half
+    b.node.schedule = a1.node.schedule  # the same run, so the same clock
+    in_parallel(*[lambda n=n: n.node.run(max_rounds=2) for n in (a1, a2, b)])
+    assert max_difference(a1.node.slots["L0.M0"].outer.global_params,
+                          b.node.slots["L0.M0"].outer.global_params) > 1e-3  # two lineages
+
+    # Execute: bridge the halves' DHTs, then train two more rounds together
+    for x, y in ((b, a1), (a1, b)):
+        x.dht.run_coroutine(functools.partial(_bridge, peer_id=y.node.peer_id, maddrs=y.maddrs))
+    in_parallel(*[lambda n=n: n.node.run(max_rounds=2) for n in (a1, a2, b)])
+
+    # Assert: b, the minority, re-synced from the majority and says so; the majority did not
+    # move to b's lineage; all three agree at the end
+    resynced = [r.modules[m].resynced_from for r in b.node.history[-2:] for m in ("stem", "L0.M0")]
+    assert any(resynced) and set(filter(None, resynced)) <= {a1.node.peer_id, a2.node.peer_id}
+    assert not any(r.modules[m].resynced_from for n in (a1, a2) for r in n.node.history for m in r.modules)
+    for module_id in ("stem", "L0.M0"):
+        for other in (a2, b):
+            assert max_difference(a1.node.slots[module_id].outer.global_params,
+                                  other.node.slots[module_id].outer.global_params) < 1e-3, module_id
