@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 # `<counter>_created` series (a gauge per counter) only add noise to a node's scrape
 disable_created_metrics()
 
-PREFIX = "p2ptrain_"
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 GROUP_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 MAX_SUSPEND_REASONS = 32  # distinct suspend-reason labels kept; more fold into "other"

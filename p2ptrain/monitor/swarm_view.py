@@ -13,8 +13,6 @@ from typing import Iterable, Mapping, Optional, Sequence
 from p2ptrain.model.grid import Grid, path_name
 from p2ptrain.swarm.records import ROUND_OUTCOMES, PeerRecord
 
-REACHABILITY = ("public", "relay", "client")
-
 
 @dataclass
 class ProbeResult:

@@ -8,7 +8,6 @@ import re
 import urllib.error
 import urllib.request
 
-import pytest
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
