@@ -240,7 +240,10 @@ def eval_(home, run_config, data, device, max_tokens, extra_homes, as_json) -> N
     home, config = _context(home, run_config)
     docs = _docs_loader(config, data)()
     state = load_or_create_run_state(home, config, lambda: docs)
-    report = evaluate(state, docs, [home, *map(Path, extra_homes)], resolve_device(device), max_tokens)
+    with click.progressbar(length=state.grid.num_paths, label="eval", file=sys.stderr, hidden=as_json,
+                           item_show_func=lambda path: f"path {path}" if path else "") as bar:
+        report = evaluate(state, docs, [home, *map(Path, extra_homes)], resolve_device(device), max_tokens,
+                          on_path=lambda path, done, total: bar.update(1, path))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
