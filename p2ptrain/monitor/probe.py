@@ -131,8 +131,9 @@ class ReachabilityProbe:
 
 
 def _short(error: BaseException) -> str:
+    """The last line of a p2pd error, e.g. `dial tcp4 127.0.0.1:4001: connect: connection refused`."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1][:200] if lines else ""
+    return lines[-1].strip().lstrip("* ")[:200] if lines else ""
 
 
 # ------------------------------------------------------------ bootstrap peers
