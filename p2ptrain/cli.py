@@ -6,7 +6,6 @@ Errors the user can fix are printed as one line and exit with the code of their 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import click
 
 from p2ptrain import __version__
+from p2ptrain.cli_options import data_option, home_and_config, json_option, run_options
 from p2ptrain.errors import UserError
 
 
@@ -36,35 +36,14 @@ class Group(click.Group):
             sys.exit(130)
 
 
-def run_options(f):
-    """--home and --run-config, shared by every command that uses a run."""
-    f = click.option("--run-config", "run_config", default=None, metavar="FILE|PRESET",
-                     help="Run config TOML, or a packaged preset: default, gpu. [default: default]")(f)
-    f = click.option("--home", default=None, type=click.Path(file_okay=False),
-                     help="Node home directory (run state, checkpoints, identity). "
-                          "[default: $P2PTRAIN_HOME or the platform's user data dir]")(f)
-    return f
-
-
-def data_option(f):
-    return click.option("--data", "data", multiple=True, type=click.Path(),
-                        help="Directory or file of .txt/.md/.py/.rst/.jsonl documents (repeatable). "
-                             "[default: the built-in corpus, this machine's Python standard library]")(f)
-
-
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(f)
-
-
-def _context(home, run_config):
-    from p2ptrain.config import RunConfig
-    from p2ptrain.home import resolve_home
-    return resolve_home(home), RunConfig.load(run_config)
-
-
-def _docs_loader(config, data):
-    from p2ptrain.data.corpus import load_documents
-    return functools.partial(load_documents, list(data) or None, config.data.max_doc_chars)
+def _docs_loader(config, data, home):
+    """The documents to train on: --data dirs, else the home's registered sources, else the
+    built-in corpus. Call it for the documents; its end_round() keeps the ledger and picks up
+    changed sources at round boundaries (p2ptrain.data.sources.DocumentFeed)."""
+    from p2ptrain.data.sources import DocumentFeed
+    from p2ptrain.data.tokenizer import load_tokenizer
+    tokenizer = None if config.data.tokenizer == "bytes" else load_tokenizer(config.data.tokenizer)
+    return DocumentFeed(home, config.data.max_doc_chars, list(data), tokenizer)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,7 +66,7 @@ def main() -> None:
 def info(home, run_config, as_json) -> None:
     """The run: grid, parameters per module and path, memory per path."""
     from p2ptrain.info import run_info, GIB
-    _, config = _context(home, run_config)
+    _, config = home_and_config(home, run_config)
     report = run_info(config)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -135,28 +114,37 @@ def route(home, run_config, data, as_json) -> None:
     from p2ptrain.model.grid import path_name
     from p2ptrain.model.router import shard_shares
     from p2ptrain.run_state import load_or_create_run_state
-    home, config = _context(home, run_config)
-    load_docs = _docs_loader(config, data)
+    home, config = home_and_config(home, run_config)
+    load_docs = _docs_loader(config, data, home)
     docs = load_docs()
     state = load_or_create_run_state(home, config, lambda: docs)
+    from p2ptrain.data.tokenizer import load_tokenizer
     train, heldout = split_heldout(docs, config.data.heldout_percent)
     routes = state.router.route([d.text for d in train])
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokens = [len(tokenizer.encode(d.text)) + 1 for d in train]  # what training consumes, EOS included
     shares = shard_shares(routes, state.grid.num_paths)
+    token_shares = shard_shares(routes, state.grid.num_paths, tokens)
     rows = []
     for i, path in enumerate(state.grid.paths()):
         chars = sum(len(d.text) for d, r in zip(train, routes) if r == i)
         rows.append({"path": path_name(path), "docs": int((routes == i).sum()), "chars": chars,
-                     "share": float(shares[i])})
+                     "tokens": int(sum(t for t, r in zip(tokens, routes) if r == i)),
+                     "share": float(shares[i]), "token_share": float(token_shares[i])})
     summary = {"docs": len(docs), "train_docs": len(train), "heldout_docs": len(heldout),
-               "min_share": float(shares.min()), "max_share": float(shares.max()), "paths": rows}
+               "min_share": float(shares.min()), "max_share": float(shares.max()),
+               "min_token_share": float(token_shares.min()), "max_token_share": float(token_shares.max()),
+               "paths": rows}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"{len(docs)} documents: {len(train)} train, {len(heldout)} held out")
-    click.echo(f"{'path':<8}{'docs':>8}{'chars':>14}{'doc share':>11}")
+    click.echo(f"{'path':<8}{'docs':>8}{'chars':>14}{'tokens':>14}{'doc share':>11}{'token share':>13}")
     for row in rows:
-        click.echo(f"{row['path']:<8}{row['docs']:>8}{row['chars']:>14,}{row['share']:>11.1%}")
-    click.echo(f"balance: min share {shares.min():.1%}, max share {shares.max():.1%} (even: {1 / len(rows):.1%})")
+        click.echo(f"{row['path']:<8}{row['docs']:>8}{row['chars']:>14,}{row['tokens']:>14,}{row['share']:>11.1%}"
+                   f"{row['token_share']:>13.1%}")
+    click.echo(f"balance (tokens, what training consumes): min share {token_shares.min():.1%}, max share "
+               f"{token_shares.max():.1%} (even: {1 / len(rows):.1%}); documents {shares.min():.1%}-{shares.max():.1%}")
 
 
 # -------------------------------------------------------------------- train
@@ -175,8 +163,9 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
     from p2ptrain.train.inner import resolve_device
     from p2ptrain.train.session import PathSession
     from p2ptrain.model.grid import path_name
-    home, config = _context(home, run_config)
-    load_docs = _docs_loader(config, data)
+    import time
+    home, config = home_and_config(home, run_config)
+    load_docs = _docs_loader(config, data, home)
     docs = load_docs()
     state = load_or_create_run_state(home, config, lambda: docs)
     grid = state.grid
@@ -208,11 +197,14 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
                 seen = report.step
                 last["loss"], last["tps"] = report.loss, report.tokens_per_s
 
+            load_docs.begin_round(session)  # data sources: pick up added, changed, removed files
+            t_round = time.perf_counter()
             session.inner_steps(n, on_step=on_step, log_every=max(1, min(10, n // 5)))
             done += n
             session.make_local_global()
             session.round += 1
             ckpt_dir = session.save_checkpoint()
+            load_docs.end_round(session, session.round, time.perf_counter() - t_round)  # the ledger
     result = {"path": path_name(path), "steps": done, "first_loss": first_loss, "final_loss": last["loss"],
               "tokens_per_s": last["tps"], "round": session.round, "checkpoint": str(ckpt_dir)}
     if as_json:
@@ -237,8 +229,8 @@ def eval_(home, run_config, data, device, max_tokens, extra_homes, as_json) -> N
     from p2ptrain.run_state import load_or_create_run_state
     from p2ptrain.train.evaluate import evaluate
     from p2ptrain.train.inner import resolve_device
-    home, config = _context(home, run_config)
-    docs = _docs_loader(config, data)()
+    home, config = home_and_config(home, run_config)
+    docs = _docs_loader(config, data, home)()
     state = load_or_create_run_state(home, config, lambda: docs)
     with click.progressbar(length=state.grid.num_paths, label="eval", file=sys.stderr, hidden=as_json,
                            item_show_func=lambda path: f"path {path}" if path else "") as bar:
@@ -303,6 +295,28 @@ def _identity(home: Path, identity, no_identity: bool) -> str | None:
     return str(Path(identity).expanduser()) if identity else str(identity_path(home))
 
 
+def _abort_on_signals() -> None:
+    """While a node starts (router fitting, DHT, catch-up) there is no round to finish: SIGINT
+    and SIGTERM abort at once, through the same cleanup as Ctrl-C (DHT and p2pd shut down)."""
+    import signal
+
+    def abort(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, abort)
+    signal.signal(signal.SIGTERM, abort)
+
+
+def _read_credential(path) -> str | None:
+    if path is None:
+        return None
+    from p2ptrain.errors import SwarmError
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SwarmError(f"cannot read --credential {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def _install_stop_handlers(stop_event) -> None:
     """First Ctrl-C / SIGTERM: stop between rounds. Second Ctrl-C: abort now."""
     import signal
@@ -338,6 +352,10 @@ def _install_stop_handlers(stop_event) -> None:
 @click.option("--wait-for-peers", default=1, show_default=True, type=click.IntRange(1),
               help="Before the first round, wait (up to 5 minutes) until this many peers, this one included, "
                    "are in the swarm.")
+@click.option("--closed", is_flag=True,
+              help="With --new-swarm: a closed run; only peers you invite (`p2ptrain invite PEER_ID`) take part.")
+@click.option("--credential", default=None, type=click.Path(dir_okay=False),
+              help="Your invite to a closed run (a file printed by `p2ptrain invite` on the creator's machine).")
 # --- monitoring (issue 13)
 @click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
               help="Serve Prometheus metrics at http://HOST:PORT/metrics and a dashboard at http://HOST:PORT/ "
@@ -348,7 +366,7 @@ def _install_stop_handlers(stop_event) -> None:
 @json_option
 def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode,
          new_swarm, run_id, path_text, device, identity, no_identity, max_rounds, max_minutes, wait_for_peers,
-         metrics_port, metrics_host, as_json) -> None:
+         closed, credential, metrics_port, metrics_host, as_json) -> None:
     """Join a swarm (or start one with --new-swarm) and train a path with it.
 
     Prints this node's multiaddrs; others join with --initial-peers ADDR.
@@ -365,7 +383,10 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     options = JoinOptions(initial_peers=peers, new_swarm=new_swarm, host_maddrs=list(host_maddrs) or PUBLIC_MADDRS,
                           announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode,
                           identity_path=_identity(home, identity, no_identity), path=path_text, run_config=given,
-                          run_id=run_id, device=device)
+                          run_id=run_id, device=device, closed=closed, credential=_read_credential(credential))
+    if closed and not new_swarm:
+        from p2ptrain.errors import SwarmError
+        raise SwarmError("--closed goes with --new-swarm: only a run's creator decides who may join it")
     if not peers and not new_swarm:
         from p2ptrain.errors import SwarmError
         raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR, or start a new "
@@ -373,7 +394,8 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     emit = (lambda obj: click.echo(json.dumps(obj), nl=True)) if as_json else None
     if not as_json:
         click.echo(f"joining {'a new swarm' if new_swarm else f'{len(peers)} initial peers from {source}'} ...")
-    opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data))
+    _abort_on_signals()  # until the node is up, Ctrl-C or SIGTERM aborts the start cleanly
+    opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data, home))
     node = opened.node
     monitoring = (None, None)  # (NodeState, DashboardServer) with --metrics-port (issue 13)
     try:
@@ -522,6 +544,62 @@ from p2ptrain.cli_monitor import monitor  # noqa: E402 (registered after the gro
 
 main.add_command(monitor)
 # --- end monitoring
+
+
+# ------------------------------------------------- data, export, generate (issue 15)
+
+from p2ptrain import cli_data  # noqa: E402  (its commands use the helpers above)
+
+main.add_command(cli_data.data_group)
+main.add_command(cli_data.export)
+main.add_command(cli_data.generate)
+
+
+# ------------------------------------------------------------ identity, invites
+
+@main.command(name="id")
+@click.option("--home", default=None, type=click.Path(file_okay=False),
+              help="Node home directory. [default: $P2PTRAIN_HOME or the platform's user data dir]")
+def id_(home) -> None:
+    """Print this node's peer id (creating its identity key if needed): what a closed run's creator invites."""
+    from p2ptrain.home import identity_path, resolve_home
+    from p2ptrain.swarm.identity import Identity, peer_id_of_public_key
+    identity = Identity(identity_path(resolve_home(home)))
+    click.echo(peer_id_of_public_key(identity.private_key.get_public_key().to_bytes()))
+
+
+@main.command()
+@click.argument("peer_id")
+@click.option("--home", default=None, type=click.Path(file_okay=False),
+              help="The run creator's node home (its identity key signs the invite).")
+@click.option("--run-id", default=None, help="The closed run. [default: the default run]")
+@click.option("--expires", default="30d", show_default=True, help="How long the invite is valid: 30d, 12h, 90m.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the invite here instead of stdout.")
+def invite(peer_id, home, run_id, expires, out) -> None:
+    """Invite PEER_ID (its `p2ptrain id`) to a closed run you created; prints the credential."""
+    from p2ptrain.config import RunConfig
+    from p2ptrain.errors import SwarmError
+    from p2ptrain.home import identity_path, resolve_home
+    from p2ptrain.swarm.credentials import issue, parse_duration
+    from p2ptrain.swarm.identity import Identity, peer_id_of_public_key
+    from p2ptrain.swarm.join import load_creator_pin
+    home = resolve_home(home)
+    run_id = run_id or RunConfig.load().run.id
+    lifetime = parse_duration(expires)
+    if not identity_path(home).exists():
+        raise SwarmError(f"{home} has no identity key: run `p2ptrain invite` in the home of the run's creator")
+    identity = Identity(identity_path(home))
+    me = peer_id_of_public_key(identity.private_key.get_public_key().to_bytes())
+    creator = load_creator_pin(home, run_id)
+    if creator != me:
+        raise SwarmError(f"this home ({me}) did not create run '{run_id}'"
+                         + (f" (its creator is {creator})" if creator else "") + ": only the creator can invite")
+    text = issue(identity.private_key, run_id, me, peer_id, lifetime).json()
+    if out:
+        Path(out).write_text(text + "\n")
+        click.echo(f"wrote the invite for {peer_id} to {out}", err=True)
+    else:
+        click.echo(text)
 
 
 if __name__ == "__main__":  # pragma: no cover

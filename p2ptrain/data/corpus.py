@@ -14,7 +14,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from p2ptrain.errors import DataError
 
@@ -30,6 +30,7 @@ _SKIPPED_STDLIB_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache_
 class Document:
     text: str
     source: str  # file (and line for jsonl) it came from, for error messages and reports
+    origin: str = ""  # the registered data source (or "--data", "built-in corpus") it belongs to
 
     @property
     def digest(self) -> bytes:
@@ -92,18 +93,26 @@ def _read_jsonl(path: Path) -> Iterable[tuple[str, str]]:
         logger.warning("%s: skipped %d lines that are not JSON objects with a string 'text' field", path, bad)
 
 
+BUILTIN_ORIGIN = "built-in corpus"
+DATA_DIRS_ORIGIN = "--data"
+
+
 def load_documents(dirs: Sequence[str | Path] | None, max_doc_chars: int,
-                   max_total_chars: int | None = None) -> list[Document]:
+                   max_total_chars: int | None = None,
+                   redact: Callable[[str], str] | None = None) -> list[Document]:
     """Read documents from directories (or files) of .txt/.md/.py/.rst/.jsonl.
 
     With no dirs, reads the built-in default corpus (the Python standard library).
+    `redact` (see p2ptrain.data.redact) rewrites each text before it is split.
     Raises DataError when a directory is missing or nothing readable is found.
     """
     if not dirs:
         roots, skip = [default_corpus_dir()], _SKIPPED_STDLIB_DIRS
         max_total_chars = max_total_chars or DEFAULT_CORPUS_MAX_CHARS
+        origin = BUILTIN_ORIGIN
     else:
         roots, skip = [Path(d).expanduser() for d in dirs], set()
+        origin = DATA_DIRS_ORIGIN
     docs: list[Document] = []
     total = 0
     unreadable = 0
@@ -122,8 +131,10 @@ def load_documents(dirs: Sequence[str | Path] | None, max_doc_chars: int,
                 logger.warning("skipping unreadable %s: %s", path, e.strerror)
                 continue
             for text, source in entries:
+                if redact is not None:
+                    text = redact(text)
                 for piece in split_text(text, max_doc_chars):
-                    docs.append(Document(piece, source))
+                    docs.append(Document(piece, source, origin))
                     total += len(piece)
             if max_total_chars and total >= max_total_chars:
                 break

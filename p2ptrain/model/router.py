@@ -4,8 +4,12 @@ balanced k-means.
 The run's creator fits the router once (deterministically from the run seed and a data
 sample) and ships it inside the run state, so every peer routes its private documents
 the same way. Balance: plain nearest-centroid routing can starve a path, so each
-centroid carries an offset, tuned on the fitting sample until shares are near 1/k;
-routing one document is still a pure function of its text.
+centroid carries an offset, tuned on the fitting sample until each path's share of the
+*tokens* is near 1/k — training consumes tokens, not documents, and on natural text long
+documents cluster, so balancing document counts can leave one path with most of the
+tokens. A document weighs its UTF-8 bytes + 1 (its tokens under the byte tokenizer, and
+proportional to them under a BPE). Routing one document is still a pure function of its
+text.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from p2ptrain.config import RouterConfig
 
 _PRIME = np.uint64(1_000_003)
 _BALANCE_ITERS = 300
-_BALANCE_SLACK = 0.2  # shares within (1 ± slack) / k count as balanced
+_BALANCE_SLACK = 0.1  # token shares within (1 ± slack) / k count as balanced
 
 
 def hashed_ngram_features(texts: Sequence[str], prefix_chars: int, ngram: int, features: int) -> np.ndarray:
@@ -68,6 +72,7 @@ class Router:
         if len(texts) > cfg.sample_docs:
             texts = [texts[i] for i in sorted(rng.choice(len(texts), cfg.sample_docs, replace=False))]
         x = hashed_ngram_features(texts, cfg.prefix_chars, cfg.ngram, cfg.features)
+        weights = document_weights(texts)
         if num_paths == 1:
             return cls(x.mean(0, keepdims=True), np.zeros(1, np.float32), cfg.prefix_chars, cfg.ngram)
         if len(x) < num_paths:
@@ -80,7 +85,7 @@ class Router:
                 members = x[labels == k]
                 if len(members):
                     centroids[k] = members.mean(0)
-            offsets = _balance_offsets(x, centroids)
+            offsets = _balance_offsets(x, centroids, weights)
         return cls(centroids.astype(np.float32), offsets, cfg.prefix_chars, cfg.ngram)
 
     # ------------------------------------------------------- serialisation
@@ -116,21 +121,32 @@ def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     return np.stack(centroids).astype(np.float64)
 
 
-def _balance_offsets(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Raise the offset of over-full paths until every share is within the slack of 1/k."""
+def document_weights(texts: Sequence[str]) -> np.ndarray:
+    """What a document costs to train on: its UTF-8 bytes plus an end-of-document token."""
+    return np.array([len(t.encode("utf-8", "replace")) + 1 for t in texts], dtype=np.float64)
+
+
+def _balance_offsets(x: np.ndarray, centroids: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Raise the offset of over-full paths until every path's share of the weight (tokens)
+    is within the slack of 1/k."""
     k = len(centroids)
+    w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
     offsets = np.zeros(k, dtype=np.float64)
     d2 = (x * x).sum(1, keepdims=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None, :]
     step = float(np.median(np.abs(d2 - d2.min(1, keepdims=True)))) or 1e-3
     for i in range(_BALANCE_ITERS):
-        shares = np.bincount(np.argmin(d2 + offsets, axis=1), minlength=k) / len(x)
+        shares = np.bincount(np.argmin(d2 + offsets, axis=1), weights=w, minlength=k) / w.sum()
         if shares.max() <= (1 + _BALANCE_SLACK) / k and shares.min() >= (1 - _BALANCE_SLACK) / k:
             break
         offsets += step * (shares - 1 / k) * k / (1 + i / 30)
     return offsets.astype(np.float32)
 
 
-def shard_shares(assignments: np.ndarray, num_paths: int) -> np.ndarray:
+def shard_shares(assignments: np.ndarray, num_paths: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Each path's share of the documents, or of their weights (e.g. tokens) when given."""
     if len(assignments) == 0:
         return np.zeros(num_paths)
-    return np.bincount(assignments, minlength=num_paths) / len(assignments)
+    if weights is None:
+        return np.bincount(assignments, minlength=num_paths) / len(assignments)
+    w = np.asarray(weights, dtype=np.float64)
+    return np.bincount(assignments, weights=w, minlength=num_paths) / max(w.sum(), 1e-12)

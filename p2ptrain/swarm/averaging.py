@@ -123,9 +123,12 @@ def _averager_class():
         way on every survivor instead of keeping each survivor's own values.
         """
 
-        def __init__(self, *, max_weight: float, **kwargs):
+        def __init__(self, *, max_weight: float, claimed_weights: dict[str, Optional[float]], **kwargs):
             super().__init__(**kwargs)
             self.max_weight = max_weight
+            # sender → the weight its round claim declared (None: its claim was malformed, so
+            # none of its parts is taken)
+            self.claimed_weights = claimed_weights
             self.rejected: dict[str, str] = {}  # sender → why its parts were refused
             self.failed_ranges: list[tuple[int, int]] = []  # (offset, length) of un-averaged values
             container = self.tensor_part_container
@@ -139,13 +142,18 @@ def _averager_class():
 
             container.register_failed_reducer = register_failed_reducer
 
-        def _part_problem(self, part_index: int, msg, tensor) -> str | None:
+        def _part_problem(self, sender: str, part_index: int, msg, tensor) -> str | None:
             shapes = self.tensor_part_reducer.part_shapes
             if part_index >= len(shapes):
                 return "more parts than its slice has"
+            claimed = self.claimed_weights.get(sender)
+            if claimed is None:
+                return "its round claim was malformed or for another round"
             weight = msg.weight
             if not (math.isfinite(weight) and 0.0 < weight <= self.max_weight):
                 return f"weight {weight!r} outside (0, {self.max_weight:g}]"
+            if weight != claimed:
+                return f"weight {weight!r} differs from the {claimed:g} tokens it claimed"
             if tensor is None or tuple(tensor.shape) != tuple(shapes[part_index]):
                 return "a part of the wrong size"
             if not torch.isfinite(tensor).all():
@@ -172,7 +180,7 @@ def _averager_class():
                 loop = asyncio.get_event_loop()
                 async for tensor_part, msg in amap_in_executor(
                         lambda m: self._decode(decoded, m), stream, max_prefetch=self.tensor_part_container.prefetch):
-                    problem = self._part_problem(part_index, msg, tensor_part)
+                    problem = self._part_problem(sender.to_base58(), part_index, msg, tensor_part)
                     if problem is not None:
                         self.rejected[sender.to_base58()] = problem
                         break  # the finally below bans the sender from this all-reduce
@@ -205,7 +213,14 @@ def _averager_class():
 
         async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
             """As hivemind's, but returns {"gathered", "rejected", "failed"} instead of the gathered
-            values alone (runs in the averager's process; the result goes back through step())."""
+            values alone (runs in the averager's process; the result goes back through step()).
+            A group that assembled with a peer we do not admit is left before any data moves."""
+            admission = getattr(self, "_admission", None)
+            if admission is not None:
+                strangers = admission.strangers(p.to_base58() for p in group_info.peer_ids)
+                if strangers:
+                    raise MatchmakingException(f"left a group with {len(strangers)} peer(s) this node does "
+                                               "not admit")
             try:
                 bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
                 user_gathered = {}
@@ -219,15 +234,29 @@ def _averager_class():
                                        for thr, mode in zip(bandwidths, modes)]
                 peer_fractions = await asyncio.get_event_loop().run_in_executor(
                     None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size)
+                claimed_weights = self._claimed_weights(user_gathered)
                 async with enter_asynchronously(self.get_tensors()) as local_tensors:
                     runner = await self._run_allreduce_inplace_(local_tensors, group_info,
-                                                                peer_fractions=peer_fractions, **kwargs)
+                                                                peer_fractions=peer_fractions,
+                                                                claimed_weights=claimed_weights, **kwargs)
                     return {"gathered": user_gathered, "rejected": dict(runner.rejected),
                             "failed": list(runner.failed_ranges)}
             except BaseException as e:
                 if isinstance(e, Exception):
                     logger.debug("all-reduce failed: %r", e)
                 raise MatchmakingException(f"Unable to run All-Reduce: {e}")
+
+        def _claimed_weights(self, gathered: dict) -> dict[str, Optional[float]]:
+            """Each member's declared weight from its round claim, if the claim parses and names
+            the round we average; None otherwise (its parts will be refused)."""
+            from p2ptrain.swarm.protocol import RoundClaim, parse
+            own, _ = parse(RoundClaim, gathered.get(self.peer_id))
+            weights: dict[str, Optional[float]] = {}
+            for peer, claim in gathered.items():
+                parsed, _ = parse(RoundClaim, claim)
+                ok = parsed is not None and own is not None and parsed.round == own.round
+                weights[peer.to_base58()] = float(parsed.tokens) if ok else None
+            return weights
 
         async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
             group_id = group_info.group_id if group_id is None else group_id
@@ -241,6 +270,14 @@ def _averager_class():
                     self.last_updated = get_dht_time()
                     self._state_updated.set()
             return runner
+
+        def set_admission(self, admission) -> None:
+            """Who may be in this module's groups (swarm/admission.py); applied in the averager's process."""
+            self._outer_pipe.send(("_set_admission", [admission], {}))
+
+        async def _set_admission(self, admission):
+            self._admission = admission
+            self._matchmaking._p2ptrain_admission = admission
 
         def set_target_group_size(self, size: int) -> None:
             """Assemble the group as soon as this many peers are in it (the module's live holders),

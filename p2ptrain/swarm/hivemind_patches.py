@@ -16,6 +16,9 @@ returns. On loopback that is hundreds of DHT reads a second per averager: we mea
 about 1 MB/s for a 4-peer swarm with three modules, 0.8x the all-reduce itself. We space
 the reads of one group key by at least GROUP_KEY_POLL_S; a follower then learns of a new
 leader at most that much later, which is small against a matchmaking window of seconds.
+
+Admission: hivemind's matchmaking accepts any follower. A leader running p2ptrain also
+refuses followers its node does not admit (see swarm/admission.py).
 """
 
 from __future__ import annotations
@@ -56,6 +59,21 @@ def _throttled(get_averagers):
     return get_averagers_throttled
 
 
+def _admitting(hivemind_checks):
+    """Wrap Matchmaking._check_reasons_to_reject so a leader also refuses followers that our
+    node does not admit (closed runs: no credential; banned peers). The follower's peer id
+    is the one libp2p authenticated for this connection, not a claim."""
+
+    def check_reasons_to_reject(self, request, context):
+        from hivemind.proto import averaging_pb2
+        admission = getattr(self, "_p2ptrain_admission", None)
+        if admission is not None and not admission.admits(context.remote_id.to_base58()):
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        return hivemind_checks(self, request, context)
+
+    return check_reasons_to_reject
+
+
 def apply() -> None:
     global _APPLIED
     if _APPLIED:
@@ -71,4 +89,6 @@ def apply() -> None:
     dht_module.switch_to_uvloop = switch_to_uvloop_with_blocking_pipe
     averager_module.switch_to_uvloop = switch_to_uvloop_with_blocking_pipe
     GroupKeyManager.get_averagers = _throttled(GroupKeyManager.get_averagers)
+    from hivemind.averaging.matchmaking import Matchmaking
+    Matchmaking._check_reasons_to_reject = _admitting(Matchmaking._check_reasons_to_reject)
     _APPLIED = True

@@ -61,6 +61,14 @@ def peer_id_of_public_key(ssh_public_key: bytes) -> str:
     return base58.b58encode(digest).decode()
 
 
+def owner_public_key(subkey: bytes) -> Optional[bytes]:
+    """The OpenSSH public key a DHT subkey is protected with (`[owner:<ssh key>]`), or None."""
+    if not isinstance(subkey, bytes):
+        return None
+    found = _OWNER_RE.findall(subkey)
+    return found[0] if len(found) == 1 else None
+
+
 def owner_peer_id(subkey: bytes) -> Optional[str]:
     """The peer id of the key a DHT subkey is protected with (`[owner:<ssh key>]`), or None."""
     if not isinstance(subkey, bytes):

@@ -45,6 +45,8 @@ class JoinOptions:
     device: str = "cpu"
     data_seed: int | None = None  # None: derived from the peer id, so two peers never draw the same batches
     catch_up: bool = True
+    closed: bool = False  # creating a run: only peers invited by this node (`p2ptrain invite`) may join
+    credential: str | None = None  # joining a closed run: the creator's invite (the text of the file)
 
 
 @dataclass
@@ -86,7 +88,7 @@ def save_creator_pin(home: Path, run_id: str, creator: str) -> None:
 
 def resolve_run(records: SwarmRecords, given: RunConfig | None, default: RunConfig,
                 docs_loader: Callable[[], Sequence[Document]], own_peer_id: str,
-                may_create: bool = True) -> tuple[PublishedRun, bool]:
+                may_create: bool = True, closed: bool = False) -> tuple[PublishedRun, bool]:
     """The swarm's run (state, creator, epoch); if the DHT has none under this run id, create
     and publish it with this node as its creator. Returns (run, created by us)."""
     published = records.fetch_run()
@@ -105,7 +107,7 @@ def resolve_run(records: SwarmRecords, given: RunConfig | None, default: RunConf
         return published, False
     config = given or default
     state = RunState.create(config, docs_loader())
-    if not records.publish_run(state):
+    if not records.publish_run(state, closed=closed):
         raise SwarmError("could not publish the run state on the DHT")
     records.creator = own_peer_id
     published = records.fetch_run()
@@ -140,9 +142,15 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
         records = SwarmRecords(dht, run_id, signer, creator=creator)
         docs = _cached(docs_loader)
         published, created = resolve_run(records, options.run_config, default, docs, own_peer_id, may_create=(
-            options.run_config is not None or run_id == default.run.id))
+            options.run_config is not None or run_id == default.run.id), closed=options.closed)
+        if options.closed and not created:
+            raise SwarmError(f"--closed: run '{run_id}' already exists; only its creator decides who may join")
+        credential = check_own_credential(published, options.credential, run_id, own_peer_id)
         state = published.state
         save_run_state(home, state)
+        records.creator = published.creator  # from now on, no other key's run record counts
+        if published.closed:
+            records.closed_run = published  # from now on, only credentialed peers' records count
         save_creator_pin(home, run_id, published.creator)
         grid = state.grid
         if options.path is not None:
@@ -156,7 +164,10 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
         ckpt = session.restore()
         maddrs = visible_maddrs(dht)
         schedule = RoundSchedule(published.created, state.config.averaging.round_seconds)
-        node = SwarmNode(state, session, dht, records, schedule, client_mode=options.client_mode, maddrs=maddrs)
+        feed = docs_loader if hasattr(docs_loader, "begin_round") else None  # registered data sources
+        node = SwarmNode(state, session, dht, records, schedule, client_mode=options.client_mode, maddrs=maddrs,
+                         feed=feed)
+        node.credential = credential
         opened = OpenNode(node, dht, state, created, published.creator, maddrs, ckpt.round if ckpt else None)
         if options.catch_up:
             try:
@@ -168,6 +179,22 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
     except BaseException:
         dht.shutdown()
         raise
+
+
+def check_own_credential(run: PublishedRun, text: str | None, run_id: str, own_peer_id: str) -> str | None:
+    """Closed runs: this node's invite, checked before it takes part (a clear error, not a silent
+    exclusion by every peer). Returns the credential text to publish."""
+    from p2ptrain.swarm.credentials import parse_credential
+    if not run.closed or run.creator == own_peer_id:
+        return None
+    if text is None:
+        raise SwarmError(f"run '{run_id}' is closed: ask its creator ({run.creator}) to run `p2ptrain invite "
+                         f"{own_peer_id}` and pass the file to --credential")
+    credential = parse_credential(text, "--credential")
+    problem = credential.problem(run_id, own_peer_id, run.creator, run.creator_key)
+    if problem is not None:
+        raise SwarmError(f"--credential does not admit this node to run '{run_id}': {problem}")
+    return text
 
 
 def _cached(loader: Callable[[], Sequence[Document]]) -> Callable[[], Sequence[Document]]:

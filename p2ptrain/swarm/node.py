@@ -32,6 +32,7 @@ import torch
 
 from p2ptrain.model.grid import path_name
 from p2ptrain.run_state import RunState
+from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.averaging import sync_tolerance
 from p2ptrain.swarm.consistency import Vouch, choose_lineage, judge
 from p2ptrain.swarm.membership import peers_holding
@@ -62,6 +63,7 @@ class ModuleRound:
     split: bool = False  # holders disagree and no majority decides (nobody moved)
     failed: str | None = None  # the round's averaging itself failed (an error on the averaging thread)
     voters: int = 0  # holders whose fingerprints for this round were compared
+    expected: set[str] = field(default_factory=set, repr=False)  # live holders when the round began
 
     @property
     def outcome(self) -> str:
@@ -101,7 +103,8 @@ class StepDeadline:
 
 class SwarmNode:
     def __init__(self, run_state: RunState, session: PathSession, dht, records: SwarmRecords,
-                 schedule: RoundSchedule, client_mode: bool = False, maddrs: list[str] | None = None):
+                 schedule: RoundSchedule, client_mode: bool = False, maddrs: list[str] | None = None,
+                 feed=None):
         self.run_state = run_state
         self.cfg = run_state.config
         self.session = session
@@ -111,12 +114,15 @@ class SwarmNode:
         self.client_mode = client_mode
         self.maddrs = maddrs or []
         self.peer_id = dht.peer_id.to_base58()
+        self.feed = feed  # data.sources.DocumentFeed: new files each round, the contribution ledger
+        self.credential: str | None = None  # closed runs: the creator's invite, shown in our record
         self.slots = {m: ModuleSlot(m, session, dht, run_state, client_mode) for m in session.module_ids}
         self.codec_tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
         self.history: list[RoundReport] = []
         self.sync: dict[str, ModuleSync] = {}
         self.rejections = Rejections()
         self.silent: Counter = Counter()  # peers that did not post their fingerprints in time, last round
+        self.absent: dict[str, set[str]] = {}  # module → holders that did not join its group last round
         self.last_loss: float | None = None
         self.last_tps = 0.0
         self.step_seconds = 0.0
@@ -242,6 +248,9 @@ class SwarmNode:
     def run_round(self, round_: int, on_step=None) -> Optional[RoundReport]:
         H = self.cfg.inner.steps_per_round
         end = self.schedule.end_of(round_)
+        # --- data: pick up added or changed files of the registered sources (only those are re-read)
+        if self.feed is not None:
+            self.feed.begin_round(self.session)
         # --- inner: steps until the round's end on the swarm's clock, at most H of them
         self.phase = "training"
         t0 = time.perf_counter()
@@ -291,8 +300,19 @@ class SwarmNode:
             self.session.save_checkpoint(background=True)
         report.seconds_outer = time.perf_counter() - t1
         report.seconds_wall = time.perf_counter() - t0
+        self._record_contribution(round_, report)
         self.phase = "training"
         return report
+
+    def _record_contribution(self, round_: int, report: RoundReport) -> None:
+        """The ledger: what each data source contributed to this round (kept across restarts)."""
+        if self.feed is None:
+            return
+        averaged = [m for m, r in report.modules.items() if len(r.group) > 1]
+        try:
+            self.feed.end_round(self.session, round_, report.seconds_wall, averaged_modules=averaged)
+        except OSError as e:  # a full disk must not stop training; the ledger catches up next round
+            logger.error("could not write the contribution ledger: %s", e)
 
     def _steps(self, tokens: int) -> int:
         return tokens // (self.cfg.inner.batch_size * self.cfg.model.context)
@@ -307,6 +327,8 @@ class SwarmNode:
             self.session.save_checkpoint()
         for module_id in self.session.module_ids:
             self.session.adopt_global(module_id)
+        if self.feed is not None:
+            self.feed.discard_round(self.session)  # dropped steps are not credited to any source
 
     def _sit_out_suspension(self, catch_up: bool = True) -> None:
         """Stay a polite DHT member (the heartbeat says why we are suspended; we are not
@@ -334,6 +356,7 @@ class SwarmNode:
         peers = self.fetch_peers()
         avg_cfg = self.cfg.averaging
         weight = int(max(tokens, 1))
+        admission = self.admission(peers)
         controls, own, results = {}, {}, {}
         for module_id, slot in self.slots.items():
             with slot.buffers() as buffers:
@@ -354,7 +377,12 @@ class SwarmNode:
             if not holders:
                 results[module_id].alone = True  # nobody else trains it now: don't wait for a group
                 continue
-            slot.averager.set_target_group_size(min(len(holders) + 1, avg_cfg.target_group_size))
+            # assemble as soon as every holder that showed up last round is in: one that did
+            # not (dead, slow, or a stranger that never joins) costs the window once, not every round
+            expected = {p.peer_id for p in holders} - self.absent.get(module_id, set())
+            slot.averager.set_target_group_size(max(2, min(len(expected) + 1, avg_cfg.target_group_size)))
+            results[module_id].expected = {p.peer_id for p in holders}
+            slot.averager.set_admission(admission)
             controls[module_id] = slot.averager.step(
                 gather=RoundClaim(round=round_, tokens=weight).dict(), weight=float(weight),
                 timeout=self._matchmaking_timeout(), allow_retries=True, wait=False)
@@ -367,8 +395,10 @@ class SwarmNode:
                     outcome = controls[module_id].result(timeout=self._matchmaking_timeout()
                                                          + avg_cfg.averaging_timeout + 30)
                     mean = self._accept_average(module_id, round_, outcome, result, own[module_id])
+                    self.absent[module_id] = result.expected - set(result.group)
                 except Exception as e:  # no group found in time, or the all-reduce failed
                     result.alone = True
+                    self.absent[module_id] = set()
                     logger.info("module %s averaged alone this round: %s", module_id, e)
             slot.apply_outer_step(mean, self._sharing_scale(module_id), self.cfg.outer.lr, round_)
             if adopt:
@@ -412,6 +442,13 @@ class SwarmNode:
             logger.warning("module %s: %s; using our own pseudo-gradient this round", module_id, result.rejected)
             return own
         return [v.view_as(p) for v, p in zip(averaged.split(slot.numels), slot.outer.global_params)]
+
+    def admission(self, peers: list[PeerRecord]) -> Admission:
+        """Who may average with us this round: in a closed run the credentialed peers (their
+        records were checked when read), in an open one anybody."""
+        if self.records.closed_run is None:
+            return Admission()
+        return Admission(allowed=frozenset({self.peer_id, *(p.peer_id for p in peers)}))
 
     def _matchmaking_timeout(self) -> float:
         """How long a module looks for its holders: up to 3 windows, so a slow peer delays
@@ -545,7 +582,8 @@ class SwarmNode:
         record = new_peer_record(peer_id=self.peer_id, path=list(self.session.path), round=self.round, loss=loss,
                                  tokens_per_s=float(self.last_tps), tokens=int(self.session.tokens_seen),
                                  reachability="client" if self.client_mode else "public", maddrs=self.maddrs,
-                                 sync=dict(self.sync), paused=self.suspension.describe())
+                                 sync=dict(self.sync), paused=self.suspension.describe(),
+                                 credential=self.credential)
         try:
             self.records.publish_peer(record)
         except Exception as e:

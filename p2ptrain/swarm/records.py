@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import pydantic.v1 as pydantic
-from pydantic.v1 import StrictFloat, StrictStr, confloat, conint, conlist, constr
+from pydantic.v1 import StrictBool, StrictFloat, StrictStr, confloat, conint, conlist, constr
 
 from hivemind.dht.schema import BytesWithPublicKey
 
 from p2ptrain import __version__
 from p2ptrain.run_state import RunState
-from p2ptrain.swarm.identity import owner_peer_id
+from p2ptrain.swarm.identity import owner_peer_id, owner_public_key
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class RunRecord(_Bounded):
     state: constr(strict=True, max_length=4 << 20)  # RunState.to_json()
     created: StrictFloat  # DHT time of creation: the epoch of the run's round schedule
     p2ptrain_version: constr(strict=True, max_length=64)
+    closed: StrictBool = False  # only peers holding the creator's credential may take part
 
 
 class ModuleSync(_Bounded):
@@ -126,6 +127,7 @@ class PeerRecord(_Bounded):
     sync: Dict[constr(strict=True, max_length=64), ModuleSync]
     paused: Optional[constr(strict=True, max_length=256)]  # suspend reasons, e.g. "on batteries, user active"
     time: StrictFloat
+    credential: Optional[constr(strict=True, max_length=4096)] = None  # closed runs: the creator's invite (JSON)
 
     @pydantic.validator("sync")
     def _few_modules(cls, value):
@@ -190,6 +192,8 @@ class PublishedRun:
     creator: str  # the creator's peer id: the run's identity
     created: float  # DHT time: the epoch of the round schedule
     version: str
+    closed: bool = False
+    creator_key: bytes = b""  # the creator's public key (OpenSSH form): checks credentials
 
 
 def split_run_id(text: str) -> tuple[str, Optional[str]]:
@@ -207,6 +211,8 @@ class SwarmRecords:
         self.signer = signer
         self.creator = creator  # pinned run creator (peer id), once known
         self.impersonations = 0  # peer records whose peer_id is not their signer's
+        self.closed_run: Optional[PublishedRun] = None  # set for closed runs: records need credentials
+        self.uncredentialed = 0  # records refused in a closed run
         # hivemind's DHT takes commands over one pipe with no lock of its own; the
         # heartbeat thread and the round driver both write records
         self._lock = threading.Lock()
@@ -225,14 +231,14 @@ class SwarmRecords:
 
     # ------------------------------------------------------------- run state
 
-    def publish_run(self, state: RunState) -> bool:
+    def publish_run(self, state: RunState, closed: bool = False) -> bool:
         from hivemind.utils.timed_storage import get_dht_time
         record = RunRecord(protocol=PROTOCOL_VERSION, fingerprint=state.fingerprint(), state=state.to_json(),
-                           created=float(get_dht_time()), p2ptrain_version=__version__)
+                           created=float(get_dht_time()), p2ptrain_version=__version__, closed=closed)
         return self._store(run_key(self.run_id), record.dict(), get_dht_time() + RUN_RECORD_TTL_S)
 
-    def run_creators(self) -> dict[str, RunRecord]:
-        """Every well-formed run record under this run id, by its signer's peer id."""
+    def run_creators(self) -> dict[str, tuple[RunRecord, bytes]]:
+        """Every well-formed run record under this run id: signer's peer id → (record, its key)."""
         found = self._get(run_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
             return {}
@@ -244,7 +250,7 @@ class SwarmRecords:
             except (pydantic.ValidationError, AttributeError, TypeError, ValueError):
                 continue
             if creator is not None:
-                creators[creator] = record
+                creators[creator] = (record, owner_public_key(subkey))
         return creators
 
     def fetch_run(self) -> Optional[PublishedRun]:
@@ -258,10 +264,10 @@ class SwarmRecords:
         from p2ptrain.errors import SwarmError
         creators = self.run_creators()
         if self.creator is not None:
-            record = creators.get(self.creator)
-            if record is None:
+            if self.creator not in creators:
                 return None
             creator = self.creator
+            record, key = creators[creator]
         elif not creators:
             return None
         elif len(creators) > 1:
@@ -269,7 +275,7 @@ class SwarmRecords:
             raise SwarmError(f"run '{self.run_id}' was published by {len(creators)} different keys ({names}): "
                              f"pass --run-id {self.run_id}@CREATOR with the creator you trust")
         else:
-            (creator, record), = creators.items()
+            (creator, (record, key)), = creators.items()
         if record.protocol != PROTOCOL_VERSION:
             raise SwarmError(f"run '{self.run_id}' speaks protocol {record.protocol} (p2ptrain "
                              f"{record.p2ptrain_version}); this p2ptrain {__version__} speaks protocol "
@@ -277,7 +283,7 @@ class SwarmRecords:
         state = RunState.from_json(record.state, f"run '{self.run_id}' on the DHT")
         if state.fingerprint() != record.fingerprint:
             raise SwarmError(f"run '{self.run_id}' on the DHT: its run state does not match its own fingerprint")
-        return PublishedRun(state, creator, record.created, record.p2ptrain_version)
+        return PublishedRun(state, creator, record.created, record.p2ptrain_version, record.closed, key)
 
     # ------------------------------------------------------------ peer status
 
@@ -301,8 +307,26 @@ class SwarmRecords:
                 self.impersonations += 1
                 logger.warning("ignored a peer record naming …%s, signed by another key", record.peer_id[-8:])
                 continue
+            if self.closed_run is not None and self.credential_problem(record) is not None:
+                self.uncredentialed += 1
+                continue
             peers.append(record)
         return peers
+
+    def credential_problem(self, record: PeerRecord) -> Optional[str]:
+        """Closed runs: why this record's peer may not take part, or None."""
+        from p2ptrain.errors import SwarmError
+        from p2ptrain.swarm.credentials import parse_credential
+        run = self.closed_run
+        if record.peer_id == run.creator:
+            return None
+        if record.credential is None:
+            return "no credential"
+        try:
+            credential = parse_credential(record.credential, "credential")
+        except SwarmError as e:
+            return str(e)
+        return credential.problem(self.run_id, record.peer_id, run.creator, run.creator_key)
 
 
 def new_peer_record(**fields) -> PeerRecord:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from p2ptrain.data.batches import TokenStream
+from p2ptrain.data.batches import DataUsage, TokenStream
 from p2ptrain.data.corpus import Document, split_heldout
 from p2ptrain.data.tokenizer import load_tokenizer
 from p2ptrain.errors import CheckpointError, DataError
@@ -107,6 +107,23 @@ class PathSession:
             losses.extend(torch.stack(pending).float().cpu().tolist())
         self.tokens_seen += tokens
         return tokens, (sum(losses) / len(losses) if losses else float("nan"))
+
+    # ------------------------------------------------- data sources (issue 15)
+    # The round driver reads what the inner steps consumed (for the ledger) and hands in
+    # refreshed documents at round boundaries; see p2ptrain.data.sources.DocumentFeed.
+
+    def take_data_usage(self) -> DataUsage:
+        """Input tokens consumed since the last call, per source, file and document."""
+        return self.stream.take_usage()
+
+    def set_documents(self, docs: Sequence[Document]) -> int:
+        """Train on these documents from the next inner step on; returns the shard's size in documents."""
+        shard = shard_for_path(self.run_state, docs, self.path)
+        if not shard:
+            raise DataError(f"after the data sources changed, no local documents are routed to path "
+                            f"{path_name(self.path)}: register more data (p2ptrain data add) or pick another --path")
+        self.stream = TokenStream(shard, load_tokenizer(self.cfg.data.tokenizer))
+        return len(shard)
 
     # --------------------------------------------------- global <-> local
 

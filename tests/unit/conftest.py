@@ -104,3 +104,25 @@ def topic_data_dir(tmp_path) -> Path:
 def make_topic_text():
     """topic_text(topic, index, chars=600): the generator behind `topic_data_dir`."""
     return topic_text
+
+
+# ---------------------------------------------------------------- the CLI as a user runs it
+
+@pytest.fixture
+def cli():
+    """Invoke `p2ptrain ARGS...` in-process; returns click's Result (stdout and stderr apart)."""
+    from click.testing import CliRunner
+    from p2ptrain.cli import main
+
+    def invoke(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+    return invoke
+
+
+def assert_one_line_error(result, exit_code: int, starts_with: str) -> None:
+    """A user error: one `error:` line on stderr, the error kind's exit code, no traceback."""
+    assert result.exit_code == exit_code, result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"error: {starts_with}"), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output

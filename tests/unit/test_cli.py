@@ -7,24 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from p2ptrain.cli import main
-
-
-@pytest.fixture
-def cli():
-    def invoke(*args: str):
-        return CliRunner().invoke(main, [str(a) for a in args])
-    return invoke
+from tests.unit.conftest import assert_one_line_error
 
 
-def assert_one_line_error(result, exit_code: int, starts_with: str) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert result.stdout == ""
-    assert result.stderr.startswith(f"error: {starts_with}"), result.stderr
-    assert result.stderr.count("\n") == 1
-    assert "Traceback" not in result.output
+
+
 
 
 def test_info_json_reports_params_of_the_default_2x2_run(cli, tmp_path):
@@ -97,7 +85,7 @@ def test_train_then_eval_on_a_tiny_run(cli, tmp_path, tiny_run_toml, topic_data_
     assert rounds == {"0,0": 1, "0,1": None, "1,0": None, "1,1": None}
     assert report["untrained_paths"] == 3
     # 20 % of 40 documents are held out (by content hash), and routed by topic
-    assert sorted(p["docs"] for p in report["paths"]) == [1, 1, 2, 4]
+    assert sorted(p["docs"] for p in report["paths"]) == [0, 2, 2, 4]  # token-balanced router (issue 15)
     trained = next(p for p in report["paths"] if p["path"] == "0,0")
     assert trained["loss"] < trained["init_loss"] - 0.2
     assert report["mixture_loss"] < report["mixture_init_loss"]

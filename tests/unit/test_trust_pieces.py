@@ -1,0 +1,136 @@
+"""The pure pieces of the round protocol: the schedule, message schemas, majority
+verdicts, identities and invites — each a specification of what a peer may claim."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from p2ptrain.swarm.consistency import Vouch, agree, choose_lineage, judge
+from p2ptrain.swarm.credentials import issue, parse_credential, parse_duration
+from p2ptrain.swarm.identity import Identity, owner_peer_id, peer_id_of_public_key
+from p2ptrain.swarm.protocol import Rejections, RoundClaim, StateMetadata, parse
+from p2ptrain.swarm.schedule import RoundSchedule
+from p2ptrain.errors import SwarmError
+
+TOL = 5e-3  # fp16's codec tolerance
+
+
+class Clock:
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# ------------------------------------------------------------------ schedule
+
+def test_every_node_computes_the_same_round_boundaries_from_the_run_epoch():
+    clock = Clock(1000.0 + 25.0)
+    schedule = RoundSchedule(epoch=1000.0, round_seconds=10.0, clock=clock)
+    assert schedule.current_round() == 3  # round 3 spans (1020, 1030]
+    assert schedule.end_of(3) == 1030.0
+    assert schedule.round_at(1030.0) == 3 and schedule.round_at(1030.001) == 4
+    assert schedule.next_round_to_enter(min_seconds=4.0) == 3  # 5 s left
+    assert schedule.next_round_to_enter(min_seconds=6.0) == 4  # too little left: the next one
+    assert schedule.max_plausible_round() == 4
+
+
+# ------------------------------------------------------------------ schemas
+
+@pytest.mark.parametrize("value", [None, [1], "round", {"round": "x", "tokens": 1}, {"round": 1},
+                                   {"round": 1, "tokens": 0}, {"round": 0, "tokens": 5},
+                                   {"round": 1, "tokens": 5, "extra": 1}, {"round": 1.5, "tokens": 5},
+                                   {"round": True, "tokens": 5}, {"round": 10 ** 12, "tokens": 5}])
+def test_a_malformed_round_claim_is_rejected_with_a_reason_and_never_raises(value):
+    message, why = parse(RoundClaim, value)
+    assert message is None and why
+
+
+def test_a_well_formed_round_claim_parses():
+    message, why = parse(RoundClaim, {"round": 7, "tokens": 384})
+    assert why is None and message.round == 7 and message.tokens == 384
+
+
+@pytest.mark.parametrize("value", [{"module": "x" * 65, "round": 1}, {"module": "stem", "round": -1},
+                                   {"module": 3, "round": 1}, {"module": "stem"}])
+def test_state_metadata_is_bounded(value):
+    assert parse(StateMetadata, value)[0] is None
+
+
+def test_rejections_count_by_reason_and_peer():
+    rejections = Rejections()
+    rejections.add("peerA", "malformed round claim")
+    rejections.add("peerA", "weight")
+    rejections.add("peerB", "weight")
+    assert rejections.snapshot() == {"by_reason": {"malformed round claim": 1, "weight": 2},
+                                     "by_peer": {"peerA": 2, "peerB": 1}}
+
+
+# ------------------------------------------------------------------ majority verdicts
+
+def vouch(peer: str, fp: float, round_: int = 5, step: float = 1.0) -> Vouch:
+    return Vouch(peer, round_, (fp,) * 8, 100.0, step)
+
+
+def test_copies_within_the_drift_allowance_agree_and_a_lineage_one_step_apart_does_not():
+    # allowance: 20 rounds x 5e-3 x step 1.0 + 1e-6 x norm 100 = 0.1001
+    assert agree(vouch("a", 0.0), vouch("b", 0.1), TOL)
+    assert not agree(vouch("a", 0.0), vouch("b", 0.2), TOL)
+    assert not agree(vouch("a", 0.0), vouch("b", 0.0, round_=6), TOL)
+
+
+def test_a_node_in_the_majority_stays_and_a_node_in_the_minority_resyncs_from_the_majority():
+    assert judge(vouch("me", 0.0), [vouch("b", 0.01), vouch("c", 5.0)], TOL).outcome == "agree"
+    verdict = judge(vouch("me", 5.0), [vouch("b", 0.0), vouch("c", 0.01)], TOL)
+    assert verdict.outcome == "minority" and set(verdict.sources) == {"b", "c"}
+    assert verdict.reference.peer_id in {"b", "c"}
+
+
+def test_one_against_one_moves_nobody_and_a_lone_holder_is_alone():
+    assert judge(vouch("me", 0.0), [vouch("stranger", 5.0)], TOL).outcome == "tie"
+    assert judge(vouch("me", 0.0), [vouch("b", 0.0, round_=4)], TOL).outcome == "alone"  # other rounds don't vote
+
+
+def test_a_newcomer_follows_the_majority_of_holders_not_the_highest_claim():
+    honest = [vouch("a", 0.0), vouch("b", 0.01)]
+    liar = vouch("liar", 9.0, round_=6)
+    lineage = choose_lineage([*honest, liar], max_round=6, codec_tolerance=TOL)
+    assert {v.peer_id for v in lineage} == {"a", "b"}
+    # a claim of a round that has not happened yet never wins, and counts against every lineage
+    assert choose_lineage([vouch("a", 0.0), vouch("liar", 9.0, round_=99)], max_round=6,
+                          codec_tolerance=TOL) is None
+    assert choose_lineage([vouch("a", 0.0)], max_round=6, codec_tolerance=TOL)[0].peer_id == "a"
+
+
+# ------------------------------------------------------------------ identities and invites
+
+def test_the_peer_id_derived_from_a_record_key_is_the_libp2p_peer_id(tmp_path):
+    from hivemind.p2p import PeerID
+    identity = Identity(tmp_path / "id.key")
+    expected = PeerID.from_identity((tmp_path / "id.key").read_bytes()).to_base58()
+    ssh_key = identity.private_key.get_public_key().to_bytes()
+    assert peer_id_of_public_key(ssh_key) == expected
+    assert owner_peer_id(b"[owner:" + ssh_key + b"]") == expected
+    assert owner_peer_id(b"no owner here") is None
+
+
+def test_an_invite_admits_exactly_its_peer_until_it_expires(tmp_path):
+    creator = Identity(tmp_path / "creator.key")
+    other = Identity(tmp_path / "other.key")
+    creator_id = peer_id_of_public_key(creator.private_key.get_public_key().to_bytes())
+    creator_key = creator.private_key.get_public_key().to_bytes()
+    good = parse_credential(issue(creator.private_key, "run", creator_id, "QmPeer", 3600).json(), "test")
+    assert good.problem("run", "QmPeer", creator_id, creator_key) is None
+    assert "another peer" in good.problem("run", "QmOther", creator_id, creator_key)
+    assert "run" in good.problem("run2", "QmPeer", creator_id, creator_key)
+    assert "expired" in good.problem("run", "QmPeer", creator_id, creator_key, now=good.expires + 1)
+    forged = parse_credential(issue(other.private_key, "run", creator_id, "QmPeer", 3600).json(), "test")
+    assert "signature" in forged.problem("run", "QmPeer", creator_id, creator_key)
+    with pytest.raises(SwarmError, match="not a p2ptrain credential"):
+        parse_credential('{"run": 1}', "test")
+    assert parse_duration("30d") == 30 * 86400 and math.isclose(parse_duration("1.5h"), 5400)
+    with pytest.raises(SwarmError):
+        parse_duration("soon")
