@@ -199,7 +199,7 @@ def test_the_dashboard_in_headless_chromium_shows_the_grid_every_peer_and_the_lo
             errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
             shot = tmp_path / "dashboard.png"
             assert browser.save_screenshot(str(shot))
-            if os.environ.get("P2PTRAIN_DOCS_SCREENSHOT"):  # how docs/monitor/dashboard.png was made
+            if os.environ.get("P2PTRAIN_DOCS_SCREENSHOT"):  # =FILE: keep a copy of the screenshot there
                 browser.save_screenshot(os.environ["P2PTRAIN_DOCS_SCREENSHOT"])
     finally:
         stop_node_server(state, server)
