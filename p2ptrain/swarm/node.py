@@ -83,6 +83,11 @@ class RoundReport:
     seconds_wall: float = 0.0  # the whole round, checkpoint included
 
 
+def round_group_bits(round_: int) -> str:
+    """hivemind group-key bits for a round (8 bits: rounds 256 apart never overlap in time)."""
+    return format(round_ % 256, "08b")
+
+
 class StepDeadline:
     """`should_stop` for the inner loop: stop before a step that would end after `end`
     (estimated from the previous steps), when stopping, or when suspended."""
@@ -226,6 +231,12 @@ class SwarmNode:
                 continue
             # --- enter the round in progress on the swarm's clock (the next one if too little is left)
             round_ = self.schedule.next_round_to_enter(max(1.5 * self.step_seconds, 0.05))
+            if self._stale_before(round_):
+                # our globals are older than the round before this one (we joined while the holders
+                # were averaging, or our last outer phase overran whole rounds): take the majority's
+                # newer state first, or this round's average would start a lineage of its own
+                logger.info("module state older than round %d; catching up before it", round_ - 1)
+                self.catch_up()
             report = self.run_round(round_, on_step=on_step)
             if report is None:  # stopped, or the swarm moved on while suspended: nothing to report
                 continue
@@ -244,6 +255,12 @@ class SwarmNode:
         self.phase = "stopped"
         self.session.store.wait()  # the last round's checkpoint is on disk when run() returns
         return self.history
+
+    def _stale_before(self, round_: int) -> bool:
+        """Would round_ start from globals older than the last completed round (with overlap,
+        the round before that, whose average lands during round_)?"""
+        lag = 2 if self.cfg.averaging.overlap else 1
+        return any(slot.round < round_ - lag for slot in self.slots.values())
 
     def run_round(self, round_: int, on_step=None) -> Optional[RoundReport]:
         H = self.cfg.inner.steps_per_round
@@ -381,6 +398,8 @@ class SwarmNode:
             # not (dead, slow, or a stranger that never joins) costs the window once, not every round
             expected = {p.peer_id for p in holders} - self.absent.get(module_id, set())
             slot.averager.set_target_group_size(max(2, min(len(expected) + 1, avg_cfg.target_group_size)))
+            # the round is part of the group key: a node late for round r never lands in round r+1's group
+            slot.averager.set_group_bits(round_group_bits(round_))
             results[module_id].expected = {p.peer_id for p in holders}
             slot.averager.set_admission(admission)
             controls[module_id] = slot.averager.step(

@@ -25,6 +25,7 @@ import torch
 from p2ptrain.swarm.averaging import averaging_part_bytes, make_compression
 from p2ptrain.swarm.dht import start_dht
 from p2ptrain.swarm.identity import Identity
+from p2ptrain.swarm.node import round_group_bits
 from p2ptrain.swarm.records import (ModuleSync, SwarmRecords, averager_prefix, make_validators, new_peer_record)
 from p2ptrain.swarm.schedule import RoundSchedule
 
@@ -117,6 +118,15 @@ class Adversary:
                                                          round=round_, sync=sync or {},
                                                          credential=self.lie.get("credential")))
 
+    def step(self, round_: int, timeout: float = 30.0):
+        """Join one all-reduce of the module now, with the lie's gather; the group, or None."""
+        self.averager.set_group_bits(round_group_bits(round_))  # the round's group key, as honest nodes use
+        try:
+            return self.averager.step(gather=self.lie.get("gather", {"round": round_, "tokens": 100}),
+                                      weight=1.0, timeout=timeout, allow_retries=False)
+        except Exception:  # no group this time
+            return None
+
     def start_rounds(self) -> None:
         """Step the averager at the end of every round of the schedule, with the lie's gather."""
         def loop():
@@ -127,12 +137,8 @@ class Adversary:
                     return
                 if not self.lie.get("average", True):
                     continue  # a liar in its records only
-                try:
-                    self.averager.step(gather=self.lie.get("gather", {"round": round_, "tokens": 100}),
-                                       weight=1.0, timeout=12.0, allow_retries=False)
+                if self.step(round_, timeout=12.0) is not None:
                     self.steps_joined += 1
-                except Exception:  # no group this round: try the next
-                    pass
 
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
