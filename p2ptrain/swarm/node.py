@@ -63,6 +63,7 @@ class ModuleRound:
     split: bool = False  # holders disagree and no majority decides (nobody moved)
     failed: str | None = None  # the round's averaging itself failed (an error on the averaging thread)
     voters: int = 0  # holders whose fingerprints for this round were compared
+    lying_reducers: list[str] = field(default_factory=list)  # reducers whose returned slice we refused
     expected: set[str] = field(default_factory=set, repr=False)  # live holders when the round began
 
     @property
@@ -126,6 +127,8 @@ class SwarmNode:
         self.history: list[RoundReport] = []
         self.sync: dict[str, ModuleSync] = {}
         self.rejections = Rejections()
+        self.bans: dict[str, float] = {}  # peer → when (time.monotonic) its matchmaking ban ends
+        self.bans_issued: Counter = Counter()  # peer → how many times it was banned
         self.silent: Counter = Counter()  # peers that did not post their fingerprints in time, last round
         self.absent: dict[str, set[str]] = {}  # module → holders that did not join its group last round
         self.last_loss: float | None = None
@@ -445,6 +448,13 @@ class SwarmNode:
                 self.rejections.add(peer_id, "a claim for another round", f"{parsed.round} vs {round_}")
         for peer_id, why in outcome.get("rejected", {}).items():
             self.rejections.add(peer_id, "all-reduce part refused by our reducer", why)
+            self.ban(peer_id)
+        for peer_id, why in outcome.get("lying", {}).items():
+            # a reducer returned a slice the rule cannot produce from our part: its range is in
+            # `failed` below (we keep our own values there, as for a reducer that died)
+            self.rejections.add(peer_id, "reduced slice refused (lying reducer)", why)
+            result.lying_reducers.append(peer_id)
+            self.ban(peer_id)
         with slot.averager.get_tensors() as (flat,):
             averaged = flat.clone()
         failed = outcome.get("failed", [])
@@ -464,10 +474,28 @@ class SwarmNode:
 
     def admission(self, peers: list[PeerRecord]) -> Admission:
         """Who may average with us this round: in a closed run the credentialed peers (their
-        records were checked when read), in an open one anybody."""
+        records were checked when read), in an open one anybody — less the peers we banned."""
+        banned = frozenset(self.banned())
         if self.records.closed_run is None:
-            return Admission()
-        return Admission(allowed=frozenset({self.peer_id, *(p.peer_id for p in peers)}))
+            return Admission(banned=banned)
+        return Admission(allowed=frozenset({self.peer_id, *(p.peer_id for p in peers)}), banned=banned)
+
+    def ban(self, peer_id: str) -> None:
+        """Refuse a peer in this node's matchmaking (as leader and as follower) for
+        averaging.ban_seconds: its all-reduce parts were refused, or a slice it reduced was."""
+        seconds = self.cfg.averaging.ban_seconds
+        if seconds <= 0 or peer_id == self.peer_id:
+            return
+        self.bans[peer_id] = time.monotonic() + seconds
+        self.bans_issued[peer_id] += 1
+        logger.warning("banned peer …%s from this node's averaging groups for %.0f s", peer_id[-8:], seconds)
+
+    def banned(self) -> set[str]:
+        """Peers whose ban has not ended yet (expired ones are forgotten)."""
+        now = time.monotonic()
+        for peer_id in [p for p, until in self.bans.items() if until <= now]:
+            del self.bans[peer_id]
+        return set(self.bans)
 
     def _matchmaking_timeout(self) -> float:
         """How long a module looks for its holders: up to 3 windows, so a slow peer delays
@@ -627,6 +655,7 @@ class SwarmNode:
             "last_round": outcomes, "checkpoints": str(self.session.store.root),
             "reachability": "client" if self.client_mode else "public", "maddrs": list(self.maddrs),
             "rejected": self.rejections.snapshot(),
+            "banned": {"now": sorted(self.banned()), "issued": sum(self.bans_issued.values())},
         }
 
     def describe(self) -> str:
