@@ -14,7 +14,10 @@ from pathlib import Path
 import click
 
 from p2ptrain import __version__
-from p2ptrain.cli_options import data_option, home_and_config, json_option, run_options
+from p2ptrain.cli_options import data_option, home_and_config, initial_peer_options, json_option, json_safe  # noqa: F401
+from p2ptrain.cli_options import docs_loader as _docs_loader, identity_file as _identity  # noqa: F401
+from p2ptrain.cli_options import listen_options, run_options, swarm_options  # noqa: F401
+from p2ptrain.cli_options import resolve_initial_peers as _initial_peers  # noqa: F401
 from p2ptrain.errors import UserError
 
 
@@ -34,16 +37,6 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-
-
-def _docs_loader(config, data, home):
-    """The documents to train on: --data dirs, else the home's registered sources, else the
-    built-in corpus. Call it for the documents; its end_round() keeps the ledger and picks up
-    changed sources at round boundaries (p2ptrain.data.sources.DocumentFeed)."""
-    from p2ptrain.data.sources import DocumentFeed
-    from p2ptrain.data.tokenizer import load_tokenizer
-    tokenizer = None if config.data.tokenizer == "bytes" else load_tokenizer(config.data.tokenizer)
-    return DocumentFeed(home, config.data.max_doc_chars, list(data), tokenizer)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -208,7 +201,7 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
     result = {"path": path_name(path), "steps": done, "first_loss": first_loss, "final_loss": last["loss"],
               "tokens_per_s": last["tps"], "round": session.round, "checkpoint": str(ckpt_dir)}
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(json_safe(result), indent=2, allow_nan=False))  # a diverged loss is null, not NaN
     else:
         click.echo(f"loss {first_loss:.3f} -> {last['loss']:.3f}; checkpoint {ckpt_dir}")
 
@@ -254,46 +247,6 @@ def format_eval(report) -> str:
 
 
 # ------------------------------------------------------------------- swarm
-
-def initial_peer_options(f):
-    f = click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
-                     help="A peer's full multiaddr (…/p2p/12D3KooW…); repeatable. "
-                          "[default: the peers in bootstrap_peers.txt]")(f)
-    f = click.option("--bootstrap-file", type=click.Path(dir_okay=False), default=None,
-                     help="Read initial peers from this file instead of ./bootstrap_peers.txt.")(f)
-    return f
-
-
-def listen_options(f):
-    f = click.option("--host-maddrs", multiple=True, metavar="MULTIADDR",
-                     help="Where to listen. [default: /ip4/0.0.0.0/tcp/0, every interface]")(f)
-    f = click.option("--announce-maddrs", multiple=True, metavar="MULTIADDR",
-                     help="Public addresses to announce (with an explicit port), e.g. behind port forwarding.")(f)
-    f = click.option("--client-mode", is_flag=True,
-                     help="Behind NAT: don't accept incoming connections; reach peers through relays.")(f)
-    return f
-
-
-def swarm_options(f):
-    """How to reach the swarm and where to listen (join)."""
-    return initial_peer_options(listen_options(f))
-
-
-def _initial_peers(initial_peers, bootstrap_file, new_swarm: bool) -> tuple[list[str], str]:
-    from p2ptrain.swarm.dht import bootstrap_peers
-    if new_swarm:
-        return [], "none (new swarm)"
-    if initial_peers:
-        return list(initial_peers), "--initial-peers"
-    return bootstrap_peers(bootstrap_file)
-
-
-def _identity(home: Path, identity, no_identity: bool) -> str | None:
-    from p2ptrain.home import identity_path
-    if no_identity:
-        return None
-    return str(Path(identity).expanduser()) if identity else str(identity_path(home))
-
 
 def _abort_on_signals() -> None:
     """While a node starts (router fitting, DHT, catch-up) there is no round to finish: SIGINT
@@ -377,6 +330,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     from p2ptrain.swarm.dht import PUBLIC_MADDRS
     from p2ptrain.swarm.join import JoinOptions, open_node
 
+    home_option = home
     home = resolve_home(home)
     given = RunConfig.load(run_config) if run_config else None
     peers, source = _initial_peers(initial_peers, bootstrap_file, new_swarm)
@@ -391,11 +345,22 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
         from p2ptrain.errors import SwarmError
         raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR, or start a new "
                          "swarm with --new-swarm")
-    emit = (lambda obj: click.echo(json.dumps(obj), nl=True)) if as_json else None
+    emit = (lambda obj: click.echo(json.dumps(json_safe(obj), allow_nan=False), nl=True)) if as_json else None
     if not as_json:
         click.echo(f"joining {'a new swarm' if new_swarm else f'{len(peers)} initial peers from {source}'} ...")
-    _abort_on_signals()  # until the node is up, Ctrl-C or SIGTERM aborts the start cleanly
-    opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data, home))
+    # --- daemon services (p2ptrain.daemon): one node per home, its child processes die with it,
+    # and the control socket answers `p2ptrain status` / `daemon stop` for this foreground node
+    from p2ptrain.daemon.service import ForegroundServices
+    from p2ptrain.home import places
+    services = ForegroundServices(places(home_option))
+    try:
+        _abort_on_signals()  # until the node is up, Ctrl-C or SIGTERM aborts the start cleanly
+        opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data, home))
+    except BaseException:
+        services.close()
+        raise
+    services.attach(opened)
+    # --- end of daemon services
     node = opened.node
     monitoring = (None, None)  # (NodeState, DashboardServer) with --metrics-port (issue 13)
     try:
@@ -469,6 +434,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
             from p2ptrain.monitor.web import stop_node_server
             stop_node_server(*monitoring)
         opened.close()
+        services.close()  # daemon services: release the home, close the control socket
 
 
 @main.command()
@@ -553,6 +519,13 @@ from p2ptrain import cli_data  # noqa: E402  (its commands use the helpers above
 main.add_command(cli_data.data_group)
 main.add_command(cli_data.export)
 main.add_command(cli_data.generate)
+
+
+# --------------------------------------- daemon, prefs, service, status (issue 12)
+
+from p2ptrain import cli_daemon  # noqa: E402
+
+cli_daemon.register(main)
 
 
 # ------------------------------------------------------------ identity, invites
