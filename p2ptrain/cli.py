@@ -14,7 +14,10 @@ from pathlib import Path
 import click
 
 from p2ptrain import __version__
-from p2ptrain.cli_options import data_option, home_and_config, json_option, run_options
+from p2ptrain.cli_options import data_option, home_and_config, initial_peer_options, json_option, json_safe  # noqa: F401
+from p2ptrain.cli_options import docs_loader as _docs_loader, identity_file as _identity  # noqa: F401
+from p2ptrain.cli_options import listen_options, run_options, swarm_options  # noqa: F401
+from p2ptrain.cli_options import resolve_initial_peers as _initial_peers  # noqa: F401
 from p2ptrain.errors import UserError
 
 
@@ -34,16 +37,6 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-
-
-def _docs_loader(config, data, home):
-    """The documents to train on: --data dirs, else the home's registered sources, else the
-    built-in corpus. Call it for the documents; its end_round() keeps the ledger and picks up
-    changed sources at round boundaries (p2ptrain.data.sources.DocumentFeed)."""
-    from p2ptrain.data.sources import DocumentFeed
-    from p2ptrain.data.tokenizer import load_tokenizer
-    tokenizer = None if config.data.tokenizer == "bytes" else load_tokenizer(config.data.tokenizer)
-    return DocumentFeed(home, config.data.max_doc_chars, list(data), tokenizer)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -208,7 +201,7 @@ def train(home, run_config, data, path_text, steps, device, fresh, as_json) -> N
     result = {"path": path_name(path), "steps": done, "first_loss": first_loss, "final_loss": last["loss"],
               "tokens_per_s": last["tps"], "round": session.round, "checkpoint": str(ckpt_dir)}
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(json_safe(result), indent=2, allow_nan=False))  # a diverged loss is null, not NaN
     else:
         click.echo(f"loss {first_loss:.3f} -> {last['loss']:.3f}; checkpoint {ckpt_dir}")
 
@@ -232,7 +225,10 @@ def eval_(home, run_config, data, device, max_tokens, extra_homes, as_json) -> N
     home, config = home_and_config(home, run_config)
     docs = _docs_loader(config, data, home)()
     state = load_or_create_run_state(home, config, lambda: docs)
-    report = evaluate(state, docs, [home, *map(Path, extra_homes)], resolve_device(device), max_tokens)
+    with click.progressbar(length=state.grid.num_paths, label="eval", file=sys.stderr, hidden=as_json,
+                           item_show_func=lambda path: f"path {path}" if path else "") as bar:
+        report = evaluate(state, docs, [home, *map(Path, extra_homes)], resolve_device(device), max_tokens,
+                          on_path=lambda path, done, total: bar.update(1, path))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -251,46 +247,6 @@ def format_eval(report) -> str:
 
 
 # ------------------------------------------------------------------- swarm
-
-def initial_peer_options(f):
-    f = click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
-                     help="A peer's full multiaddr (…/p2p/12D3KooW…); repeatable. "
-                          "[default: the peers in bootstrap_peers.txt]")(f)
-    f = click.option("--bootstrap-file", type=click.Path(dir_okay=False), default=None,
-                     help="Read initial peers from this file instead of ./bootstrap_peers.txt.")(f)
-    return f
-
-
-def listen_options(f):
-    f = click.option("--host-maddrs", multiple=True, metavar="MULTIADDR",
-                     help="Where to listen. [default: /ip4/0.0.0.0/tcp/0, every interface]")(f)
-    f = click.option("--announce-maddrs", multiple=True, metavar="MULTIADDR",
-                     help="Public addresses to announce (with an explicit port), e.g. behind port forwarding.")(f)
-    f = click.option("--client-mode", is_flag=True,
-                     help="Behind NAT: don't accept incoming connections; reach peers through relays.")(f)
-    return f
-
-
-def swarm_options(f):
-    """How to reach the swarm and where to listen (join)."""
-    return initial_peer_options(listen_options(f))
-
-
-def _initial_peers(initial_peers, bootstrap_file, new_swarm: bool) -> tuple[list[str], str]:
-    from p2ptrain.swarm.dht import bootstrap_peers
-    if new_swarm:
-        return [], "none (new swarm)"
-    if initial_peers:
-        return list(initial_peers), "--initial-peers"
-    return bootstrap_peers(bootstrap_file)
-
-
-def _identity(home: Path, identity, no_identity: bool) -> str | None:
-    from p2ptrain.home import identity_path
-    if no_identity:
-        return None
-    return str(Path(identity).expanduser()) if identity else str(identity_path(home))
-
 
 def _abort_on_signals() -> None:
     """While a node starts (router fitting, DHT, catch-up) there is no round to finish: SIGINT
@@ -353,10 +309,17 @@ def _install_stop_handlers(stop_event) -> None:
               help="With --new-swarm: a closed run; only peers you invite (`p2ptrain invite PEER_ID`) take part.")
 @click.option("--credential", default=None, type=click.Path(dir_okay=False),
               help="Your invite to a closed run (a file printed by `p2ptrain invite` on the creator's machine).")
+# --- monitoring (issue 13)
+@click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics and a dashboard at http://HOST:PORT/ "
+                   "(0: any free port). [default: off]")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address for --metrics-port; anything but loopback exposes this node's status to the network.")
+# --- end monitoring
 @json_option
 def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode,
          new_swarm, run_id, path_text, device, identity, no_identity, max_rounds, max_minutes, wait_for_peers,
-         closed, credential, as_json) -> None:
+         closed, credential, metrics_port, metrics_host, as_json) -> None:
     """Join a swarm (or start one with --new-swarm) and train a path with it.
 
     Prints this node's multiaddrs; others join with --initial-peers ADDR.
@@ -367,6 +330,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     from p2ptrain.swarm.dht import PUBLIC_MADDRS
     from p2ptrain.swarm.join import JoinOptions, open_node
 
+    home_option = home
     home = resolve_home(home)
     given = RunConfig.load(run_config) if run_config else None
     peers, source = _initial_peers(initial_peers, bootstrap_file, new_swarm)
@@ -381,12 +345,24 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
         from p2ptrain.errors import SwarmError
         raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR, or start a new "
                          "swarm with --new-swarm")
-    emit = (lambda obj: click.echo(json.dumps(obj), nl=True)) if as_json else None
+    emit = (lambda obj: click.echo(json.dumps(json_safe(obj), allow_nan=False), nl=True)) if as_json else None
     if not as_json:
         click.echo(f"joining {'a new swarm' if new_swarm else f'{len(peers)} initial peers from {source}'} ...")
-    _abort_on_signals()  # until the node is up, Ctrl-C or SIGTERM aborts the start cleanly
-    opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data, home))
+    # --- daemon services (p2ptrain.daemon): one node per home, its child processes die with it,
+    # and the control socket answers `p2ptrain status` / `daemon stop` for this foreground node
+    from p2ptrain.daemon.service import ForegroundServices
+    from p2ptrain.home import places
+    services = ForegroundServices(places(home_option))
+    try:
+        _abort_on_signals()  # until the node is up, Ctrl-C or SIGTERM aborts the start cleanly
+        opened = open_node(options, home, _docs_loader(given or RunConfig.load(), data, home))
+    except BaseException:
+        services.close()
+        raise
+    services.attach(opened)
+    # --- end of daemon services
     node = opened.node
+    monitoring = (None, None)  # (NodeState, DashboardServer) with --metrics-port (issue 13)
     try:
         _install_stop_handlers(node.stop_requested)
         run_name = opened.run_state.config.run.id
@@ -409,8 +385,24 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
             for addr in opened.maddrs:
                 click.echo(f"  {addr}")
             click.echo(f"run pin (others pass it to --run-id): {info['run_pin']}")
+        if metrics_port is not None:  # --- monitoring (issue 13)
+            from p2ptrain.cli_monitor import start_node_monitor
+            monitoring = start_node_monitor(node, metrics_host, metrics_port, emit)
+        watched = monitoring[0]
+        show_steps = not emit and sys.stderr.isatty()
+
+        def on_step(report):
+            if watched is not None:
+                watched.on_step(report)
+            if show_steps:  # inner-step progress, overwritten in place by the next line
+                click.echo(f"\r  step {report.step}  loss {report.loss:6.3f}  {report.tokens_per_s:>9,.0f} tok/s",
+                           err=True, nl=False)
 
         def on_round(report):
+            if watched is not None:
+                watched.on_round(report)
+            if show_steps:
+                click.echo("\r\x1b[K", err=True, nl=False)
             modules = {m: (len(r.group) if r.group else 1) for m, r in report.modules.items()}
             if emit:
                 emit({"event": "round", "round": report.round, "loss": report.loss, "tokens": report.tokens,
@@ -432,13 +424,17 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
                 emit({"event": "peers", "seen": seen})
             elif seen < wait_for_peers:
                 click.echo(f"only {seen} of {wait_for_peers} peers arrived in 5 minutes; starting anyway")
-        node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round)
+        node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round, on_step=on_step)
         if emit:
             emit({"event": "left", "round": node.round})
         else:
             click.echo(f"left the swarm at round {node.round}; checkpoints in {node.session.store.root}")
     finally:
+        if monitoring[0] is not None:
+            from p2ptrain.monitor.web import stop_node_server
+            stop_node_server(*monitoring)
         opened.close()
+        services.close()  # daemon services: release the home, close the control socket
 
 
 @main.command()
@@ -497,66 +493,23 @@ def bootstrap(home, initial_peers, host_maddrs, announce_maddrs, client_mode, po
               help="Where this short-lived observer listens. [default: /ip4/127.0.0.1/tcp/0]")
 @click.option("--run-id", default=None, help="Run to inspect. [default: the default run]")
 @click.option("--timeout", default=15.0, show_default=True, type=click.FloatRange(1), help="Seconds to wait.")
+@click.option("--watch", is_flag=True, help="Refresh in place every --interval seconds until Ctrl-C "
+                                            "(with --json: one JSON object per line).")
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(0.5),
+              help="Seconds between refreshes with --watch.")
 @json_option
-def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json) -> None:
-    """List the live peers of a run and how well each module is covered."""
-    import time as _time
-    from p2ptrain.config import RunConfig
-    from p2ptrain.errors import SwarmError
-    from p2ptrain.model.grid import Grid, path_name
-    from p2ptrain.swarm.dht import LOOPBACK_MADDRS, start_dht
-    from p2ptrain.swarm.membership import module_coverage
-    from p2ptrain.swarm.records import SwarmRecords, make_validators, split_run_id
-    from p2ptrain.swarm.signals import children_ignore_sigint
+def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, watch, interval, as_json) -> None:
+    """List the live peers of a run, module coverage, swarm speed, the outcomes of the peers'
+    last rounds, and whether each bootstrap peer answers."""
+    from p2ptrain.cli_monitor import run_peers
+    run_peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json, watch, interval)
 
-    addrs, source = _initial_peers(initial_peers, bootstrap_file, False)
-    if not addrs:
-        raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR")
-    run_id = run_id or RunConfig.load().run.id
-    signer, validators = make_validators(split_run_id(run_id)[0])
-    with children_ignore_sigint():
-        # a short-lived observer: client mode, so nobody tries to route DHT traffic through it
-        dht = start_dht(addrs, host_maddrs=list(host_maddrs) or LOOPBACK_MADDRS, client_mode=True,
-                        record_validators=validators)
-    try:
-        name, creator = split_run_id(run_id)
-        records = SwarmRecords(dht, name, signer, creator=creator)
-        deadline = _time.monotonic() + timeout
-        run_problem = None
-        try:
-            published = records.fetch_run()
-        except SwarmError as e:  # version skew, several creators: still list the peers
-            published, run_problem = None, str(e)
-        found = records.fetch_peers()
-        while not found and _time.monotonic() < deadline:
-            _time.sleep(0.5)
-            found = records.fetch_peers()
-    finally:
-        dht.shutdown()
-    grid = published.state.grid if published else None
-    coverage = module_coverage(grid, found) if grid else {}
-    now = _time.time()
-    rows = [{"peer_id": p.peer_id, "path": path_name(p.path), "round": p.round, "loss": p.loss,
-             "tokens_per_s": p.tokens_per_s, "tokens": p.tokens, "reachability": p.reachability,
-             "hardware": p.hardware, "version": p.version, "paused": p.paused, "age_s": round(now - p.time, 1)}
-            for p in sorted(found, key=lambda p: (p.path, p.peer_id))]
-    if as_json:
-        click.echo(json.dumps({"run_id": run_id, "run_found": published is not None, "run_problem": run_problem,
-                               "creator": published.creator if published else None, "peers": rows,
-                               "coverage": dict(coverage)}, indent=2))
-        return
-    if run_problem:
-        click.echo(f"run {run_id}: {run_problem}")
-    elif published is None:
-        click.echo(f"run {run_id}: no run record found on the DHT")
-    click.echo(f"{len(rows)} live peers of run {run_id}")
-    click.echo(f"{'peer':<14}{'path':<7}{'round':>6}{'loss':>8}{'tok/s':>10}  {'reach':<8}{'hardware':<18}{'age':>6}")
-    for r in rows:
-        loss = f"{r['loss']:.3f}" if r["loss"] is not None else "-"
-        click.echo(f"…{r['peer_id'][-12:]:<13}{r['path']:<7}{r['round']:>6}{loss:>8}{r['tokens_per_s']:>10,.0f}  "
-                   f"{r['reachability']:<8}{r['hardware'][:17]:<18}{r['age_s']:>5.0f}s")
-    if coverage:
-        click.echo("coverage: " + "  ".join(f"{m}:{n}" for m, n in coverage.items()))
+
+# --- monitoring (issue 13)
+from p2ptrain.cli_monitor import monitor  # noqa: E402 (registered after the group is defined)
+
+main.add_command(monitor)
+# --- end monitoring
 
 
 # ------------------------------------------------- data, export, generate (issue 15)
@@ -566,6 +519,13 @@ from p2ptrain import cli_data  # noqa: E402  (its commands use the helpers above
 main.add_command(cli_data.data_group)
 main.add_command(cli_data.export)
 main.add_command(cli_data.generate)
+
+
+# --------------------------------------- daemon, prefs, service, status (issue 12)
+
+from p2ptrain import cli_daemon  # noqa: E402
+
+cli_daemon.register(main)
 
 
 # ------------------------------------------------------------ identity, invites

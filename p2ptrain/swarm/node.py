@@ -143,7 +143,6 @@ class SwarmNode:
         self._heartbeat_stop = threading.Event()
         self._background: BackgroundRound | None = None  # overlap: last round's averaging
         self._anchors = Anchors()
-        self._last_entered: int | None = None  # the last round run_round was entered for
         for slot in self.slots.values():
             slot.round = session.round
         self._update_sync()
@@ -235,12 +234,12 @@ class SwarmNode:
                 continue
             # --- enter the round in progress on the swarm's clock (the next one if too little is left)
             round_ = self.schedule.next_round_to_enter(max(1.5 * self.step_seconds, 0.05))
-            if self._last_entered is not None and round_ > self._last_entered + 1:
-                # the last outer phase overran whole rounds: the holders moved on without us
-                logger.info("skipped rounds %d-%d; catching up before round %d", self._last_entered + 1,
-                            round_ - 1, round_)
+            if self._stale_before(round_):
+                # our globals are older than the round before this one (we joined while the holders
+                # were averaging, or our last outer phase overran whole rounds): take the majority's
+                # newer state first, or this round's average would start a lineage of its own
+                logger.info("module state older than round %d; catching up before it", round_ - 1)
                 self.catch_up()
-            self._last_entered = round_
             report = self.run_round(round_, on_step=on_step)
             if report is None:  # stopped, or the swarm moved on while suspended: nothing to report
                 continue
@@ -259,6 +258,12 @@ class SwarmNode:
         self.phase = "stopped"
         self.session.store.wait()  # the last round's checkpoint is on disk when run() returns
         return self.history
+
+    def _stale_before(self, round_: int) -> bool:
+        """Would round_ start from globals older than the last completed round (with overlap,
+        the round before that, whose average lands during round_)?"""
+        lag = 2 if self.cfg.averaging.overlap else 1
+        return any(slot.round < round_ - lag for slot in self.slots.values())
 
     def run_round(self, round_: int, on_step=None) -> Optional[RoundReport]:
         H = self.cfg.inner.steps_per_round

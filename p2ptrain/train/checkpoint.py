@@ -9,6 +9,11 @@ A swarm node saves after every round; `save_in_background` copies the tensors at
 (so training and the next outer step may change them) and leaves serialization, the
 checksums and the fsyncs to a writer thread, so disk time is not taken from training.
 At most one write is in flight; the next save, or `wait`, waits for it.
+
+Nothing half-written survives: a write that fails (a full disk: safetensors raises its own
+error type, not OSError) removes its temporary directory and leaves the previous
+checkpoints as they were, and temporary directories left by a killed process are removed
+when the store is next opened.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +32,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from p2ptrain.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+TEMP_PREFIX = ".tmp-round-"
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, I/O error); the previous ones stay."""
 
 
 @dataclass
@@ -63,13 +76,25 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+@dataclass
+class WriteStats:
+    """Checkpoint writes so far, for the metrics endpoint."""
+
+    writes: int = 0  # successful writes
+    failures: int = 0
+    write_seconds: float = 0.0  # summed over the successful writes
+
+
 class CheckpointStore:
     """Round-numbered checkpoints of one path under one directory; keeps the newest `keep`."""
 
     def __init__(self, root: Path, keep: int = 3):
         self.root = Path(root)
+        self.stats = WriteStats()
         self.keep = keep
         self._writer: threading.Thread | None = None
+        self.last_error: str | None = None  # why the latest write failed; None once one succeeds
+        remove_stale_temp_dirs(self.root)
 
     def directory(self, round_: int) -> Path:
         return self.root / f"round-{round_:06d}"
@@ -101,9 +126,8 @@ class CheckpointStore:
         def write() -> None:
             try:
                 self._write(round_, snapshot, meta)
-            except OSError as e:
-                logger.warning("could not write the round %d checkpoint in %s: %s; the previous one stays",
-                               round_, self.root, e)
+            except CheckpointWriteError as e:
+                logger.error("%s", e)
 
         self._writer = threading.Thread(target=write, name="p2ptrain-checkpoint", daemon=True)
         self._writer.start()
@@ -115,25 +139,44 @@ class CheckpointStore:
             self._writer = None
 
     def _write(self, round_: int, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            final = self._write_files(round_, groups, meta)
+        except BaseException:
+            self.stats.failures += 1
+            raise
+        self.stats.writes += 1
+        self.stats.write_seconds += time.perf_counter() - t0
+        return final
+
+    def _write_files(self, round_: int, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
+        tmp = self.root / f"{TEMP_PREFIX}{round_:06d}-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            files = {}
+            for name, tensors in groups.items():
+                path = tmp / f"{name}.safetensors"
+                save_file(tensors, str(path))
+                _fsync_file(path)
+                files[path.name] = _sha256(path)
+            manifest = {"format": FORMAT_VERSION, "round": round_, "files": files, "meta": meta}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            _fsync_file(tmp / MANIFEST)
+            _fsync_dir(tmp)
+        except Exception as e:  # OSError, or safetensors' own SafetensorError on a full disk
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.rounds()
+            self.last_error = (f"could not write the round {round_} checkpoint in {self.root}: {_reason(e)}; "
+                               + (f"the round {previous[-1]} checkpoint stays" if previous else "no checkpoint yet"))
+            raise CheckpointWriteError(self.last_error) from e
         final = self.directory(round_)
-        tmp = self.root / f".tmp-round-{round_:06d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        files = {}
-        for name, tensors in groups.items():
-            path = tmp / f"{name}.safetensors"
-            save_file(tensors, str(path))
-            _fsync_file(path)
-            files[path.name] = _sha256(path)
-        manifest = {"format": FORMAT_VERSION, "round": round_, "files": files, "meta": meta}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(self.root)
+        self.last_error = None
         self._prune()
         return final
 
@@ -184,6 +227,43 @@ class CheckpointStore:
     def _prune(self) -> None:
         for round_ in self.rounds()[:-self.keep]:
             shutil.rmtree(self.directory(round_), ignore_errors=True)
+
+
+def _reason(e: BaseException) -> str:
+    """A short cause: 'No space left on device' whether it came from the OS or safetensors."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return "no space left on device" if "No space left" in text or "os error 28" in text else text
+
+
+def remove_stale_temp_dirs(root: Path) -> list[Path]:
+    """Remove temporary checkpoint directories whose writer is gone (a killed process); a
+    live writer's (another process saving into the same directory) is left alone."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for tmp in root.glob(f"{TEMP_PREFIX}*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            pid = -1
+        if _pid_alive(pid):  # (our own pid: a write of this process, maybe in flight)
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("removed %s, a checkpoint left half-written by a process that was stopped", tmp)
+        removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _snapshot(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
