@@ -20,13 +20,13 @@ Outliers (centered_clip): after clipping, a part further than OUTLIER_FACTOR × 
 result (8× the parts' median spread with the auto τ) AND further than
 OUTLIER_SCALE × the reducer's own pseudo-gradient RMS × √(part size) is dropped and the
 rest clipped again — as long as fewer than half the parts are dropped. Its sender is
-reported, and the node bans it from matchmaking. The second condition is needed because a
+reported (not banned: the bound can fall differently at different reducers, and bans
+that differ between honest peers would split their groups). The second condition is needed because a
 part's spread alone cannot tell a liar from an honest peer that saw tokens the others did
 not (embedding rows only it updated: the other parts are ~0, so τ is ~0); with Adam as
 the inner optimizer an honest element moves about lr per step, so an honest part stays
 within a few RMS per value. So a gross liar (×100, a flipped and scaled update, noise far
-above the honest scale) stops counting at all and leaves the group, while a subtle one
-is still only clipped.
+above the honest scale) stops counting at all, while a subtle one is still only clipped.
 
 τ (the clip radius): `clip_radius` from the run config, or 0 = auto:
     τ = AUTO_TAU_FACTOR × median over senders of ‖xᵢ − median‖₂,
@@ -114,7 +114,7 @@ def centered_clip_dropping_outliers(parts: Sequence[torch.Tensor], weights: Sequ
                                     ) -> tuple[torch.Tensor, list[int]]:
     """CenteredClip, then parts further than factor × τ and than min_distance from its result
     are dropped (a minority at most: fewer than half of the parts) and the rest clipped again
-    with the same τ. Returns (aggregate, indices of the dropped parts) — the node bans their
+    with the same τ. Returns (aggregate, indices of the dropped parts) — the node reports their
     senders. min_distance = inf: nothing is ever dropped."""
     if tau <= 0:
         tau = auto_tau(parts, weights)

@@ -197,6 +197,7 @@ def _averager_class():
             self.rejected: dict[str, str] = {}  # sender → why its parts were refused
             self.failed_ranges: list[tuple[int, int]] = []  # (offset, length) of un-averaged values
             self.lying_reducers: dict[str, str] = {}  # reducer → why the slice it returned was rejected
+            self.outliers: dict[str, str] = {}  # sender → why our robust rule dropped some of its parts
             plain = self.tensor_part_reducer
             self.tensor_part_reducer = self.make_reducer(plain, rule, tau)
             if self.tensor_part_reducer is not plain:
@@ -248,7 +249,7 @@ def _averager_class():
 
             def on_outlier(sender_index: int):
                 sender = self.sender_peer_ids[sender_index].to_base58()
-                self.rejected.setdefault(sender, f"parts further than {OUTLIER_FACTOR:g} clip radii from the "
+                self.outliers.setdefault(sender, f"parts further than {OUTLIER_FACTOR:g} clip radii from the "
                                                  "robust aggregate (dropped)")
 
             local = self.tensor_part_container.local_tensors
@@ -331,8 +332,8 @@ def _averager_class():
         # ------------------------------------------------------------ all-reduce
 
         async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
-            """As hivemind's, but returns {"gathered", "rejected", "failed", "lying"} instead of the gathered
-            values alone (runs in the averager's process; the result goes back through step()).
+            """As hivemind's, but returns {"gathered", "rejected", "failed", "lying", "outliers"} instead of
+            the gathered values alone (runs in the averager's process; the result goes back through step()).
             A group that assembled with a peer we do not admit is left before any data moves."""
             admission = getattr(self, "_admission", None)
             if admission is not None:
@@ -359,7 +360,8 @@ def _averager_class():
                                                                 peer_fractions=peer_fractions,
                                                                 claimed_weights=claimed_weights, **kwargs)
                     return {"gathered": user_gathered, "rejected": dict(runner.rejected),
-                            "failed": list(runner.failed_ranges), "lying": dict(runner.lying_reducers)}
+                            "failed": list(runner.failed_ranges), "lying": dict(runner.lying_reducers),
+                            "outliers": dict(runner.outliers)}
             except BaseException as e:
                 if isinstance(e, Exception):
                     logger.debug("all-reduce failed: %r", e)

@@ -450,6 +450,11 @@ class SwarmNode:
         for peer_id, why in outcome.get("rejected", {}).items():
             self.rejections.add(peer_id, "all-reduce part refused by our reducer", why)
             self.ban(peer_id)
+        for peer_id, why in outcome.get("outliers", {}).items():
+            # dropped by our robust rule, but not banned: whether a part is past the outlier
+            # bound can differ between reducers, and bans that differ between honest peers
+            # would split their groups (measured: honest modules then stay apart)
+            self.rejections.add(peer_id, "all-reduce part dropped as an outlier by our reducer", why)
         for peer_id, why in outcome.get("lying", {}).items():
             # a reducer returned a slice the rule cannot produce from our part: its range is in
             # `failed` below (we keep our own values there, as for a reducer that died)
