@@ -140,16 +140,19 @@ def stop_daemon(home: Path) -> float:
     return exited
 
 
-def tree_cpu_seconds(pid: int) -> float:
+def tree_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of the daemon's processes by role: main, p2pd, its forked children (DHT and
+    averagers) and any helper."""
     proc = psutil.Process(pid)
-    total = 0.0
+    roles: dict[str, float] = {}
     for p in [proc, *proc.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            role = "main" if p.pid == pid else p.name() if p.name() != "python" else "DHT and averagers"
+            roles[role] = roles.get(role, 0.0) + t.user + t.system
         except psutil.Error:
             pass
-    return total
+    return roles
 
 
 def side_by_side(work: Path, config: Path, data: Path, low_priority: bool, rounds: int) -> dict:
@@ -176,7 +179,7 @@ def side_by_side(work: Path, config: Path, data: Path, low_priority: bool, round
 def lifecycle(work: Path, config: Path, data: Path, trials: int, idle_s: float) -> dict:
     """With a second peer running: CPU while suspended, resume → first inner step, SIGTERM → exit."""
     join = Join("--home", work / "join-life", "--new-swarm", *node_args(config, data, "1,0"))
-    sigterm, resume, idle_cpu = [], [], []
+    sigterm, resume, idle_cpu, idle_roles = [], [], [], []
     try:
         joined = wait_for("join", lambda: next((e for e in join.events if e.get("event") == "joined"), None), 300)
         for trial in range(trials):
@@ -191,7 +194,10 @@ def lifecycle(work: Path, config: Path, data: Path, trials: int, idle_s: float) 
             time.sleep(2.0)
             c0, t0 = tree_cpu_seconds(pid), time.monotonic()
             time.sleep(idle_s)
-            idle_cpu.append(100 * (tree_cpu_seconds(pid) - c0) / (time.monotonic() - t0))
+            c1, elapsed = tree_cpu_seconds(pid), time.monotonic() - t0
+            by_role = {role: 100 * (c1[role] - c0.get(role, 0.0)) / elapsed for role in c1}
+            idle_cpu.append(sum(by_role.values()))
+            idle_roles.append(by_role)
             # resume → the inner optimizer's step counter moves
             steps = request(home, {"cmd": "status"})["status"]["inner_steps"]
             t0 = time.monotonic()
@@ -203,7 +209,8 @@ def lifecycle(work: Path, config: Path, data: Path, trials: int, idle_s: float) 
             sigterm.append(stop_daemon(home))
     finally:
         join.stop()
-    return {"sigterm_s": sigterm, "resume_s": resume, "suspended_cpu_pct": idle_cpu}
+    return {"sigterm_s": sigterm, "resume_s": resume, "suspended_cpu_pct": idle_cpu,
+            "suspended_cpu_pct_by_process": idle_roles}
 
 
 def main() -> None:
@@ -241,6 +248,10 @@ def main() -> None:
         f"start(s) with the join peer running; suspended CPU measured over {idle_s:.0f} s",
     ])
     print(markdown_table(["measure", "measured", "target"], rows))
+    roles = sorted({r for trial in life["suspended_cpu_pct_by_process"] for r in trial})
+    print("\nCPU while suspended by process, % of one core (median over trials):\n")
+    print(markdown_table(roles, [[f"{statistics.median(t.get(r, 0.0) for t in life['suspended_cpu_pct_by_process']):.2f}"
+                                  for r in roles]]))
     write_outputs(__file__, {"info": info, "plain": plain, "nice": nice, "lifecycle": life, "rows": rows})
 
 

@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 MAX_PAUSE_S = 600.0  # no single pause longer than this (a preference change ends it sooner anyway)
 
 
-def threads_for(max_ncpus_pct: float, ncpus: int) -> int:
-    return max(1, math.floor(ncpus * max_ncpus_pct / 100 + 1e-9))
+def threads_for(max_ncpus_pct: float, base_threads: int) -> int:
+    return max(1, math.floor(base_threads * max_ncpus_pct / 100 + 1e-9))
 
 
 class Pacer:
@@ -33,12 +33,14 @@ class Pacer:
     on_step and `after_round(bytes_moved_total)` from on_round."""
 
     def __init__(self, prefs: Callable[[], Preferences], stop: threading.Event,
-                 clock: Callable[[], float] = time.monotonic, ncpus: int | None = None,
+                 clock: Callable[[], float] = time.monotonic, base_threads: int | None = None,
                  set_threads: Callable[[int], None] | None = None, wait: Callable[[float], bool] | None = None):
         self.prefs = prefs
         self.stop = stop
         self.clock = clock
-        self.ncpus = ncpus or psutil.cpu_count() or 1
+        # 100 % is what torch would use anyway: one thread per core, or $OMP_NUM_THREADS when set
+        # (more threads than that only oversubscribe a busy machine)
+        self.base_threads = base_threads or _torch_threads()
         self._set_threads = set_threads or _torch_set_threads
         self._wait = wait or stop.wait
         self.threads: int | None = None
@@ -50,11 +52,11 @@ class Pacer:
     def apply_threads(self) -> int:
         """Set the inner steps' thread count from max_ncpus_pct (in the training thread:
         torch's intra-op thread count is per calling thread)."""
-        wanted = threads_for(self.prefs().max_ncpus_pct, self.ncpus)
+        wanted = threads_for(self.prefs().max_ncpus_pct, self.base_threads)
         if wanted != self.threads:
             self._set_threads(wanted)
             if self.threads is not None:
-                logger.info("inner steps now use %d of %d CPU threads", wanted, self.ncpus)
+                logger.info("inner steps now use %d of %d CPU threads", wanted, self.base_threads)
             self.threads = wanted
         return wanted
 
@@ -98,6 +100,11 @@ class Pacer:
             return
         self.paused_s += seconds
         self._wait(seconds)
+
+
+def _torch_threads() -> int:
+    import torch
+    return torch.get_num_threads() or psutil.cpu_count() or 1
 
 
 def _torch_set_threads(n: int) -> None:

@@ -247,6 +247,11 @@ class _NodeCollector(Collector):
         yield rejected
         yield _counter("p2ptrain_impersonated_records", "Peer records dropped because another key signed them.",
                        getattr(node.records, "impersonations", 0))
+        moved = p2pd_read_bytes(getattr(node, "dht", None))
+        if moved is not None:
+            yield _counter("p2ptrain_network_bytes", "Bytes this node moved over the network, in and out together "
+                           "(all swarm traffic goes through its libp2p daemon, p2pd, which reads every byte once: "
+                           "from the network or from the node; Linux only).", moved)
         stats = getattr(node.session.store, "stats", None)
         if stats is not None:
             writes = SummaryMetricFamily("p2ptrain_checkpoint_write_seconds", "Seconds to write a checkpoint "
@@ -256,6 +261,20 @@ class _NodeCollector(Collector):
             yield _counter("p2ptrain_checkpoint_write_failures", "Checkpoint writes that failed (the previous "
                            "checkpoint stays).", stats.failures)
         yield from swarm_families(self.metrics.view())
+
+
+def p2pd_read_bytes(dht) -> Optional[int]:
+    """Bytes read by the DHT's p2pd (/proc/PID/io rchar), which carries all of the node's
+    traffic (the averagers share it): bytes in + bytes out. None where not measurable."""
+    import psutil
+    pid = getattr(dht, "pid", None)
+    if pid is None:
+        return None
+    try:
+        daemons = [p for p in psutil.Process(pid).children(recursive=True) if p.name() == "p2pd"]
+        return sum(p.io_counters().read_chars for p in daemons) if daemons else None
+    except (psutil.Error, AttributeError):  # gone, or no io counters on this platform
+        return None
 
 
 # -------------------------------------------------------------------- a swarm

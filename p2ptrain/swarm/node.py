@@ -38,7 +38,8 @@ from p2ptrain.swarm.consistency import Vouch, choose_lineage, judge
 from p2ptrain.swarm.membership import peers_holding
 from p2ptrain.swarm.overlap import Anchors, BackgroundRound
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, parse
-from p2ptrain.swarm.records import PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, new_peer_record
+from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, new_peer_record,
+                                    status_record_fields)
 from p2ptrain.swarm.schedule import RoundSchedule
 from p2ptrain.swarm.slot import ModuleSlot
 from p2ptrain.swarm.state_transfer import fetch_verified_state
@@ -635,7 +636,7 @@ class SwarmNode:
                                  tokens_per_s=float(self.last_tps), tokens=int(self.session.tokens_seen),
                                  reachability="client" if self.client_mode else "public", maddrs=self.maddrs,
                                  sync=dict(self.sync), paused=self.suspension.describe(),
-                                 credential=self.credential)
+                                 credential=self.credential, **status_record_fields(self.status()))
         try:
             self.records.publish_peer(record)
         except Exception as e:
@@ -657,6 +658,7 @@ class SwarmNode:
             "loss": self.last_loss if self.last_loss is not None and math.isfinite(self.last_loss) else None,
             "tokens_per_s": float(self.last_tps), "tokens": int(self.session.tokens_seen),
             "rounds_done": len(self.history), "uptime_s": round(time.time() - self.started_at, 1),
+            "rounds_averaged": sum(any(len(r.group) > 1 for r in report.modules.values()) for report in self.history),
             "last_round": outcomes, "checkpoints": str(self.session.store.root),
             "reachability": "client" if self.client_mode else "public", "maddrs": list(self.maddrs),
             "rejected": self.rejections.snapshot(),

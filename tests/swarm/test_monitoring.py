@@ -163,6 +163,7 @@ def test_metrics_of_a_training_node_scraped_over_http_move_and_follow_the_conven
         assert value(after, "p2ptrain_module_rounds", module=module, outcome="alone") == \
             value(before, "p2ptrain_module_rounds", module=module, outcome="alone") + 1
     assert value(after, "p2ptrain_round") == value(before, "p2ptrain_round") + 1
+    assert value(after, "p2ptrain_network_bytes") >= value(before, "p2ptrain_network_bytes") > 0
     assert swarm_peers == {"public": 1, "relay": 0, "client": 0}
     assert convention_errors(second, GRID_MODULES) == []
     assert code == 0, err

@@ -82,9 +82,11 @@ def test_other_programs_cpu_counts_a_real_burner_but_not_our_own_children():
 
     # Execute: our own child burns CPU (counted as ours), then a stranger process does
     ours = subprocess.Popen([sys.executable, "-c", BURN])
-    before = tree.cpu_seconds()
+    time.sleep(1.0)
+    before, child_before = tree.cpu_seconds(), sum(psutil.Process(ours.pid).cpu_times()[:2])
     time.sleep(3.0)
     ours_seconds = tree.cpu_seconds() - before
+    child_seconds = sum(psutil.Process(ours.pid).cpu_times()[:2]) - child_before
     ours.kill()
     ours.wait()
     meter.sample()
@@ -100,7 +102,7 @@ def test_other_programs_cpu_counts_a_real_burner_but_not_our_own_children():
 
     # Assert: our child's CPU is in our tree's total; the stranger's core shows up as other
     # programs' CPU (other engineers' load on a shared machine can only add to it)
-    assert ours_seconds >= 1.0
+    assert child_seconds > 0.2 and ours_seconds >= 0.9 * child_seconds
     assert with_stranger >= 0.7 * one_core
 
 

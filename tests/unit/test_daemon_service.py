@@ -181,7 +181,7 @@ def test_duty_cycle_pauses_in_proportion_to_the_work():
     clock = FakeClock()
     prefs = Preferences.from_dict({"cpu_usage_limit": 25})
     threads = []
-    pacer = Pacer(lambda: prefs, threading.Event(), clock=clock, ncpus=8, set_threads=threads.append,
+    pacer = Pacer(lambda: prefs, threading.Event(), clock=clock, base_threads=8, set_threads=threads.append,
                   wait=clock.wait)
     pacer.round_started()
 
@@ -196,7 +196,7 @@ def test_no_pause_at_100_percent_and_threads_follow_max_ncpus_pct():
     clock = FakeClock()
     current = {"prefs": Preferences.defaults()}
     threads = []
-    pacer = Pacer(lambda: current["prefs"], threading.Event(), clock=clock, ncpus=8, set_threads=threads.append,
+    pacer = Pacer(lambda: current["prefs"], threading.Event(), clock=clock, base_threads=8, set_threads=threads.append,
                   wait=clock.wait)
     clock.t += 3.0
     assert pacer.after_steps() == 0.0
@@ -211,7 +211,7 @@ def test_no_pause_at_100_percent_and_threads_follow_max_ncpus_pct():
 def test_network_rate_limit_waits_until_the_round_average_is_under_it():
     clock = FakeClock()
     prefs = Preferences.from_dict({"max_bytes_sec_up": 1000, "max_bytes_sec_down": 4000})
-    pacer = Pacer(lambda: prefs, threading.Event(), clock=clock, ncpus=1, set_threads=lambda n: None,
+    pacer = Pacer(lambda: prefs, threading.Event(), clock=clock, base_threads=1, set_threads=lambda n: None,
                   wait=clock.wait)
     pacer.round_started(bytes_total=50_000)
     clock.t += 10.0
@@ -225,7 +225,7 @@ def test_network_rate_limit_waits_until_the_round_average_is_under_it():
 def test_a_stop_ends_a_pause_at_once():
     stop = threading.Event()
     prefs = Preferences.from_dict({"cpu_usage_limit": 1})
-    pacer = Pacer(lambda: prefs, stop, ncpus=1, set_threads=lambda n: None)
+    pacer = Pacer(lambda: prefs, stop, base_threads=1, set_threads=lambda n: None)
     pacer.busy_since -= 5.0  # 5 s of work → a 495 s pause
     threading.Timer(0.3, stop.set).start()
     t0 = time.monotonic()
