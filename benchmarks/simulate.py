@@ -12,6 +12,7 @@ swarms of 4–16 peers on this machine. The model is in benchmarks/swarm_model.p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -67,7 +68,8 @@ def workload(config: RunConfig, name: str) -> Workload:
                     bytes_per_value=BYTES_PER_VALUE[config.averaging.compression],
                     matchmaking_time=config.averaging.matchmaking_time,
                     averaging_timeout=config.averaging.averaging_timeout,
-                    target_group_size=config.averaging.target_group_size, overlap=config.averaging.overlap)
+                    target_group_size=config.averaging.target_group_size, overlap=config.averaging.overlap,
+                    round_seconds=config.averaging.round_seconds)
 
 
 def flops_per_step(config: RunConfig, path_params: int) -> float:
@@ -84,7 +86,8 @@ def record_bytes(work: Workload) -> int:
     from hivemind.utils.serializer import MSGPackSerializer
     from p2ptrain.swarm.averaging import FINGERPRINT_DIMS
     from p2ptrain.swarm.records import ModuleSync, new_peer_record
-    sync = {m: ModuleSync(round=123, fingerprint=[0.123456789] * FINGERPRINT_DIMS, scale=1.5) for m in work.paths[0]}
+    sync = {m: ModuleSync(round=123, fingerprint=[0.123456789] * FINGERPRINT_DIMS, norm=123.456789, step=0.123456789)
+            for m in work.paths[0]}
     record = new_peer_record(peer_id="12D3KooW" + "x" * 44, path=[0] * (len(work.paths[0]) - 1), round=123,
                              loss=2.5, tokens_per_s=1234.5, tokens=10 ** 9, sync=sync,
                              maddrs=["/ip4/203.0.113.7/tcp/31338/p2p/12D3KooW" + "x" * 44])
@@ -120,7 +123,15 @@ def preset_volunteers(config: RunConfig, work: Workload, calibration: dict, pres
                       **NETWORK, **CHURN)
 
 
+def fitted_round_seconds(work: Workload, vol: Volunteers) -> float:
+    """A round length for a preset that ships none: twice the median peer's H steps (the
+    other half for averaging), rounded up to 10 s. Fixed before any projection was run."""
+    return float(math.ceil(2 * work.steps_per_round * vol.step_s / 10) * 10)
+
+
 def project(sizes: tuple[int, ...], rounds: float, calibration: dict) -> list[dict]:
+    """The aligned model for both presets, plain and overlap; for a preset whose round
+    length is the config default, also at fitted_round_seconds."""
     rows = []
     for preset in ("default", "gpu"):
         for overlap in (False, True):
@@ -129,10 +140,39 @@ def project(sizes: tuple[int, ...], rounds: float, calibration: dict) -> list[di
             work = workload(config, preset)
             vol = preset_volunteers(config, work, calibration, preset)
             over = volunteer_overheads(calibration, work)
-            for n in sizes:
-                result = simulate(work, vol, over, n, rounds=rounds, seed=n)
-                result.update(preset=preset, step_s=vol.step_s, H=work.steps_per_round,
-                              target_group_size=work.target_group_size, record_bytes=over.record_bytes)
+            variants = [(work, "preset")]
+            fitted = fitted_round_seconds(work, vol)
+            if fitted > work.round_seconds:  # the preset's rounds cannot hold its H steps
+                variants.append((dataclasses.replace(work, round_seconds=fitted), "2 × H × median step"))
+            for w, source in variants:
+                for n in sizes:
+                    result = simulate(w, vol, over, n, rounds=rounds, seed=n)
+                    result.update(preset=preset, step_s=vol.step_s, H=w.steps_per_round, round_source=source,
+                                  target_group_size=w.target_group_size, record_bytes=over.record_bytes)
+                    rows.append(result)
+    return rows
+
+
+COMPARE_SIZES = (100, 1000)
+
+
+def compare_models(sizes: tuple[int, ...], rounds: float, calibration: dict) -> list[dict]:
+    """Plain averaging under the step-counted rule (peers in phase, as this simulator
+    assumed before issue 10, and at random phases) next to the aligned rule, same volunteers."""
+    rows = []
+    for preset in ("default", "gpu"):
+        config = RunConfig.load(preset)
+        work = workload(config, preset)
+        vol = preset_volunteers(config, work, calibration, preset)
+        over = volunteer_overheads(calibration, work)
+        fitted = dataclasses.replace(work, round_seconds=max(work.round_seconds, fitted_round_seconds(work, vol)))
+        for n in sizes:
+            for label, kwargs, w in (("steps, in phase", dict(model="steps", random_phase=False), work),
+                                     ("steps, random phases", dict(model="steps", random_phase=True), work),
+                                     ("aligned, random phases", dict(model="aligned"), fitted)):
+                result = simulate(w, vol, over, n, rounds=rounds, seed=n, **kwargs)
+                result.update(preset=preset, label=label, round_seconds=w.round_seconds if "aligned" in label
+                              else None)
                 rows.append(result)
     return rows
 
@@ -144,18 +184,40 @@ def hours(h: float) -> str:
 
 
 def projection_table(rows: list[dict]) -> str:
-    headers = ["preset", "averaging", "peers", "wall per round", "utilization (compute / wall)",
-               "mean group stem / level", "lineage share", "effective utilization", "effective tokens/s",
-               "all-reduce MB per peer-round", "peer table MB", "time to target"]
+    headers = ["preset", "round (s)", "averaging", "peers", "steps per round (of H)", "wall per round",
+               "utilization (compute / wall)", "mean group stem / level", "no-majority module-rounds",
+               "lineage share", "effective utilization", "effective tokens/s", "all-reduce MB per peer-round",
+               "peer table MB", "time to target"]
     return markdown_table(headers, [[
-        r["preset"], "overlap" if r["overlap"] else "plain", f"{r['peers']:,}", f"{r['wall_per_round_s']:.0f} s",
+        r["preset"], f"{r['round_seconds']:.0f}" + ("" if r["round_source"] == "preset" else "*"),
+        "overlap" if r["overlap"] else "plain", f"{r['peers']:,}",
+        f"{r['steps_per_round_median']:.0f} / {r['H']}", f"{r['wall_per_round_s']:.0f} s",
         f"{r['utilization']:.2f}", f"{r['mean_group']['stem']:.1f} / {r['mean_group']['level']:.1f}",
-        f"{r['lineage_share']:.3f}", f"{r['effective_utilization']:.3f}", f"{r['effective_tokens_per_s']:,.0f}",
-        f"{r['mb_sent_per_peer_round']:.1f}", f"{r['peer_table_mb']:.1f}", hours(r["time_to_target_h"])]
+        f"{r['no_majority']:.2f}", f"{r['lineage_share']:.3f}", f"{r['effective_utilization']:.3f}",
+        f"{r['effective_tokens_per_s']:,.0f}", f"{r['mb_sent_per_peer_round']:.1f}", f"{r['peer_table_mb']:.1f}",
+        hours(r["time_to_target_h"])] for r in rows])
+
+
+def comparison_table(rows: list[dict]) -> str:
+    headers = ["preset", "peers", "round rule", "wall per round", "utilization", "mean group stem / level",
+               "no-majority module-rounds", "lineage share", "effective tokens/s", "time to target"]
+    return markdown_table(headers, [[
+        r["preset"], f"{r['peers']:,}",
+        r["label"] + (f" (T = {r['round_seconds']:.0f} s)" if r.get("round_seconds") else ""),
+        f"{r['wall_per_round_s']:.0f} s", f"{r['utilization']:.2f}",
+        f"{r['mean_group']['stem']:.1f} / {r['mean_group']['level']:.1f}", f"{r['no_majority']:.2f}",
+        f"{r['lineage_share']:.3f}", f"{r['effective_tokens_per_s']:,.0f}", hours(r["time_to_target_h"])]
         for r in rows])
 
 
 # --------------------------------------------------------------- validation
+
+VALIDATION_H, VALIDATION_ROUNDS, VALIDATION_MATCHMAKING_S = 10, 5, 3.0
+# One round length for every size: at 4 peers H = 10 steps take about half of it (peers idle
+# until the round's end); at 8 and 16 peers the peers share 2 cores, steps slow down and the
+# deadline, not H, ends their inner phase. Both regimes get checked.
+VALIDATION_ROUND_S = 15.0
+
 
 def loopback_volunteers(measured: dict) -> Volunteers:
     """This machine as the 'network': loopback links (CPU-bound, not bandwidth-bound) and
@@ -168,33 +230,82 @@ def loopback_volunteers(measured: dict) -> Volunteers:
                       up_mbps=10_000.0, up_sigma=0.0, down_mbps=10_000.0, down_sigma=0.0, rtt_ms=0.05, rtt_sigma=0.0)
 
 
-def loopback_workload(measured: dict) -> Workload:
+def validation_config(n_peers: int, overlap: bool, round_seconds: float) -> RunConfig:
     import loopback_runs
-    config = loopback_runs.loopback_config(measured["peers"], measured["overlap"], measured["steps_per_round"],
-                                           measured["rounds"], measured["matchmaking_time"])
-    return workload(config, "loopback")
+    config = loopback_runs.loopback_config(n_peers, overlap, VALIDATION_H, VALIDATION_ROUNDS,
+                                           VALIDATION_MATCHMAKING_S)
+    config.averaging.round_seconds = round_seconds
+    return config
+
+
+def loopback_workload(measured: dict) -> Workload:
+    return workload(validation_config(measured["peers"], measured["overlap"], measured["round_seconds"]),
+                    "loopback")
+
+
+def summarize_loopback(result: dict, config: RunConfig, n_peers: int) -> dict:
+    """A real aligned-schedule swarm's rounds 2.. (round 1 includes start-up): what the
+    simulator predicts and what calibrates it (seconds per step, read per round as inner
+    seconds over the steps the round's tokens make: rounds end at the deadline, not at H)."""
+    import bench_swarm
+    tokens_per_step = config.inner.batch_size * config.model.context
+    per_peer = [events[1:] or events for events in result["rounds"].values()]
+    steps = [[max(e["tokens"] // tokens_per_step, 1) for e in events] for events in per_peer]
+    step_s_per_peer = [statistics.median(e["seconds_inner"] / k for e, k in zip(events, ks))
+                       for events, ks in zip(per_peer, steps)]
+    step_s_all = [e["seconds_inner"] / k for events, ks in zip(per_peer, steps) for e, k in zip(events, ks)]
+    groups = {"stem": [], "level": []}
+    for events in per_peer:
+        for e in events:
+            for module, n in e["peers_per_module"].items():
+                groups["stem" if module == "stem" else "level"].append(n)
+    module_rounds = sum(len(e["peers_per_module"]) for events in per_peer for e in events)
+    return {
+        "peers": n_peers, "overlap": config.averaging.overlap, "steps_per_round": config.inner.steps_per_round,
+        "round_seconds": config.averaging.round_seconds, "rounds": config.inner.total_rounds,
+        "matchmaking_time": config.averaging.matchmaking_time, "tokens_per_step": tokens_per_step,
+        "completed_peers": len(per_peer),
+        "wall_per_round_s": statistics.median(statistics.mean(e["seconds_wall"] for e in events)
+                                              for events in per_peer),
+        "utilization": bench_swarm.utilization(result),
+        "outer_s": statistics.median(e["seconds_outer"] for events in per_peer for e in events),
+        "steps_per_round_median": statistics.median(k for ks in steps for k in ks),
+        "skipped_rounds": sum(events[-1]["round"] - events[0]["round"] + 1 - len(events) for events in per_peer),
+        "mean_group": {k: (statistics.mean(v) if v else 0.0) for k, v in groups.items()},
+        "resync_fraction": sum(len(e["resynced"]) for events in per_peer for e in events) / max(module_rounds, 1),
+        "step_s_median": statistics.median(step_s_all), "step_s_per_peer": step_s_per_peer,
+        "step_s_all": step_s_all,
+        "loopback_bytes_per_peer_round": result["bytes"] / n_peers / config.inner.total_rounds,
+        "rounds_by_peer": result["rounds"],
+    }
 
 
 def predict(measured: dict, fixed_s: float, reference: dict) -> dict:
-    """Simulate the measured swarm; CPU-bound fixed costs are scaled by the contention
-    factor read off the step times (this size vs the calibration size)."""
+    """Simulate the measured swarm (aligned schedule; the real peers start together after
+    --wait-for-peers); CPU-bound fixed costs are scaled by the contention factor read off
+    the step times (this size vs the calibration size)."""
     work = loopback_workload(measured)
     contention = measured["step_s_median"] / reference["step_s_median"]
     over = Overheads(outer_fixed_s=fixed_s * contention * (not work.overlap),
                      foreground_fixed_s=fixed_s * contention * work.overlap, join_s=0.0, record_bytes=1500)
-    # rounds: the measured run's steady rounds (2..5) and a few more for stable medians
-    return simulate(work, loopback_volunteers(measured), over, measured["peers"], rounds=8, seed=1)
+    return simulate(work, loopback_volunteers(measured), over, measured["peers"], rounds=8, seed=1,
+                    join_spread_rounds=0.05)
 
 
 def fit_fixed_cost(measured: dict) -> float:
     """The one fitted constant per mode: the fixed per-round cost that makes the predicted
-    wall per round match the measured one at the calibration size (wall is linear in it)."""
-    zero = predict(measured, 0.0, measured)["wall_per_round_s"]
-    one = predict(measured, 1.0, measured)["wall_per_round_s"]
-    return max((measured["wall_per_round_s"] - zero) / max(one - zero, 1e-9), 0.0)
+    outer phase (training stalled after the round's end) match the measured one at the
+    calibration size. On the aligned schedule the wall per round is the round length, so
+    the outer phase, not the wall, carries the cost; it is linear in it."""
+    zero = predict(measured, 0.0, measured)["outer_s"]
+    one = predict(measured, 1.0, measured)["outer_s"]
+    return max((measured["outer_s"] - zero) / max(one - zero, 1e-9), 0.0)
 
 
 def validate(measured_runs: list[dict]) -> tuple[list[dict], dict]:
+    if any("round_seconds" not in m for m in measured_runs):
+        raise SystemExit("these loopback measurements predate the aligned schedule (no round_seconds): "
+                         "run --validate without --measured")
     rows, calibration = [], {}
     for overlap in (False, True):
         runs = sorted((m for m in measured_runs if m["overlap"] == overlap), key=lambda m: m["peers"])
@@ -224,6 +335,8 @@ def validation_table(rows: list[dict]) -> str:
         label = f"{'overlap' if m['overlap'] else 'plain'}{' (calibration)' if r['fitted_here'] else ''}"
         for name, pv, mv, fmt in (
                 ("wall per round (s)", p["wall_per_round_s"], m["wall_per_round_s"], "{:.1f}"),
+                ("outer phase (s)", p["outer_s"], m["outer_s"], "{:.2f}"),
+                ("steps per round", p["steps_per_round_median"], m["steps_per_round_median"], "{:.0f}"),
                 ("utilization", p["utilization"], m["utilization"], "{:.3f}"),
                 ("mean stem group", p["mean_group"]["stem"], m["mean_group"]["stem"], "{:.2f}"),
                 ("mean level group", p["mean_group"]["level"], m["mean_group"]["level"], "{:.2f}"),
@@ -236,12 +349,27 @@ def validation_table(rows: list[dict]) -> str:
                            "error"], out)
 
 
-def run_validation_swarms(runs: tuple, steps_per_round: int, rounds: int) -> list[dict]:
-    import loopback_runs
+def run_validation_swarms(runs: tuple) -> list[dict]:
+    """Real loopback swarms (`p2ptrain join` processes, bench_swarm.run_swarm) on the aligned
+    schedule, one path per peer in turn."""
+    import tempfile
+
+    import bench_swarm
+    from p2ptrain.demo import PATHS
+    import shutil
     measured = []
     for n, overlap in runs:
         print(f"running a real loopback swarm: {n} peers, {'overlap' if overlap else 'plain'}", flush=True)
-        measured.append(loopback_runs.run_loopback(n, overlap, steps_per_round, rounds))
+        config = validation_config(n, overlap, VALIDATION_ROUND_S)
+        paths = [p for p in PATHS for _ in range(n // len(PATHS))]
+        tmp = Path(tempfile.mkdtemp(prefix="p2ptrain-sim-"))
+        try:
+            result = bench_swarm.run_swarm(config, VALIDATION_ROUNDS, tmp, paths)
+        except SystemExit as e:  # a peer failed: keep its logs, go on with the other sizes
+            print(f"  {e} (logs kept)", flush=True)
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        measured.append(summarize_loopback(result, config, n))
         OUT_DIR.mkdir(exist_ok=True)
         MEASURED_FILE.write_text(json.dumps(measured, indent=1))
     return measured
@@ -250,18 +378,17 @@ def run_validation_swarms(runs: tuple, steps_per_round: int, rounds: int) -> lis
 # --------------------------------------------------------------- output
 
 def draw_projection(axes, projection: list[dict]) -> None:
-    for preset in ("default", "gpu"):
-        for overlap in (False, True):
-            rs = [r for r in projection if r["preset"] == preset and r["overlap"] == overlap]
-            label = f"{preset} {'overlap' if overlap else 'plain'}"
-            peers = [r["peers"] for r in rs]
-            axes[0].plot(peers, [r["utilization"] for r in rs], marker="o", label=label)
-            axes[1].plot(peers, [r["effective_tokens_per_s"] for r in rs], marker="o", label=label)
+    for preset, overlap, T in sorted({(r["preset"], r["overlap"], r["round_seconds"]) for r in projection}):
+        rs = [r for r in projection if (r["preset"], r["overlap"], r["round_seconds"]) == (preset, overlap, T)]
+        label = f"{preset} {'overlap' if overlap else 'plain'}, T={T:.0f} s"
+        peers = [r["peers"] for r in rs]
+        axes[0].plot(peers, [r["utilization"] for r in rs], marker="o", label=label)
+        axes[1].plot(peers, [r["effective_tokens_per_s"] for r in rs], marker="o", label=label)
     axes[0].set(xscale="log", xlabel="peers", ylabel="utilization (compute / wall)", ylim=(0, 1.05),
                 title="projection: utilization")
     axes[1].set(xscale="log", yscale="log", xlabel="peers", ylabel="effective tokens/s",
                 title="projection: effective throughput")
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
 
 
 def draw_validation(axes, validation: list[dict]) -> None:
@@ -269,10 +396,11 @@ def draw_validation(axes, validation: list[dict]) -> None:
         rs = [r for r in validation if r["measured"]["overlap"] == overlap]
         mode = "overlap" if overlap else "plain"
         peers = [r["measured"]["peers"] for r in rs]
-        for ax, key in zip(axes, ("wall_per_round_s", "utilization")):
+        for ax, key in zip(axes, ("outer_s", "utilization")):
             ax.plot(peers, [r["measured"][key] for r in rs], "o-", label=f"{mode} measured")
             ax.plot(peers, [r["predicted"][key] for r in rs], "x--", label=f"{mode} predicted")
-    axes[0].set(xlabel="peers (loopback, 2 cores)", ylabel="wall per round (s)", title="validation: wall per round")
+    axes[0].set(xlabel="peers (loopback, 2 cores)", ylabel="outer phase (s)",
+                title="validation: training stalled after a round's end")
     axes[1].set(xlabel="peers (loopback, 2 cores)", ylabel="utilization", ylim=(0, 1.05),
                 title="validation: utilization")
     axes[0].legend()
@@ -302,16 +430,19 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
         measured, source = json.loads(args.measured.read_text()), str(args.measured)
     else:
         runs = tuple(r for r in VALIDATION_RUNS if r[0] <= 8) if args.quick else VALIDATION_RUNS
-        measured, source = run_validation_swarms(runs, steps_per_round=10, rounds=5), "this run"
+        measured, source = run_validation_swarms(runs), "this run"
     validation, calibration = validate(measured)
     OUT_DIR.mkdir(exist_ok=True)
     CALIBRATION_FILE.write_text(json.dumps(calibration, indent=1))
     print_header("Swarm simulator: validation against real loopback swarms", info, [
-        f"real peers: `p2ptrain join` processes on 127.0.0.1, default preset, H=10, matchmaking 3 s, 5 rounds "
-        f"(steady rounds 2–5); measurements from {source}",
+        f"real peers: `p2ptrain join` processes on 127.0.0.1 (started together with --wait-for-peers), default "
+        f"preset, at most H={VALIDATION_H} steps in {VALIDATION_ROUND_S:.0f} s rounds on the aligned schedule, "
+        f"matchmaking {VALIDATION_MATCHMAKING_S:.0f} s, {VALIDATION_ROUNDS} rounds (steady rounds 2–"
+        f"{VALIDATION_ROUNDS}); measurements from {source}",
         "inputs per size: the measured step time (the peers share 2 cores, so it grows with the peer count) and "
-        "its spread; loopback links; one fixed per-round cost per mode fitted at the smallest size, scaled by "
-        "the step-time contention factor at the others",
+        "its spread; loopback links; one fixed per-round cost per mode fitted at the smallest size on the outer "
+        "phase (seconds training stalls after a round's end), scaled by the step-time contention factor at the "
+        "others",
         f"fitted: plain {calibration['outer_fixed_s']:.2f} s per round, overlap "
         f"{calibration['foreground_fixed_s']:.2f} s per round (at the calibration size)"])
     print(validation_table(validation))
@@ -322,7 +453,9 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
 def projection_report(args: argparse.Namespace, info: dict) -> dict:
     calibration = load_calibration()
     sizes = SIZES[:2] if args.quick else SIZES
-    projection = project(sizes, rounds=6 if args.quick else args.rounds, calibration=calibration)
+    rounds = 6 if args.quick else args.rounds
+    projection = project(sizes, rounds=rounds, calibration=calibration)
+    comparison = compare_models(COMPARE_SIZES[:1] if args.quick else COMPARE_SIZES, rounds, calibration)
     print_header("Swarm simulator: projection to volunteer swarms", info, [
         f"calibration: {calibration.get('source', CALIBRATION_FILE.name)}; fixed per-round cost "
         f"{calibration['outer_fixed_s']:.2f} s (plain) / {calibration['foreground_fixed_s']:.2f} s (overlap) "
@@ -331,15 +464,25 @@ def projection_report(args: argparse.Namespace, info: dict) -> dict:
         f"sigma 0.8), RTT {NETWORK['rtt_ms']:.0f} ms, sessions {CHURN['mean_session_h']:.0f} h mean (30 % "
         f"crashes); gpu step {projection[-1]['step_s']:.2f} s median (10 TFLOP/s), default step "
         f"{projection[0]['step_s']:.3f} s median; machine spread sigma {MACHINE_SIGMA}",
-        "lineage share: the fraction of tokens in the module copy that survives p2ptrain's drift re-sync "
-        "(Σn²/M² of each module's groups per round); effective utilization: effective tokens / what the peers "
-        "could compute in that wall time (≈ utilization × lineage share); time to target: 20 tokens per "
-        "parameter of all modules (Chinchilla) at the steady effective rate",
+        "round rule: the aligned schedule (rounds end every T s on the swarm's clock; at most H steps; peers "
+        "join at random moments over the first two rounds); T from the preset, or (*) twice the median peer's "
+        "H steps where the preset's T cannot hold them",
+        "lineage share: the fraction of tokens whose update survives: per module and round only the largest "
+        "group's (p2ptrain re-syncs a minority from a strict majority; lineages do not merge), none from a peer "
+        "that skipped rounds (stale copy); no-majority: share of module-rounds with 2+ holders whose largest "
+        "group is no strict majority (ties move nobody: such splits persist); effective utilization: effective "
+        "tokens / what the peers could compute in that wall time; time to target: 20 tokens per parameter of "
+        "all modules (Chinchilla) at the steady effective rate",
         f"peer table: one DHT key holding every peer's signed record ({projection[0]['record_bytes']} B each), "
         "fetched twice per round by every peer"])
     print(projection_table(projection))
     print()
-    return {"projection": projection, "calibration": calibration,
+    print("Round rules compared (plain averaging, same volunteers): the step-counted rule p2ptrain used before "
+          "issue 10 (a round is H steps; peers in phase, as this simulator assumed, or at random phases) and "
+          "the aligned schedule:\n")
+    print(comparison_table(comparison))
+    print()
+    return {"projection": projection, "comparison": comparison, "calibration": calibration,
             "assumptions": dict(NETWORK, **CHURN, gpu_flops=GPU_FLOPS, machine_sigma=MACHINE_SIGMA,
                                 round_jitter=ROUND_JITTER, join_s=JOIN_S)}
 
@@ -360,7 +503,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="projection at 100 and 1,000 peers over fewer rounds; with --validate, 4 and 8 peers")
     parser.add_argument("--validate", action="store_true",
-                        help="run real loopback swarms (4–16 peers, minutes; wrap in flock) and compare")
+                        help="run real loopback swarms (4–16 peers, about 20 minutes; wrap in flock) and compare")
     parser.add_argument("--measured", type=Path, default=None,
                         help="with --validate: reuse these stored loopback measurements instead of running swarms")
     parser.add_argument("--rounds", type=float, default=12, help="simulated rounds per projection")

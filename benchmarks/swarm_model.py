@@ -1,29 +1,54 @@
 """The swarm simulator's model: peers' rounds as events on one clock, p2ptrain's round rule
 and hivemind's matchmaking simplified, vectorized with numpy so 10,000 peers take seconds.
 
-The model, in short (README-sized):
+Two round rules (README-sized):
+
+Aligned (`AlignedSwarm`, p2ptrain's rule since issue 10): round r ends at r × T on the
+swarm's clock (T = averaging.round_seconds) for every peer.
 1. Each peer draws a machine: seconds per inner step (log-normal: a persistent spread
    between machines and a round-to-round jitter), upload/download bandwidth and RTT
-   (log-normal), and a session length (exponential: churn).
-2. A round is H inner steps; then the peer joins the matchmaking queue of each of its modules.
-3. Matchmaking, per module: the earliest waiting holder opens a window of
-   `matchmaking_time`; everyone arriving inside it averages together, in groups of at most
-   `target_group_size`. A lone holder waits for the next arrival up to its timeout (3
-   windows plain, 0.8 of its inner time with overlap), else averages alone (its own Δ).
+   (log-normal), and a session length (exponential: churn). Peers join at random moments
+   over the first two rounds (random phases).
+2. A peer enters the round in progress if at least 1.5 steps of it are left (else the
+   next one), trains until the round's end — at most H steps, never a step that would end
+   after it — then looks for each module's holders, who arrive at the same moment.
+3. Matchmaking, per module: the holders arriving at the round's end (plain: at once;
+   overlap: once their previous average has landed) average together in groups of at
+   most `target_group_size`: a group takes the arrivals within one `matchmaking_time`
+   window of its first and starts when it is full. A group that expects more holders
+   than arrive (the records of peers that left in the last 60 s, of peers that enter a
+   later round; a holder that missed last round's group is not expected again) waits the
+   whole window; a lone holder that expected others waits its 3-window timeout and
+   averages alone; a lone holder that expected nobody does not wait.
 4. A group's butterfly all-reduce takes 4 RTT + 2(n−1)/n × payload / the slowest member's
    link; a peer's link is shared by its modules in proportion to their payloads.
-5. Plain: the round ends when the last module is done, plus a fixed cost (peer-table
-   fetches, fingerprint check, checkpoint: fitted on the loopback swarm). Overlap: the next
-   round starts at once and waits only if the previous average is not done yet.
-6. Churn: a peer leaving mid-compute loses its round; a crash mid all-reduce makes its
-   groups partial (stall for hivemind's chunk timeout, re-download the module, the group's
-   progress on it is lost); a replacement joins after a fixed join time plus downloading
-   its path's state (fp32 params + momentum).
-7. Effective tokens: copies of a module that averaged in different groups drift, and
-   p2ptrain re-syncs drifted copies from one peer, so per round one lineage survives: with
-   groups n_1..n_k of its M holders (within one round-long time bucket) a module keeps
-   Σn²/M² of its tokens (1 when all meet). Overlap's one-round staleness is not discounted.
+5. Plain: the outer step ends when its last module is done, plus a fixed cost (peer-table
+   fetches, fingerprint check, checkpoint: fitted on the loopback swarm); the next round
+   it can still enter starts then — one whose outer step runs past the next round's end
+   skips rounds. Overlap: it trains on at once and waits only for the previous round's
+   average.
+6. Churn: a peer leaving mid-round loses it; a crash mid all-reduce makes its groups
+   partial: the survivors stall for hivemind's chunk timeout and skip the slice the
+   crashed peer reduced (all alike, so their copies stay equal; its 1/n of the values is
+   not updated that round); a replacement joins after a fixed join time plus downloading
+   its path's state (fp32 params + momentum) and enters the round in progress.
+7. Effective tokens. Holders whose copies differ are not merged by averaging: p2ptrain's
+   check re-syncs a minority from a strict majority and moves nobody on a tie. So per
+   module and round only the largest group's update survives: its members keep their
+   tokens for that module ((n−1)/n of them in a partial group), every other group's are
+   lost. A peer
+   that skipped rounds trains on a stale copy: its update is lost and it re-downloads the
+   module. Module-rounds whose largest group is no strict majority of the round's holders
+   are counted (`no_majority`): those splits do not heal by the rule above at all.
 8. Time-to-target = target effective tokens / steady effective tokens per second.
+
+Step-counted (`Swarm`, the rule before issue 10, kept for comparison): a round is H inner
+steps, then the peer queues for each module; per module the earliest waiting holder opens
+a `matchmaking_time` window and everyone arriving inside it averages together; a lone
+holder waits for the next arrival up to its timeout (3 windows; 0.8 of its compute with
+overlap). Peers start in phase (all at 0, what this model assumed until issue 10) or at
+random phases (their first round starts anywhere within one round). Effective tokens use
+the same largest-group rule, per round-long time bucket.
 """
 
 from __future__ import annotations
@@ -36,6 +61,8 @@ import numpy as np
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 STATE_BYTES_PER_PARAM = 8.0  # a downloaded module state: fp32 global params + fp32 outer momentum
 ALLREDUCE_RTTS = 4  # matchmaking handshake + the butterfly's two phases
+RECORD_TTL_S = 60.0  # a departed peer's record stays visible this long (records.PEER_RECORD_TTL_S)
+ENTER_MIN_STEPS = 1.5  # a peer enters the round in progress if this many steps of it are left
 
 
 @dataclass
@@ -52,6 +79,7 @@ class Workload:
     averaging_timeout: float  # s
     target_group_size: int
     overlap: bool
+    round_seconds: float = 30.0  # s, the aligned schedule's round length (averaging.round_seconds)
 
     @property
     def tokens_per_round(self) -> int:
@@ -176,7 +204,8 @@ class Swarm:
     when its inner steps end); windows are taken in time order across all modules, and a
     peer's round ends when its last module's group is done."""
 
-    def __init__(self, work: Workload, vol: Volunteers, over: Overheads, n_peers: int, seed: int = 0):
+    def __init__(self, work: Workload, vol: Volunteers, over: Overheads, n_peers: int, seed: int = 0,
+                 random_phase: bool = True):
         self.work, self.vol, self.over, self.n = work, vol, over, n_peers
         self.rng = np.random.default_rng(seed)
         self.modules = list(work.module_params)
@@ -190,7 +219,9 @@ class Swarm:
         self.path_payload = self.holds.T @ self.payload
         self.log = Log()
         self.n_rows = 0
-        self.round_start = np.zeros(n_peers)
+        # in phase: every peer starts its first round at 0; random phases: anywhere in one round
+        self.round_start = (self.rng.uniform(0, work.steps_per_round * self.peers.step_s) if random_phase
+                            else np.zeros(n_peers))
         self.compute = np.zeros(n_peers)
         self.arrive = np.zeros(n_peers)  # when this round's inner steps end
         self.start = np.zeros(n_peers)  # when its averaging starts (overlap: after the last one is done)
@@ -328,9 +359,8 @@ class Swarm:
         transfer = 2 * (sizes - 1) / sizes * self.payload[j] / slowest + ALLREDUCE_RTTS * rtt
         partial = np.zeros(n_groups, bool)
         np.logical_or.at(partial, group_of, self.crashing[members])
-        # a crashed member: survivors wait hivemind's next_chunk_timeout, then re-download the module
-        penalty = partial * (max(2.0, work.averaging_timeout / 6)
-                             + STATE_BYTES_PER_PARAM * self.params[j] / slowest)
+        # a crashed member: survivors wait hivemind's next_chunk_timeout and skip its slice
+        penalty = partial * max(2.0, work.averaging_timeout / 6)
         self.record_groups(j, members, group_of, group_start, partial)
         return (group_start + transfer + penalty)[group_of]
 
@@ -353,18 +383,376 @@ class Swarm:
         return self.over.table_fetches_per_round * (table / self.peers.down[slots] + self.peers.rtt[slots] * hops)
 
 
+# ------------------------------------------------------------------ the aligned schedule
+
+class AlignedSwarm:
+    """One simulated swarm on the shared wall-clock schedule (p2ptrain's round rule since
+    issue 10): rounds end at r × T for everyone; see the module docstring, points 1–7."""
+
+    def __init__(self, work: Workload, vol: Volunteers, over: Overheads, n_peers: int, seed: int = 0,
+                 join_spread_rounds: float = 2.0):
+        self.work, self.vol, self.over, self.n = work, vol, over, n_peers
+        self.rng = np.random.default_rng(seed)
+        self.T = float(work.round_seconds)
+        self.modules = list(work.module_params)
+        self.holds_by_path = np.zeros((len(work.paths), len(self.modules)), bool)
+        for p, path in enumerate(work.paths):
+            self.holds_by_path[p, [self.modules.index(m) for m in path]] = True
+        self.payload = np.array([work.module_params[m] * work.bytes_per_value for m in self.modules])
+        self.params = np.array([work.module_params[m] for m in self.modules], float)
+        self.peers = new_peers(self.rng, vol, len(work.paths), n_peers)
+        self.holds = self.holds_by_path[self.peers.path].T.copy()  # (modules, peers); slots keep their path
+        self.path_payload = self.holds.T @ self.payload
+        self.path_params = self.holds.T @ self.params
+        # random phases: the initial peers join at random moments over the first rounds
+        self.ready = self.rng.uniform(0, join_spread_rounds * self.T, n_peers)  # can start its next round
+        self.joined_at = self.ready.copy()  # when the slot's record first appeared
+        self.min_round = np.ones(n_peers, int)  # a round it entered too late for a step: the next one
+        self.avg_done = np.full(n_peers, -np.inf)  # overlap: when its last background average lands
+        self.last_round = np.zeros(n_peers, int)  # the last round whose outer step it applied
+        self.fresh = np.ones(n_peers, bool)  # its state was just downloaded (current): no stale base
+        self.published = np.zeros(n_peers, bool)  # its record is on the DHT
+        self.ghost_until: list[float] = []  # departed peers' records, visible until then
+        self.ghost_path: list[int] = []
+        self.ghost_last: list[int] = []  # the last round a departed peer took part in
+        self.ghost_published: list[float] = []  # when its record first appeared
+        self.rows: dict[str, list] = {k: [] for k in ("peer", "round", "wall_s", "compute_s", "tokens",
+                                                      "potential_tokens", "stale", "skipped_before", "outer_s")}
+        self.n_rows = 0
+        self.last_row = np.full(n_peers, -1)
+        self.last_participation = np.zeros(n_peers, int)
+        self.group_module: list[np.ndarray] = []
+        self.group_round: list[np.ndarray] = []
+        self.group_size: list[np.ndarray] = []
+        self.group_partial: list[np.ndarray] = []
+        self.member_group: list[np.ndarray] = []
+        self.member_row: list[np.ndarray] = []
+        self.member_module: list[np.ndarray] = []
+        self.n_groups = 0
+        self.departures = self.crashes = 0
+        self.round = 0  # the last round simulated
+
+    # --------------------------------------------------------------- helpers
+
+    def entry_round(self) -> np.ndarray:
+        """The round each slot enters next: the first with 1.5 of its steps still left."""
+        r = np.ceil((self.ready + ENTER_MIN_STEPS * self.peers.step_s) / self.T).astype(int)
+        return np.maximum(np.maximum(r, 1), self.min_round)
+
+    def table_fetch_s(self, slots: np.ndarray) -> np.ndarray:
+        """One read of the peer table (one DHT key, a signed record per live peer)."""
+        table = self.n * self.over.record_bytes
+        hops = max(1.0, math.log2(self.n))
+        return table / self.peers.down[slots] + self.peers.rtt[slots] * hops
+
+    def download_s(self, slots: np.ndarray) -> np.ndarray:
+        """Downloading a path's state (fp32 params + momentum) from peers."""
+        return STATE_BYTES_PER_PARAM * self.path_params[slots] / np.minimum(self.peers.down[slots],
+                                                                              np.median(self.peers.up))
+
+    def add_row(self, slots: np.ndarray, r: int, wall, compute, tokens, potential, stale, skipped,
+                outer=0.0) -> np.ndarray:
+        rows = self.n_rows + np.arange(len(slots))
+        self.n_rows += len(slots)
+        for name, values in (("peer", slots), ("round", np.full(len(slots), r)), ("wall_s", wall),
+                             ("compute_s", compute), ("tokens", tokens), ("potential_tokens", potential),
+                             ("stale", stale), ("skipped_before", skipped), ("outer_s", outer)):
+            self.rows[name].append(np.broadcast_to(np.asarray(values), len(slots)).copy())
+        return rows
+
+    def depart(self, end: float, r: int, entry: np.ndarray) -> None:
+        """Slots whose volunteer leaves before this round's end: a round in progress is lost;
+        the record stays visible for its TTL; a new volunteer joins, downloads its path's
+        state and enters the round in progress."""
+        while True:
+            gone = np.flatnonzero(self.peers.session_end < end)
+            if not len(gone):
+                return
+            left_at = self.peers.session_end[gone].copy()
+            computing = (entry[gone] == r) & (self.ready[gone] < left_at)
+            if computing.any():
+                g = gone[computing]
+                wasted = left_at[computing] - self.ready[g]
+                self.add_row(g, r, wasted, wasted, 0, 0.0, False, 0)
+            seen = self.published[gone] | (self.ready[gone] < left_at)
+            self.ghost_until += list(left_at[seen] + RECORD_TTL_S)
+            self.ghost_path += list(self.peers.path[gone[seen]])
+            self.ghost_last += list(self.last_participation[gone[seen]])
+            self.ghost_published += list(self.joined_at[gone[seen]])
+            self.departures += len(gone)
+            replace(self.peers, self.rng, self.vol, gone, left_at)
+            self.ready[gone] = left_at + self.over.join_s + self.download_s(gone)
+            self.joined_at[gone] = self.ready[gone]
+            self.min_round[gone] = 1
+            self.avg_done[gone] = -np.inf
+            self.fresh[gone] = True
+            self.published[gone] = False
+            self.last_participation[gone] = 0
+            entry = self.entry_round()
+
+    # --------------------------------------------------------------- the rounds
+
+    def run(self, rounds: int) -> "AlignedSwarm":
+        """Simulate the next `rounds` rounds of the schedule."""
+        work, T = self.work, self.T
+        H = work.steps_per_round
+        tgs = work.target_group_size
+        first = self.round + 1
+        self.round += rounds
+        for r in range(first, self.round + 1):
+            end = r * T
+            entry = self.entry_round()
+            self.depart(end, r, entry)
+            entry = self.entry_round()
+            slots = np.flatnonzero(entry == r)
+            step = self.peers.step_s[slots] * lognormal(self.rng, 1.0, self.vol.step_sigma_round, len(slots))
+            steps = np.minimum(H, np.floor((end - self.ready[slots]) / step)).astype(int)
+            late = steps < 1  # entered too late for even one step: the next round is its own
+            self.min_round[slots[late]] = r + 1
+            self.published[slots] = True
+            slots, step, steps = slots[~late], step[~late], steps[~late]
+            if not len(slots):
+                continue
+            # visible holders that will not arrive (departed peers' records, peers waiting for a
+            # later round) and are still expected: a holder listed last round that missed last
+            # round's group is not waited for again (SwarmNode.absent)
+            keep = np.array(self.ghost_until) > end
+            self.ghost_until = list(np.array(self.ghost_until)[keep])
+            self.ghost_path = list(np.array(self.ghost_path, int)[keep])
+            self.ghost_last = list(np.array(self.ghost_last, int)[keep])
+            self.ghost_published = list(np.array(self.ghost_published)[keep])
+            listed_before = end - T
+            expected_ghost = ((np.array(self.ghost_last, int) == r - 1)
+                              | (np.array(self.ghost_published) > listed_before))
+            ghost_paths = np.array(self.ghost_path, int)[expected_ghost]
+            waiting = np.flatnonzero((entry > r) & (self.ready < end) | (entry == r) & np.isin(
+                np.arange(self.n), slots, invert=True) & (self.ready < end))
+            waiting = waiting[(self.last_participation[waiting] == r - 1) | (self.joined_at[waiting] > listed_before)]
+            ghosts = (self.holds_by_path[ghost_paths].sum(axis=0) if len(ghost_paths) else 0) + \
+                self.holds[:, waiting].sum(axis=1)
+            # plain: at the round's end; overlap: once the previous round's average has landed
+            arrive = (np.maximum(end, self.avg_done[slots]) if work.overlap else end) + self.table_fetch_s(slots)
+            timeout = 3 * work.matchmaking_time
+            crashing = ((self.peers.session_end[slots] < end + timeout + work.averaging_timeout)
+                        & (self.rng.random(len(slots)) < self.vol.crash_fraction))
+            self.crashes += int(crashing.sum())
+            stale = ~self.fresh[slots] & (self.last_round[slots] < r - 1)
+            compute = steps * step
+            module_end = np.full((len(self.modules), len(slots)), -np.inf)
+            member_local: list[tuple[int, np.ndarray, np.ndarray]] = []  # (module, local member idx, group id)
+            for j in range(len(self.modules)):
+                local = np.flatnonzero(self.holds[j, slots])
+                if not len(local):
+                    continue
+                local = local[np.argsort(arrive[local], kind="stable")]
+                ends, group_ids = self.average_module(j, r, slots, local, arrive, crashing, int(ghosts[j]), tgs)
+                module_end[j, local] = ends
+                member_local.append((j, local, group_ids))
+            outer_end = (np.where(self.holds[:, slots], module_end, -np.inf).max(axis=0)
+                         + self.table_fetch_s(slots) + self.over.outer_fixed_s)
+            outer_end = outer_end + stale * self.download_s(slots)  # the check re-syncs a stale copy
+            if work.overlap:
+                ready_next = np.maximum(end, self.avg_done[slots]) + self.over.foreground_fixed_s
+                self.avg_done[slots] = outer_end
+            else:
+                ready_next = outer_end
+            skipped = np.where(self.last_participation[slots] > 0, r - self.last_participation[slots] - 1, 0)
+            tps = work.tokens_per_step
+            # outer_s: training stalled after the round's end (plain: the whole outer step;
+            # overlap: landing the previous average), as RoundReport.seconds_outer
+            rows = self.add_row(slots, r, ready_next - self.ready[slots], compute, steps * tps,
+                                (ready_next - self.ready[slots]) / step * tps, stale, skipped, ready_next - end)
+            for j, local, group_ids in member_local:
+                self.member_row.append(rows[local])
+                self.member_module.append(np.full(len(local), j))
+                self.member_group.append(group_ids)
+            self.ready[slots] = ready_next
+            self.last_round[slots] = r
+            self.last_participation[slots] = r
+            self.fresh[slots] = False
+        return self
+
+    def average_module(self, j: int, r: int, slots: np.ndarray, local: np.ndarray, arrive: np.ndarray,
+                       crashing: np.ndarray, ghosts: int, tgs: int) -> tuple[np.ndarray, np.ndarray]:
+        """Module j's holders that arrived after round r's end (local: in arrival order):
+        each group takes the arrivals within one window of its first, at most tgs; a full
+        group starts at its last arrival, one short of the holders it expects waits out the
+        window (a lone holder: its 3-window timeout, then it averages alone; the only
+        holder: no wait). Returns each member's end time and its group id."""
+        work, mm = self.work, self.work.matchmaking_time
+        members = slots[local]
+        t = arrive[local]
+        n = len(members)
+        expected = n + ghosts
+        target = min(expected, tgs)
+        group_of = np.empty(n, int)
+        starts = []
+        i = 0
+        while i < n:
+            k = min(int(np.searchsorted(t, t[i] + mm, side="right")), i + tgs)
+            size = k - i
+            if size >= target:
+                start = t[k - 1]
+            elif size == 1:
+                start = t[i] + 3 * mm
+            else:
+                start = t[i] + mm
+            group_of[i:k] = len(starts)
+            starts.append(start)
+            i = k
+        n_groups = len(starts)
+        start = np.array(starts)
+        sizes = np.bincount(group_of, minlength=n_groups)
+        link = np.minimum(self.peers.up[members], self.peers.down[members])
+        share = link * self.payload[j] / self.path_payload[members]
+        slowest = np.full(n_groups, np.inf)
+        np.minimum.at(slowest, group_of, share)
+        rtt = np.zeros(n_groups)
+        np.maximum.at(rtt, group_of, self.peers.rtt[members])
+        transfer = np.where(sizes > 1, 2 * (sizes - 1) / sizes * self.payload[j] / slowest + ALLREDUCE_RTTS * rtt, 0)
+        partial = np.zeros(n_groups, bool)
+        np.logical_or.at(partial, group_of, crashing[local])
+        partial &= sizes > 1
+        # a crashed member: survivors wait hivemind's next_chunk_timeout and skip its slice
+        penalty = partial * max(2.0, work.averaging_timeout / 6)
+        base = self.n_groups
+        self.n_groups += n_groups
+        self.group_module.append(np.full(n_groups, j))
+        self.group_round.append(np.full(n_groups, r))
+        self.group_size.append(sizes)
+        self.group_partial.append(partial)
+        return (start + transfer + penalty)[group_of], base + group_of
+
+    # --------------------------------------------------------------- what it yields
+
+    def columns(self) -> dict[str, np.ndarray]:
+        out = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.rows.items()}
+        for name in ("group_module", "group_round", "group_size", "group_partial", "member_group", "member_row",
+                     "member_module"):
+            parts = getattr(self, name)
+            out[name] = np.concatenate(parts) if parts else np.zeros(0, int)
+        return out
+
+
+def simulate_aligned(work: Workload, vol: Volunteers, over: Overheads, n_peers: int, rounds: float = 12,
+                     seed: int = 0, join_spread_rounds: float = 2.0, max_schedule_rounds: int = 2000) -> dict:
+    """Run the aligned schedule (peers joining at random moments over the first
+    join_spread_rounds) until the median peer slot has taken part in `rounds` rounds after
+    its second; report those steady rounds (from the median slot's second participation)."""
+    swarm = AlignedSwarm(work, vol, over, n_peers, seed, join_spread_rounds)
+    need = int(math.ceil(rounds)) + 2
+    chunk = need + 2
+    while True:
+        swarm.run(chunk)
+        c = swarm.columns()
+        taken = c["tokens"] > 0
+        if np.median(np.bincount(c["peer"][taken].astype(int), minlength=n_peers)) >= need \
+                or swarm.round >= max_schedule_rounds:
+            break
+        chunk = max(chunk, swarm.round // 2)
+    # steady rounds: after the median slot's second participation
+    second = []
+    for slot in range(n_peers):
+        rs = np.sort(c["round"][taken & (c["peer"] == slot)])
+        if len(rs) >= 2:
+            second.append(rs[1])
+    warmup = int(np.median(second)) if second else swarm.round
+    total = swarm.round
+    group_size = c["group_size"].astype(float)
+    key = c["group_module"] * (total + 1) + c["group_round"]
+    alive, majority, shared = survivors(key, group_size, swarm.rng)
+    share = group_share(alive, group_size, c["group_partial"].astype(bool))
+    in_window_group = c["group_round"] > warmup
+    keys_in_window = np.unique(key[in_window_group])
+    all_keys = np.unique(key)
+    pick = np.isin(all_keys, keys_in_window)
+    no_majority = float((~majority & shared)[pick].sum() / max(shared[pick].sum(), 1))
+    member_share = share[c["member_group"]] * ~c["stale"][c["member_row"]].astype(bool)
+    weighted = np.zeros(swarm.n_rows)
+    np.add.at(weighted, c["member_row"], swarm.params[c["member_module"]] * member_share)
+    peer = c["peer"].astype(int)
+    path_params = swarm.path_params[peer]  # slots keep their path
+    effective = c["tokens"] * weighted / path_params
+    window = c["round"] > warmup
+    duration = (total - warmup) * swarm.T
+    p = peer[window]
+    count = np.bincount(p, minlength=n_peers)
+    seen = count > 0
+    peer_wall = np.bincount(p, weights=c["wall_s"][window], minlength=n_peers)[seen]
+    util = np.bincount(p, weights=c["compute_s"][window], minlength=n_peers)[seen] / peer_wall
+    tokens = c["tokens"]
+    rate = effective[window].sum() / duration
+    target = 20 * work.all_params
+    member_window = window[c["member_row"]]
+    member_size = group_size[c["member_group"]]
+    is_stem = np.array([m == "stem" for m in swarm.modules])[c["member_module"]]
+    bytes_row = np.zeros(swarm.n_rows)
+    np.add.at(bytes_row, c["member_row"], 2 * (member_size - 1) / member_size * swarm.payload[c["member_module"]])
+    counted = window & (tokens > 0)
+    return {
+        "model": "aligned", "peers": n_peers, "overlap": work.overlap, "round_seconds": swarm.T,
+        "wall_per_round_s": float(np.median(peer_wall / count[seen])),
+        "utilization": float(np.median(util)),
+        "effective_utilization": float(effective[window].sum() / c["potential_tokens"][window].sum()),
+        "tokens_per_s": float(tokens[window].sum() / duration),
+        "effective_tokens_per_s": float(rate),
+        "lineage_share": float(effective[window].sum() / max(tokens[window].sum(), 1.0)),
+        "mean_group": {"stem": float(member_size[member_window & is_stem].mean()) if (member_window & is_stem).any()
+                       else float("nan"),
+                       "level": float(member_size[member_window & ~is_stem].mean())
+                       if (member_window & ~is_stem).any() else float("nan")},
+        "steps_per_round_median": float(np.median(tokens[counted] / work.tokens_per_step)) if counted.any() else 0.0,
+        "skipped_fraction": float(c["skipped_before"][window].sum()
+                                  / max(c["skipped_before"][window].sum() + window.sum(), 1)),
+        "stale_fraction": float(c["stale"][window].mean()) if window.any() else 0.0,
+        "no_majority": no_majority,
+        "outer_s": float(np.median(c["outer_s"][counted])) if counted.any() else 0.0,
+        "mb_sent_per_peer_round": float(np.median(bytes_row[counted]) / 1e6) if counted.any() else 0.0,
+        "peer_table_mb": n_peers * over.record_bytes / 1e6,
+        "target_tokens": target,
+        "time_to_target_h": float(target / rate / 3600) if rate > 0 else math.inf,
+        "departures": swarm.departures, "crashes": swarm.crashes,
+        "simulated_s": float(total * swarm.T), "peer_rounds": int(window.sum()),
+    }
+
+
 # ------------------------------------------------------------------ what a run yields
 
-def lineage_share(log: Log, bucket_s: float) -> np.ndarray:
-    """Per group member: the share of its module tokens that survive (n_g / M, M = the
-    module's holders that averaged in the same round-long time bucket; 0 if partial)."""
+def survivors(key: np.ndarray, size: np.ndarray, rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group: whether its update survives, i.e. it is the largest group of its
+    (module, round) key (ties broken at random); per key (in np.unique order): whether that
+    group is a strict majority of the key's holders, and whether the key had 2+ holders."""
+    order = np.lexsort((rng.random(len(key)), -size, key))  # per key: largest first
+    first = np.ones(len(key), bool)
+    first[1:] = key[order][1:] != key[order][:-1]
+    alive = np.zeros(len(key), bool)
+    alive[order[first]] = True
+    keys, inverse = np.unique(key, return_inverse=True)
+    holders = np.bincount(inverse, weights=size)
+    best = np.zeros(len(keys))
+    np.maximum.at(best, inverse, np.where(alive, size, 0.0))
+    return alive, 2 * best > holders, holders >= 2
+
+
+def group_share(alive: np.ndarray, size: np.ndarray, partial: np.ndarray) -> np.ndarray:
+    """Per group: the share of its members' tokens that survives (a partial group's crashed
+    reducer left 1/n of the values un-averaged that round)."""
+    return alive * np.where(partial, 1 - 1 / np.maximum(size, 1), 1.0)
+
+
+def lineage_share(log: Log, bucket_s: float, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Per group member: the surviving share of its tokens (see group_share; its module's
+    largest group among those starting in the same round-long time bucket survives); and
+    the share of multi-holder module-buckets with no strict-majority group."""
     module = np.array(log.group_module, int)
     size = np.array(log.group_size, float)
     bucket = np.floor(np.array(log.group_start) / bucket_s).astype(int)
     key = module * (bucket.max() + 1) + bucket
-    holders = np.bincount(key, weights=size)
-    share = size / holders[key] * ~np.array(log.group_partial, bool)
-    return share[np.array(log.member_group, int)]
+    alive, majority, shared = survivors(key, size, rng)
+    no_majority = float((~majority & shared).sum() / max(shared.sum(), 1))
+    share = group_share(alive, size, np.array(log.group_partial, bool))
+    return share[np.array(log.member_group, int)], {"no_majority": no_majority}
 
 
 def per_row(swarm: Swarm, values: np.ndarray) -> np.ndarray:
@@ -374,12 +762,13 @@ def per_row(swarm: Swarm, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def effective_tokens(swarm: Swarm, rows: dict, bucket_s: float) -> np.ndarray:
+def effective_tokens(swarm: Swarm, rows: dict, bucket_s: float) -> tuple[np.ndarray, dict]:
     """Per peer-round: tokens × Σ over its modules (param-weighted) of the lineage share."""
     module = np.array(swarm.log.member_module, int)
-    weighted = per_row(swarm, swarm.params[module] * lineage_share(swarm.log, bucket_s))
+    share, stats = lineage_share(swarm.log, bucket_s, swarm.rng)
+    weighted = per_row(swarm, swarm.params[module] * share)
     path_params = (swarm.holds.T @ swarm.params)[np.nan_to_num(rows["peer"]).astype(int)]
-    return rows["tokens"] * weighted / path_params
+    return rows["tokens"] * weighted / path_params, stats
 
 
 def allreduce_bytes(swarm: Swarm) -> np.ndarray:
@@ -399,10 +788,21 @@ def mean_group_seen(swarm: Swarm, in_window: np.ndarray, stem: bool) -> float:
 
 
 def simulate(work: Workload, vol: Volunteers, over: Overheads, n_peers: int, rounds: float = 12,
-             seed: int = 0) -> dict:
-    """Run a swarm until its median peer has done `rounds` rounds; report the steady state
-    (rounds ending after the first two median rounds, before the last one)."""
-    swarm = Swarm(work, vol, over, n_peers, seed)
+             seed: int = 0, model: str = "aligned", random_phase: bool = True, join_spread_rounds: float = 2.0) -> dict:
+    """model "aligned": p2ptrain's round rule (simulate_aligned); "steps": the step-counted
+    rule it replaced (simulate_steps), with peers in phase or at random phases."""
+    if model == "aligned":
+        return simulate_aligned(work, vol, over, n_peers, rounds, seed, join_spread_rounds)
+    if model == "steps":
+        return simulate_steps(work, vol, over, n_peers, rounds, seed, random_phase)
+    raise ValueError(f"unknown model {model!r}")
+
+
+def simulate_steps(work: Workload, vol: Volunteers, over: Overheads, n_peers: int, rounds: float = 12,
+                   seed: int = 0, random_phase: bool = True) -> dict:
+    """Run a step-counted swarm until its median peer has done `rounds` rounds; report the
+    steady state (rounds ending after the first two median rounds, before the last one)."""
+    swarm = Swarm(work, vol, over, n_peers, seed, random_phase)
     horizon = rounds * (work.steps_per_round * vol.step_s + 2 * work.matchmaking_time)
     while True:
         swarm.run(horizon)
@@ -421,12 +821,15 @@ def simulate(work: Workload, vol: Volunteers, over: Overheads, n_peers: int, rou
     seen = count > 0
     peer_wall = np.bincount(peer, weights=wall[window], minlength=n_peers)[seen]
     util = np.bincount(peer, weights=rows["compute_s"][window], minlength=n_peers)[seen] / peer_wall
-    effective = effective_tokens(swarm, rows, bucket_s)[window]
+    effective, stats = effective_tokens(swarm, rows, bucket_s)
+    effective = effective[window]
     potential = work.tokens_per_round * wall[window] / rows["nominal_compute_s"][window]
     rate = effective.sum() / (t1 - t0)
     target = 20 * work.all_params  # Chinchilla's 20 tokens per parameter, over all modules
     return {
-        "peers": n_peers, "overlap": work.overlap,
+        "model": "steps" + ("" if random_phase else " (in phase)"), "peers": n_peers, "overlap": work.overlap,
+        "no_majority": stats["no_majority"], "skipped_fraction": 0.0, "stale_fraction": 0.0,
+        "steps_per_round_median": float(work.steps_per_round),
         "wall_per_round_s": float(np.median(peer_wall / count[seen])),
         "utilization": float(np.median(util)),
         "effective_utilization": float(effective.sum() / potential.sum()),

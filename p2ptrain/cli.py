@@ -225,7 +225,10 @@ def eval_(home, run_config, data, device, max_tokens, extra_homes, as_json) -> N
     home, config = home_and_config(home, run_config)
     docs = _docs_loader(config, data, home)()
     state = load_or_create_run_state(home, config, lambda: docs)
-    report = evaluate(state, docs, [home, *map(Path, extra_homes)], resolve_device(device), max_tokens)
+    with click.progressbar(length=state.grid.num_paths, label="eval", file=sys.stderr, hidden=as_json,
+                           item_show_func=lambda path: f"path {path}" if path else "") as bar:
+        report = evaluate(state, docs, [home, *map(Path, extra_homes)], resolve_device(device), max_tokens,
+                          on_path=lambda path, done, total: bar.update(1, path))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -306,10 +309,17 @@ def _install_stop_handlers(stop_event) -> None:
               help="With --new-swarm: a closed run; only peers you invite (`p2ptrain invite PEER_ID`) take part.")
 @click.option("--credential", default=None, type=click.Path(dir_okay=False),
               help="Your invite to a closed run (a file printed by `p2ptrain invite` on the creator's machine).")
+# --- monitoring (issue 13)
+@click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics and a dashboard at http://HOST:PORT/ "
+                   "(0: any free port). [default: off]")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address for --metrics-port; anything but loopback exposes this node's status to the network.")
+# --- end monitoring
 @json_option
 def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode,
          new_swarm, run_id, path_text, device, identity, no_identity, max_rounds, max_minutes, wait_for_peers,
-         closed, credential, as_json) -> None:
+         closed, credential, metrics_port, metrics_host, as_json) -> None:
     """Join a swarm (or start one with --new-swarm) and train a path with it.
 
     Prints this node's multiaddrs; others join with --initial-peers ADDR.
@@ -352,6 +362,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     services.attach(opened)
     # --- end of daemon services
     node = opened.node
+    monitoring = (None, None)  # (NodeState, DashboardServer) with --metrics-port (issue 13)
     try:
         _install_stop_handlers(node.stop_requested)
         run_name = opened.run_state.config.run.id
@@ -374,8 +385,24 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
             for addr in opened.maddrs:
                 click.echo(f"  {addr}")
             click.echo(f"run pin (others pass it to --run-id): {info['run_pin']}")
+        if metrics_port is not None:  # --- monitoring (issue 13)
+            from p2ptrain.cli_monitor import start_node_monitor
+            monitoring = start_node_monitor(node, metrics_host, metrics_port, emit)
+        watched = monitoring[0]
+        show_steps = not emit and sys.stderr.isatty()
+
+        def on_step(report):
+            if watched is not None:
+                watched.on_step(report)
+            if show_steps:  # inner-step progress, overwritten in place by the next line
+                click.echo(f"\r  step {report.step}  loss {report.loss:6.3f}  {report.tokens_per_s:>9,.0f} tok/s",
+                           err=True, nl=False)
 
         def on_round(report):
+            if watched is not None:
+                watched.on_round(report)
+            if show_steps:
+                click.echo("\r\x1b[K", err=True, nl=False)
             modules = {m: (len(r.group) if r.group else 1) for m, r in report.modules.items()}
             if emit:
                 emit({"event": "round", "round": report.round, "loss": report.loss, "tokens": report.tokens,
@@ -397,12 +424,15 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
                 emit({"event": "peers", "seen": seen})
             elif seen < wait_for_peers:
                 click.echo(f"only {seen} of {wait_for_peers} peers arrived in 5 minutes; starting anyway")
-        node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round)
+        node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round, on_step=on_step)
         if emit:
             emit({"event": "left", "round": node.round})
         else:
             click.echo(f"left the swarm at round {node.round}; checkpoints in {node.session.store.root}")
     finally:
+        if monitoring[0] is not None:
+            from p2ptrain.monitor.web import stop_node_server
+            stop_node_server(*monitoring)
         opened.close()
         services.close()  # daemon services: release the home, close the control socket
 
@@ -463,66 +493,23 @@ def bootstrap(home, initial_peers, host_maddrs, announce_maddrs, client_mode, po
               help="Where this short-lived observer listens. [default: /ip4/127.0.0.1/tcp/0]")
 @click.option("--run-id", default=None, help="Run to inspect. [default: the default run]")
 @click.option("--timeout", default=15.0, show_default=True, type=click.FloatRange(1), help="Seconds to wait.")
+@click.option("--watch", is_flag=True, help="Refresh in place every --interval seconds until Ctrl-C "
+                                            "(with --json: one JSON object per line).")
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(0.5),
+              help="Seconds between refreshes with --watch.")
 @json_option
-def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json) -> None:
-    """List the live peers of a run and how well each module is covered."""
-    import time as _time
-    from p2ptrain.config import RunConfig
-    from p2ptrain.errors import SwarmError
-    from p2ptrain.model.grid import Grid, path_name
-    from p2ptrain.swarm.dht import LOOPBACK_MADDRS, start_dht
-    from p2ptrain.swarm.membership import module_coverage
-    from p2ptrain.swarm.records import SwarmRecords, make_validators, split_run_id
-    from p2ptrain.swarm.signals import children_ignore_sigint
+def peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, watch, interval, as_json) -> None:
+    """List the live peers of a run, module coverage, swarm speed, the outcomes of the peers'
+    last rounds, and whether each bootstrap peer answers."""
+    from p2ptrain.cli_monitor import run_peers
+    run_peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_json, watch, interval)
 
-    addrs, source = _initial_peers(initial_peers, bootstrap_file, False)
-    if not addrs:
-        raise SwarmError(f"no initial peers ({source} lists none): pass --initial-peers ADDR")
-    run_id = run_id or RunConfig.load().run.id
-    signer, validators = make_validators(split_run_id(run_id)[0])
-    with children_ignore_sigint():
-        # a short-lived observer: client mode, so nobody tries to route DHT traffic through it
-        dht = start_dht(addrs, host_maddrs=list(host_maddrs) or LOOPBACK_MADDRS, client_mode=True,
-                        record_validators=validators)
-    try:
-        name, creator = split_run_id(run_id)
-        records = SwarmRecords(dht, name, signer, creator=creator)
-        deadline = _time.monotonic() + timeout
-        run_problem = None
-        try:
-            published = records.fetch_run()
-        except SwarmError as e:  # version skew, several creators: still list the peers
-            published, run_problem = None, str(e)
-        found = records.fetch_peers()
-        while not found and _time.monotonic() < deadline:
-            _time.sleep(0.5)
-            found = records.fetch_peers()
-    finally:
-        dht.shutdown()
-    grid = published.state.grid if published else None
-    coverage = module_coverage(grid, found) if grid else {}
-    now = _time.time()
-    rows = [{"peer_id": p.peer_id, "path": path_name(p.path), "round": p.round, "loss": p.loss,
-             "tokens_per_s": p.tokens_per_s, "tokens": p.tokens, "reachability": p.reachability,
-             "hardware": p.hardware, "version": p.version, "paused": p.paused, "age_s": round(now - p.time, 1)}
-            for p in sorted(found, key=lambda p: (p.path, p.peer_id))]
-    if as_json:
-        click.echo(json.dumps({"run_id": run_id, "run_found": published is not None, "run_problem": run_problem,
-                               "creator": published.creator if published else None, "peers": rows,
-                               "coverage": dict(coverage)}, indent=2))
-        return
-    if run_problem:
-        click.echo(f"run {run_id}: {run_problem}")
-    elif published is None:
-        click.echo(f"run {run_id}: no run record found on the DHT")
-    click.echo(f"{len(rows)} live peers of run {run_id}")
-    click.echo(f"{'peer':<14}{'path':<7}{'round':>6}{'loss':>8}{'tok/s':>10}  {'reach':<8}{'hardware':<18}{'age':>6}")
-    for r in rows:
-        loss = f"{r['loss']:.3f}" if r["loss"] is not None else "-"
-        click.echo(f"…{r['peer_id'][-12:]:<13}{r['path']:<7}{r['round']:>6}{loss:>8}{r['tokens_per_s']:>10,.0f}  "
-                   f"{r['reachability']:<8}{r['hardware'][:17]:<18}{r['age_s']:>5.0f}s")
-    if coverage:
-        click.echo("coverage: " + "  ".join(f"{m}:{n}" for m, n in coverage.items()))
+
+# --- monitoring (issue 13)
+from p2ptrain.cli_monitor import monitor  # noqa: E402 (registered after the group is defined)
+
+main.add_command(monitor)
+# --- end monitoring
 
 
 # ------------------------------------------------- data, export, generate (issue 15)

@@ -116,6 +116,20 @@ class AveragingConfig:
     overlap: bool = _f(False, "Average in the background during the next inner steps; apply one round late")
     sync_tolerance: float = _f(0.0, "Relative fingerprint difference above which peers re-sync a module "
                                     "(0: the wire codec's own bound)", lo=0.0, hi=1.0)
+    aggregation: str = _f("centered_clip", "How each reducer combines its slice of the group's pseudo-gradients: "
+                                           "hivemind's token-weighted mean, or a Byzantine-robust rule that bounds "
+                                           "what one sender can do (CenteredClip from the median, or a "
+                                           "coordinate-wise trimmed mean); weights (tokens) count in all three",
+                          choices=("mean", "centered_clip", "trimmed_mean"))
+    clip_radius: float = _f(0.0, "CenteredClip's τ: the most one sender can pull a slice, in L2 norm of the "
+                                 "pseudo-gradient (0: auto, twice the median distance of the slice's parts to "
+                                 "their coordinate-wise median)", lo=0.0, hi=1e6)
+    reducer_check: float = _f(4.0, "A robust rule's reducer must return a slice within this many times the "
+                                   "norm of a peer's own part of it (the peer's whole-vector RMS as a floor): "
+                                   "further, the peer keeps its own values, reports and bans the reducer "
+                                   "(0: no check; the mean rule is never checked)", lo=0.0, hi=1e6)
+    ban_seconds: float = _f(600.0, "How long a peer whose parts were refused, or whose reduced slice was "
+                                   "rejected, is refused in this node's matchmaking", unit="s", lo=0.0, hi=1e7)
 
 
 @dataclass

@@ -8,6 +8,13 @@ survivor's own values. Our averager (ModuleAverager, with CheckedAllReduceRunner
     per round], banning the sender from that all-reduce and reporting it;
   * reports the values a failed reducer left un-averaged, so every survivor can treat
     that slice alike (the node skips it this round) instead of drifting apart;
+  * reduces each slice with the run's aggregation rule (averaging.aggregation: hivemind's
+    weighted mean, or CenteredClip / trimmed mean from aggregation.py, which bound what one
+    sender can do), in a subclass of hivemind's reducer that keeps its wire format;
+  * with a robust rule, checks every slice a reducer returns against our own part of it:
+    one further than averaging.reducer_check × our part's norm (or non-finite) is not used
+    — we keep our own values there, exactly like a failed reducer's slice — and the
+    reducer is reported (the node bans it from matchmaking for averaging.ban_seconds);
   * serves its module's global state with a fingerprint, and downloads a peer's state
     with a byte cap known from the module's own size;
   * assembles its group as soon as all live holders of the module are in it.
@@ -22,6 +29,8 @@ import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from p2ptrain.swarm.aggregation import OUTLIER_FACTOR, OUTLIER_SCALE, aggregate_reporting
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +111,7 @@ def _averager_class():
     from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
     from hivemind.averaging.load_balancing import load_balance_peers
     from hivemind.averaging.matchmaking import MatchmakingException
-    from hivemind.averaging.partition import BannedException
+    from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
     from hivemind.p2p import PeerID
     from hivemind.proto import averaging_pb2
@@ -110,6 +119,60 @@ def _averager_class():
     from hivemind.utils.mpfuture import MPFuture
     from hivemind.utils.streaming import combine_from_streaming
     from hivemind.utils.timed_storage import get_dht_time
+
+    class RobustTensorPartReducer(TensorPartReducer):
+        """hivemind's reducer with a pluggable rule (aggregation.py): it keeps the parts of its
+        current slice, with their weights, and aggregates them once every live sender's part
+        is in, instead of summing them as they arrive. Wire format, codecs, part order, sender
+        bans and timeouts are hivemind's own."""
+
+        def __init__(self, part_shapes, num_senders: int, *, rule: str, tau: float,
+                     on_outlier: Callable[[int], None] = lambda sender_index: None, own_rms: float = 0.0):
+            self.rule, self.tau, self.on_outlier, self.own_rms = rule, tau, on_outlier, own_rms
+            self.current_parts: list[tuple[torch.Tensor, float]] = []
+            self.current_senders: list[int] = []
+            super().__init__(part_shapes, num_senders)
+
+        def reset_accumulators(self):
+            super().reset_accumulators()
+            self.current_parts = []
+            self.current_senders = []
+
+        async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                                  weight: float = 1.0) -> torch.Tensor:
+            assert 0 <= sender_index < self.num_senders, "invalid sender index"
+            assert 0 <= part_index < self.num_parts, "invalid part index"
+            self.num_parts_received[sender_index] += 1
+            while part_index > self.current_part_index:
+                await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if self.finished.is_set():
+                    raise AllreduceException(f"attempted to aggregate part in a finalized {type(self).__name__}")
+            if self.sender_failed_after[sender_index] != float("inf"):
+                raise BannedException(f"sender {sender_index} was banned in background")
+            assert part_index == self.current_part_index
+            current_part_future = self.current_part_future
+            if part_index < self.sender_failed_after[sender_index]:
+                self.current_parts.append((tensor_part, float(weight)))
+                self.current_senders.append(sender_index)
+                self.current_part_accumulated_from += 1
+                self.check_current_part_finished()
+            return await current_part_future
+
+        def check_current_part_finished(self):
+            assert self.current_part_accumulated_from <= self.num_current_senders
+            if self.current_part_accumulated_from == self.num_current_senders:
+                if self.current_parts:
+                    parts, weights = zip(*self.current_parts)
+                    floor = (OUTLIER_SCALE * self.own_rms * math.sqrt(parts[0].numel()) if self.own_rms > 0
+                             else math.inf)
+                    result, outliers = aggregate_reporting(self.rule, parts, weights, self.tau, floor)
+                    for index in outliers:
+                        self.on_outlier(self.current_senders[index])
+                else:  # every sender of this part failed: nobody is waiting for it
+                    result = torch.zeros(self.part_shapes[self.current_part_index])
+                self.current_part_future.set_result(result)
+                self.reset_accumulators()
 
     class CheckedAllReduceRunner(AllReduceRunner):
         """hivemind's butterfly all-reduce, with the checks its reducer does not make.
@@ -123,16 +186,53 @@ def _averager_class():
         way on every survivor instead of keeping each survivor's own values.
         """
 
-        def __init__(self, *, max_weight: float, claimed_weights: dict[str, Optional[float]], **kwargs):
+        def __init__(self, *, max_weight: float, claimed_weights: dict[str, Optional[float]], rule: str = "mean",
+                     tau: float = 0.0, reducer_check: float = 0.0, **kwargs):
             super().__init__(**kwargs)
             self.max_weight = max_weight
             # sender → the weight its round claim declared (None: its claim was malformed, so
             # none of its parts is taken)
             self.claimed_weights = claimed_weights
+            self.rule = rule
             self.rejected: dict[str, str] = {}  # sender → why its parts were refused
             self.failed_ranges: list[tuple[int, int]] = []  # (offset, length) of un-averaged values
+            self.lying_reducers: dict[str, str] = {}  # reducer → why the slice it returned was rejected
+            self.outliers: dict[str, str] = {}  # sender → why our robust rule dropped some of its parts
+            plain = self.tensor_part_reducer
+            self.tensor_part_reducer = self.make_reducer(plain, rule, tau)
+            if self.tensor_part_reducer is not plain:
+                plain.num_senders = 0  # discarded unused: no "received 0% of input tensors" warning
+                plain.finalize()
             container = self.tensor_part_container
             register_failed = container.register_failed_reducer
+            register_processed = container.register_processed_part
+            own_index = self.ordered_peer_ids.index(self.peer_id)
+            total = sum(t.numel() for t in container.local_tensors)
+            rms = math.sqrt(sum(float(t.double().pow(2).sum()) for t in container.local_tensors) / max(total, 1))
+            own_weight = self.weight if self.weight and self.weight > 0 else max_weight
+            # a peer that trained fewer tokens than a full round expects a proportionally larger gap
+            check_scale = reducer_check * max(1.0, max_weight / own_weight)
+
+            def register_processed_part(peer_index: int, part_index: int, delta: torch.Tensor):
+                """Check a slice a reducer returned (as a delta from our own part) before using it."""
+                if peer_index != own_index:
+                    own = container._input_parts_by_peer[peer_index][part_index][0]
+                    why = None
+                    if not torch.isfinite(delta).all():
+                        why = "non-finite values in the slice it reduced"
+                    elif reducer_check > 0 and rule != "mean" and rms > 0:
+                        bound = check_scale * max(float(own.norm()), rms * math.sqrt(own.numel()))
+                        gap = float(delta.double().norm())
+                        if gap > bound:
+                            why = f"returned a slice {gap:.3g} from our part, more than the rule allows ({bound:.3g})"
+                    if why is not None:
+                        peer = self.ordered_peer_ids[peer_index].to_base58()
+                        self.lying_reducers.setdefault(peer, why)
+                        self.failed_ranges.append((own.storage_offset(), own.numel()))
+                        delta = torch.zeros_like(own)
+                register_processed(peer_index, part_index, delta)
+
+            container.register_processed_part = register_processed_part
 
             def register_failed_reducer(peer_index: int):
                 for part, _info in list(container._input_parts_by_peer[peer_index])[
@@ -141,6 +241,22 @@ def _averager_class():
                 register_failed(peer_index)
 
             container.register_failed_reducer = register_failed_reducer
+
+        def make_reducer(self, plain, rule: str, tau: float):
+            """The reducer of our slice: hivemind's own (the weighted mean) or the robust rule's."""
+            if rule == "mean":
+                return plain
+
+            def on_outlier(sender_index: int):
+                sender = self.sender_peer_ids[sender_index].to_base58()
+                self.outliers.setdefault(sender, f"parts further than {OUTLIER_FACTOR:g} clip radii from the "
+                                                 "robust aggregate (dropped)")
+
+            local = self.tensor_part_container.local_tensors
+            own_rms = math.sqrt(sum(float(t.double().pow(2).sum()) for t in local)
+                                / max(sum(t.numel() for t in local), 1))
+            return RobustTensorPartReducer(plain.part_shapes, plain.num_senders, rule=rule, tau=tau,
+                                           on_outlier=on_outlier, own_rms=own_rms)
 
         def _part_problem(self, sender: str, part_index: int, msg, tensor) -> str | None:
             shapes = self.tensor_part_reducer.part_shapes
@@ -203,17 +319,21 @@ def _averager_class():
         failed, a module state served to peers, downloads from chosen peers with a size cap,
         and a group size that follows the module's live holders."""
 
+        runner_class = CheckedAllReduceRunner  # the all-reduce each step runs
+
         def __init__(self, averaged_tensors, dht, *, state_provider: Callable[[], tuple[Any, list]],
-                     max_weight: float, **kwargs):
+                     max_weight: float, aggregation: str = "mean", clip_radius: float = 0.0,
+                     reducer_check: float = 0.0, **kwargs):
             self._state_provider = state_provider
             self._max_weight = max_weight
+            self._robust = dict(rule=aggregation, tau=clip_radius, reducer_check=reducer_check)
             super().__init__(averaged_tensors, dht, **kwargs)
 
         # ------------------------------------------------------------ all-reduce
 
         async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
-            """As hivemind's, but returns {"gathered", "rejected", "failed"} instead of the gathered
-            values alone (runs in the averager's process; the result goes back through step()).
+            """As hivemind's, but returns {"gathered", "rejected", "failed", "lying", "outliers"} instead of
+            the gathered values alone (runs in the averager's process; the result goes back through step()).
             A group that assembled with a peer we do not admit is left before any data moves."""
             admission = getattr(self, "_admission", None)
             if admission is not None:
@@ -240,7 +360,8 @@ def _averager_class():
                                                                 peer_fractions=peer_fractions,
                                                                 claimed_weights=claimed_weights, **kwargs)
                     return {"gathered": user_gathered, "rejected": dict(runner.rejected),
-                            "failed": list(runner.failed_ranges)}
+                            "failed": list(runner.failed_ranges), "lying": dict(runner.lying_reducers),
+                            "outliers": dict(runner.outliers)}
             except BaseException as e:
                 if isinstance(e, Exception):
                     logger.debug("all-reduce failed: %r", e)
@@ -260,9 +381,9 @@ def _averager_class():
 
         async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
             group_id = group_info.group_id if group_id is None else group_id
-            runner = CheckedAllReduceRunner(
+            runner = self.runner_class(
                 p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
-                ordered_peer_ids=group_info.peer_ids, max_weight=self._max_weight, **kwargs)
+                ordered_peer_ids=group_info.peer_ids, max_weight=self._max_weight, **self._robust, **kwargs)
             self._running_groups[group_id].set_result(runner)
             if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
                 async for tensor, update in azip(as_aiter(*tensors), runner):

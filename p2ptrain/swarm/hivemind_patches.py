@@ -74,6 +74,19 @@ def _admitting(hivemind_checks):
     return check_reasons_to_reject
 
 
+def _joining_admitted_leaders_only(request_join_group):
+    """Wrap Matchmaking._request_join_group so a follower never asks a leader its node does not
+    admit: such a group would be left before any data moved, costing the round."""
+
+    async def join_admitted_leader(self, leader):
+        admission = getattr(self, "_p2ptrain_admission", None)
+        if admission is not None and not admission.admits(leader.to_base58()):
+            return None
+        return await request_join_group(self, leader)
+
+    return join_admitted_leader
+
+
 def apply() -> None:
     global _APPLIED
     if _APPLIED:
@@ -91,4 +104,5 @@ def apply() -> None:
     GroupKeyManager.get_averagers = _throttled(GroupKeyManager.get_averagers)
     from hivemind.averaging.matchmaking import Matchmaking
     Matchmaking._check_reasons_to_reject = _admitting(Matchmaking._check_reasons_to_reject)
+    Matchmaking._request_join_group = _joining_admitted_leaders_only(Matchmaking._request_join_group)
     _APPLIED = True

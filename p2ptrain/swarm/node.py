@@ -38,7 +38,8 @@ from p2ptrain.swarm.consistency import Vouch, choose_lineage, judge
 from p2ptrain.swarm.membership import peers_holding
 from p2ptrain.swarm.overlap import Anchors, BackgroundRound
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, parse
-from p2ptrain.swarm.records import PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, new_peer_record
+from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, new_peer_record,
+                                    status_record_fields)
 from p2ptrain.swarm.schedule import RoundSchedule
 from p2ptrain.swarm.slot import ModuleSlot
 from p2ptrain.swarm.state_transfer import fetch_verified_state
@@ -63,6 +64,7 @@ class ModuleRound:
     split: bool = False  # holders disagree and no majority decides (nobody moved)
     failed: str | None = None  # the round's averaging itself failed (an error on the averaging thread)
     voters: int = 0  # holders whose fingerprints for this round were compared
+    lying_reducers: list[str] = field(default_factory=list)  # reducers whose returned slice we refused
     expected: set[str] = field(default_factory=set, repr=False)  # live holders when the round began
 
     @property
@@ -81,6 +83,11 @@ class RoundReport:
     seconds_outer: float  # training stalled for averaging (with overlap: waiting for last round's)
     modules: dict[str, ModuleRound] = field(default_factory=dict)
     seconds_wall: float = 0.0  # the whole round, checkpoint included
+
+
+def round_group_bits(round_: int) -> str:
+    """hivemind group-key bits for a round (8 bits: rounds 256 apart never overlap in time)."""
+    return format(round_ % 256, "08b")
 
 
 class StepDeadline:
@@ -121,6 +128,8 @@ class SwarmNode:
         self.history: list[RoundReport] = []
         self.sync: dict[str, ModuleSync] = {}
         self.rejections = Rejections()
+        self.bans: dict[str, float] = {}  # peer → when (time.monotonic) its matchmaking ban ends
+        self.bans_issued: Counter = Counter()  # peer → how many times it was banned
         self.silent: Counter = Counter()  # peers that did not post their fingerprints in time, last round
         self.absent: dict[str, set[str]] = {}  # module → holders that did not join its group last round
         self.last_loss: float | None = None
@@ -226,6 +235,12 @@ class SwarmNode:
                 continue
             # --- enter the round in progress on the swarm's clock (the next one if too little is left)
             round_ = self.schedule.next_round_to_enter(max(1.5 * self.step_seconds, 0.05))
+            if self._stale_before(round_):
+                # our globals are older than the round before this one (we joined while the holders
+                # were averaging, or our last outer phase overran whole rounds): take the majority's
+                # newer state first, or this round's average would start a lineage of its own
+                logger.info("module state older than round %d; catching up before it", round_ - 1)
+                self.catch_up()
             report = self.run_round(round_, on_step=on_step)
             if report is None:  # stopped, or the swarm moved on while suspended: nothing to report
                 continue
@@ -244,6 +259,12 @@ class SwarmNode:
         self.phase = "stopped"
         self.session.store.wait()  # the last round's checkpoint is on disk when run() returns
         return self.history
+
+    def _stale_before(self, round_: int) -> bool:
+        """Would round_ start from globals older than the last completed round (with overlap,
+        the round before that, whose average lands during round_)?"""
+        lag = 2 if self.cfg.averaging.overlap else 1
+        return any(slot.round < round_ - lag for slot in self.slots.values())
 
     def run_round(self, round_: int, on_step=None) -> Optional[RoundReport]:
         H = self.cfg.inner.steps_per_round
@@ -381,6 +402,8 @@ class SwarmNode:
             # not (dead, slow, or a stranger that never joins) costs the window once, not every round
             expected = {p.peer_id for p in holders} - self.absent.get(module_id, set())
             slot.averager.set_target_group_size(max(2, min(len(expected) + 1, avg_cfg.target_group_size)))
+            # the round is part of the group key: a node late for round r never lands in round r+1's group
+            slot.averager.set_group_bits(round_group_bits(round_))
             results[module_id].expected = {p.peer_id for p in holders}
             slot.averager.set_admission(admission)
             controls[module_id] = slot.averager.step(
@@ -426,6 +449,18 @@ class SwarmNode:
                 self.rejections.add(peer_id, "a claim for another round", f"{parsed.round} vs {round_}")
         for peer_id, why in outcome.get("rejected", {}).items():
             self.rejections.add(peer_id, "all-reduce part refused by our reducer", why)
+            self.ban(peer_id)
+        for peer_id, why in outcome.get("outliers", {}).items():
+            # dropped by our robust rule, but not banned: whether a part is past the outlier
+            # bound can differ between reducers, and bans that differ between honest peers
+            # would split their groups (measured: honest modules then stay apart)
+            self.rejections.add(peer_id, "all-reduce part dropped as an outlier by our reducer", why)
+        for peer_id, why in outcome.get("lying", {}).items():
+            # a reducer returned a slice the rule cannot produce from our part: its range is in
+            # `failed` below (we keep our own values there, as for a reducer that died)
+            self.rejections.add(peer_id, "reduced slice refused (lying reducer)", why)
+            result.lying_reducers.append(peer_id)
+            self.ban(peer_id)
         with slot.averager.get_tensors() as (flat,):
             averaged = flat.clone()
         failed = outcome.get("failed", [])
@@ -445,10 +480,28 @@ class SwarmNode:
 
     def admission(self, peers: list[PeerRecord]) -> Admission:
         """Who may average with us this round: in a closed run the credentialed peers (their
-        records were checked when read), in an open one anybody."""
+        records were checked when read), in an open one anybody — less the peers we banned."""
+        banned = frozenset(self.banned())
         if self.records.closed_run is None:
-            return Admission()
-        return Admission(allowed=frozenset({self.peer_id, *(p.peer_id for p in peers)}))
+            return Admission(banned=banned)
+        return Admission(allowed=frozenset({self.peer_id, *(p.peer_id for p in peers)}), banned=banned)
+
+    def ban(self, peer_id: str) -> None:
+        """Refuse a peer in this node's matchmaking (as leader and as follower) for
+        averaging.ban_seconds: its all-reduce parts were refused, or a slice it reduced was."""
+        seconds = self.cfg.averaging.ban_seconds
+        if seconds <= 0 or peer_id == self.peer_id:
+            return
+        self.bans[peer_id] = time.monotonic() + seconds
+        self.bans_issued[peer_id] += 1
+        logger.warning("banned peer …%s from this node's averaging groups for %.0f s", peer_id[-8:], seconds)
+
+    def banned(self) -> set[str]:
+        """Peers whose ban has not ended yet (expired ones are forgotten)."""
+        now = time.monotonic()
+        for peer_id in [p for p, until in self.bans.items() if until <= now]:
+            del self.bans[peer_id]
+        return set(self.bans)
 
     def _matchmaking_timeout(self) -> float:
         """How long a module looks for its holders: up to 3 windows, so a slow peer delays
@@ -583,7 +636,7 @@ class SwarmNode:
                                  tokens_per_s=float(self.last_tps), tokens=int(self.session.tokens_seen),
                                  reachability="client" if self.client_mode else "public", maddrs=self.maddrs,
                                  sync=dict(self.sync), paused=self.suspension.describe(),
-                                 credential=self.credential)
+                                 credential=self.credential, **status_record_fields(self.status()))
         try:
             self.records.publish_peer(record)
         except Exception as e:
@@ -605,9 +658,11 @@ class SwarmNode:
             "loss": self.last_loss if self.last_loss is not None and math.isfinite(self.last_loss) else None,
             "tokens_per_s": float(self.last_tps), "tokens": int(self.session.tokens_seen),
             "rounds_done": len(self.history), "uptime_s": round(time.time() - self.started_at, 1),
+            "rounds_averaged": sum(any(len(r.group) > 1 for r in report.modules.values()) for report in self.history),
             "last_round": outcomes, "checkpoints": str(self.session.store.root),
             "reachability": "client" if self.client_mode else "public", "maddrs": list(self.maddrs),
             "rejected": self.rejections.snapshot(),
+            "banned": {"now": sorted(self.banned()), "issued": sum(self.bans_issued.values())},
         }
 
     def describe(self) -> str:

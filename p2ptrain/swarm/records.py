@@ -11,6 +11,7 @@ creator (pinned: `--run-id NAME@CREATOR`, remembered in the home after the first
     <run>_peers  one status record per live peer: path, round, speed, module fingerprints
 """
 
+import functools
 import logging
 import platform
 import threading
@@ -74,6 +75,41 @@ class ModuleSync(_Bounded):
     step: confloat(ge=0.0, strict=True)  # L2 norm of the holder's last outer update (drift yardstick)
 
 
+# --- monitoring schemas (issue 13) ----------------------------------------------------
+
+# the words of ModuleRound.outcome (swarm/node.py)
+ROUND_OUTCOMES = ("ok", "alone", "partial", "split", "resynced", "rejected", "failed")
+
+
+class HardwareInfo(_Bounded):
+    """What the machine brings: shown by `peers` and the dashboard."""
+
+    cpu: constr(strict=True, max_length=128)  # processor model
+    cpu_count: conint(ge=0, le=1_000_000, strict=True)  # logical CPUs
+    ram_bytes: conint(ge=0, strict=True)
+    gpu: Optional[constr(strict=True, max_length=128)] = None  # CUDA device name, if training on one
+    gpu_memory_bytes: Optional[conint(ge=0, strict=True)] = None
+
+
+class Contribution(_Bounded):
+    """What this node has contributed in its current session."""
+
+    tokens: conint(ge=0, strict=True)  # tokens trained on
+    rounds: conint(ge=0, strict=True)  # rounds completed
+    rounds_averaged: conint(ge=0, strict=True)  # rounds in which at least one module averaged with a peer
+    seconds: confloat(ge=0.0, strict=True)  # time since the node started
+
+
+class ModuleOutcome(_Bounded):
+    module: constr(strict=True, max_length=32)
+    outcome: constr(strict=True, max_length=16)  # one of ROUND_OUTCOMES
+    peers: conint(ge=0, le=1_000_000, strict=True)  # group size, this node included
+
+
+MONITORING_FIELDS = ("hardware_info", "suspended", "contribution", "last_round")
+# --- end of monitoring schemas --------------------------------------------------------
+
+
 MAX_MODULES_PER_PATH = 64
 
 
@@ -98,6 +134,26 @@ class PeerRecord(_Bounded):
         if len(value) > MAX_MODULES_PER_PATH + 1:
             raise ValueError("too many modules")
         return value
+
+    # --- monitoring fields (issue 13) -------------------------------------------------
+    # Optional and bounded, so a record from a peer that does not send them still parses
+    # (and still passes hivemind's SchemaValidator: see `dict` below). Filled from the
+    # node's status() by `status_record_fields`.
+    hardware_info: Optional[HardwareInfo] = None
+    suspended: conlist(constr(strict=True, max_length=64), max_items=16) = []  # the Suspension's reasons
+    contribution: Optional[Contribution] = None
+    last_round: conlist(ModuleOutcome, max_items=64) = []  # per module, the node's last round
+
+    def dict(self, **kwargs):
+        """hivemind's SchemaValidator accepts a value only if parsing it changes nothing: a
+        record that left out the optional monitoring fields must not come back with their
+        defaults filled in."""
+        out = super().dict(**kwargs)
+        for name in MONITORING_FIELDS:
+            if name not in self.__fields_set__:
+                out.pop(name, None)
+        return out
+    # --- end of monitoring fields -----------------------------------------------------
 
 
 class SwarmSchema(pydantic.BaseModel):
@@ -275,6 +331,47 @@ class SwarmRecords:
 
 def new_peer_record(**fields) -> PeerRecord:
     defaults = dict(loss=None, tokens_per_s=0.0, tokens=0, version=__version__, hardware=hardware_summary(),
-                    reachability="public", maddrs=[], sync={}, paused=None, time=time.time())
+                    reachability="public", maddrs=[], sync={}, paused=None, time=time.time(),
+                    hardware_info=hardware_info())
     defaults.update(fields)
     return PeerRecord(**defaults)
+
+
+# --- monitoring helpers (issue 13) ----------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def hardware_info() -> HardwareInfo:
+    """This machine's CPU, RAM and (if torch sees one) GPU; read once per process."""
+    import os
+    import psutil
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = gpu_memory = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu, gpu_memory = props.name[:128], int(props.total_memory)
+    return HardwareInfo(cpu=cpu[:128], cpu_count=int(os.cpu_count() or 0),
+                        ram_bytes=int(psutil.virtual_memory().total), gpu=gpu, gpu_memory_bytes=gpu_memory)
+
+
+def status_record_fields(status: dict) -> dict:
+    """The monitoring fields of a peer record, from `SwarmNode.status()`:
+    `new_peer_record(..., **status_record_fields(node.status()))`."""
+    outcomes = [ModuleOutcome(module=str(m)[:32], outcome=str(o.get("outcome", "ok"))[:16],
+                              peers=max(int(o.get("peers", 1)), 0))
+                for m, o in list((status.get("last_round") or {}).items())[:64]]
+    return {
+        "suspended": [str(r)[:64] for r in sorted(status.get("suspended") or [])[:16]],
+        "contribution": Contribution(tokens=max(int(status.get("tokens", 0)), 0),
+                                     rounds=max(int(status.get("rounds_done", 0)), 0),
+                                     rounds_averaged=max(int(status.get("rounds_averaged", 0)), 0),
+                                     seconds=max(float(status.get("uptime_s", 0.0)), 0.0)),
+        "last_round": outcomes,
+    }
+# --- end of monitoring helpers --------------------------------------------------------

@@ -55,6 +55,7 @@ class ModuleSlot:
             self.averager = module_averager_class()(
                 buffers, dht, start=True, prefix=averager_prefix(run_state.config.run.id, module_id),
                 state_provider=self.current_state, max_weight=float(tokens_per_round(run_state)),
+                aggregation=cfg.aggregation, clip_radius=cfg.clip_radius, reducer_check=cfg.reducer_check,
                 target_group_size=cfg.target_group_size, min_group_size=2,
                 min_matchmaking_time=mm, request_timeout=min(3.0, mm / 2), allreduce_timeout=cfg.averaging_timeout,
                 # a peer that stops sending (or dies) mid all-reduce is excluded after this long instead

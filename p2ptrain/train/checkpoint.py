@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,21 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+@dataclass
+class WriteStats:
+    """Checkpoint writes so far, for the metrics endpoint."""
+
+    writes: int = 0  # successful writes
+    failures: int = 0
+    write_seconds: float = 0.0  # summed over the successful writes
+
+
 class CheckpointStore:
     """Round-numbered checkpoints of one path under one directory; keeps the newest `keep`."""
 
     def __init__(self, root: Path, keep: int = 3):
         self.root = Path(root)
+        self.stats = WriteStats()
         self.keep = keep
         self._writer: threading.Thread | None = None
         self.last_error: str | None = None  # why the latest write failed; None once one succeeds
@@ -128,6 +139,17 @@ class CheckpointStore:
             self._writer = None
 
     def _write(self, round_: int, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
+        t0 = time.perf_counter()
+        try:
+            final = self._write_files(round_, groups, meta)
+        except BaseException:
+            self.stats.failures += 1
+            raise
+        self.stats.writes += 1
+        self.stats.write_seconds += time.perf_counter() - t0
+        return final
+
+    def _write_files(self, round_: int, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
         tmp = self.root / f"{TEMP_PREFIX}{round_:06d}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -115,12 +115,15 @@ def find_path_state(run_state: RunState, homes: Sequence[Path], path: PathIndex)
 
 
 def evaluate(run_state: RunState, docs: Sequence[Document], homes: Sequence[Path], device: torch.device,
-             max_tokens_per_path: int = 32_768) -> EvalReport:
-    """Score held-out documents routed to each path with its newest checkpoint and with the init."""
+             max_tokens_per_path: int = 32_768, on_path=None) -> EvalReport:
+    """Score held-out documents routed to each path with its newest checkpoint and with the init.
+
+    on_path(path name, paths done, paths in all): called after each path (progress)."""
     cfg = run_state.config
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     report = EvalReport()
-    for path, path_docs in heldout_by_path(run_state, docs).items():
+    by_path = heldout_by_path(run_state, docs)
+    for path, path_docs in by_path.items():
         sequences, budget = [], max_tokens_per_path
         for doc in path_docs:  # deterministic prefix of the routed held-out docs
             if budget <= 0:
@@ -141,6 +144,8 @@ def evaluate(run_state: RunState, docs: Sequence[Document], homes: Sequence[Path
         report.paths.append(PathEval(path_name(path), len(path_docs), count, loss,
                                      init_total / count if count else math.nan,
                                      ckpt.round if ckpt is not None else None))
+        if on_path is not None:
+            on_path(path_name(path), len(report.paths), len(by_path))
     return report
 
 

@@ -25,6 +25,7 @@ import torch
 from p2ptrain.swarm.averaging import averaging_part_bytes, make_compression
 from p2ptrain.swarm.dht import start_dht
 from p2ptrain.swarm.identity import Identity
+from p2ptrain.swarm.node import round_group_bits
 from p2ptrain.swarm.records import (ModuleSync, SwarmRecords, averager_prefix, make_validators, new_peer_record)
 from p2ptrain.swarm.schedule import RoundSchedule
 
@@ -117,6 +118,15 @@ class Adversary:
                                                          round=round_, sync=sync or {},
                                                          credential=self.lie.get("credential")))
 
+    def step(self, round_: int, timeout: float = 30.0):
+        """Join one all-reduce of the module now, with the lie's gather; the group, or None."""
+        self.averager.set_group_bits(round_group_bits(round_))  # the round's group key, as honest nodes use
+        try:
+            return self.averager.step(gather=self.lie.get("gather", {"round": round_, "tokens": 100}),
+                                      weight=1.0, timeout=timeout, allow_retries=False)
+        except Exception:  # no group this time
+            return None
+
     def start_rounds(self) -> None:
         """Step the averager at the end of every round of the schedule, with the lie's gather."""
         def loop():
@@ -127,12 +137,8 @@ class Adversary:
                     return
                 if not self.lie.get("average", True):
                     continue  # a liar in its records only
-                try:
-                    self.averager.step(gather=self.lie.get("gather", {"round": round_, "tokens": 100}),
-                                       weight=1.0, timeout=12.0, allow_retries=False)
+                if self.step(round_, timeout=12.0) is not None:
                     self.steps_joined += 1
-                except Exception:  # no group this round: try the next
-                    pass
 
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
@@ -144,3 +150,97 @@ class Adversary:
         self.averager.shutdown()
         self.dht.shutdown()
 
+
+
+# --------------------------------------------------------------------------------------------
+# An honest node turned liar: a real SwarmNode (it trains, averages, publishes records like
+# any other) whose pseudo-gradient is altered on its way into the all-reduce, or whose
+# reducer returns garbage for its slice. Its lies are well-formed: right shapes, finite
+# values (except "nan"), weights within the cap — what validation alone cannot stop.
+
+ATTACKS = {
+    "sign_flip": "its pseudo-gradient × −k (k = 50)",
+    "scale": "its pseudo-gradient × 100",
+    "noise": "its pseudo-gradient plus Gaussian noise of 10× its norm",
+    "nan": "NaN in its pseudo-gradient",
+    "weight_cap": "declared weight at the cap (the run's tokens per round) with its pseudo-gradient negated",
+    "garbage_reducer": "as a reducer, returns random values 100× the honest scale for its slice",
+    "alternating": "sign flip × 50 every other round, honest in between",
+}
+SIGN_FLIP_K = 50.0
+
+
+def corrupt(attack: str, flat: torch.Tensor, round_: int, generator: torch.Generator) -> None:
+    """Alter a pseudo-gradient in place as the attack says (no-op for the reducer attack)."""
+    if attack in ("sign_flip",) or (attack == "alternating" and round_ % 2 == 1):
+        flat.mul_(-SIGN_FLIP_K)
+    elif attack == "scale":
+        flat.mul_(100.0)
+    elif attack == "noise":
+        noise = torch.randn(flat.shape, generator=generator)
+        flat.add_(noise * (10.0 * flat.norm() / noise.norm().clamp_min(1e-12)))
+    elif attack == "nan":
+        flat.fill_(float("nan"))
+    elif attack == "weight_cap":
+        flat.neg_()
+
+
+def _garbage_averager_class():
+    """p2ptrain's ModuleAverager whose reducer answers every sender with random values of
+    100× the honest aggregate's scale (the class keeps its name: RPCs are named after it)."""
+    from hivemind.averaging.partition import TensorPartReducer
+    from p2ptrain.swarm.averaging import module_averager_class
+
+    honest_class = module_averager_class()
+
+    class GarbageReducer(TensorPartReducer):
+        def check_current_part_finished(self):
+            assert self.current_part_accumulated_from <= self.num_current_senders
+            if self.current_part_accumulated_from == self.num_current_senders:
+                honest = self.accumulator / max(self.denominator, 1e-12)
+                scale = 100.0 * float(honest.norm()) / max(honest.numel(), 1) ** 0.5 + 1e-3
+                self.current_part_future.set_result(torch.randn(honest.shape) * scale)
+                self.reset_accumulators()
+
+    class GarbageRunner(honest_class.runner_class):
+        def make_reducer(self, plain, rule, tau):
+            return GarbageReducer(plain.part_shapes, plain.num_senders)
+
+    class ModuleAverager(honest_class):
+        runner_class = GarbageRunner
+
+    return ModuleAverager
+
+
+def open_liar(swarm, config, path: str, attack: str, initial_peers, seed: int = 0):
+    """Open a node in `swarm` that lies in every all-reduce as `attack` says (see ATTACKS)."""
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}")
+    import p2ptrain.swarm.slot as slot_module
+    honest_factory = slot_module.module_averager_class
+    if attack == "garbage_reducer":
+        garbage = _garbage_averager_class()
+        slot_module.module_averager_class = lambda: garbage
+    try:
+        opened = swarm.open(config, path, initial_peers=initial_peers)
+    finally:
+        slot_module.module_averager_class = honest_factory
+    cap = float(config.inner.batch_size * config.model.context * config.inner.steps_per_round)
+    generator = torch.Generator().manual_seed(seed)
+    for slot in opened.node.slots.values():
+        averager = slot.averager
+        honest_step = averager.step
+
+        def lying_step(*args, _averager=averager, _honest_step=honest_step, gather=None, weight=None, **kwargs):
+            round_ = gather.get("round", 0) if isinstance(gather, dict) else 0
+            with _averager.get_tensors() as (flat,):
+                corrupt(attack, flat, round_, generator)
+            if attack == "weight_cap":  # claims the cap in its round claim too, or the mismatch gives it away
+                weight = cap
+                if isinstance(gather, dict):
+                    gather = {**gather, "tokens": int(cap)}
+            return _honest_step(*args, gather=gather, weight=weight, **kwargs)
+
+        averager.step = lying_step
+    opened.node.attack = attack
+    return opened
