@@ -39,6 +39,11 @@ def node_options(f):
                      help="With --new-swarm: a closed run; only peers you invite take part.")(f)
     f = click.option("--credential", default=None, type=click.Path(dir_okay=False),
                      help="Your invite to a closed run (printed by `p2ptrain invite` on the creator's machine).")(f)
+    f = click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
+                     help="Serve Prometheus metrics at http://HOST:PORT/metrics and a dashboard at "
+                          "http://HOST:PORT/ (0: any free port). [default: off]")(f)
+    f = click.option("--metrics-host", default="127.0.0.1", show_default=True,
+                     help="Address for --metrics-port; anything but loopback exposes this node's status.")(f)
     return run_options(data_option(swarm_options(f)))
 
 
@@ -74,11 +79,14 @@ def forward_args(params: dict, peers: list[str]) -> list[str]:
     if params.get("client_mode"):
         args.append("--client-mode")
     for key, flag in (("run_id", "--run-id"), ("path_text", "--path"), ("device", "--device"),
-                      ("max_rounds", "--max-rounds"), ("max_minutes", "--max-minutes")):
+                      ("max_rounds", "--max-rounds"), ("max_minutes", "--max-minutes"),
+                      ("metrics_port", "--metrics-port")):
         if params.get(key) is not None:
             args += [flag, str(params[key])]
     if params.get("identity"):
         args += ["--identity", _abs(params["identity"])]
+    if params.get("metrics_port") is not None and params.get("metrics_host") not in (None, "127.0.0.1"):
+        args += ["--metrics-host", params["metrics_host"]]
     if params.get("closed"):
         args.append("--closed")
     if params.get("credential"):
@@ -175,7 +183,9 @@ def run(detached, max_rounds, max_minutes, **params) -> None:
         secure_key_file(identity_path(places.data))
         return opened
 
-    code = service.run_daemon(places, open_fn, detached=detached, max_rounds=max_rounds, max_minutes=max_minutes)
+    metrics = (params["metrics_host"], params["metrics_port"]) if params["metrics_port"] is not None else None
+    code = service.run_daemon(places, open_fn, detached=detached, max_rounds=max_rounds, max_minutes=max_minutes,
+                              metrics=metrics)
     # Everything is closed and on disk. Tearing down the interpreter (freeing the model, torch's
     # and hivemind's modules) took 2 to 6 s on a busy machine; exit handlers (multiprocessing's
     # temp files, logging) still run, the rest is left to the kernel.
@@ -316,6 +326,8 @@ def format_status(s: dict) -> str:
                 b = r["battery"]
                 bits.append(f"battery {b['percent']:.0f}% {'plugged in' if b['plugged'] else 'discharging'}")
             lines.append("  " + "; ".join(bits))
+        if s.get("dashboard"):
+            lines.append(f"  dashboard: {s['dashboard']}  (Prometheus: {s['dashboard']}metrics)")
         if s.get("prefs_error"):
             lines.append(f"  preferences: {s['prefs_error']} (the last good ones apply)")
         node = s.get("node")

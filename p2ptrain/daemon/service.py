@@ -399,6 +399,7 @@ class Daemon(NodeControl):
         self.reasons: set[str] = set()
         self.readings: Readings | None = None
         self.monitor = None
+        self.dashboard: str | None = None  # the --metrics-port URL
         self._monitor_factory = monitor_factory
         self._policy: threading.Thread | None = None
         self._policy_stop = threading.Event()
@@ -520,7 +521,7 @@ class Daemon(NodeControl):
         r = self.readings
         status.update({
             "mode": self.mode.current(now), "mode_text": self.mode.describe(now),
-            "prefs_error": self.prefs_error, "prefs_file": str(self.places.prefs_file),
+            "prefs_error": self.prefs_error, "prefs_file": str(self.places.prefs_file), "dashboard": self.dashboard,
             "activity_signal": getattr(getattr(self.monitor, "idle_signal", None), "name", None),
             "readings": None if r is None else {
                 "idle_s": r.idle_s, "others_cpu_pct": r.others_cpu_pct,
@@ -571,7 +572,7 @@ def install_signal_handlers(daemon: NodeControl, starting: Callable[[], bool]) -
 # ------------------------------------------------------------- daemon run
 
 def run_daemon(places: Places, open_fn: Callable[[], object], detached: bool, max_rounds: int | None = None,
-               max_minutes: float | None = None) -> int:
+               max_minutes: float | None = None, metrics: tuple[str, int] | None = None) -> int:
     """`p2ptrain daemon run`: the whole life of a daemon; returns the exit code."""
     lock = InstanceLock(places, "daemon").acquire()
     setup_daemon_logging(places, to_stderr=not detached)
@@ -601,7 +602,7 @@ def run_daemon(places: Places, open_fn: Callable[[], object], detached: bool, ma
                         if opened.restored_round is not None else "")
             if opened.caught_up:
                 logger.info("downloaded the current state of %s from peers", ", ".join(opened.caught_up))
-            _drive(daemon, node, max_rounds, max_minutes)
+            _drive(daemon, node, max_rounds, max_minutes, metrics)
             message = f"stopped at round {node.round}"
         finally:
             opened.close()
@@ -624,24 +625,47 @@ def run_daemon(places: Places, open_fn: Callable[[], object], detached: bool, ma
     return code
 
 
-def _drive(daemon: Daemon, node, max_rounds: int | None, max_minutes: float | None) -> None:
-    """node.run with the preferences that act inside the training thread (pacing.py)."""
+def _drive(daemon: Daemon, node, max_rounds: int | None, max_minutes: float | None,
+           metrics: tuple[str, int] | None = None) -> None:
+    """node.run with the preferences that act inside the training thread (pacing.py), and the
+    dashboard and /metrics with --metrics-port (p2ptrain.monitor)."""
     from p2ptrain.daemon.pacing import Pacer
     pacer = Pacer(lambda: daemon.prefs, node.stop_requested)
     xfer = daemon.monitor.xfer if daemon.monitor is not None else None
+    watched = server = None
+    if metrics is not None:
+        from p2ptrain.monitor.web import is_loopback, serve_node
+        host, port = metrics
+        if not is_loopback(host):
+            logger.warning("--metrics-host %s is not loopback: anyone who can reach it sees this node's status", host)
+        try:
+            watched, server = serve_node(node, host, port)
+        except OSError as e:
+            raise UserError(f"--metrics-port {port}: cannot listen on {host}: {e.strerror}") from None
+        daemon.dashboard = server.url
+        logger.info("dashboard at %s (Prometheus: %smetrics)", server.url, server.url)
     pacer.apply_threads()
     pacer.round_started(xfer.total_bytes if xfer else None)
 
-    def on_step(_report) -> None:
+    def on_step(report) -> None:
+        if watched is not None:
+            watched.on_step(report)
         pacer.after_steps()
 
     def on_round(report) -> None:
+        if watched is not None:
+            watched.on_round(report)
         modules = "  ".join(f"{m}:{len(r.group) if r.group else 1}" for m, r in report.modules.items())
         logger.info("round %d  loss %.3f  %.0f tok/s  outer %.1fs  peers %s", report.round, report.loss,
                     report.tokens_per_s, report.seconds_outer, modules)
         pacer.after_round(xfer.total_bytes if xfer else None)
 
-    node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round, on_step=on_step)
+    try:
+        node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round, on_step=on_step)
+    finally:
+        if server is not None:
+            from p2ptrain.monitor.web import stop_node_server
+            stop_node_server(watched, server)
 
 
 # ---------------------------------------------------------- start and stop

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -202,7 +203,8 @@ def test_daemon_lifecycle_with_a_second_peer(tmp_path, run_files, daemons):
         home = quiet_home(tmp_path / "a")
 
         # --- start: returns at once with the pid; the daemon trains and averages with the other peer
-        pid = daemons.start(home, "--initial-peers", joined["maddrs"][0], *node_args(config, data, "--path", "0,0"))
+        pid = daemons.start(home, "--initial-peers", joined["maddrs"][0], "--metrics-port", 0,
+                            *node_args(config, data, "--path", "0,0"))
         first = status(home)
         assert first["kind"] == "daemon" and first["pid"] == pid and first["state"] in ("starting", "running")
         averaged = wait_for("rounds averaged with the other peer", lambda: (
@@ -210,6 +212,10 @@ def test_daemon_lifecycle_with_a_second_peer(tmp_path, run_files, daemons):
             and s["node"]["last_round"].get("stem", {}).get("peers") == 2 else None)(status(home)), timeout=300)
         assert averaged["state"] == "running" and averaged["suspended"] == []
         assert averaged["node"]["path"] == "0,0" and averaged["node"]["round"] >= 2
+        # the dashboard and Prometheus metrics, as with `join --metrics-port`
+        assert averaged["dashboard"].startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(averaged["dashboard"] + "metrics", timeout=30) as reply:
+            assert "p2ptrain_" in reply.read().decode()
 
         # --- mode never: suspended; no inner step while the other peer keeps averaging
         done = cli("daemon", "mode", "never", "--home", home)
@@ -227,8 +233,8 @@ def test_daemon_lifecycle_with_a_second_peer(tmp_path, run_files, daemons):
         assert still["node"]["tokens"] == tokens_then and still["node"]["state"] == "suspended"
         assert other.rounds()[-1]["peers_per_module"]["stem"] == 1  # a suspended node is not waited for
         assert listing.returncode == 0, listing.stderr
-        paused = {p["path"]: p["paused"] for p in json.loads(listing.stdout)["peers"]}
-        assert paused == {"0,0": "user request", "1,0": None}
+        suspended = {p["path"]: p["suspended"] for p in json.loads(listing.stdout)["peers"]}
+        assert suspended == {"0,0": ["user request"], "1,0": []}
 
         # --- mode auto: trains again
         done = cli("daemon", "mode", "auto", "--home", home)
