@@ -154,12 +154,12 @@ class SwarmNode:
 
     # ------------------------------------------------------------------ start
 
-    def catch_up(self) -> dict[str, str]:
+    def catch_up(self, attempts: int = CATCH_UP_ATTEMPTS) -> dict[str, str]:
         """Adopt, for each module, the state the majority of its live holders vouch for, if it
         differs from ours. Returns module → peer it came from. A newcomer follows the
         majority, not the highest claim; with no majority it keeps its own state."""
         got: dict[str, str] = {}
-        for attempt in range(CATCH_UP_ATTEMPTS):
+        for attempt in range(attempts):
             peers = self.fetch_peers()
             undecided = 0
             for module_id, slot in self.slots.items():
@@ -182,7 +182,7 @@ class SwarmNode:
                     got[module_id] = source
                 else:
                     undecided += 1
-            if not undecided:
+            if not undecided or attempt + 1 == attempts:
                 break
             logger.info("catch-up: no verified majority yet for %d module(s); reading the records again",
                         undecided)
@@ -240,7 +240,9 @@ class SwarmNode:
                 # were averaging, or our last outer phase overran whole rounds): take the majority's
                 # newer state first, or this round's average would start a lineage of its own
                 logger.info("module state older than round %d; catching up before it", round_ - 1)
-                self.catch_up()
+                # one read, no waiting: with no majority (a stranger's claims can block one), waiting
+                # would make us late for every following round too
+                self.catch_up(attempts=1)
             report = self.run_round(round_, on_step=on_step)
             if report is None:  # stopped, or the swarm moved on while suspended: nothing to report
                 continue
