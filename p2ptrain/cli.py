@@ -272,17 +272,9 @@ def _read_credential(path) -> str | None:
 
 def _install_stop_handlers(stop_event) -> None:
     """First Ctrl-C / SIGTERM: stop between rounds. Second Ctrl-C: abort now."""
-    import signal
-
-    def request_stop(signum, _frame):
-        if stop_event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop_event.set()
-        click.echo("stopping: abandoning the current round (the last round's checkpoint is kept), "
-                   "then leaving the swarm (Ctrl-C again to abort now)", err=True)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    from p2ptrain.swarm.signals import stop_on_signals
+    stop_on_signals(stop_event, "stopping: abandoning the current round (the last round's checkpoint is kept), "
+                                "then leaving the swarm (Ctrl-C again to abort now)")
 
 
 @main.command()
@@ -472,7 +464,8 @@ def bootstrap(home, initial_peers, host_maddrs, announce_maddrs, client_mode, po
                         identity_path=_identity(home, identity, False), record_validators=validators)
     stop = threading.Event()
     try:
-        _install_stop_handlers(stop)
+        from p2ptrain.swarm.signals import stop_on_signals
+        stop_on_signals(stop, "stopping the entry node")
         addrs = visible_maddrs(dht)
         if as_json:
             click.echo(json.dumps({"event": "bootstrap", "peer_id": dht.peer_id.to_base58(), "maddrs": addrs}))

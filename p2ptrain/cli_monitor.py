@@ -45,6 +45,7 @@ def open_observer(initial_peers, bootstrap_file, host_maddrs, run_id):
     from p2ptrain.config import RunConfig
     from p2ptrain.swarm.dht import LOOPBACK_MADDRS, start_dht
     from p2ptrain.swarm.records import SwarmRecords, make_validators, split_run_id
+    from p2ptrain.daemon import lifeline
     from p2ptrain.swarm.signals import children_ignore_sigint
 
     addrs, source = _initial_peers(initial_peers, bootstrap_file, False)
@@ -53,6 +54,7 @@ def open_observer(initial_peers, bootstrap_file, host_maddrs, run_id):
     run_id = run_id or RunConfig.load().run.id  # NAME or NAME@CREATOR
     name, creator = split_run_id(run_id)
     signer, validators = make_validators(name)  # a throwaway key: an observer publishes nothing
+    lifeline.install()  # its DHT process and p2pd die with it, however it ends
     with children_ignore_sigint():
         # client mode: nobody routes DHT traffic through an observer
         dht = start_dht(addrs, host_maddrs=list(host_maddrs) or LOOPBACK_MADDRS, client_mode=True,
@@ -60,9 +62,10 @@ def open_observer(initial_peers, bootstrap_file, host_maddrs, run_id):
     return dht, SwarmRecords(dht, name, signer, creator=creator), run_id, addrs
 
 
-def read_view(records, addrs, dht, timeout: float, grid_cache: dict, wait_for_peers: bool):
+def read_view(records, addrs, dht, timeout: float, grid_cache: dict, wait_for_peers: bool,
+              stop: threading.Event | None = None):
     """One look at the swarm: the run's grid, live peers (waiting up to `timeout` for the
-    first record), and whether each bootstrap peer answers."""
+    first record, unless `stop` is set), and whether each bootstrap peer answers."""
     from p2ptrain.monitor.health import read_grid
     from p2ptrain.monitor.probe import bootstrap_states
     from p2ptrain.monitor.swarm_view import build_view
@@ -71,7 +74,7 @@ def read_view(records, addrs, dht, timeout: float, grid_cache: dict, wait_for_pe
     if grid_cache.get("grid") is None:
         grid_cache["grid"], grid_cache["creator"], grid_cache["problem"] = read_grid(records)
     found = records.fetch_peers()
-    while wait_for_peers and not found and time.monotonic() < deadline:
+    while wait_for_peers and not found and time.monotonic() < deadline and not (stop and stop.is_set()):
         time.sleep(0.5)
         found = records.fetch_peers()
     bootstrap = bootstrap_states(dht, addrs, timeout_s=min(5.0, timeout))
@@ -83,12 +86,17 @@ def run_peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_js
     from p2ptrain.monitor.swarm_view import format_view
     from p2ptrain.monitor.web import json_safe
 
+    from p2ptrain.swarm.signals import stop_on_signals
+
     dht, records, run_id, addrs = open_observer(initial_peers, bootstrap_file, host_maddrs, run_id)
     grid_cache: dict = {}
+    stop = threading.Event()
+    if watch:  # Ctrl-C ends the watch between two looks, never inside a call to the DHT
+        stop_on_signals(stop)
     try:
         first = True
-        while True:
-            view = read_view(records, addrs, dht, timeout, grid_cache, wait_for_peers=first)
+        while not stop.is_set():
+            view = read_view(records, addrs, dht, timeout, grid_cache, wait_for_peers=first, stop=stop)
             if as_json:
                 click.echo(json.dumps(json_safe(view.to_dict()), indent=None if watch else 2))
             else:
@@ -100,8 +108,8 @@ def run_peers(initial_peers, bootstrap_file, host_maddrs, run_id, timeout, as_js
             if not watch:
                 return
             first = False
-            time.sleep(interval)
-    except KeyboardInterrupt:
+            stop.wait(interval)
+    except KeyboardInterrupt:  # a second Ctrl-C while watching: leave now
         if not watch:
             raise
     finally:
@@ -139,9 +147,9 @@ def monitor(initial_peers, bootstrap_file, host_maddrs, run_id, host, port, refr
     separate probe dials every peer that says it is public, to check that its announced
     addresses really accept connections.
     """
-    from p2ptrain.cli import _install_stop_handlers
     from p2ptrain.monitor.health import SwarmMonitor
     from p2ptrain.monitor.web import DashboardServer, json_safe
+    from p2ptrain.swarm.signals import stop_on_signals
 
     warn_if_exposed(host, "--host")
     dht, records, run_id, addrs = open_observer(initial_peers, bootstrap_file, host_maddrs, run_id)
@@ -156,7 +164,7 @@ def monitor(initial_peers, bootstrap_file, host_maddrs, run_id, host, port, refr
             server = DashboardServer(watcher.snapshot, watcher.registry, host, port).start()
         except OSError as e:
             raise UserError(f"--port {port}: cannot listen on {host}: {e.strerror}") from None
-        _install_stop_handlers(stop)
+        stop_on_signals(stop, "stopping the monitor")
         if as_json:
             click.echo(json.dumps({"event": "monitor", "run_id": run_id, "url": server.url,
                                    "metrics": server.url + "metrics"}))

@@ -21,3 +21,20 @@ def children_ignore_sigint():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def stop_on_signals(stop: threading.Event, message: str | None = None) -> None:
+    """First SIGINT/SIGTERM: set `stop`, so the loop ends after what it is doing (a
+    KeyboardInterrupt raised inside a call to hivemind's DHT process can leave its pipe
+    half-written and the shutdown stuck). Second SIGINT: abort now. Main thread only."""
+    import sys
+
+    def request_stop(signum, _frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        if message:
+            print(message, file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
