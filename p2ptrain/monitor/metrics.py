@@ -111,21 +111,20 @@ class NodeMetrics:
         self.group_target = Gauge("p2ptrain_averaging_group_size_target", "The run's averaging.target_group_size.",
                                   registry=r)
         self.group_target.set(cfg.averaging.target_group_size)
-        self.resyncs = Counter("p2ptrain_resyncs", "Module states downloaded from a peer after a round (behind, "
-                               "drifted or partial).", ["module"], registry=r)
-        # values only the driver can measure: exported when its ModuleRound carries them
-        self.matchmaking_seconds = Histogram("p2ptrain_matchmaking_seconds", "Seconds a module spent finding its "
-                                             "group.", ["module"], buckets=SECONDS_BUCKETS, registry=r)
+        # measured in the averager's process; a module that averaged alone adds nothing
+        self.matchmaking_seconds = Histogram("p2ptrain_matchmaking_seconds", "Seconds from asking for a module's "
+                                             "group to the group forming.", ["module"], buckets=SECONDS_BUCKETS, registry=r)
         self.allreduce_seconds = Histogram("p2ptrain_allreduce_seconds", "Seconds of a module's all-reduce.",
                                            ["module"], buckets=SECONDS_BUCKETS, registry=r)
-        self.sent_bytes = Counter("p2ptrain_averaging_sent_bytes", "Bytes sent in all-reduces.", ["module"],
+        self.sent_bytes = Counter("p2ptrain_averaging_sent_bytes", "Wire bytes of tensor parts sent in a "
+                                  "module's all-reduces (our parts to reducers, our reduced slice back to senders).", ["module"],
                                   registry=r)
-        self.received_bytes = Counter("p2ptrain_averaging_received_bytes", "Bytes received in all-reduces.",
+        self.received_bytes = Counter("p2ptrain_averaging_received_bytes", "Wire bytes of tensor parts received "
+                                      "in a module's all-reduces (senders' parts for our slice, reduced slices back).",
                                       ["module"], registry=r)
         for module in node.session.module_ids:  # series exist (at zero) from the start
             for outcome in ROUND_OUTCOMES:
                 self.module_rounds.labels(module, outcome)
-            self.resyncs.labels(module)
         # --- suspension: seconds per reason, sampled once a second
         self.suspended_seconds = Counter("p2ptrain_suspended_seconds", "Seconds suspended, by reason (a node "
                                          "suspended for two reasons counts in both).", ["reason"], registry=r)
@@ -167,8 +166,6 @@ class NodeMetrics:
             self.group_size.labels(module).observe(size)
             possible = min(target, max(holders.get(module, 0), size, 1))
             self.group_fill.labels(module).set(min(size / possible, 1.0))
-            if r.resynced_from:
-                self.resyncs.labels(module).inc()
             for attr, histogram in (("seconds_matchmaking", self.matchmaking_seconds),
                                     ("seconds_allreduce", self.allreduce_seconds)):
                 if getattr(r, attr, None) is not None:
@@ -245,6 +242,13 @@ class _NodeCollector(Collector):
         for reason, n in sorted((status.get("rejected") or {}).get("by_reason", {}).items())[:MAX_REJECT_REASONS]:
             rejected.add_metric([reason_label(reason)], n)
         yield rejected
+        downloads = CounterMetricFamily("p2ptrain_resyncs", "Module states downloaded from a peer: catch-up before "
+                                        "a round (newcomer, resumed, stale base) and re-sync after one (minority).",
+                                        labels=["module"])
+        counts = getattr(node, "state_downloads", {})
+        for module in node.session.module_ids:
+            downloads.add_metric([module], counts.get(module, 0))
+        yield downloads
         yield _counter("p2ptrain_impersonated_records", "Peer records dropped because another key signed them.",
                        getattr(node.records, "impersonations", 0))
         moved = p2pd_read_bytes(getattr(node, "dht", None))

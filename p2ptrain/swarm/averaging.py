@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -104,6 +105,26 @@ def averaging_part_bytes(values: int, compression: str) -> int:
 def make_compression(name: str):
     from hivemind.compression import BlockwiseQuantization, Float16Compression, NoCompression
     return {"none": NoCompression, "fp16": Float16Compression, "8bit": BlockwiseQuantization}[name]()
+
+
+class _CountingStub:
+    """A reducer's stub whose reply stream counts the wire bytes of the averaged parts it
+    brings back (hivemind reads them inside `_communicate_with_peer`, past any hook)."""
+
+    def __init__(self, stub, runner):
+        self._stub, self._runner = stub, runner
+
+    async def rpc_aggregate_part(self, inputs):
+        stream = await self._stub.rpc_aggregate_part(inputs)
+        return self._counted(stream)
+
+    async def _counted(self, stream):
+        async for msg in stream:
+            self._runner.bytes_received += len(msg.tensor_part.buffer)
+            yield msg
+
+    def __getattr__(self, name):
+        return getattr(self._stub, name)
 
 
 def _averager_class():
@@ -198,6 +219,10 @@ def _averager_class():
             self.failed_ranges: list[tuple[int, int]] = []  # (offset, length) of un-averaged values
             self.lying_reducers: dict[str, str] = {}  # reducer → why the slice it returned was rejected
             self.outliers: dict[str, str] = {}  # sender → why our robust rule dropped some of its parts
+            # wire bytes of tensor parts, both ways: our parts out and their averages back, and as
+            # a reducer, the senders' parts in and our deltas out (metrics: bytes per module)
+            self.bytes_sent = 0
+            self.bytes_received = 0
             plain = self.tensor_part_reducer
             self.tensor_part_reducer = self.make_reducer(plain, rule, tau)
             if self.tensor_part_reducer is not plain:
@@ -258,6 +283,14 @@ def _averager_class():
             return RobustTensorPartReducer(plain.part_shapes, plain.num_senders, rule=rule, tau=tau,
                                            on_outlier=on_outlier, own_rms=own_rms)
 
+        async def _generate_input_for_peer(self, peer_index: int):
+            async for msg in super()._generate_input_for_peer(peer_index):
+                self.bytes_sent += len(msg.tensor_part.buffer)
+                yield msg
+
+        def _get_peer_stub(self, peer):
+            return _CountingStub(super()._get_peer_stub(peer), self)
+
         def _part_problem(self, sender: str, part_index: int, msg, tensor) -> str | None:
             shapes = self.tensor_part_reducer.part_shapes
             if part_index >= len(shapes):
@@ -282,6 +315,7 @@ def _averager_class():
             index = part_index_box[0]
             part_index_box[0] += 1
             limit = 4 * (math.prod(shapes[index]) if index < len(shapes) else 0) + 4096
+            self.bytes_received += len(msg.tensor_part.buffer)
             if len(msg.tensor_part.buffer) > limit:
                 return None, msg
             try:
@@ -309,6 +343,7 @@ def _averager_class():
                     compression = msg.tensor_part.compression
                     serialized_delta = await loop.run_in_executor(
                         None, lambda: serialize_torch_tensor(averaged_part - tensor_part, compression))
+                    self.bytes_sent += len(serialized_delta.buffer)
                     yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta)
             finally:
                 if part_index != self.tensor_part_reducer.num_parts:
@@ -341,6 +376,7 @@ def _averager_class():
                 if strangers:
                     raise MatchmakingException(f"left a group with {len(strangers)} peer(s) this node does "
                                                "not admit")
+            formed_at = time.time()  # wall clock: the node subtracts the moment it asked for a group
             try:
                 bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
                 user_gathered = {}
@@ -361,7 +397,9 @@ def _averager_class():
                                                                 claimed_weights=claimed_weights, **kwargs)
                     return {"gathered": user_gathered, "rejected": dict(runner.rejected),
                             "failed": list(runner.failed_ranges), "lying": dict(runner.lying_reducers),
-                            "outliers": dict(runner.outliers)}
+                            "outliers": dict(runner.outliers), "group_formed_at": formed_at,
+                            "seconds_allreduce": time.time() - formed_at,
+                            "bytes_sent": runner.bytes_sent, "bytes_received": runner.bytes_received}
             except BaseException as e:
                 if isinstance(e, Exception):
                     logger.debug("all-reduce failed: %r", e)

@@ -20,6 +20,7 @@ Module globals, their round and their last step size are guarded by each slot's 
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -65,6 +66,12 @@ class ModuleRound:
     failed: str | None = None  # the round's averaging itself failed (an error on the averaging thread)
     voters: int = 0  # holders whose fingerprints for this round were compared
     lying_reducers: list[str] = field(default_factory=list)  # reducers whose returned slice we refused
+    # measured by the averager: from asking for a group to its forming, then the all-reduce;
+    # wire bytes of tensor parts both ways (None: the module did not average this round)
+    seconds_matchmaking: float | None = None
+    seconds_allreduce: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
     expected: set[str] = field(default_factory=set, repr=False)  # live holders when the round began
 
     @property
@@ -128,6 +135,8 @@ class SwarmNode:
         self.history: list[RoundReport] = []
         self.sync: dict[str, ModuleSync] = {}
         self.rejections = Rejections()
+        # module → states installed from a peer (catch-up before a round, re-sync after one)
+        self.state_downloads: collections.Counter[str] = collections.Counter()
         self.bans: dict[str, float] = {}  # peer → when (time.monotonic) its matchmaking ban ends
         self.bans_issued: Counter = Counter()  # peer → how many times it was banned
         self.silent: Counter = Counter()  # peers that did not post their fingerprints in time, last round
@@ -187,6 +196,7 @@ class SwarmNode:
             logger.info("catch-up: no verified majority yet for %d module(s); reading the records again",
                         undecided)
             time.sleep(2.0)
+        self.state_downloads.update(got.keys())
         if got:
             self.session.round = max(slot.round for slot in self.slots.values())
             for module_id in got:
@@ -380,7 +390,7 @@ class SwarmNode:
         avg_cfg = self.cfg.averaging
         weight = int(max(tokens, 1))
         admission = self.admission(peers)
-        controls, own, results = {}, {}, {}
+        controls, own, results, asked_at = {}, {}, {}, {}
         for module_id, slot in self.slots.items():
             with slot.buffers() as buffers:
                 if deltas is None:
@@ -408,6 +418,7 @@ class SwarmNode:
             slot.averager.set_group_bits(round_group_bits(round_))
             results[module_id].expected = {p.peer_id for p in holders}
             slot.averager.set_admission(admission)
+            asked_at[module_id] = time.time()  # wall clock, as the averager's process stamps the group
             controls[module_id] = slot.averager.step(
                 gather=RoundClaim(round=round_, tokens=weight).dict(), weight=float(weight),
                 timeout=self._matchmaking_timeout(), allow_retries=True, wait=False)
@@ -419,7 +430,8 @@ class SwarmNode:
                 try:
                     outcome = controls[module_id].result(timeout=self._matchmaking_timeout()
                                                          + avg_cfg.averaging_timeout + 30)
-                    mean = self._accept_average(module_id, round_, outcome, result, own[module_id])
+                    mean = self._accept_average(module_id, round_, outcome, result, own[module_id],
+                                                asked_at.get(module_id))
                     self.absent[module_id] = result.expected - set(result.group)
                 except Exception as e:  # no group found in time, or the all-reduce failed
                     result.alone = True
@@ -433,13 +445,18 @@ class SwarmNode:
         return results
 
     def _accept_average(self, module_id: str, round_: int, outcome: dict, result: ModuleRound,
-                        own: list[torch.Tensor]) -> list[torch.Tensor]:
+                        own: list[torch.Tensor], asked_at: float | None = None) -> list[torch.Tensor]:
         """Read what the all-reduce returned: who was in the group and what they claimed (each
         claim parsed, a bad one reported), whom our reducer refused, and which values a failed
         reducer left un-averaged. Returns the mean pseudo-gradient to step with."""
         slot = self.slots[module_id]
         gathered = outcome.get("gathered", {})
         result.group = sorted(peer.to_base58() for peer in gathered)
+        if isinstance(outcome.get("group_formed_at"), float) and asked_at is not None:
+            result.seconds_matchmaking = max(0.0, outcome["group_formed_at"] - asked_at)
+            result.seconds_allreduce = float(outcome.get("seconds_allreduce", 0.0))
+        result.bytes_sent = int(outcome.get("bytes_sent", 0))
+        result.bytes_received = int(outcome.get("bytes_received", 0))
         for peer, claim in gathered.items():
             peer_id = peer.to_base58()
             if peer_id == self.peer_id:
@@ -576,6 +593,7 @@ class SwarmNode:
                                               self.codec_tolerance, self.rejections, self.peer_id)
                 if source is not None:
                     result.resynced_from = source
+                    self.state_downloads[module_id] += 1
                     if adopt:
                         self.session.adopt_global(module_id)
         if any(r.resynced_from for r in results.values()):
