@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prometheus_client import generate_latest
+
+from p2ptrain.monitor.metrics import NodeMetrics
+from p2ptrain.swarm.node import RoundReport
 from tests.swarm.conftest import in_parallel, swarm_config
+from tests.swarm.prometheus_rules import parse
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(300)]
 
@@ -38,6 +43,23 @@ def test_two_peers_average_the_shared_module_to_the_closed_form(swarm):
         torch.testing.assert_close(got_a, expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(got_b, expected, rtol=0, atol=1e-6)
     assert sorted(reports[0][shared].group) == sorted([a.node.peer_id, b.node.peer_id])
+    # what each side measured of the all-reduce: the same messages, counted at both ends
+    got_a, got_b = reports[0][shared], reports[1][shared]
+    assert got_a.bytes_sent == got_b.bytes_received > 0 and got_b.bytes_sent == got_a.bytes_received > 0
+    # uncompressed float32: each sends its part of the other's slice and returns the reduced
+    # delta of its own slice, so each sends one copy of the module, 4 bytes a value
+    values = sum(p.numel() for p in start)
+    assert got_a.bytes_sent == got_b.bytes_sent == 4 * values
+    assert all(r.seconds_matchmaking >= 0 and r.seconds_allreduce > 0 for r in (got_a, got_b))
+    metrics = NodeMetrics(a.node)
+    metrics.on_round(RoundReport(round=1, loss=1.0, tokens=100, tokens_per_s=1.0, seconds_inner=1.0,
+                                 seconds_outer=1.0, modules=reports[0]))
+    scraped = parse(generate_latest(metrics.registry).decode())
+    sent = [s.value for s in scraped["p2ptrain_averaging_sent_bytes"].samples
+            if s.name.endswith("_total") and s.labels["module"] == shared]
+    assert sent == [got_a.bytes_sent]
+    assert [s.value for s in scraped["p2ptrain_allreduce_seconds"].samples
+            if s.name.endswith("_count") and s.labels["module"] == shared] == [1]
     # a private module is stepped with this node's own pseudo-gradient, without waiting for anyone
     assert reports[0]["stem.P0-0"].alone
     for g, local, got in zip(own_stem_start, own_stem_local, a.node.slots["stem.P0-0"].outer.global_params):
