@@ -14,6 +14,10 @@ def setup_logging(level: str | None = None) -> None:
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "DEBUG" if level == "DEBUG" else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("p2ptrain").setLevel(level)
+    # progress of long operations (state downloads) is for users: shown unless they ask for less
+    from p2ptrain.swarm.progress import PROGRESS_LOGGER
+    if logging.getLevelName(level) == logging.WARNING:
+        logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO)
     # hivemind under torch 2.13 warns about torch.jit.script at import; not actionable for users
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="hivemind")
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*")

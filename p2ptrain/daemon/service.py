@@ -646,10 +646,13 @@ def _drive(daemon: Daemon, node, max_rounds: int | None, max_minutes: float | No
         logger.info("dashboard at %s (Prometheus: %smetrics)", server.url, server.url)
     pacer.apply_threads()
     pacer.round_started(xfer.total_bytes if xfer else None)
+    from p2ptrain.swarm.progress import StepProgress
+    steps = StepProgress(node.cfg.inner.steps_per_round, first_step=node.session.inner.step_count)
 
     def on_step(report) -> None:
         if watched is not None:
             watched.on_step(report)
+        steps.update(node.round + 1, report.step, report.loss, report.tokens_per_s)  # the round in progress
         pacer.after_steps()
 
     def on_round(report) -> None:
@@ -658,6 +661,7 @@ def _drive(daemon: Daemon, node, max_rounds: int | None, max_minutes: float | No
         modules = "  ".join(f"{m}:{len(r.group) if r.group else 1}" for m, r in report.modules.items())
         logger.info("round %d  loss %.3f  %.0f tok/s  outer %.1fs  peers %s", report.round, report.loss,
                     report.tokens_per_s, report.seconds_outer, modules)
+        steps.new_round(node.session.inner.step_count)
         pacer.after_round(xfer.total_bytes if xfer else None)
 
     try:

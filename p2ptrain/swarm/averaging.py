@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from p2ptrain.swarm.aggregation import OUTLIER_FACTOR, OUTLIER_SCALE, aggregate_reporting
+from p2ptrain.swarm.progress import TransferProgress
 
 logger = logging.getLogger(__name__)
 
@@ -452,23 +453,28 @@ def _averager_class():
             metadata, tensors = self._state_provider()
             return metadata, tensors, None
 
-        def download_state_from(self, peer: str, timeout: float, max_bytes: int) -> Optional[tuple[Any, list]]:
-            """(metadata, tensors) from one peer, or None; refuses more than max_bytes of tensors."""
+        def download_state_from(self, peer: str, timeout: float, max_bytes: int,
+                                what: str = "state download") -> Optional[tuple[Any, list]]:
+            """(metadata, tensors) from one peer, or None; refuses more than max_bytes of tensors.
+            A download that takes a while shows progress (bytes, rate, ETA) under `what`."""
             future = MPFuture()
-            self._outer_pipe.send(("_download_state_from", [], dict(peer=peer, timeout=timeout,
+            self._outer_pipe.send(("_download_state_from", [], dict(peer=peer, timeout=timeout, what=what,
                                                                    max_bytes=max_bytes, future=future)))
             return future.result(timeout=timeout + 10)
 
-        async def _download_state_from(self, peer: str, timeout: float, max_bytes: int, future):
+        async def _download_state_from(self, peer: str, timeout: float, max_bytes: int, future,
+                                       what: str = "state download"):
             try:
-                result = await asyncio.wait_for(self._download_one(PeerID.from_base58(peer), max_bytes), timeout)
+                result = await asyncio.wait_for(
+                    self._download_one(PeerID.from_base58(peer), max_bytes, TransferProgress(what, max_bytes)),
+                    timeout)
             except Exception as e:  # a dead, slow or misbehaving peer
                 logger.warning("state download from …%s failed: %r", peer[-8:], e)
                 result = None
             if not future.done():
                 future.set_result(result)
 
-        async def _download_one(self, peer, max_bytes: int):
+        async def _download_one(self, peer, max_bytes: int, progress: Optional[TransferProgress] = None):
             stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
             metadata, parts, tensors, received = None, [], [], 0
@@ -480,12 +486,16 @@ def _averager_class():
                 received += len(message.tensor_part.buffer)
                 if received > max_bytes:
                     raise ValueError(f"the state is larger than the module ({max_bytes} bytes)")
+                if progress is not None:
+                    progress.update(received)
                 if message.tensor_part.dtype and parts:
                     tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
                     parts = []
                 parts.append(message.tensor_part)
             if parts:
                 tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            if progress is not None:
+                progress.finish(received)
             return None if metadata is None else (metadata, tensors)
 
     return ModuleAverager

@@ -31,7 +31,8 @@ def fetch_verified_state(slot: ModuleSlot, sources: Sequence[str], reference: Vo
     random.shuffle(candidates)
     for peer in candidates:
         got = slot.averager.download_state_from(peer, timeout=STATE_TIMEOUT_S,
-                                                max_bytes=slot.state_bytes + FRAMING_BYTES)
+                                                max_bytes=slot.state_bytes + FRAMING_BYTES,
+                                                what=f"module {slot.module_id} from …{peer[-8:]}")
         if got is None:
             continue  # unreachable, too slow, or oversized (logged by the averager)
         raw_metadata, tensors = got

@@ -85,6 +85,48 @@ def test_peers_lists_every_live_peer_with_its_path_and_round_and_watch_refreshes
         assert sorted((p["peer_id"], p["path"], p["round"]) for p in view["peers"]) == expected
 
 
+def test_status_of_each_of_three_joined_peers_names_its_path_and_round(tmp_path):
+    # Prepare: three `p2ptrain join` processes, each in its own home, on three paths
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(swarm_config("mon-status").to_toml())
+    paths = ("0,0", "0,1", "1,1")
+    nodes = []
+
+    def join(home: str, path: str, *extra: str):
+        nodes.append(p2ptrain("join", "--home", str(tmp_path / home), "--run-config", str(config_file),
+                              "--host-maddrs", LOOPBACK, "--path", path, "--no-identity", "--json", *extra))
+        return nodes[-1]
+
+    try:
+        first = join("a", paths[0], "--new-swarm")
+        joined = read_json_line(first)
+        for home, path in (("b", paths[1]), ("c", paths[2])):
+            assert read_json_line(join(home, path, "--initial-peers", joined["maddrs"][0]))["event"] == "joined"
+        for node in nodes:  # every peer one round in
+            while read_json_line(node, 180)["event"] != "round":
+                pass
+
+        # Execute: `status --json` for each home, while the peers train
+        statuses = [finish(p2ptrain("status", "--home", str(tmp_path / home), "--json"), 120) for home in "abc"]
+        stopped = [stop(node) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+
+    # Assert: each answers for its own node, running, at least one round in
+    for (code, out, err), path in zip(statuses, paths):
+        assert code == 0, err
+        status = json.loads(out)
+        assert status["kind"] == "join" and status["state"] == "running" and status["suspended"] == []
+        node = status["node"]
+        assert node["path"] == path and node["run_id"] == "mon-status"
+        assert node["round"] >= 1 and node["rounds_done"] >= 1
+        assert node["state"] in ("training", "averaging")
+    assert len({json.loads(out)["node"]["peer_id"] for _, out, _ in statuses}) == 3
+    assert all(code == 0 for code, _, _ in stopped), [err[-500:] for _, _, err in stopped]
+
+
 def test_a_record_forged_under_another_peers_key_does_not_show(swarm):
     # Prepare
     config = swarm_config("mon-forged")
