@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 SYNC_POLL_S, SYNC_POLL_MAX_S = 0.2, 2.0  # reads of the holders' post-round fingerprints
 CATCH_UP_ATTEMPTS = 3  # reads of the holders' records before a newcomer starts from its own state
+STOP_GRACE_S = 30.0  # how long a stopping node lets the averaging in flight finish (systemd waits 90 s)
 
 
 @dataclass
@@ -145,6 +146,7 @@ class SwarmNode:
         self.last_tps = 0.0
         self.step_seconds = 0.0
         self.stop_requested = threading.Event()
+        self._stop_seen_at: float | None = None  # when the outer step first saw the stop request
         self.suspension = Suspension()  # set by the daemon's policy; read at safe points
         self.phase = "starting"  # starting | training | averaging | suspended | stopped
         self.started_at = time.time()
@@ -428,8 +430,8 @@ class SwarmNode:
             mean = own[module_id]
             if module_id in controls:
                 try:
-                    outcome = controls[module_id].result(timeout=self._matchmaking_timeout()
-                                                         + avg_cfg.averaging_timeout + 30)
+                    outcome = self._await_average(controls[module_id], time.monotonic() + self._matchmaking_timeout()
+                                                  + avg_cfg.averaging_timeout + 30)
                     mean = self._accept_average(module_id, round_, outcome, result, own[module_id],
                                                 asked_at.get(module_id))
                     self.absent[module_id] = result.expected - set(result.group)
@@ -443,6 +445,26 @@ class SwarmNode:
         self.session.round = round_
         self._update_sync()
         return results
+
+    def _await_average(self, control, deadline: float) -> dict:
+        """The averaging step's outcome, waiting until `deadline` (monotonic). Once a stop is
+        requested, at most STOP_GRACE_S more for the whole round: then the averaging in
+        flight is cancelled (the module steps alone, as when a group fails), so a stopping
+        node exits well inside a service manager's stop timeout."""
+        while True:
+            now = time.monotonic()
+            if self.stop_requested.is_set() and self._stop_seen_at is None:
+                self._stop_seen_at = now
+            stop_deadline = math.inf if self._stop_seen_at is None else self._stop_seen_at + STOP_GRACE_S
+            if now >= min(deadline, stop_deadline):
+                control.cancel()
+                raise TimeoutError("stopping: the averaging in flight was abandoned" if now >= stop_deadline
+                                   else "no averaging result in time")
+            try:
+                return control.result(timeout=min(min(deadline, stop_deadline) - now, 1.0))
+            except TimeoutError:
+                if control.done():  # the averaging itself timed out: a real outcome, not our poll
+                    raise
 
     def _accept_average(self, module_id: str, round_: int, outcome: dict, result: ModuleRound,
                         own: list[torch.Tensor], asked_at: float | None = None) -> list[torch.Tensor]:
