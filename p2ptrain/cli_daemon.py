@@ -47,9 +47,9 @@ def node_options(f):
     return run_options(data_option(swarm_options(f)))
 
 
-def _places(home):
+def _places(home, create: bool = True):
     from p2ptrain.home import places
-    return places(home)
+    return places(home, create)
 
 
 def _abs(path: str | None) -> str | None:
@@ -58,11 +58,15 @@ def _abs(path: str | None) -> str | None:
 
 def forward_args(params: dict, peers: list[str]) -> list[str]:
     """The node options as `daemon run` arguments: paths made absolute (the daemon runs in its
-    home, not here) and the initial peers resolved now (bootstrap_peers.txt is read here)."""
+    home, not here), the home made explicit when the user chose one (--home, or
+    $P2PTRAIN_HOME, which a service manager does not pass on) and the initial peers
+    resolved now (bootstrap_peers.txt is read here)."""
     from p2ptrain.config import PRESETS
+    from p2ptrain.home import explicit_home
     args: list[str] = []
-    if params.get("home"):
-        args += ["--home", _abs(params["home"])]
+    home = explicit_home(params.get("home"))
+    if home:
+        args += ["--home", _abs(str(home))]
     rc = params.get("run_config")
     if rc:
         args += ["--run-config", rc if rc in PRESETS else _abs(rc)]
@@ -107,9 +111,36 @@ def _resolve_peers(params: dict) -> list[str]:
     return peers
 
 
-def _check_prefs(places) -> None:
+REPAIR_HINT = "`p2ptrain prefs set KEY VALUE` or `prefs reset KEY` repairs the file"
+
+
+def _check_prefs(places):
+    """The preferences; a broken file is a ConfigError (exit 3) naming the bad key."""
     from p2ptrain.daemon.prefs import Preferences
-    Preferences.load(places.prefs_file)  # ConfigError (exit 3) naming the bad key
+    from p2ptrain.errors import ConfigError
+    try:
+        return Preferences.load(places.prefs_file)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; {REPAIR_HINT}") from None
+
+
+def _load_repairing(places, command: str, key: str | None):
+    """The preferences to change: a broken file is repaired (what parses and is allowed is
+    kept; the old file stays as prefs.toml.broken), saying so in one line on stderr."""
+    from p2ptrain.daemon.prefs import Preferences
+    from p2ptrain.errors import ConfigError
+    from p2ptrain.home import write_private
+    path = places.prefs_file
+    try:
+        return Preferences.load(path)
+    except ConfigError:
+        kept, dropped = Preferences.salvage(path)
+    backup = path.with_name(path.name + ".broken")
+    write_private(backup, path.read_text(encoding="utf-8", errors="replace"))
+    lost = [text for k, text in dropped if k != key]  # the key being changed is replaced anyway
+    click.echo(f"{command}: {path} was broken; repaired it" + (f", leaving out {'; '.join(lost)}" if lost else "")
+               + f" (the old file is {backup.name})", err=True)
+    return kept
 
 
 def _echo_json(obj) -> None:
@@ -215,7 +246,7 @@ def mode(mode, duration, home, as_json) -> None:
     from p2ptrain.daemon import control
     from p2ptrain.daemon.policy import describe, parse_duration
     for_s = parse_duration(duration) if duration else None
-    places = _places(home)
+    places = _places(home, create=False)
     try:
         reply = control.request(places.runtime, {"cmd": "mode", "mode": mode, "for_s": for_s})
     except control.NotRunning:
@@ -235,7 +266,7 @@ def mode(mode, duration, home, as_json) -> None:
 def stop(home, timeout) -> None:
     """Stop gracefully; returns when the process and its p2pd are gone."""
     from p2ptrain.daemon import service
-    pid, seconds = service.stop_node(_places(home), timeout)
+    pid, seconds = service.stop_node(_places(home, create=False), timeout)
     click.echo(f"stopped (pid {pid}) in {seconds:.1f} s")
 
 
@@ -245,7 +276,7 @@ def stop(home, timeout) -> None:
 @click.option("-n", "--lines", default=40, show_default=True, type=click.IntRange(0), help="Lines to show.")
 def logs(home, follow, lines) -> None:
     """Show the daemon's log (and follow it across rotations with -f)."""
-    places = _places(home)
+    places = _places(home, create=False)
     path = places.log_file
     if not path.exists():
         raise UserError(f"no daemon log yet ({path})")
@@ -280,12 +311,14 @@ def logs(home, follow, lines) -> None:
 
 def show_status(home, as_json: bool) -> None:
     from p2ptrain.daemon import control, service
-    places = _places(home)
-    try:
-        reply = control.request(places.runtime, {"cmd": "status"})
-        status = reply["status"] if reply.get("ok") else None
-    except control.NotRunning:
-        status = None
+    places = _places(home, create=False)  # looking creates nothing, not even the home
+    status = None
+    if places.data.is_dir():
+        try:
+            reply = control.request(places.runtime, {"cmd": "status"})
+            status = reply["status"] if reply.get("ok") else None
+        except control.NotRunning:
+            pass
     if status is None:
         status = service.offline_status(places)
     if as_json:
@@ -297,7 +330,9 @@ def show_status(home, as_json: bool) -> None:
 def format_status(s: dict) -> str:
     from p2ptrain.daemon.policy import describe, format_duration
     lines = []
-    if s["state"] == "stopped":
+    if s["state"] == "stopped" and s.get("home_exists") is False:
+        lines.append(f"p2ptrain: stopped (no node runs in {s['home']}: the directory does not exist)")
+    elif s["state"] == "stopped":
         lines.append("p2ptrain: stopped (no node runs in this home)")
         if s.get("stale_pid_file"):
             lines.append(f"  stale pid file: {s['stale_pid_file']} (removed at the next start)")
@@ -335,6 +370,8 @@ def format_status(s: dict) -> str:
             loss = f"{node['loss']:.3f}" if node.get("loss") is not None else "-"
             lines.append(f"  run {node['run_id']}, path {node['path']} ({', '.join(node['modules'])}), "
                          f"round {node['round']}, loss {loss}, {node['tokens_per_s']:,.0f} tok/s")
+            if s["state"] == "suspended":
+                lines.append(f"  memory: {memory_text(node, s.get('leave_apps_in_memory'))}")
             peers = node.get("last_round") or {}
             if peers:
                 lines.append("  peers per module (last round): "
@@ -352,11 +389,23 @@ def format_status(s: dict) -> str:
             lines.append(f"  checkpoint problem: {ckpt['error']}")
     c = s.get("contributed")
     if c is not None:
-        lines.append(f"  contributed since install: {c['tokens']:,} tokens, {c['rounds']:,} rounds, "
-                     f"{c['hours']:.1f} h")
+        lines.append(f"  contributed since install: {c['tokens']:,} tokens, {c['rounds']:,} rounds "
+                     f"({c.get('rounds_averaged', 0):,} averaged with peers), {c['hours']:.1f} h")
     if s.get("log_file") and s["state"] != "stopped":
         lines.append(f"  log: {s['log_file']}")
     return "\n".join(lines)
+
+
+def memory_text(node: dict, leave_in_memory: bool | None) -> str:
+    """Where a suspended node's model is (leave_apps_in_memory)."""
+    device = node.get("device") or "?"
+    if node.get("offloaded"):
+        return "model and optimizer state moved to RAM, GPU memory freed"
+    if not device.startswith("cuda"):
+        return f"training on {device}: nothing to free while suspended"
+    if leave_in_memory:
+        return f"model kept on {device} (leave_apps_in_memory = true)"
+    return f"model still on {device} until the node reaches a safe point"
 
 
 @click.command(name="status")
@@ -379,9 +428,9 @@ def prefs() -> None:
 @json_option
 def show(home, as_json) -> None:
     """Every preference: value, default, meaning (* = set in prefs.toml)."""
-    from p2ptrain.daemon.prefs import PREFS, Preferences, format_value
+    from p2ptrain.daemon.prefs import PREFS, format_value
     places = _places(home)
-    current = Preferences.load(places.prefs_file)
+    current = _check_prefs(places)
     if as_json:
         _echo_json({"file": str(places.prefs_file), "values": current.values, "changed": sorted(current.changed)})
         return
@@ -399,10 +448,10 @@ def show(home, as_json) -> None:
 @home_option
 def set_(key, value, home) -> None:
     """Set one preference (validated; a running daemon applies it at once)."""
-    from p2ptrain.daemon.prefs import Preferences, format_value, parse_cli_value
+    from p2ptrain.daemon.prefs import format_value, parse_cli_value
     places = _places(home)
-    parsed = parse_cli_value(key, value)
-    Preferences.load(places.prefs_file).with_value(key, parsed).save(places.prefs_file)
+    parsed = parse_cli_value(key, value)  # a bad KEY or VALUE leaves the file as it is
+    _load_repairing(places, "prefs set", key).with_value(key, parsed).save(places.prefs_file)
     click.echo(f"{key} = {format_value(parsed)}{_notify_daemon(places)}")
 
 
@@ -411,9 +460,11 @@ def set_(key, value, home) -> None:
 @home_option
 def reset(key, home) -> None:
     """Back to the default: one preference, or all of them."""
-    from p2ptrain.daemon.prefs import Preferences
+    from p2ptrain.daemon.prefs import Preferences, check_key
     places = _places(home)
-    current = Preferences.load(places.prefs_file) if key else Preferences.defaults()
+    if key:
+        check_key(key, "prefs reset")  # a bad KEY leaves the file as it is
+    current = _load_repairing(places, "prefs reset", key) if key else Preferences.defaults()
     current.without(key).save(places.prefs_file)
     click.echo(f"{key or 'all preferences'} reset to the default{_notify_daemon(places)}")
 

@@ -27,11 +27,12 @@ from p2ptrain.model.grid import PathIndex, path_name
 APP = "p2ptrain"
 
 
-def resolve_home(home: str | Path | None = None) -> Path:
+def resolve_home(home: str | Path | None = None, create: bool = True) -> Path:
     if home is None:
         home = os.environ.get("P2PTRAIN_HOME") or platformdirs.user_data_dir(APP, appauthor=False)
     path = Path(home).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -81,14 +82,20 @@ class Places:
                 "log_file": str(self.log_file), "runtime": str(self.runtime)}
 
 
-def places(home: str | Path | None = None) -> Places:
+def explicit_home(home: str | Path | None = None) -> str | Path | None:
+    """The home the user chose (`--home`, else $P2PTRAIN_HOME), or None for the platform's."""
+    return home if home is not None else (os.environ.get("P2PTRAIN_HOME") or None)
+
+
+def places(home: str | Path | None = None, create: bool = True) -> Places:
     """The places of the node whose home is `home` (see resolve_home); directories are
-    created on first use by whoever writes into them (see private_dir)."""
-    explicit = home if home is not None else os.environ.get("P2PTRAIN_HOME")
+    created on first use by whoever writes into them (see private_dir). create=False: not
+    even the home (for commands that only look, such as `status`)."""
+    explicit = explicit_home(home)
     if explicit:
-        root = resolve_home(explicit)
+        root = resolve_home(explicit, create)
         return Places(data=root, config=root, state=root / "daemon", logs=root / "logs", runtime=root / "run")
-    data = resolve_home(None)
+    data = resolve_home(None, create)
     state = Path(platformdirs.user_state_dir(APP, appauthor=False))
     if sys.platform.startswith("linux") and not os.environ.get("XDG_RUNTIME_DIR"):
         # platformdirs would fall back to a shared /tmp/runtime-<uid>; the state dir is ours alone

@@ -60,6 +60,7 @@ def _number(lo: float, hi: float, integer: bool = False) -> Callable[[Any], floa
     return parse
 
 
+_KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")  # the key of a line that is not valid TOML
 _HOUR = r"(\d{1,2})(?::(\d{2}))?"
 _SPAN = re.compile(rf"^\s*{_HOUR}\s*-\s*{_HOUR}\s*$")
 
@@ -187,6 +188,45 @@ class Preferences:
             if isinstance(value, dict):
                 raise ConfigError(f"{path}: [{key}] is not a preference (the file has no sections)")
         return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def salvage(cls, path: Path) -> tuple["Preferences", list[tuple[str | None, str]]]:
+        """What can be kept of a file `load` refuses: every preference that parses and is
+        allowed (line by line when the file is not valid TOML), and what was left out as
+        (key or None, "what, why") — for `prefs set|reset`, which repair a broken file."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls.defaults(), []
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        dropped: list[tuple[str | None, str]] = []
+        try:
+            items = list(tomllib.loads(text).items())
+        except tomllib.TOMLDecodeError:
+            items = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                try:
+                    items.extend(tomllib.loads(line).items())
+                except tomllib.TOMLDecodeError:
+                    key = _KEY.match(line)
+                    dropped.append((key[1], f"line {number}, {key[1]} (not TOML)") if key
+                                   else (None, f"line {number} (not TOML)"))
+        raw: dict[str, Any] = {}
+        for key, value in items:
+            if isinstance(value, dict):
+                dropped.append((None, f"[{key}] (the file has no sections)"))
+            elif key not in BY_NAME:
+                dropped.append((key, f"{key} (unknown preference)"))
+            else:
+                try:
+                    BY_NAME[key].parse(value)
+                    raw[key] = value
+                except ValueError as e:
+                    dropped.append((key, f"{key} = {value!r} ({e})"))
+        return cls.from_dict(raw, str(path)), dropped
 
     def to_toml(self) -> str:
         lines = ["# p2ptrain computing preferences (`p2ptrain prefs show` lists every key)"]

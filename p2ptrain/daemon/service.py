@@ -251,7 +251,8 @@ def newest_checkpoint(data_home: Path) -> dict | None:
 
 
 def contribution(data_home: Path) -> dict | None:
-    """Tokens, rounds and hours this home contributed since install (the ledger)."""
+    """Tokens, rounds (run, and averaged with at least one peer) and hours this home
+    contributed since install (the ledger)."""
     try:
         from p2ptrain.data.ledger import Ledger
     except ImportError:  # the ledger lands with the data work
@@ -261,8 +262,8 @@ def contribution(data_home: Path) -> dict | None:
     except (OSError, ValueError) as e:
         logger.warning("could not read the contribution ledger: %s", e)
         return None
-    return {"tokens": totals["tokens"], "rounds": totals["rounds"], "hours": totals["hours"],
-            "modules": totals["modules"]}
+    return {"tokens": totals["tokens"], "rounds": totals["rounds"], "rounds_averaged": totals["rounds_averaged"],
+            "hours": totals["hours"], "modules": totals["modules"]}
 
 
 def write_last_exit(places: Places, code: int, message: str, round_: int | None) -> None:
@@ -280,9 +281,14 @@ def read_last_exit(places: Places) -> dict | None:
 
 
 def offline_status(places: Places) -> dict:
-    """What `status` says when no node answers."""
+    """What `status` says when no node answers (reading only: a missing home stays missing)."""
+    if not places.data.is_dir():
+        return {"state": "stopped", "kind": None, "pid": None, "version": __version__, "home": str(places.data),
+                "home_exists": False, "stale_pid_file": None, "last_exit": None, "checkpoint": None,
+                "contributed": None, "log_file": str(places.log_file), "prefs_file": str(places.prefs_file)}
     info = read_pid_file(places.pid_file)
     return {"state": "stopped", "kind": None, "pid": None, "version": __version__,
+            "home": str(places.data), "home_exists": True,
             "stale_pid_file": stale_reason(info) if info is not None and not _lock_is_held(places.pid_file) else None,
             "last_exit": read_last_exit(places), "checkpoint": newest_checkpoint(places.data),
             "contributed": contribution(places.data), "log_file": str(places.log_file),
@@ -481,6 +487,7 @@ class Daemon(NodeControl):
                 logger.info("%s", describe(reasons) if reasons else "resumed: nothing keeps the node from computing")
             self.reasons = reasons
         if self.node is not None:
+            self.node.suspension.leave_in_memory = self.prefs.leave_apps_in_memory
             self.node.suspension.set(reasons)
         return reasons
 
@@ -504,6 +511,7 @@ class Daemon(NodeControl):
 
     def attach(self, opened) -> None:
         super().attach(opened)
+        opened.node.suspension.leave_in_memory = self.prefs.leave_apps_in_memory
         opened.node.suspension.set(self.reasons)
 
     def close(self) -> None:
@@ -522,6 +530,7 @@ class Daemon(NodeControl):
         status.update({
             "mode": self.mode.current(now), "mode_text": self.mode.describe(now),
             "prefs_error": self.prefs_error, "prefs_file": str(self.places.prefs_file), "dashboard": self.dashboard,
+            "leave_apps_in_memory": self.prefs.leave_apps_in_memory,
             "activity_signal": getattr(getattr(self.monitor, "idle_signal", None), "name", None),
             "readings": None if r is None else {
                 "idle_s": r.idle_s, "others_cpu_pct": r.others_cpu_pct,

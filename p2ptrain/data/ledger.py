@@ -41,7 +41,7 @@ _REQUIRED = {"tokens": int, "rounds": int, "seconds": (int, float), "modules": d
 def _empty_ledger() -> dict:
     now = time.time()
     return {"format": FORMAT_VERSION, "created_at": now, "updated_at": now,
-            "tokens": 0, "rounds": 0, "seconds": 0.0,
+            "tokens": 0, "rounds": 0, "rounds_averaged": 0, "seconds": 0.0,
             "modules": {}, "runs": {}, "sources": {}, "last_round": None}
 
 
@@ -106,8 +106,9 @@ class Ledger:
             data = self._load()
             data["tokens"] += int(tokens)
             data["rounds"] += 1
-            data["seconds"] += float(seconds)
             averaged = set(averaged_modules or ())
+            data["rounds_averaged"] += int(bool(averaged))
+            data["seconds"] += float(seconds)
             for module in modules:
                 entry = data["modules"].setdefault(module, {"tokens": 0, "rounds": 0, "averaged_rounds": 0})
                 entry["tokens"] += int(tokens)
@@ -185,13 +186,22 @@ class Ledger:
     # -------------------------------------------------------------- reading
 
     def totals(self) -> dict:
-        """{"tokens", "rounds", "hours", "modules": {module: {"tokens", "rounds", "averaged_rounds"}},
+        """{"tokens", "rounds" (run), "rounds_averaged" (with at least one peer), "hours",
+        "modules": {module: {"tokens", "rounds", "averaged_rounds"}},
         "sources": {name: {"tokens", "documents", "rounds", "first_round", "last_round", "paths",
         "redactions", "open", "removed_at_round", "removed_at"}}, "runs", "last_round"}."""
         data = self.read()
-        return {"tokens": data["tokens"], "rounds": data["rounds"], "hours": data["seconds"] / 3600.0,
+        return {"tokens": data["tokens"], "rounds": data["rounds"], "rounds_averaged": data["rounds_averaged"],
+                "hours": data["seconds"] / 3600.0,
                 "modules": copy.deepcopy(data["modules"]), "sources": copy.deepcopy(data["sources"]),
                 "runs": copy.deepcopy(data["runs"]), "last_round": data["last_round"]}
+
+    def summary(self) -> dict:
+        """{"tokens", "rounds", "rounds_averaged", "hours"} since install: what the node publishes
+        in its peer record."""
+        data = self.read()
+        return {"tokens": data["tokens"], "rounds": data["rounds"], "rounds_averaged": data["rounds_averaged"],
+                "hours": data["seconds"] / 3600.0}
 
     def source(self, name: str) -> dict | None:
         return copy.deepcopy(self.read()["sources"].get(name))
@@ -231,6 +241,13 @@ class Ledger:
             for key, kinds in _REQUIRED.items():
                 if not isinstance(data.get(key), kinds) or isinstance(data.get(key), bool):
                     raise ValueError(f"field {key!r} is missing or has the wrong type")
+            if "rounds_averaged" not in data:
+                # a ledger from before the count: no round averaged fewer peers than its
+                # best-averaged module did, so that module's count is a true lower bound
+                data["rounds_averaged"] = max((int(m.get("averaged_rounds", 0)) for m in data["modules"].values()
+                                               if isinstance(m, dict)), default=0)
+            elif not isinstance(data["rounds_averaged"], int) or isinstance(data["rounds_averaged"], bool):
+                raise ValueError("field 'rounds_averaged' has the wrong type")
             return data
         except (ValueError, TypeError) as e:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")

@@ -43,6 +43,9 @@ class PeerRow:
     age_s: float  # since the peer last published its record
     last_round: dict[str, str]  # module -> outcome of the peer's last round
     maddrs: list[str] = field(default_factory=list)
+    # what the peer's home contributed since install, from its ledger: {"tokens", "rounds",
+    # "rounds_averaged", "hours"}; None when its record does not say (no ledger, older version)
+    since_install: Optional[dict] = None
 
 
 @dataclass
@@ -139,7 +142,8 @@ def build_view(run_id: str, grid: Optional[Grid], records: Iterable[PeerRecord],
             version=record.version, reachability=reachability_of(record),
             probe=None if probe is None else ("reachable" if probe.reachable else "unreachable"),
             suspended=suspended, hardware=hardware_text(record), age_s=round(max(now - record.time, 0.0), 1),
-            last_round={e.module: e.outcome for e in record.last_round}, maddrs=list(record.maddrs)))
+            last_round={e.module: e.outcome for e in record.last_round}, maddrs=list(record.maddrs),
+            since_install=record.since_install.dict() if record.since_install is not None else None))
     rows.sort(key=lambda r: (r.path, r.peer_id))
     return SwarmView(run_id=run_id, run_found=grid is not None, levels=list(grid.levels) if grid else [],
                      modules=modules, peers=rows, coverage=coverage, tokens_per_s=speed, outcomes=outcomes,
@@ -150,7 +154,8 @@ def build_view(run_id: str, grid: Optional[Grid], records: Iterable[PeerRecord],
 # ------------------------------------------------------------------ text
 
 def format_view(view: SwarmView) -> str:
-    """The `peers` table: one row per live peer, then coverage, speed, outcomes, bootstrap."""
+    """The `peers` table: one row per live peer, then every suspended peer's reasons in full,
+    what each peer contributed since install, coverage, speed, outcomes, bootstrap."""
     lines = []
     if view.run_problem:
         lines.append(f"run {view.run_id}: {view.run_problem}")
@@ -162,9 +167,20 @@ def format_view(view: SwarmView) -> str:
     for r in view.peers:
         loss = f"{r.loss:.3f}" if r.loss is not None else "-"
         reach = r.reachability if r.probe is None else f"{r.reachability}:{'ok' if r.probe == 'reachable' else 'NO'}"
-        state = ("susp: " + ",".join(r.suspended))[:11] if r.suspended else "training"
+        state = "suspended" if r.suspended else "training"
         lines.append(f"{r.short_id:<10}{r.path:<7}{r.round:>6}{loss:>8}{r.tokens_per_s:>9,.0f}  {r.version[:7]:<8}"
                      f"{reach:<12}{state:<12}{r.tokens:>12,}{r.age_s:>5.0f}s  {r.hardware[:40]}")
+    for r in view.peers:
+        if r.suspended:  # BOINC's words, never cut: `suspended — on batteries, user active`
+            lines.append(f"{r.short_id} suspended — {', '.join(r.suspended)}")
+    ledgers = [r for r in view.peers if r.since_install is not None]
+    if ledgers:
+        lines.append("contributed since install:")
+        lines.append(f"{'peer':<10}{'tokens':>16}{'rounds':>8}{'averaged':>10}{'hours':>9}")
+        for r in ledgers:
+            c = r.since_install
+            lines.append(f"{r.short_id:<10}{c['tokens']:>16,}{c['rounds']:>8,}{c['rounds_averaged']:>10,}"
+                         f"{c['hours']:>9.1f}")
     if view.coverage:
         lines.append("coverage: " + "  ".join(f"{m}:{n}" for m, n in view.coverage.items())
                      + (f"   (uncovered: {', '.join(view.uncovered)})" if view.uncovered else ""))

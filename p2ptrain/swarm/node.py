@@ -45,6 +45,7 @@ from p2ptrain.swarm.schedule import RoundSchedule
 from p2ptrain.swarm.slot import ModuleSlot
 from p2ptrain.swarm.state_transfer import fetch_verified_state
 from p2ptrain.swarm.suspension import Suspension
+from p2ptrain.train.offload import off_device
 from p2ptrain.train.session import PathSession
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class SwarmNode:
         self.maddrs = maddrs or []
         self.peer_id = dht.peer_id.to_base58()
         self.feed = feed  # data.sources.DocumentFeed: new files each round, the contribution ledger
+        self.since_install: dict | None = None  # the ledger's totals, published in our record
+        self._read_since_install()
         self.credential: str | None = None  # closed runs: the creator's invite, shown in our record
         self.slots = {m: ModuleSlot(m, session, dht, run_state, client_mode) for m in session.module_ids}
         self.codec_tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
@@ -148,6 +151,7 @@ class SwarmNode:
         self.stop_requested = threading.Event()
         self._stop_seen_at: float | None = None  # when the outer step first saw the stop request
         self.suspension = Suspension()  # set by the daemon's policy; read at safe points
+        self.offloaded = False  # suspended with the model and optimizer state moved off the GPU
         self.phase = "starting"  # starting | training | averaging | suspended | stopped
         self.started_at = time.time()
         self._peers_cache: list[PeerRecord] = []
@@ -348,6 +352,18 @@ class SwarmNode:
             self.feed.end_round(self.session, round_, report.seconds_wall, averaged_modules=averaged)
         except OSError as e:  # a full disk must not stop training; the ledger catches up next round
             logger.error("could not write the contribution ledger: %s", e)
+        self._read_since_install()
+
+    def _read_since_install(self) -> None:
+        """The home ledger's since-install totals, for status and our peer record (read at start
+        and after each recorded round, not per heartbeat)."""
+        ledger = getattr(self.feed, "ledger", None)
+        if ledger is None:
+            return
+        try:
+            self.since_install = ledger.summary()
+        except (OSError, ValueError) as e:
+            logger.warning("could not read the contribution ledger: %s", e)
 
     def _steps(self, tokens: int) -> int:
         return tokens // (self.cfg.inner.batch_size * self.cfg.model.context)
@@ -371,7 +387,14 @@ class SwarmNode:
         self.phase = "suspended"
         self.publish_status()
         logger.info("suspended — %s", self.suspension.describe())
-        self.suspension.wait_until_resumed(self.stop_requested)
+        # leave_apps_in_memory = false: the path's model and inner optimizer state wait in RAM,
+        # and are back on the device before the next inner step (even when stopping: the
+        # checkpoint reads them)
+        with off_device(self.session.model, self.session.inner.optimizer, self.session.device,
+                        leave_in_memory=self.suspension.leave_in_memory) as moved:
+            self.offloaded = moved is not None
+            self.suspension.wait_until_resumed(self.stop_requested)
+        self.offloaded = False
         self.phase = "training"
         self.publish_status()
         if catch_up and not self.stop_requested.is_set():
@@ -696,11 +719,13 @@ class SwarmNode:
             "peer_id": self.peer_id, "run_id": self.cfg.run.id, "path": path_name(self.session.path),
             "modules": list(self.session.module_ids), "state": self.phase,
             "suspended": sorted(self.suspension.reasons()), "round": self.round,
+            "device": str(self.session.device), "offloaded": self.offloaded,
             "schedule_round": self.schedule.current_round(),
             "loss": self.last_loss if self.last_loss is not None and math.isfinite(self.last_loss) else None,
             "tokens_per_s": float(self.last_tps), "tokens": int(self.session.tokens_seen),
             "rounds_done": len(self.history), "uptime_s": round(time.time() - self.started_at, 1),
             "rounds_averaged": sum(any(len(r.group) > 1 for r in report.modules.values()) for report in self.history),
+            "since_install": self.since_install,
             "last_round": outcomes, "checkpoints": str(self.session.store.root),
             "reachability": "client" if self.client_mode else "public", "maddrs": list(self.maddrs),
             "rejected": self.rejections.snapshot(),

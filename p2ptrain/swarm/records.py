@@ -100,6 +100,16 @@ class Contribution(_Bounded):
     seconds: confloat(ge=0.0, strict=True)  # time since the node started
 
 
+class SinceInstall(_Bounded):
+    """What the node's home has contributed since install (its contribution ledger,
+    data/ledger.py), across restarts: `peers` shows who contributed what."""
+
+    tokens: conint(ge=0, le=10 ** 18, strict=True)  # tokens trained on
+    rounds: conint(ge=0, le=10 ** 9, strict=True)  # rounds run
+    rounds_averaged: conint(ge=0, le=10 ** 9, strict=True)  # of those, averaged with at least one peer
+    hours: confloat(ge=0.0, le=10 ** 7, strict=True)  # wall time of those rounds
+
+
 class ModuleOutcome(_Bounded):
     module: constr(strict=True, max_length=32)
     outcome: constr(strict=True, max_length=16)  # one of ROUND_OUTCOMES
@@ -107,6 +117,7 @@ class ModuleOutcome(_Bounded):
 
 
 MONITORING_FIELDS = ("hardware_info", "suspended", "contribution", "last_round")
+OPTIONAL_FIELDS = (*MONITORING_FIELDS, "since_install")  # left out of a record that does not set them
 # --- end of monitoring schemas --------------------------------------------------------
 
 
@@ -143,13 +154,14 @@ class PeerRecord(_Bounded):
     suspended: conlist(constr(strict=True, max_length=64), max_items=16) = []  # the Suspension's reasons
     contribution: Optional[Contribution] = None
     last_round: conlist(ModuleOutcome, max_items=64) = []  # per module, the node's last round
+    since_install: Optional[SinceInstall] = None  # the home's ledger; absent when the node keeps none
 
     def dict(self, **kwargs):
         """hivemind's SchemaValidator accepts a value only if parsing it changes nothing: a
-        record that left out the optional monitoring fields must not come back with their
-        defaults filled in."""
+        record that left out the optional fields must not come back with their defaults
+        filled in."""
         out = super().dict(**kwargs)
-        for name in MONITORING_FIELDS:
+        for name in OPTIONAL_FIELDS:
             if name not in self.__fields_set__:
                 out.pop(name, None)
         return out
@@ -366,7 +378,7 @@ def status_record_fields(status: dict) -> dict:
     outcomes = [ModuleOutcome(module=str(m)[:32], outcome=str(o.get("outcome", "ok"))[:16],
                               peers=max(int(o.get("peers", 1)), 0))
                 for m, o in list((status.get("last_round") or {}).items())[:64]]
-    return {
+    fields = {
         "suspended": [str(r)[:64] for r in sorted(status.get("suspended") or [])[:16]],
         "contribution": Contribution(tokens=max(int(status.get("tokens", 0)), 0),
                                      rounds=max(int(status.get("rounds_done", 0)), 0),
@@ -374,4 +386,12 @@ def status_record_fields(status: dict) -> dict:
                                      seconds=max(float(status.get("uptime_s", 0.0)), 0.0)),
         "last_round": outcomes,
     }
+    ledger = status.get("since_install")
+    if ledger:
+        fields["since_install"] = SinceInstall(
+            tokens=min(max(int(ledger["tokens"]), 0), 10 ** 18),
+            rounds=min(max(int(ledger["rounds"]), 0), 10 ** 9),
+            rounds_averaged=min(max(int(ledger["rounds_averaged"]), 0), 10 ** 9),
+            hours=min(max(float(ledger["hours"]), 0.0), 1e7))
+    return fields
 # --- end of monitoring helpers --------------------------------------------------------

@@ -19,6 +19,9 @@ class Suspension:
         self._reasons: frozenset[str] = frozenset()
         self._changed = threading.Condition()
         self.suspended_seconds = 0.0  # total time the driver spent waiting in wait_until_resumed
+        # keep the model on its device while suspended (BOINC's leave_apps_in_memory); the
+        # daemon sets it from the preferences, a node without one never frees its device
+        self.leave_in_memory = True
 
     def set(self, reasons: Iterable[str]) -> None:
         """Replace the reasons (an empty iterable resumes the node)."""

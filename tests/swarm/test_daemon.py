@@ -224,6 +224,8 @@ def test_daemon_lifecycle_with_a_second_peer(tmp_path, run_files, daemons):
         sitting = wait_for("the driver to sit out", lambda: (
             lambda s: s if s["node"]["state"] == "suspended" else None)(status(home)), timeout=120)
         assert sitting["state"] == "suspended" and sitting["suspended"] == ["user request"]
+        # on a CPU, leave_apps_in_memory = false has nothing to free
+        assert sitting["node"]["device"] == "cpu" and sitting["node"]["offloaded"] is False
         tokens_then, other_rounds_then = sitting["node"]["tokens"], len(other.rounds())
         wait_for("three more rounds of the other peer", lambda: len(other.rounds()) >= other_rounds_then + 3,
                  timeout=120)
@@ -235,6 +237,13 @@ def test_daemon_lifecycle_with_a_second_peer(tmp_path, run_files, daemons):
         assert listing.returncode == 0, listing.stderr
         suspended = {p["path"]: p["suspended"] for p in json.loads(listing.stdout)["peers"]}
         assert suspended == {"0,0": ["user request"], "1,0": []}
+        # each record carries its home's ledger: the daemon's is what its status reads from disk
+        since = {p["path"]: p["since_install"] for p in json.loads(listing.stdout)["peers"]}
+        mine = still["contributed"]
+        assert since["0,0"] == {"tokens": mine["tokens"], "rounds": mine["rounds"],
+                                "rounds_averaged": mine["rounds_averaged"], "hours": pytest.approx(mine["hours"])}
+        assert since["0,0"]["rounds"] >= 2 and since["0,0"]["rounds_averaged"] >= 1
+        assert since["1,0"]["rounds_averaged"] >= 1
 
         # --- mode auto: trains again
         done = cli("daemon", "mode", "auto", "--home", home)

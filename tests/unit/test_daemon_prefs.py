@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -115,3 +116,68 @@ def test_a_hand_edited_bad_file_stops_show_and_daemon_start_with_one_line(tmp_pa
         assert "suspend_cpu_usage = 'lots' is not allowed" in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "daemon" / "daemon.pid").exists()
+
+
+def test_prefs_set_repairs_a_hand_edited_bad_file_keeping_what_is_allowed(tmp_path):
+    # Prepare: a hand edit broke one value; the other preferences are fine
+    broken = "run_on_batteries = true\nsuspend_cpu_usage = 'lots'\ncolour = 3\n"
+    (tmp_path / "prefs.toml").write_text(broken)
+
+    # Execute: the user sets the broken key again
+    done = p2ptrain("prefs", "set", "suspend_cpu_usage", "40", home=tmp_path)
+
+    # Assert: the new value, the good one kept, the unknown key left out and named in one line
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "suspend_cpu_usage = 40"
+    assert done.stderr.strip() == (f"prefs set: {tmp_path / 'prefs.toml'} was broken; repaired it, leaving out "
+                                   "colour (unknown preference) (the old file is prefs.toml.broken)")
+    repaired = Preferences.load(tmp_path / "prefs.toml")
+    assert repaired.changed == {"run_on_batteries", "suspend_cpu_usage"}
+    assert (repaired.run_on_batteries, repaired.suspend_cpu_usage) == (True, 40.0)
+    assert (tmp_path / "prefs.toml.broken").read_text() == broken
+    assert stat.S_IMODE((tmp_path / "prefs.toml.broken").stat().st_mode) == 0o600
+
+
+def test_prefs_set_and_reset_repair_a_file_that_is_not_even_toml(tmp_path):
+    # Prepare: one line is not TOML at all
+    (tmp_path / "prefs.toml").write_text("# mine\nstart_hour = 9\nend_hour = \nrun_if_user_active = false\n")
+
+    # Execute
+    set_one = p2ptrain("prefs", "set", "cpu_usage_limit", "50", home=tmp_path)
+    (tmp_path / "prefs.toml").write_text("start_hour = 9\nend_hour = \n")
+    reset = p2ptrain("prefs", "reset", "end_hour", home=tmp_path)
+
+    # Assert: every line that parses is kept; the broken line is named by its number
+    assert set_one.returncode == 0 and "leaving out line 3, end_hour (not TOML)" in set_one.stderr
+    assert len(set_one.stderr.strip().splitlines()) == 1
+    assert reset.returncode == 0 and reset.stdout.startswith("end_hour reset to the default")
+    assert "repaired it (the old file is prefs.toml.broken)" in reset.stderr  # end_hour itself was the problem
+    assert Preferences.load(tmp_path / "prefs.toml").values["start_hour"] == 9.0
+    assert Preferences.load(tmp_path / "prefs.toml").changed == {"start_hour"}
+
+
+def test_show_on_a_bad_file_says_how_to_repair_it(tmp_path):
+    (tmp_path / "prefs.toml").write_text("suspend_cpu_usage = 'lots'\n")
+    shown = p2ptrain("prefs", "show", home=tmp_path)
+    assert shown.returncode == 3 and "`p2ptrain prefs set KEY VALUE` or `prefs reset KEY` repairs" in shown.stderr
+    assert len(shown.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["daemon", "status"], ["daemon", "stop"],
+                                     ["daemon", "logs"], ["daemon", "mode", "never"]])
+def test_looking_at_a_home_that_does_not_exist_does_not_create_it(tmp_path, command):
+    # Execute
+    missing = tmp_path / "no such home"
+    done = p2ptrain(*command, home=missing)
+
+    # Assert: status says nobody runs there; the others refuse in one line; nothing is created
+    assert not missing.exists()
+    assert "Traceback" not in done.stderr
+    if command[-1] == "status":
+        assert done.returncode == 0
+        assert done.stdout.strip() == f"p2ptrain: stopped (no node runs in {missing}: the directory does not exist)"
+    elif "--json" in command:
+        assert done.returncode == 0
+        assert json.loads(done.stdout)["state"] == "stopped" and json.loads(done.stdout)["home_exists"] is False
+    else:
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1

@@ -276,12 +276,14 @@ def test_the_policy_tick_applies_prefs_mode_and_readings_and_keeps_good_prefs_on
         # Execute / Assert: the defaults
         assert daemon.evaluate() == {ON_BATTERIES, CPU_BUSY}
         assert node.suspension.reasons() == {ON_BATTERIES, CPU_BUSY}
+        assert node.suspension.leave_in_memory is False  # the GPU is freed while suspended
 
         # the user allows batteries and more CPU: applied at the next tick, no restart
         Preferences.from_dict({"run_on_batteries": True, "battery_charge_min_pct": 50,
-                               "suspend_cpu_usage": 60}).save(here.prefs_file)
+                               "suspend_cpu_usage": 60, "leave_apps_in_memory": True}).save(here.prefs_file)
         os.utime(here.prefs_file, (time.time() + 5, time.time() + 5))
         assert daemon.evaluate() == set() and node.suspension.reasons() == set()
+        assert node.suspension.leave_in_memory is True
 
         # a bad hand edit: the last good preferences stay, and the status says why
         here.prefs_file.write_text("suspend_cpu_usage = 'x'\n")
@@ -355,3 +357,28 @@ def test_daemon_logs_shows_the_tail_and_follows_across_a_rotation(tmp_path):
         follow.wait()
     assert tail.returncode == 0 and tail.stdout.splitlines() == ["old line 7", "old line 8", "old line 9"]
     assert lines == ["appended", "after rotation"]
+
+
+# ------------------------------------------------------------- status text
+
+@pytest.mark.parametrize("device, offloaded, leave, line", [
+    ("cuda:0", True, False, "  memory: model and optimizer state moved to RAM, GPU memory freed"),
+    ("cuda:0", False, True, "  memory: model kept on cuda:0 (leave_apps_in_memory = true)"),
+    ("cuda:0", False, False, "  memory: model still on cuda:0 until the node reaches a safe point"),
+    ("cpu", False, False, "  memory: training on cpu: nothing to free while suspended"),
+])
+def test_status_of_a_suspended_daemon_says_where_its_model_is(device, offloaded, leave, line):
+    from p2ptrain.cli_daemon import format_status
+    node = {"run_id": "r", "path": "0,0", "modules": ["stem"], "round": 3, "loss": 4.2, "tokens_per_s": 10.0,
+            "rounds_done": 3, "tokens": 768, "reachability": "public", "last_round": {}, "device": device,
+            "offloaded": offloaded}
+    status = {"state": "suspended", "suspended": ["user request"], "kind": "daemon", "pid": 1, "uptime_s": 60.0,
+              "node": node, "leave_apps_in_memory": leave,
+              "contributed": {"tokens": 5000, "rounds": 9, "rounds_averaged": 7, "hours": 0.5}}
+
+    lines = format_status(status).splitlines()
+
+    assert lines[0] == "p2ptrain daemon: suspended — user request"
+    assert line in lines
+    assert "  contributed since install: 5,000 tokens, 9 rounds (7 averaged with peers), 0.5 h" in lines
+    assert not any(l.startswith("  memory:") for l in format_status(dict(status, state="running")).splitlines())

@@ -19,10 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
 
 
-def p2ptrain(*args: str, env_home: Path) -> subprocess.CompletedProcess:
+def p2ptrain(*args: str, env_home: Path, **extra_env: str) -> subprocess.CompletedProcess:
     # a fake home, and no way to reach a real service manager (uninstall calls systemctl --user)
     env = dict(os.environ, PYTHONPATH=str(REPO), HOME=str(env_home), XDG_CONFIG_HOME=str(env_home / ".config"),
+               XDG_DATA_HOME=str(env_home / ".local" / "share"), XDG_STATE_HOME=str(env_home / ".local" / "state"),
                XDG_RUNTIME_DIR=str(env_home / "no-runtime"), DBUS_SESSION_BUS_ADDRESS="unix:path=/nonexistent")
+    env.pop("P2PTRAIN_HOME", None)
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "p2ptrain.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=120)
 
@@ -71,6 +74,33 @@ def test_service_install_writes_a_user_unit_that_runs_the_daemon(tmp_path):
                                   env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path)), timeout=60)
         assert verified.returncode == 0, verified.stderr
         assert "p2ptrain.service" not in verified.stderr  # no warning about our unit
+
+
+def exec_start(tmp_path: Path) -> list[str]:
+    unit_path = tmp_path / ".config" / "systemd" / "user" / "p2ptrain.service"
+    return shlex.split(parse_unit(unit_path.read_text())["Service"]["ExecStart"][0])
+
+
+def test_a_home_chosen_by_p2ptrain_home_goes_into_the_unit(tmp_path):
+    # Execute: `P2PTRAIN_HOME=… p2ptrain service install`; systemd will not pass the variable on
+    home = tmp_path / "env home"
+    done = p2ptrain("service", "install", "--new-swarm", env_home=tmp_path, P2PTRAIN_HOME=str(home))
+
+    # Assert: the daemon the unit runs uses the home whose preferences install checked
+    assert done.returncode == 0, done.stderr
+    argv = exec_start(tmp_path)
+    assert argv[argv.index("--home") + 1] == str(home.resolve())
+    assert argv.count("--home") == 1
+
+
+def test_the_platform_default_home_is_left_to_the_platform(tmp_path):
+    # Execute: neither --home nor $P2PTRAIN_HOME
+    done = p2ptrain("service", "install", "--new-swarm", env_home=tmp_path)
+
+    # Assert: no --home, so the daemon uses the platform's directories, as install did
+    assert done.returncode == 0, done.stderr
+    assert "--home" not in exec_start(tmp_path)
+    assert (tmp_path / ".local" / "share" / "p2ptrain").is_dir()
 
 
 def test_systemd_rejects_what_we_would_not_write(tmp_path):

@@ -26,6 +26,7 @@ def test_rounds_add_up_per_module_path_and_source(tmp_path):
 
     # Assert
     assert totals["tokens"] == 180 and totals["rounds"] == 3
+    assert totals["rounds_averaged"] == 2  # round 3 averaged with nobody
     assert totals["hours"] == pytest.approx(6.0 / 3600)
     assert totals["modules"]["stem"] == {"tokens": 180, "rounds": 3, "averaged_rounds": 2}
     assert totals["modules"]["L0.M1"]["tokens"] == 180
@@ -48,6 +49,48 @@ def test_the_ledger_survives_a_restart(tmp_path):
     totals = Ledger(tmp_path).totals()
     assert totals["tokens"] == 130 and totals["sources"]["notes"]["tokens"] == 130
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_rounds_averaged_count_rounds_where_any_module_averaged_with_a_peer(tmp_path):
+    # Prepare / Execute: one module averaged, two modules averaged, none
+    ledger = Ledger(tmp_path)
+    _round(ledger, 1, averaged=("stem",))
+    _round(ledger, 2, averaged=("stem", "L0.M1"))
+    _round(ledger, 3, averaged=())
+
+    # Assert: 3 rounds run, 2 of them averaged; per module as before
+    totals = ledger.totals()
+    assert (totals["rounds"], totals["rounds_averaged"]) == (3, 2)
+    assert [totals["modules"][m]["averaged_rounds"] for m in ("stem", "L0.M1", "L1.M0")] == [2, 1, 0]
+
+
+def test_a_ledger_written_before_rounds_averaged_reads_its_best_module_as_the_count(tmp_path):
+    # Prepare: what an older p2ptrain wrote (no top-level rounds_averaged)
+    _round(Ledger(tmp_path), 1, averaged=("stem",))
+    _round(Ledger(tmp_path), 2, averaged=("L0.M1",))
+    old = json.loads((tmp_path / "ledger.json").read_text())
+    del old["rounds_averaged"]
+    (tmp_path / "ledger.json").write_text(json.dumps(old))
+
+    # Execute: read it, then record one more averaged round
+    before = Ledger(tmp_path).totals()
+    _round(Ledger(tmp_path), 3, averaged=("stem",))
+
+    # Assert: a lower bound (1; the truth is 2), never more; counting goes on from there
+    assert before["rounds_averaged"] == 1 and before["rounds"] == 2
+    assert Ledger(tmp_path).totals()["rounds_averaged"] == 2
+    assert not list(tmp_path.glob("ledger.json.corrupt-*"))
+
+
+def test_the_summary_is_what_a_node_publishes_in_its_peer_record(tmp_path):
+    # Prepare
+    ledger = Ledger(tmp_path)
+    assert ledger.summary() == {"tokens": 0, "rounds": 0, "rounds_averaged": 0, "hours": 0.0}  # no file yet
+    _round(ledger, 1, 100, averaged=("stem",))
+    _round(ledger, 2, 60, averaged=())
+
+    # Execute / Assert: two rounds of 2 s each
+    assert ledger.summary() == {"tokens": 160, "rounds": 2, "rounds_averaged": 1, "hours": 4.0 / 3600}
 
 
 def test_tokens_by_source_must_sum_to_the_round_tokens(tmp_path):

@@ -19,8 +19,8 @@ from p2ptrain.model.grid import Grid
 from p2ptrain.monitor.metrics import reason_label
 from p2ptrain.monitor.swarm_view import ProbeResult, build_view, format_view
 from p2ptrain.monitor.web import DashboardServer, json_safe
-from p2ptrain.swarm.records import (MONITORING_FIELDS, ModuleOutcome, make_validators, new_peer_record, peers_key,
-                                    status_record_fields)
+from p2ptrain.swarm.records import (MONITORING_FIELDS, ModuleOutcome, SinceInstall, make_validators, new_peer_record,
+                                    peers_key, status_record_fields)
 
 RUN = "unit-monitor"
 
@@ -51,6 +51,28 @@ def test_peer_records_with_or_without_the_monitoring_fields_pass_the_dht_schema_
     assert not schema.validate(dht_record(signer, dict(new, hardware_info=dict(new["hardware_info"], cpu_count=2.0))))
 
 
+def test_since_install_totals_are_optional_and_schema_checked_in_the_signed_record():
+    # Prepare: a node with a ledger, and the same record as a node without one sends it
+    signer, validators = make_validators(RUN)
+    schema = validators[0]
+    status = {"tokens": 96, "rounds_done": 1, "uptime_s": 3.0,
+              "since_install": {"tokens": 5_000_000, "rounds": 120, "rounds_averaged": 97, "hours": 12.5}}
+    with_ledger = new_peer_record(peer_id="A", path=[0, 1], round=3, **status_record_fields(status)).dict()
+    without = {k: v for k, v in with_ledger.items() if k != "since_install"}
+
+    # Execute / Assert: both land, and parse back to what was sent
+    assert with_ledger["since_install"] == {"tokens": 5_000_000, "rounds": 120, "rounds_averaged": 97, "hours": 12.5}
+    assert schema.validate(dht_record(signer, with_ledger))
+    assert schema.validate(dht_record(signer, without))
+    assert "since_install" not in new_peer_record(peer_id="A", path=[0, 1], round=3,
+                                                  **status_record_fields(dict(status, since_install=None))).dict()
+    # Assert: a wrong type, a negative or an absurd number is refused
+    for bad in ({"rounds": 120.0}, {"tokens": -1}, {"rounds_averaged": 10 ** 10}, {"hours": float("nan")},
+                {"hours": 1e9}):
+        assert not schema.validate(dht_record(signer, dict(with_ledger, since_install={
+            **with_ledger["since_install"], **bad}))), bad
+
+
 def test_status_record_fields_carry_a_nodes_status_in_bounded_form():
     status = {"suspended": ["user active", "on batteries"], "tokens": 1536, "rounds_done": 4, "uptime_s": 61.5,
               "last_round": {"stem": {"peers": 3, "outcome": "ok"}, "L0.M1": {"peers": 1, "outcome": "alone"}}}
@@ -77,7 +99,9 @@ def test_the_swarm_view_counts_coverage_speed_outcomes_and_probes():
         new_peer_record(peer_id="peerB", path=[0, 1], round=5, tokens_per_s=50.0, time=t - 10,
                         last_round=[ModuleOutcome(module="stem", outcome="partial", peers=2)]),
         new_peer_record(peer_id="peerC", path=[0, 1], round=4, tokens_per_s=70.0, time=t - 5, reachability="client",
-                        maddrs=["/ip4/127.0.0.1/tcp/1/p2p/R/p2p-circuit/p2p/peerC"], suspended=["user active"]),
+                        maddrs=["/ip4/127.0.0.1/tcp/1/p2p/R/p2p-circuit/p2p/peerC"],
+                        suspended=["need disk space - check preferences", "user request"],
+                        since_install=SinceInstall(tokens=1_234_567, rounds=42, rounds_averaged=40, hours=3.14)),
     ]
     probes = {"peerB": ProbeResult("peerB", False, 5.0, t, "connection refused")}
 
@@ -95,10 +119,23 @@ def test_the_swarm_view_counts_coverage_speed_outcomes_and_probes():
     by_id = {p.peer_id: p for p in view.peers}
     assert [by_id[p].reachability for p in ("peerA", "peerB", "peerC")] == ["public", "public", "relay"]
     assert [by_id[p].probe for p in ("peerA", "peerB", "peerC")] == [None, "unreachable", None]
-    assert by_id["peerC"].suspended == ["user active"] and by_id["peerA"].age_s == 30.0
-    text = format_view(view)
-    assert "3 live peers of run unit-monitor" in text and "uncovered: L0.M1" in text
-    assert "public:NO" in text and "susp: user" in text
+    assert by_id["peerC"].suspended == ["need disk space - check preferences", "user request"]
+    assert by_id["peerA"].age_s == 30.0
+    assert by_id["peerC"].since_install == {"tokens": 1_234_567, "rounds": 42, "rounds_averaged": 40, "hours": 3.14}
+    assert by_id["peerA"].since_install is None  # its record carries no ledger
+    assert view.to_dict()["peers"][2]["since_install"]["rounds_averaged"] == 40  # `peers --json`
+    text = format_view(view).splitlines()
+    rows = {line.split()[0]: line for line in text[2:5]}
+    assert text[0] == "3 live peers of run unit-monitor"
+    assert "public:NO" in rows["…peerB"] and rows["…peerB"].split()[7] == "training"
+    assert rows["…peerC"].split()[7] == "suspended"
+    # Assert: a suspended peer's reasons in full, under the table, like BOINC
+    assert text[5] == "…peerC suspended — need disk space - check preferences, user request"
+    # Assert: who contributed what since install, for the peers whose records say
+    contributed = text[text.index("contributed since install:") + 1:][:2]
+    assert contributed[0].split() == ["peer", "tokens", "rounds", "averaged", "hours"]
+    assert contributed[1].split() == ["…peerC", "1,234,567", "42", "40", "3.1"]
+    assert any("uncovered: L0.M1" in line for line in text)
 
 
 def test_free_text_becomes_bounded_label_values():
