@@ -20,7 +20,7 @@ from p2ptrain.errors import UserError
 
 UNIT_NAME = "p2ptrain.service"
 LAUNCHD_LABEL = "org.p2ptrain.daemon"
-STOP_TIMEOUT_S = 120  # worst case: an averaging in flight runs to its timeout before the node stops
+STOP_TIMEOUT_S = 90  # systemd's default; a stopping node gives the averaging in flight at most 30 s
 USER_ERROR_CODES = (2, 3, 4, 5)  # a bad option or config: restarting would fail the same way
 
 
