@@ -45,9 +45,11 @@ class Swarm:
         self.tmp_path = tmp_path
         self.corpus = corpus
         self.nodes: list[OpenNode] = []
+        self.opened = 0  # homes are never reused, even after a node left
 
     def open(self, config: RunConfig, path: str, initial_peers: Sequence[str] = (), **kwargs) -> OpenNode:
-        home = self.tmp_path / f"node{len(self.nodes)}"
+        home = self.tmp_path / f"node{self.opened}"
+        self.opened += 1
         options = JoinOptions(initial_peers=list(initial_peers), new_swarm=not initial_peers,
                               host_maddrs=LOOPBACK, path=path, run_config=config, device="cpu", **kwargs)
         opened = open_node(options, home, lambda: self.corpus)

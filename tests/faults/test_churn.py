@@ -1,0 +1,42 @@
+"""Peers joining and leaving all the time around one that stays: rounds keep succeeding and
+the resident's processes stay bounded (hivemind's averager leak, its issue #264, is the
+known hazard). benchmarks/bench_churn.py runs the same for longer, with more peers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.faults.churn import run_churn
+from tests.swarm.conftest import swarm_config
+
+pytestmark = [pytest.mark.faults, pytest.mark.swarm, pytest.mark.timeout(900)]
+
+WARM_UP_ROUNDS = 2  # connections, caches and the first groups settle in these
+FD_SLACK = 24  # a connection or two per peer met, opened and closed as peers come and go
+RSS_SLACK_MB = 96.0
+
+
+def test_sixteen_peers_coming_and_going_keep_rounds_succeeding_with_bounded_memory_and_fds(swarm, fault):
+    # Prepare: one 1-level path, so every peer averages both modules with the resident
+    config = swarm_config("churn", levels=(1,), round_seconds=8.0, averaging_timeout=30.0)
+
+    # Execute: 6 live peers; after each round the 2 oldest visitors leave and 2 new ones join
+    report = run_churn(swarm, config, live=6, replace_per_round=2, rounds=6)
+
+    # Assert: 16 peers took part; the resident averaged every round with someone
+    assert report.samples[-1].joined == 16
+    assert report.averaged_rounds() == report.rounds, [s.groups for s in report.samples]
+    # the resident's memory and descriptors after warm-up do not grow with the peers it met
+    warm = report.samples[WARM_UP_ROUNDS - 1]
+    for sample in report.samples[WARM_UP_ROUNDS:]:
+        assert sample.fds <= warm.fds + FD_SLACK, [(s.round, s.fds) for s in report.samples]
+        assert sample.rss_mb <= warm.rss_mb + RSS_SLACK_MB, [(s.round, round(s.rss_mb)) for s in report.samples]
+    # and the peers still live agree on every module (fingerprint check, as the nodes do it)
+    live = swarm.nodes
+    for module in live[0].node.slots:
+        reference = live[0].node.slots[module].outer.global_params
+        for other in live[1:]:
+            if other.node.round == live[0].node.round:
+                for a, b in zip(reference, other.node.slots[module].outer.global_params):
+                    assert torch.allclose(a, b, atol=1e-3), module
