@@ -108,6 +108,9 @@ def make_compression(name: str):
     return {"none": NoCompression, "fp16": Float16Compression, "8bit": BlockwiseQuantization}[name]()
 
 
+SERVED_WAIT_S = 5.0  # at most this long for our reducer's last replies before reporting bytes
+
+
 class _CountingStub:
     """A reducer's stub whose reply stream counts the wire bytes of the averaged parts it
     brings back (hivemind reads them inside `_communicate_with_peer`, past any hook)."""
@@ -224,6 +227,11 @@ def _averager_class():
             # a reducer, the senders' parts in and our deltas out (metrics: bytes per module)
             self.bytes_sent = 0
             self.bytes_received = 0
+            # our reducer's replies to senders can still be on their way when our own parts are
+            # all back: `served` is set once every sender's stream has ended (bytes are final)
+            self._serving = 0
+            self.served = asyncio.Event()
+            self.served.set()
             plain = self.tensor_part_reducer
             self.tensor_part_reducer = self.make_reducer(plain, rule, tau)
             if self.tensor_part_reducer is not plain:
@@ -325,6 +333,17 @@ def _averager_class():
                 return None, msg
 
         async def _accumulate_parts_streaming(self, stream, sender_index: int):
+            self._serving += 1
+            self.served.clear()
+            try:
+                async for msg in self._reduce_stream(stream, sender_index):
+                    yield msg
+            finally:
+                self._serving -= 1
+                if self._serving == 0:
+                    self.served.set()
+
+        async def _reduce_stream(self, stream, sender_index: int):
             part_index, decoded = 0, [0]
             sender = self.sender_peer_ids[sender_index]
             try:
@@ -396,10 +415,15 @@ def _averager_class():
                     runner = await self._run_allreduce_inplace_(local_tensors, group_info,
                                                                 peer_fractions=peer_fractions,
                                                                 claimed_weights=claimed_weights, **kwargs)
+                    seconds_allreduce = time.time() - formed_at
+                    try:  # wire bytes are final once our replies to every sender are out
+                        await asyncio.wait_for(runner.served.wait(), SERVED_WAIT_S)
+                    except asyncio.TimeoutError:
+                        pass  # a sender stopped reading: the count stays as it is (a lower bound)
                     return {"gathered": user_gathered, "rejected": dict(runner.rejected),
                             "failed": list(runner.failed_ranges), "lying": dict(runner.lying_reducers),
                             "outliers": dict(runner.outliers), "group_formed_at": formed_at,
-                            "seconds_allreduce": time.time() - formed_at,
+                            "seconds_allreduce": seconds_allreduce,
                             "bytes_sent": runner.bytes_sent, "bytes_received": runner.bytes_received}
             except BaseException as e:
                 if isinstance(e, Exception):
