@@ -99,6 +99,14 @@ class JoinProcess:
             reader.join(10)
 
 
+def uncaught_tracebacks(stderr: list[str]) -> list[str]:
+    """Tracebacks in a node's stderr other than those hivemind's own logger prints with an
+    error it handled (e.g. "Averaging step failed: could not find a group", logged with its
+    stack by the averager's process): those are log lines, not crashes."""
+    return [line for previous, line in zip([""] + stderr, stderr)
+            if line.startswith("Traceback") and "[hivemind." not in previous]
+
+
 def test_sigterm_while_a_join_node_averages_exits_cleanly_with_its_last_checkpoint(swarm, tmp_path, fault):
     # Prepare: peer a in this process and `p2ptrain join` b on the same (only) path, so b
     # averages every module with a every round
@@ -160,7 +168,7 @@ def test_sigterm_while_a_join_node_averages_exits_cleanly_with_its_last_checkpoi
     tally.lost(fault, lost)
     assert lost == 0
     assert code == 0, "".join(b.stderr)[-3000:]
-    assert "Traceback" not in "".join(b.stderr)
+    assert not uncaught_tracebacks(b.stderr), "".join(b.stderr)[-3000:]
     assert left["round"] >= 1
     assert all(torch.isfinite(t).all() for group in checkpoint.groups.values() for t in group.values()
                if t.is_floating_point())
@@ -269,7 +277,7 @@ def test_a_full_disk_under_a_running_node_keeps_it_training_and_its_last_good_ch
     # left cleanly with its last round on disk
     errors = [line for line in node.stderr if "could not write the round" in line]
     assert errors and all(disk.error_text in line and "checkpoint stays" in line for line in errors), errors
-    assert "Traceback" not in "".join(node.stderr)
+    assert not uncaught_tracebacks(node.stderr), "".join(node.stderr)[-3000:]
     assert full_rounds[0] < full_rounds[1]
     lost = int(during is None or during.round < good or final is None or final.round != left["round"])
     tally.lost(fault, lost)
