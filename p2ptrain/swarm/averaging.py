@@ -6,8 +6,9 @@ mid all-reduce does not fail `step()`: the slice it was reducing silently keeps 
 survivor's own values. Our averager (ModuleAverager, with CheckedAllReduceRunner):
   * refuses parts of the wrong size, non-finite values and weights outside (0, tokens
     per round], banning the sender from that all-reduce and reporting it;
-  * reports the values a failed reducer left un-averaged, so every survivor can treat
-    that slice alike (the node skips it this round) instead of drifting apart;
+  * reports the whole slice of a reducer that failed us (even the parts it did return),
+    so every survivor can treat that slice alike (the node skips it this round) instead
+    of drifting apart;
   * reduces each slice with the run's aggregation rule (averaging.aggregation: hivemind's
     weighted mean, or CenteredClip / trimmed mean from aggregation.py, which bound what one
     sender can do), in a subclass of hivemind's reducer that keeps its wire format;
@@ -269,8 +270,12 @@ def _averager_class():
             container.register_processed_part = register_processed_part
 
             def register_failed_reducer(peer_index: int):
-                for part, _info in list(container._input_parts_by_peer[peer_index])[
-                        container._outputs_registered_by_peer[peer_index]:]:
+                # the reducer's whole slice, not only the parts it had not returned yet: a reducer
+                # that fails mid-way can have returned a different number of parts to each member
+                # (measured: one that raises after its first part left two honest peers one part
+                # apart, and with two voters no majority ever re-syncs them); skipping all of it
+                # keeps every member that saw it fail in agreement
+                for part, _info in container._input_parts_by_peer[peer_index]:
                     self.failed_ranges.append((part.storage_offset(), part.numel()))
                 register_failed(peer_index)
 

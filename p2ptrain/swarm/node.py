@@ -529,8 +529,9 @@ class SwarmNode:
             averaged = flat.clone()
         failed = outcome.get("failed", [])
         if failed:
-            # a reducer failed us: its slice holds our own values. Every survivor missed the
-            # same slice, so every survivor skips it this round and the globals stay equal.
+            # a reducer failed us: `failed` is its whole slice (even parts it returned before
+            # failing). Every survivor that saw it fail skips that same slice this round, so
+            # the globals stay equal.
             for offset, length in failed:
                 averaged[offset:offset + length] = 0.0
             result.partial = True

@@ -4,7 +4,7 @@ Every test that takes the `fault` fixture is one fault tried; it survived when t
 passed (its asserts are the survival criteria: honest peers keep training, agree, and
 lose nothing). At the end of the session a summary line is printed:
 
-    faults survived: N / N tried; bad inputs rejected: N / N; data lost: 0
+    faults survived: N / N tried; bad inputs rejected: N / N (and N valid inputs accepted); data lost: 0
 
 with a per-fault table, also written to bench-out/faults.json.
 """
@@ -40,13 +40,15 @@ def pytest_runtest_makereport(item, call):
 
 def summary_line() -> str:
     survived = sum(v == "survived" for v in tally.faults.values())
+    inputs = tally.hostile_totals()
+    bad = inputs["rejected"] + inputs["mishandled"]
     return (f"faults survived: {survived} / {len(tally.faults)} tried; bad inputs rejected: "
-            f"{tally.bad_inputs['rejected']} / {tally.bad_inputs['tried']}; "
+            f"{inputs['rejected']} / {bad} (and {inputs['accepted']} valid inputs accepted); "
             f"data lost: {sum(tally.data_lost.values())}")
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not tally.faults and not tally.bad_inputs:
+    if not tally.faults and not tally.hostile_inputs:
         return
     tr = terminalreporter
     tr.section("fault-injection suite")
@@ -55,10 +57,11 @@ def pytest_terminal_summary(terminalreporter):
     for name, outcome in sorted(tally.faults.items()):
         tr.write_line(f"| {name} | {outcome} | {tally.data_lost.get(name, 0)} |")
     tr.write_line("")
-    tr.write_line("| hostile input | tried | rejected cleanly |")
-    tr.write_line("|---|---|---|")
-    for kind, (tried, rejected) in sorted(tally.bad_inputs_by_kind.items()):
-        tr.write_line(f"| {kind} | {tried} | {rejected} |")
+    tr.write_line("| hostile input | tried | bad, rejected cleanly | valid, accepted | mishandled |")
+    tr.write_line("|---|---|---|---|---|")
+    for kind, counts in sorted(tally.hostile_inputs.items()):
+        tr.write_line(f"| {kind} | {sum(counts.values())} | {counts['rejected']} | {counts['accepted']} | "
+                      f"{counts['mishandled']} |")
     tr.write_line("")
     tr.write_line(summary_line())
     try:
@@ -66,7 +69,7 @@ def pytest_terminal_summary(terminalreporter):
         out.mkdir(exist_ok=True)
         (out / "faults.json").write_text(json.dumps({
             "faults": tally.faults, "data_lost": dict(tally.data_lost),
-            "bad_inputs": dict(tally.bad_inputs), "bad_inputs_by_kind": tally.bad_inputs_by_kind,
+            "hostile_inputs": {kind: dict(counts) for kind, counts in tally.hostile_inputs.items()},
             "summary": summary_line()}, indent=2, sort_keys=True) + "\n")
     except OSError:
         pass

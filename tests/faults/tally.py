@@ -7,18 +7,30 @@ from __future__ import annotations
 from collections import Counter
 
 faults: dict[str, str] = {}  # fault → "survived" | "FAILED"
-bad_inputs: Counter = Counter()  # "tried" / "rejected": hostile inputs fed to a parser or loader
-bad_inputs_by_kind: dict[str, list[int]] = {}  # kind → [tried, rejected]
 data_lost: Counter = Counter()  # fault → honest peers that lost their agreed state or checkpoints
 
+# Hostile inputs fed to a parser or loader, by kind, each with one outcome:
+#   rejected    refused cleanly (the parser's own error, or None with a reason)
+#   accepted    a valid message came out, and the test checked it is one (in bounds, round-trips)
+#   mishandled  anything else: an unexpected exception, or something let through that is not valid
+# A fuzzed input that happens to be valid is not a bad input: "bad inputs rejected" counts
+# rejected / (rejected + mishandled), and the accepted ones are reported next to it.
+OUTCOMES = ("rejected", "accepted", "mishandled")
+hostile_inputs: dict[str, Counter] = {}  # kind → Counter over OUTCOMES
 
-def bad_input(kind: str, rejected: bool) -> None:
-    """Record one hostile input and whether it was cleanly rejected (True) or let through."""
-    bad_inputs["tried"] += 1
-    bad_inputs["rejected"] += int(rejected)
-    entry = bad_inputs_by_kind.setdefault(kind, [0, 0])
-    entry[0] += 1
-    entry[1] += int(rejected)
+
+def hostile_input(kind: str, outcome: str) -> None:
+    """Record one hostile input of `kind` and how the code under test handled it."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {outcome!r}")
+    hostile_inputs.setdefault(kind, Counter())[outcome] += 1
+
+
+def hostile_totals() -> Counter:
+    total: Counter = Counter()
+    for counts in hostile_inputs.values():
+        total.update(counts)
+    return total
 
 
 def lost(fault: str, peers: int) -> None:

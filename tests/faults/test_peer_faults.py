@@ -17,6 +17,7 @@ import torch
 from p2ptrain.errors import SwarmError
 from p2ptrain.swarm.dht import start_dht
 from tests.faults import tally
+from tests.swarm.adversary import Adversary
 from tests.swarm.conftest import in_parallel, swarm_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.swarm, pytest.mark.timeout(600)]
@@ -111,6 +112,102 @@ def test_a_peer_sigkilled_mid_round_leaves_survivors_that_agree_and_keep_trainin
                               b.node.slots[module_id].outer.global_params) < 1e-3, module_id
     last = a.node.history[-1].modules
     assert all(sorted(last[m].group) == sorted([a.node.peer_id, b.node.peer_id]) for m in SHARED)
+
+
+def test_a_peer_sigkilled_while_reducing_leaves_survivors_that_resync_and_agree_again(swarm, tmp_path, fault):
+    # Prepare: survivors a and b in this process and a peer v that stalls mid all-reduce in
+    # a group of all three; one path, so every module is shared by all three
+    config = swarm_config("killed-peer", levels=(1,), averaging_timeout=15.0)
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(config.to_toml())
+    a = swarm.open(config, "0")
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
+    victim = subprocess.Popen(
+        [sys.executable, str(REPO / "tests/faults/stalling_peer.py"), str(tmp_path / "victim"), str(config_file),
+         "0", a.maddrs[0]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert _wait_for_line(victim, "JOINED", 120), "the stalling peer did not join"
+        deadline = time.monotonic() + 60
+        while len(a.node.fetch_peers()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        killed = threading.Event()
+
+        def kill_when_reducing():
+            if _wait_for_line(victim, "REDUCING", 200):
+                os.killpg(victim.pid, signal.SIGKILL)
+                killed.set()
+
+        killer = threading.Thread(target=kill_when_reducing, daemon=True)
+        killer.start()
+
+        # Execute: rounds until the one during which the victim dies (normally the first: on
+        # a loaded machine the victim may miss a group), then one more
+        for _ in range(MAX_ROUNDS_TO_FAIL):
+            in_parallel(lambda: a.node.run(max_rounds=1), lambda: b.node.run(max_rounds=1))
+            killer.join(5)
+            if killed.is_set():
+                break
+        in_parallel(lambda: a.node.run(max_rounds=1), lambda: b.node.run(max_rounds=1))
+    finally:
+        if victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+
+    # Assert: the round the victim died in left a module inconsistent (hivemind returned
+    # normally), and the survivors noticed it — right away through the fingerprints of the
+    # average, or at the next round through the global-state fingerprints in `gather`
+    # (the victim prints REDUCING only as a reducer in a group with both survivors; their
+    # all-reduce then returns with its slice missing, or fails and they step alone)
+    assert killed.is_set(), "the victim never became a reducer in a group with both survivors"
+    lost = peers_that_lost_state([a.node, b.node], len(a.node.history))
+    tally.lost(fault, lost)
+    assert lost == 0
+    assert len(a.node.history) == len(b.node.history)
+    (killed_a, next_a), (killed_b, next_b) = a.node.history[-2:], b.node.history[-2:]
+    shared = SHARED
+    noticed = [m for m in shared for r in (killed_a, killed_b, next_a, next_b)
+               if r.modules[m].partial or r.modules[m].resynced_from]
+    assert noticed, "no survivor noticed the partial all-reduce"
+    # the next round is consistent again: no partial average, and the same parameters
+    assert not any(r.modules[m].partial for r in (next_a, next_b) for m in shared)
+    for module_id in shared:
+        assert max_difference(a.node.slots[module_id].outer.global_params,
+                              b.node.slots[module_id].outer.global_params) < 1e-4, module_id
+    assert a.node.round == b.node.round == a.node.history[-1].round
+
+
+def test_a_reducer_that_raises_mid_all_reduce_leaves_survivors_that_agree_and_keep_training(swarm, tmp_path, fault):
+    # Prepare: honest a and b hold the only path; a stranger (a real hivemind peer that
+    # claims the path) joins L0.M0's all-reduce every round and, as a reducer, returns one
+    # averaged part to each sender and then raises
+    config = swarm_config("raising-reducer", levels=(1,), averaging_timeout=15.0, round_seconds=6.0)
+    a = swarm.open(config, "0")
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
+    stranger = Adversary(a, path=[0], module_id="L0.M0", lie={"raise_as_reducer": True})
+    rounds = 3
+    try:
+        stranger.start_rounds()
+
+        # Execute
+        in_parallel(lambda: a.node.run(max_rounds=rounds), lambda: b.node.run(max_rounds=rounds))
+    finally:
+        stranger.close()
+
+    # Assert: the stranger was in an all-reduce with both honest peers and its slice was
+    # left un-averaged there (the fault happened); both survivors skipped that same slice,
+    # ran every round, agree on every shared module and lost nothing
+    lost = peers_that_lost_state([a.node, b.node], rounds)
+    tally.lost(fault, lost)
+    assert lost == 0
+    with_stranger = [(ra.modules["L0.M0"], rb.modules["L0.M0"]) for ra, rb in zip(a.node.history, b.node.history)
+                     if stranger.peer_id in ra.modules["L0.M0"].group and stranger.peer_id in rb.modules["L0.M0"].group]
+    assert with_stranger, "the stranger never averaged with both honest peers"
+    assert any(ma.partial and mb.partial for ma, mb in with_stranger), "the stranger's reducer never failed anyone"
+    assert a.node.round == b.node.round
+    for module_id in SHARED:
+        assert max_difference(a.node.slots[module_id].outer.global_params,
+                              b.node.slots[module_id].outer.global_params) < 1e-3, module_id
 
 
 def test_too_few_peers_cost_a_bounded_wait_and_training_continues(swarm, fault):

@@ -10,9 +10,13 @@ for it), steps its averager at the end of every round of the run's schedule, and
   * claim any fingerprint and round in its record;
   * serve an oversized or random module state;
   * publish a run record of its own;
-  * lie in its records only, never joining an all-reduce (lie "average": False).
-As a reducer of its own slice it behaves (its own part counts with a tiny weight), so the
-tests measure what the honest reducers' checks do.
+  * lie in its records only, never joining an all-reduce (lie "average": False);
+  * as a reducer, return the first averaged part of its slice to each sender and then
+    raise, mid all-reduce (lie "raise_as_reducer": True): the way a buggy or crashing
+    reducer fails, as opposed to one that dies (hivemind answers the sender with an
+    INTERNAL_ERROR message and the sender's stream ends there).
+Otherwise, as a reducer of its own slice it behaves (its own part counts with a tiny
+weight), so the tests measure what the honest reducers' checks do.
 """
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ def _evil_averager_class():
                                                   group_id=self.group_id if first else b"", tensor_part=part,
                                                   weight=weight)
                 first = False
+
+        async def _accumulate_parts_streaming(self, stream, sender_index: int):
+            returned = 0
+            async for message in super()._accumulate_parts_streaming(stream, sender_index):
+                if self.lie.get("raise_as_reducer") and returned >= 1:
+                    raise RuntimeError("adversary: reducer fails mid all-reduce")
+                yield message
+                returned += 1
 
     # hivemind names its RPCs after the servicer class ("<prefix>::ModuleAverager.rpc_join_group"):
     # a peer that wants into p2ptrain's groups must use p2ptrain's class name
