@@ -117,7 +117,9 @@ def test_a_peer_sigkilled_mid_round_leaves_survivors_that_agree_and_keep_trainin
 def test_a_peer_sigkilled_while_reducing_leaves_survivors_that_resync_and_agree_again(swarm, tmp_path, fault):
     # Prepare: survivors a and b in this process and a peer v that stalls mid all-reduce in
     # a group of all three; one path, so every module is shared by all three
-    config = swarm_config("killed-peer", levels=(1,), averaging_timeout=15.0)
+    # a long all-reduce timeout: its chunk timeout (1/6 of it) must not fire between the two
+    # honest survivors on a loaded machine, or one of them skips the other's slice alone
+    config = swarm_config("killed-peer", levels=(1,), averaging_timeout=60.0)
     config_file = tmp_path / "run.toml"
     config_file.write_text(config.to_toml())
     a = swarm.open(config, "0")
@@ -181,7 +183,7 @@ def test_a_reducer_that_raises_mid_all_reduce_leaves_survivors_that_agree_and_ke
     # Prepare: honest a and b hold the only path; a stranger (a real hivemind peer that
     # claims the path) joins L0.M0's all-reduce every round and, as a reducer, returns one
     # averaged part to each sender and then raises
-    config = swarm_config("raising-reducer", levels=(1,), averaging_timeout=15.0, round_seconds=6.0)
+    config = swarm_config("raising-reducer", levels=(1,), averaging_timeout=30.0, round_seconds=6.0)
     a = swarm.open(config, "0")
     b = swarm.open(config, "0", initial_peers=a.maddrs)
     stranger = Adversary(a, path=[0], module_id="L0.M0", lie={"raise_as_reducer": True})
