@@ -19,17 +19,19 @@ from p2ptrain.swarm.slot import ModuleSlot
 logger = logging.getLogger(__name__)
 
 STATE_TIMEOUT_S = 30.0  # per-peer bound on a module state download
+MAX_SOURCES_TRIED = 4  # servers tried per download: with many holders, a few dead ones must not add up to minutes
 FRAMING_BYTES = 64 << 10  # serialisation overhead allowed on top of the raw fp32 state
 
 
 def fetch_verified_state(slot: ModuleSlot, sources: Sequence[str], reference: Vouch, codec_tolerance: float,
                          rejections: Rejections, own_peer_id: str) -> Optional[str]:
     """Adopt the module's state from the first of `sources` (tried in random order, so no
-    ordering can be ground for) that serves what `reference` vouched for; returns that
-    peer, or None when none did."""
+    ordering can be ground for, at most MAX_SOURCES_TRIED of them) that serves what
+    `reference` vouched for; returns that peer, or None when none did (the caller tries
+    again at its next check)."""
     candidates = [p for p in sources if p != own_peer_id]
     random.shuffle(candidates)
-    for peer in candidates:
+    for peer in candidates[:MAX_SOURCES_TRIED]:
         got = slot.averager.download_state_from(peer, timeout=STATE_TIMEOUT_S,
                                                 max_bytes=slot.state_bytes + FRAMING_BYTES,
                                                 what=f"module {slot.module_id} from …{peer[-8:]}")

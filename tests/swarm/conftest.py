@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -88,7 +90,12 @@ def in_parallel(*calls: Callable[[], object], timeout: float = 240.0) -> list:
         t.start()
     for t in threads:
         t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a node did not finish its rounds in time"
+    stuck = [t for t in threads if t.is_alive()]
+    if stuck:  # say where each stuck node is, or the failure cannot be read
+        frames = sys._current_frames()
+        stacks = "\n".join(f"--- call {threads.index(t)}:\n" + "".join(traceback.format_stack(frames[t.ident]))
+                           for t in stuck if t.ident in frames)
+        raise AssertionError(f"{len(stuck)} node(s) did not finish their rounds in {timeout:g} s:\n{stacks}")
     if errors:
         raise errors[0]
     return results
