@@ -4,7 +4,6 @@ by the majority."""
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 
@@ -122,40 +121,3 @@ def test_a_slow_peer_averages_with_smaller_weight_and_fast_peers_wait_at_most_th
         assert sorted(fast.modules["stem"].group) == both
         assert slow.tokens < fast.tokens
         assert fast.seconds_outer < 3 * config.averaging.matchmaking_time + config.averaging.averaging_timeout
-
-
-async def _bridge(_dht, node, peer_id: str, maddrs: list[str]) -> None:
-    """Connect this DHT node to a peer of the other half and put it in the routing table."""
-    from hivemind.p2p import PeerID
-    from hivemind.utils.multiaddr import Multiaddr
-    peer = PeerID.from_base58(peer_id)
-    await node.p2p._client.connect(peer, [Multiaddr(m.split("/p2p/")[0]) for m in maddrs])
-    await node.protocol.call_ping(peer)
-
-
-def test_a_half_that_trained_apart_is_detected_and_resynced_to_the_majority_within_two_rounds(swarm):
-    # Prepare: two halves of one run (the same config and round schedule) train apart on
-    # separate DHTs: a1 and a2 together, b alone
-    config = swarm_config("split-halves", levels=(1,), round_seconds=6.0)
-    a1 = swarm.open(config, "0")
-    a2 = swarm.open(config, "0", initial_peers=a1.maddrs)
-    b = swarm.open(config, "0")  # a new DHT: the other half
-    b.node.schedule = a1.node.schedule  # the same run, so the same clock
-    in_parallel(*[lambda n=n: n.node.run(max_rounds=2) for n in (a1, a2, b)])
-    assert max_difference(a1.node.slots["L0.M0"].outer.global_params,
-                          b.node.slots["L0.M0"].outer.global_params) > 1e-3  # two lineages
-
-    # Execute: bridge the halves' DHTs, then train two more rounds together
-    for x, y in ((b, a1), (a1, b)):
-        x.dht.run_coroutine(functools.partial(_bridge, peer_id=y.node.peer_id, maddrs=y.maddrs))
-    in_parallel(*[lambda n=n: n.node.run(max_rounds=2) for n in (a1, a2, b)])
-
-    # Assert: b, the minority, re-synced from the majority and says so; the majority did not
-    # move to b's lineage; all three agree at the end
-    resynced = [r.modules[m].resynced_from for r in b.node.history[-2:] for m in ("stem", "L0.M0")]
-    assert any(resynced) and set(filter(None, resynced)) <= {a1.node.peer_id, a2.node.peer_id}
-    assert not any(r.modules[m].resynced_from for n in (a1, a2) for r in n.node.history for m in r.modules)
-    for module_id in ("stem", "L0.M0"):
-        for other in (a2, b):
-            assert max_difference(a1.node.slots[module_id].outer.global_params,
-                                  other.node.slots[module_id].outer.global_params) < 1e-3, module_id
