@@ -9,14 +9,11 @@ mid-round. Usage: faulty_peer.py MODE HOME RUN_TOML PATH INITIAL_PEER
 
 import asyncio
 import sys
-from pathlib import Path
 
 from hivemind.averaging.allreduce import AllReduceRunner
 
-from p2ptrain.config import RunConfig
-from p2ptrain.data.corpus import load_documents
 from p2ptrain.swarm.averaging import module_averager_class
-from p2ptrain.swarm.join import JoinOptions, open_node
+from tests.faults.peer_process import join_and_train
 
 MIN_GROUP = 3
 mode, home, config_file, path, initial_peer = sys.argv[1:6]
@@ -48,13 +45,4 @@ elif mode == "while_sending":
 else:
     raise SystemExit(f"unknown mode {mode}")
 
-config = RunConfig.load(config_file)
-docs = load_documents(None, 4096)
-opened = open_node(JoinOptions(initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], path=path,
-                               run_config=config, device="cpu"), Path(home), lambda: docs)
-opened.node.publish_status()
-print("JOINED", flush=True)
-try:
-    opened.node.run(max_rounds=100)
-finally:
-    opened.close()
+join_and_train(home, config_file, path, initial_peer)

@@ -7,14 +7,10 @@ volunteer's machine dies mid-round. Usage: stalling_peer.py HOME RUN_TOML PATH I
 
 import asyncio
 import sys
-from pathlib import Path
 
 from hivemind.averaging.allreduce import AllReduceRunner
 
-from p2ptrain.config import RunConfig
-from p2ptrain.data.corpus import load_documents
-from p2ptrain.swarm.join import JoinOptions, open_node
-
+from tests.faults.peer_process import join_and_train
 
 healthy_rpc_aggregate_part = AllReduceRunner.rpc_aggregate_part
 
@@ -32,11 +28,4 @@ async def stall_in_a_full_group(self, stream, context):
 
 AllReduceRunner.rpc_aggregate_part = stall_in_a_full_group
 
-home, config_file, path, initial_peer = sys.argv[1:5]
-config = RunConfig.load(config_file)
-docs = load_documents(None, 4096)
-opened = open_node(JoinOptions(initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], path=path,
-                               run_config=config, device="cpu"), Path(home), lambda: docs)
-opened.node.publish_status()
-print("JOINED", flush=True)
-opened.node.run(max_rounds=100)
+join_and_train(*sys.argv[1:5])
