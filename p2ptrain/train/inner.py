@@ -50,12 +50,19 @@ def make_inner_optimizer(params: list[torch.nn.Parameter], cfg: InnerConfig) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas)
 
 
-def lr_at(step: int, cfg: InnerConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio × lr over total_rounds × H steps."""
+def lr_at(step: int, cfg: InnerConfig, position: int | None = None) -> float:
+    """Linear warm-up over this trainer's own first steps, then cosine decay to
+    min_lr_ratio × lr over total_rounds × H steps.
+
+    position: where the cosine stands, in nominal steps (the swarm's round × H), when the
+    node trains until each round's end: then a fast peer that takes more than H steps a
+    round does not run through the schedule sooner than its slower peers (default: step).
+    """
     total = max(cfg.total_rounds * cfg.steps_per_round, 1)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
+    at = step if position is None else max(position, cfg.warmup_steps)
+    progress = min((at - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -69,12 +76,20 @@ class InnerTrainer:
         self.device = device
         self.optimizer = make_inner_optimizer(list(model.parameters()), cfg)
         self.step_count = 0
+        self.schedule_position: int | None = None  # nominal step for the cosine (see lr_at); None: step_count
+        self.schedule_end: int | None = None  # ... which does not pass the end of the round in progress
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
 
+    def enter_round(self, round_: int) -> None:
+        """Time-based rounds: this round's steps follow the cosine from (round − 1) × H, at
+        most to round × H, however many steps the round holds."""
+        H = self.cfg.steps_per_round
+        self.schedule_position, self.schedule_end = (round_ - 1) * H, round_ * H
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the loss as a device tensor (no host sync here)."""
-        lr = lr_at(self.step_count, self.cfg)
+        lr = lr_at(self.step_count, self.cfg, self.schedule_position)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -86,6 +101,10 @@ class InnerTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
+        if self.schedule_position is not None:
+            self.schedule_position += 1
+            if self.schedule_end is not None:
+                self.schedule_position = min(self.schedule_position, self.schedule_end)
         return loss.detach()
 
 

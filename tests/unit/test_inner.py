@@ -150,3 +150,37 @@ def test_trainer_sets_the_scheduled_lr_on_every_group(tiny_run_state, stdlib_doc
 
     # Assert: the second step (step index 1) ran at 2/4 of the peak
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [pytest.approx(5e-3)] * 2
+
+
+class _Regression(torch.nn.Module):
+    """The smallest model with the (x, y) -> (output, loss) shape InnerTrainer calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y):
+        out = self.linear(x).squeeze(-1)
+        return out, torch.nn.functional.mse_loss(out, y)
+
+
+def test_time_based_rounds_follow_the_swarms_schedule_not_the_peers_step_count():
+    """A fast peer that takes 3 × H steps in a round keeps the lr of the round it is in."""
+    cfg = InnerConfig(optimizer="adamw", lr=1e-3, warmup_steps=10, steps_per_round=100, total_rounds=10,
+                      min_lr_ratio=0.1)
+    trainer = InnerTrainer(_Regression(), cfg, torch.device("cpu"))
+    x, y = torch.randn(8, 4), torch.randn(8)
+    for _ in range(20):  # past warm-up, before any round
+        trainer.step(x, y)
+    trainer.enter_round(6)  # nominal steps 500..600 of 1,000
+    trainer.step(x, y)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(500, cfg))
+    for _ in range(300):
+        trainer.step(x, y)
+    assert trainer.schedule_position == 600  # capped at the round's nominal end, not 801
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(600, cfg))
+    trainer.enter_round(7)
+    trainer.step(x, y)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(600, cfg))
+    # warm-up still counts this trainer's own steps: a late joiner ramps up first
+    assert lr_at(0, cfg, 500) == pytest.approx(1e-4)
