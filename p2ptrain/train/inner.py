@@ -70,10 +70,17 @@ def lr_at(step: int, cfg: InnerConfig, position: int | None = None) -> float:
 class InnerTrainer:
     """Owns the path model's inner optimizer and performs one step at a time."""
 
-    def __init__(self, model: torch.nn.Module, cfg: InnerConfig, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: InnerConfig, device: torch.device, accumulation: int = 1):
+        """accumulation: micro-batches per step. A step's batch is split into this many
+        chunks, each forward/backward on its own and their gradients summed, weighted by
+        chunk size: the gradient of the whole batch, with the activation memory of one
+        chunk. 1 (the default) is one forward/backward over the whole batch."""
+        if accumulation < 1:
+            raise ValueError(f"accumulation must be >= 1, got {accumulation}")
         self.model = model
         self.cfg = cfg
         self.device = device
+        self.accumulation = accumulation
         self.optimizer = make_inner_optimizer(list(model.parameters()), cfg)
         self.step_count = 0
         self.schedule_position: int | None = None  # nominal step for the cosine (see lr_at); None: step_count
@@ -92,10 +99,7 @@ class InnerTrainer:
         lr = lr_at(self.step_count, self.cfg, self.schedule_position)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        with self.autocast:
-            _, loss = self.model(x, y)
-        loss.backward()
+        loss = self.backward(x, y)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
@@ -106,6 +110,26 @@ class InnerTrainer:
             if self.schedule_end is not None:
                 self.schedule_position = min(self.schedule_position, self.schedule_end)
         return loss.detach()
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Accumulate the batch's mean-loss gradient into .grad, in `accumulation`
+        micro-batches; returns the batch's mean loss (detached, on the device)."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.accumulation == 1:
+            with self.autocast:
+                _, loss = self.model(x, y)
+            loss.backward()
+            return loss.detach()
+        total = torch.zeros((), device=self.device)
+        # every sequence has the same length, so the mean over the batch is the
+        # size-weighted mean of the micro-batches' means
+        for xm, ym in zip(x.chunk(self.accumulation), y.chunk(self.accumulation)):
+            share = xm.size(0) / x.size(0)
+            with self.autocast:
+                _, loss = self.model(xm, ym)
+            (loss * share).backward()
+            total += loss.detach().float() * share
+        return total
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

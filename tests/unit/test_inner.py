@@ -184,3 +184,26 @@ def test_time_based_rounds_follow_the_swarms_schedule_not_the_peers_step_count()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(600, cfg))
     # warm-up still counts this trainer's own steps: a late joiner ramps up first
     assert lr_at(0, cfg, 500) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("accumulation", [2, 3])
+def test_accumulated_micro_batch_gradients_equal_the_whole_batch_gradient(tiny_run_state, stdlib_docs, accumulation):
+    # Prepare: two identical models (same seed), one batch of 6 sequences
+    inner = tiny_run_state.config.inner
+    whole = InnerTrainer(build_model(tiny_run_state, (0, 0)), inner, CPU)
+    accumulated = InnerTrainer(build_model(tiny_run_state, (0, 0)), inner, CPU, accumulation=accumulation)
+    x, y = TokenStream(stdlib_docs[:20], ByteTokenizer()).sample(6, 32, torch.Generator().manual_seed(0))
+
+    # Execute
+    loss_whole = whole.backward(x, y)
+    loss_accumulated = accumulated.backward(x, y)
+
+    # Assert: the same mean loss and, tensor by tensor, the same gradient (to float rounding)
+    assert loss_accumulated.item() == pytest.approx(loss_whole.item(), rel=1e-6)
+    for (name, a), (_, b) in zip(whole.model.named_parameters(), accumulated.model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_accumulation_below_one_is_rejected(tiny_run_state):
+    with pytest.raises(ValueError, match="accumulation"):
+        InnerTrainer(build_model(tiny_run_state, (0, 0)), tiny_run_state.config.inner, CPU, accumulation=0)
