@@ -202,14 +202,31 @@ def make_session(state: RunState, path: PathIndex, docs: Sequence[Document], dat
 
 # ------------------------------------------------------------------ evaluation
 
-def heldout_sequences(state: RunState, docs: Sequence[Document],
-                      max_tokens_per_path: int) -> dict[PathIndex, list[torch.Tensor]]:
-    """Routed held-out documents, tokenised like `evaluate` does (doc + EOS, a capped prefix)."""
+SPLITS = ("validation", "test")
+
+
+def heldout_split(doc: Document) -> str:
+    """Which half of the held-out documents a document is in: "validation" (every setting
+    a benchmark picks is picked on it) or "test" (the reported numbers).
+
+    By the parity of the content hash's fifth byte; bytes 0-3 already decided held-out vs
+    training (corpus.split_heldout), so the halves are disjoint from each other and from
+    training, and fixed: the same documents for every seed."""
+    return "validation" if doc.digest[4] % 2 == 0 else "test"
+
+
+def heldout_sequences(state: RunState, docs: Sequence[Document], max_tokens_per_path: int,
+                      split: str | None = None) -> dict[PathIndex, list[torch.Tensor]]:
+    """Routed held-out documents, tokenised like `evaluate` does (doc + EOS, a capped prefix);
+    split: only that half of them (see heldout_split), None: all."""
+    assert split in (None, *SPLITS), split
     tokenizer = load_tokenizer(state.config.data.tokenizer)
     out = {}
     for path, path_docs in heldout_by_path(state, docs).items():
         sequences, budget = [], max_tokens_per_path
         for doc in path_docs:
+            if split is not None and heldout_split(doc) != split:
+                continue
             if budget <= 0:
                 break
             ids = (list(tokenizer.encode(doc.text)) + [tokenizer.eos_id])[: budget + 1]
