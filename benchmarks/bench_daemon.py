@@ -71,7 +71,8 @@ def run_config(path: Path, steps: int, round_seconds: float) -> Path:
         "grid": {"levels": [2, 2], "blocks_per_level": 1},
         "router": {"kmeans_iters": 5, "sample_docs": 500},
         "inner": {"batch_size": 8, "steps_per_round": steps, "warmup_steps": 1},
-        "averaging": {"matchmaking_time": 3.0, "averaging_timeout": 30.0, "round_seconds": round_seconds},
+        "averaging": {"matchmaking_time": 3.0, "averaging_timeout": 30.0, "round_seconds": round_seconds,
+                      "fill_round": False},
     })
     path.write_text(config.to_toml())
     return path

@@ -79,7 +79,7 @@ def phase_config(run_id: str, round_seconds: float, steps_per_round: int, matchm
         "router": {"kmeans_iters": 5, "sample_docs": 500},
         "inner": {"batch_size": 4, "steps_per_round": steps_per_round, "warmup_steps": 1},
         "averaging": {"compression": "fp16", "matchmaking_time": matchmaking_time, "averaging_timeout": 30.0,
-                      "round_seconds": round_seconds, "overlap": False},
+                      "round_seconds": round_seconds, "overlap": False, "fill_round": False},
     })
 
 

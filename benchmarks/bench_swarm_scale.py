@@ -41,7 +41,7 @@ def tiny_config(run_id: str) -> RunConfig:
         "grid": {"levels": [2, 2], "blocks_per_level": 1},
         "router": {"kmeans_iters": 5, "sample_docs": 500},
         "inner": {"batch_size": 2, "steps_per_round": 2, "warmup_steps": 1},
-        "averaging": {"matchmaking_time": 5.0, "averaging_timeout": 120.0},
+        "averaging": {"matchmaking_time": 5.0, "averaging_timeout": 120.0, "fill_round": False},
     })
 
 

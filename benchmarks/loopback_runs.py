@@ -28,6 +28,7 @@ def loopback_config(n_peers: int, overlap: bool, steps_per_round: int, rounds: i
     config.inner.warmup_steps = min(config.inner.warmup_steps, steps_per_round)
     config.averaging.matchmaking_time = matchmaking_time
     config.averaging.overlap = overlap
+    config.averaging.fill_round = False  # the simulator's capped rounds
     return config
 
 
@@ -67,7 +68,7 @@ def summarize(result: dict, config: RunConfig, n_peers: int) -> dict:
         "tokens_per_step": config.inner.batch_size * config.model.context,
         "completed_peers": len(per_peer),
         "wall_per_round_s": statistics.median(wall_per_peer),
-        "utilization": bench_swarm.utilization(result),
+        "utilization": bench_swarm.training_thread_share(result),
         "outer_s": statistics.median(e["seconds_outer"] for events in per_peer for e in events),
         "mean_group": {k: (statistics.mean(v) if v else 0.0) for k, v in groups.items()},
         "resync_fraction": sum(len(e["resynced"]) for events in per_peer for e in events) / max(module_rounds, 1),

@@ -301,6 +301,10 @@ def _install_stop_handlers(stop_event) -> None:
               help="With --new-swarm: a closed run; only peers you invite (`p2ptrain invite PEER_ID`) take part.")
 @click.option("--credential", default=None, type=click.Path(dir_okay=False),
               help="Your invite to a closed run (a file printed by `p2ptrain invite` on the creator's machine).")
+@click.option("--upload-mbps", default=None, type=click.FloatRange(0, min_open=True),
+              help="Your upload bandwidth in Mbit/s: each all-reduce gives peers reducing work in proportion to "
+                   "their links (within 4x of the group's median), so a slow link carries less. [default: "
+                   "unknown, counted as the group's mean]")
 # --- monitoring (issue 13)
 @click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
               help="Serve Prometheus metrics at http://HOST:PORT/metrics and a dashboard at http://HOST:PORT/ "
@@ -311,7 +315,7 @@ def _install_stop_handlers(stop_event) -> None:
 @json_option
 def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, announce_maddrs, client_mode,
          new_swarm, run_id, path_text, device, identity, no_identity, max_rounds, max_minutes, wait_for_peers,
-         closed, credential, metrics_port, metrics_host, as_json) -> None:
+         closed, credential, upload_mbps, metrics_port, metrics_host, as_json) -> None:
     """Join a swarm (or start one with --new-swarm) and train a path with it.
 
     Prints this node's multiaddrs; others join with --initial-peers ADDR.
@@ -329,7 +333,8 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
     options = JoinOptions(initial_peers=peers, new_swarm=new_swarm, host_maddrs=list(host_maddrs) or PUBLIC_MADDRS,
                           announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode,
                           identity_path=_identity(home, identity, no_identity), path=path_text, run_config=given,
-                          run_id=run_id, device=device, closed=closed, credential=_read_credential(credential))
+                          run_id=run_id, device=device, closed=closed, credential=_read_credential(credential),
+                          upload_mbps=upload_mbps)
     if closed and not new_swarm:
         from p2ptrain.errors import SwarmError
         raise SwarmError("--closed goes with --new-swarm: only a run's creator decides who may join it")
@@ -402,7 +407,9 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
                       "seconds_outer": report.seconds_outer, "seconds_wall": report.seconds_wall,
                       "peers_per_module": modules,
                       "resynced": [m for m, r in report.modules.items() if r.resynced_from],
-                      "partial": [m for m, r in report.modules.items() if r.partial]})
+                      "partial": [m for m, r in report.modules.items() if r.partial],
+                      # tensor-part bytes this node's averagers sent (the codec's payload, no framing)
+                      "bytes_sent_per_module": {m: r.bytes_sent for m, r in report.modules.items()}})
             else:
                 peers_text = "  ".join(f"{m}:{n}" for m, n in modules.items())
                 click.echo(f"round {report.round:>4}  loss {report.loss:6.3f}  {report.tokens_per_s:>9,.0f} tok/s  "

@@ -111,8 +111,11 @@ class AveragingConfig:
     target_group_size: int = _f(64, "Most peers in one all-reduce group", lo=2, hi=4096)
     round_seconds: float = _f(30.0, "Wall-clock length of a round on the swarm's shared schedule (DHT time): "
                                     "every node ends its inner steps at the same moments, so peers that join at "
-                                    "any time average together; a node runs at most inner.steps_per_round steps "
-                                    "a round", unit="s", lo=1.0, hi=86400.0)
+                                    "any time average together", unit="s", lo=1.0, hi=86400.0)
+    fill_round: bool = _f(True, "Train until the round's end however many steps that takes (the average "
+                                "weighs tokens, and the lr schedule follows rounds of inner.steps_per_round "
+                                "nominal steps); false: stop after inner.steps_per_round steps and wait for the "
+                                "round's end, so a fast machine idles")
     overlap: bool = _f(False, "Average in the background during the next inner steps; apply one round late")
     sync_tolerance: float = _f(0.0, "Relative fingerprint difference above which peers re-sync a module "
                                     "(0: the wire codec's own bound)", lo=0.0, hi=1.0)

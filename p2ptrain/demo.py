@@ -33,7 +33,8 @@ def demo_config(rounds: int, steps_per_round: int) -> str:
     config.inner.total_rounds = rounds
     config.inner.warmup_steps = min(config.inner.warmup_steps, steps_per_round)
     config.averaging.matchmaking_time = 4.0
-    # H steps take ~11 s on 2 shared cores with 4 peers; the rest of the round is averaging
+    # 25 steps (the lr schedule's nominal round) take ~11 s on 2 shared cores with 4 peers;
+    # peers train until the round's end (averaging.fill_round), so no core idles waiting for it
     config.averaging.round_seconds = 16.0
     config.validate("demo")
     return config.to_toml()

@@ -656,7 +656,8 @@ def _drive(daemon: Daemon, node, max_rounds: int | None, max_minutes: float | No
     pacer.apply_threads()
     pacer.round_started(xfer.total_bytes if xfer else None)
     from p2ptrain.swarm.progress import StepProgress
-    steps = StepProgress(node.cfg.inner.steps_per_round, first_step=node.session.inner.step_count)
+    cap = None if node.cfg.averaging.fill_round else node.cfg.inner.steps_per_round
+    steps = StepProgress(cap, first_step=node.session.inner.step_count)
 
     def on_step(report) -> None:
         if watched is not None:

@@ -109,6 +109,59 @@ def make_compression(name: str):
     return {"none": NoCompression, "fp16": Float16Compression, "8bit": BlockwiseQuantization}[name]()
 
 
+BANDWIDTH_CLAIM_RANGE = 4.0  # a peer's reduce share follows its claimed bandwidth within 4x of the group's median
+
+
+def balanced_bandwidths(claims: Sequence[Any], client: Sequence[bool]) -> list[Optional[float]]:
+    """The bandwidths the all-reduce's load balancing may use, from what each group member
+    claimed in its gather data (a stranger's word): a claim that is not a finite number ≥ 0
+    counts as "not said" (None: the group's mean), client-mode peers reduce nothing (0), and
+    every positive claim is clamped to [median / 4, median × 4] of the positive claims, so
+    a peer that claims a huge link takes at most 4× a median member's share of the reducing,
+    not the whole module (a reducer sees, and returns, the slices it reduces)."""
+    valid: list[Optional[float]] = []
+    for claim, is_client in zip(claims, client):
+        ok = isinstance(claim, (int, float)) and not isinstance(claim, bool) and math.isfinite(claim) and claim >= 0
+        valid.append(0.0 if is_client else (float(claim) if ok else None))
+    positive = sorted(v for v in valid if v)
+    if not positive:
+        return [None if v is None or v > 0 else 0.0 for v in valid]
+    median = positive[len(positive) // 2]
+    lo, hi = median / BANDWIDTH_CLAIM_RANGE, median * BANDWIDTH_CLAIM_RANGE
+    return [v if not v else min(max(v, lo), hi) for v in valid]
+
+
+MAX_SHARE_OF_EQUAL = 2.0  # no member reduces more than twice an equal share of a module
+
+
+def capped_shares(sizes: Sequence[int], client: Sequence[bool], cap: float = MAX_SHARE_OF_EQUAL) -> tuple[int, ...]:
+    """Reduce shares (values per member, as hivemind's load balancing returns them) with no
+    member above `cap` × an equal share of the averaging members: load balancing is a
+    minimax — when the slowest links set the pace it hands all the reducing to the fastest
+    claim, and a reducer decides what its slice's average is. The excess goes to the other
+    averaging members, in proportion to their shares (evenly if they have none)."""
+    sizes = [int(v) for v in sizes]
+    total, members = sum(sizes), [i for i, c in enumerate(client) if not c]
+    if total == 0 or len(members) < 2:
+        return tuple(sizes)
+    limit = math.ceil(cap * total / len(members))
+    while True:
+        over = [i for i in members if sizes[i] > limit]
+        if not over:
+            return tuple(sizes)
+        excess = sum(sizes[i] - limit for i in over)
+        for i in over:
+            sizes[i] = limit
+        room = [i for i in members if sizes[i] < limit]
+        base = sum(sizes[i] for i in room)
+        given = 0
+        for k, i in enumerate(room):
+            add = (excess - given if k == len(room) - 1 else
+                   (excess * sizes[i] // base if base else excess // len(room)))
+            sizes[i] += add
+            given += add
+
+
 SERVED_WAIT_S = 5.0  # at most this long for our reducer's last replies before reporting bytes
 
 
@@ -411,10 +464,11 @@ def _averager_class():
                     except Exception:  # undecodable: the node's protocol parser rejects None
                         user_gathered[peer_id] = None
                 modes = tuple(map(AveragingMode, mode_ids))
-                download_bandwidths = [thr if mode != AveragingMode.CLIENT else 0.0
-                                       for thr, mode in zip(bandwidths, modes)]
+                is_client = [m == AveragingMode.CLIENT for m in modes]
+                download_bandwidths = balanced_bandwidths(bandwidths, is_client)
                 peer_fractions = await asyncio.get_event_loop().run_in_executor(
                     None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size)
+                peer_fractions = capped_shares(peer_fractions, is_client)
                 claimed_weights = self._claimed_weights(user_gathered)
                 async with enter_asynchronously(self.get_tensors()) as local_tensors:
                     runner = await self._run_allreduce_inplace_(local_tensors, group_info,

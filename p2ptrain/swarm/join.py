@@ -47,6 +47,7 @@ class JoinOptions:
     catch_up: bool = True
     closed: bool = False  # creating a run: only peers invited by this node (`p2ptrain invite`) may join
     credential: str | None = None  # joining a closed run: the creator's invite (the text of the file)
+    upload_mbps: float | None = None  # this node's upload link: its share of each all-reduce's reducing
 
 
 @dataclass
@@ -166,7 +167,7 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
         schedule = RoundSchedule(published.created, state.config.averaging.round_seconds)
         feed = docs_loader if hasattr(docs_loader, "begin_round") else None  # registered data sources
         node = SwarmNode(state, session, dht, records, schedule, client_mode=options.client_mode, maddrs=maddrs,
-                         feed=feed)
+                         feed=feed, upload_mbps=options.upload_mbps)
         node.credential = credential
         opened = OpenNode(node, dht, state, created, published.creator, maddrs, ckpt.round if ckpt else None)
         if options.catch_up:

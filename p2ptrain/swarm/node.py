@@ -3,9 +3,9 @@ DiLoCo outer step per module averaged with the module's holders, then a majority
 of every module's state, progress records and a checkpoint.
 
 Round rule (see schedule.py): round r ends at the same DHT time on every node. A node
-trains until then (at most inner.steps_per_round steps; a step that would end after the
-deadline is not started), then looks for the holders of each module, who arrive at the
-same moment. Peers that arrive within the matchmaking window (at most 3× it) average
+trains until then (a step that would end after the deadline is not started; with
+averaging.fill_round off, at most inner.steps_per_round steps), then looks for the
+holders of each module, who arrive at the same moment. Peers that arrive within the matchmaking window (at most 3× it) average
 together, weighted by tokens; a module whose holders are all gone or suspended is
 updated with the node's own pseudo-gradient without waiting. So a slow peer delays fast
 ones by at most the window, and a lone peer never waits at all.
@@ -42,7 +42,7 @@ from p2ptrain.swarm.protocol import Rejections, RoundClaim, parse
 from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, new_peer_record,
                                     status_record_fields)
 from p2ptrain.swarm.schedule import RoundSchedule
-from p2ptrain.swarm.slot import ModuleSlot
+from p2ptrain.swarm.slot import ModuleSlot, tokens_per_round
 from p2ptrain.swarm.state_transfer import fetch_verified_state
 from p2ptrain.swarm.suspension import Suspension
 from p2ptrain.train.offload import off_device
@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 SYNC_POLL_S, SYNC_POLL_MAX_S = 0.2, 2.0  # reads of the holders' post-round fingerprints
 CATCH_UP_ATTEMPTS = 3  # reads of the holders' records before a newcomer starts from its own state
+UNLIMITED_STEPS = 1 << 40  # fill_round: the round's deadline, not a step count, ends the inner loop
 STOP_GRACE_S = 30.0  # how long a stopping node lets the averaging in flight finish (systemd waits 90 s)
 
 
@@ -120,7 +121,7 @@ class StepDeadline:
 class SwarmNode:
     def __init__(self, run_state: RunState, session: PathSession, dht, records: SwarmRecords,
                  schedule: RoundSchedule, client_mode: bool = False, maddrs: list[str] | None = None,
-                 feed=None):
+                 feed=None, upload_mbps: float | None = None):
         self.run_state = run_state
         self.cfg = run_state.config
         self.session = session
@@ -134,7 +135,8 @@ class SwarmNode:
         self.since_install: dict | None = None  # the ledger's totals, published in our record
         self._read_since_install()
         self.credential: str | None = None  # closed runs: the creator's invite, shown in our record
-        self.slots = {m: ModuleSlot(m, session, dht, run_state, client_mode) for m in session.module_ids}
+        self.slots = {m: ModuleSlot(m, session, dht, run_state, client_mode, upload_mbps)
+                      for m in session.module_ids}
         self.codec_tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
         self.history: list[RoundReport] = []
         self.sync: dict[str, ModuleSync] = {}
@@ -285,12 +287,17 @@ class SwarmNode:
         return any(slot.round < round_ - lag for slot in self.slots.values())
 
     def run_round(self, round_: int, on_step=None) -> Optional[RoundReport]:
-        H = self.cfg.inner.steps_per_round
+        # time-based rounds: train until the round's end whatever our speed (tokens weigh the
+        # average), following the swarm's lr schedule; else at most H steps, then wait
+        fill = self.cfg.averaging.fill_round
+        H = UNLIMITED_STEPS if fill else self.cfg.inner.steps_per_round
+        if fill:
+            self.session.inner.enter_round(round_)
         end = self.schedule.end_of(round_)
         # --- data: pick up added or changed files of the registered sources (only those are re-read)
         if self.feed is not None:
             self.feed.begin_round(self.session)
-        # --- inner: steps until the round's end on the swarm's clock, at most H of them
+        # --- inner: steps until the round's end on the swarm's clock (at most H of them unless filling)
         self.phase = "training"
         t0 = time.perf_counter()
         tokens, losses, inner_seconds = 0, [], 0.0
@@ -318,7 +325,7 @@ class SwarmNode:
                 return None
         if tokens == 0:
             return None  # entered too late for even one step: the next round is ours
-        # a node that reached H steps early waits for the round's end: everyone averages at once
+        # a node that reached H steps early (fill_round off) waits for the round's end: everyone averages at once
         self.schedule.sleep_until(end, self.stop_requested)
         if self.stop_requested.is_set():
             self._abandon_round()
@@ -413,7 +420,7 @@ class SwarmNode:
         """
         peers = self.fetch_peers()
         avg_cfg = self.cfg.averaging
-        weight = int(max(tokens, 1))
+        weight = int(min(max(tokens, 1), tokens_per_round(self.run_state)))  # a larger claim would be refused
         admission = self.admission(peers)
         controls, own, results, asked_at = {}, {}, {}, {}
         for module_id, slot in self.slots.items():

@@ -64,9 +64,10 @@ class TransferProgress:
 class StepProgress:
     """Inner-step progress for a log: `update(round, step, loss, tokens_per_s)` after steps
     (`step` counts this node's inner steps); a line every `every_s` seconds.
-    `new_round(step)` when a round ends. `steps_per_round` is the round's cap (H)."""
+    `new_round(step)` when a round ends. `steps_per_round` is the round's cap (H); None when
+    the node trains until the round's end (averaging.fill_round)."""
 
-    def __init__(self, steps_per_round: int, first_step: int = 0, every_s: float = 30.0,
+    def __init__(self, steps_per_round: Optional[int], first_step: int = 0, every_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic, emit: Optional[Callable[[str], None]] = None):
         self.steps_per_round, self.every_s, self.clock = steps_per_round, every_s, clock
         self.emit = emit or logger.info
@@ -81,7 +82,8 @@ class StepProgress:
         if now - self.last_line < self.every_s:
             return None
         self.last_line = now
-        line = (f"round {round_}: inner step {step - self.round_started_at_step} of at most "
-                f"{self.steps_per_round}, loss {loss:.3f}, {tokens_per_s:,.0f} tok/s")
+        cap = "" if self.steps_per_round is None else f" of at most {self.steps_per_round}"
+        line = (f"round {round_}: inner step {step - self.round_started_at_step}{cap}, loss {loss:.3f}, "
+                f"{tokens_per_s:,.0f} tok/s")
         self.emit(line)
         return line

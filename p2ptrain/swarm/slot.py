@@ -19,10 +19,18 @@ from p2ptrain.swarm.signals import children_ignore_sigint
 from p2ptrain.train.session import PathSession
 
 
+FILL_WEIGHT_STEPS = 4  # time-based rounds: a round's weight counts at most 4 × H steps of tokens
+
+
 def tokens_per_round(run_state: RunState) -> int:
-    """The most tokens a node can train in a round: the cap on any declared all-reduce weight."""
+    """The most tokens a round's average may weigh for one node: the cap on any declared
+    all-reduce weight (a larger claim is refused as a lie). With time-based rounds
+    (averaging.fill_round) a fast machine takes more than H steps, so the cap is 4 × H
+    steps' tokens and a node above it declares the cap: a peer with a 10× GPU trains 10×
+    the steps on its own copy but weighs at most 4 nominal rounds in the average."""
     cfg = run_state.config
-    return cfg.inner.batch_size * cfg.model.context * cfg.inner.steps_per_round
+    steps = cfg.inner.steps_per_round * (FILL_WEIGHT_STEPS if cfg.averaging.fill_round else 1)
+    return cfg.inner.batch_size * cfg.model.context * steps
 
 
 class ModuleSlot:
@@ -34,7 +42,8 @@ class ModuleSlot:
     the state to peers.
     """
 
-    def __init__(self, module_id: str, session: PathSession, dht, run_state: RunState, client_mode: bool):
+    def __init__(self, module_id: str, session: PathSession, dht, run_state: RunState, client_mode: bool,
+                 upload_mbps: float | None = None):
         cfg = run_state.config.averaging
         self.module_id = module_id
         self.outer = session.outer[module_id]
@@ -62,6 +71,9 @@ class ModuleSlot:
                 # of failing the whole round; the slice it was reducing is reported as un-averaged
                 next_chunk_timeout=max(2.0, cfg.averaging_timeout / 6),
                 compression=make_compression(cfg.compression), part_size_bytes=part_bytes, client_mode=client_mode,
+                # our share of the reducing follows our upload link (others' claims are clamped:
+                # averaging.balanced_bandwidths); None: the group's mean
+                bandwidth=upload_mbps,
                 declare_state_period=min(30.0, 6 * mm))
 
     @contextlib.contextmanager

@@ -37,7 +37,7 @@ def byzantine_config(run_id: str, rule: str, *, d_model: int = 64, steps_per_rou
         "router": {"kmeans_iters": 5, "sample_docs": 500},
         "inner": {"batch_size": 8, "steps_per_round": steps_per_round, "warmup_steps": 1, "lr": 3e-3},
         "averaging": {"compression": compression, "matchmaking_time": 4.0, "averaging_timeout": 30.0,
-                      "round_seconds": round_seconds, "aggregation": rule},
+                      "round_seconds": round_seconds, "aggregation": rule, "fill_round": False},
     })
 
 

@@ -20,9 +20,11 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 def swarm_config(run_id: str, *, levels=(2, 2), stem: str = "shared", compression: str = "fp16",
                  steps_per_round: int = 3, averaging_timeout: float = 30.0, round_seconds: float = 5.0,
-                 overlap: bool = False) -> RunConfig:
+                 overlap: bool = False, fill_round: bool = False) -> RunConfig:
     """A run small enough that rounds take well under a second of compute; rounds end every
-    round_seconds on the swarm's clock."""
+    round_seconds on the swarm's clock. Peers stop at steps_per_round steps and wait for the
+    round's end (fill_round off) unless a test is about filling rounds: a dozen tiny peers
+    training flat out would starve their own averagers on 2 cores."""
     return RunConfig.from_dict({
         "run": {"id": run_id, "seed": 0},
         "model": {"d_model": 32, "n_heads": 2, "context": 32},
@@ -31,7 +33,8 @@ def swarm_config(run_id: str, *, levels=(2, 2), stem: str = "shared", compressio
         "inner": {"batch_size": 4, "steps_per_round": steps_per_round, "warmup_steps": 1},
         # generous windows: a loaded 2-core CI machine must still group every peer
         "averaging": {"compression": compression, "matchmaking_time": 4.0,
-                      "averaging_timeout": averaging_timeout, "round_seconds": round_seconds, "overlap": overlap},
+                      "averaging_timeout": averaging_timeout, "round_seconds": round_seconds, "overlap": overlap,
+                      "fill_round": fill_round},
     })
 
 

@@ -126,3 +126,30 @@ def test_overlapped_averaging_lands_one_round_late_and_peers_still_agree(swarm):
             assert (x - y).abs().max().item() < 1e-4
         for name, value in a.node.session.local_state(module_id).items():
             assert torch.equal(value, a.node.slots[module_id].outer.global_state()[name])
+
+
+def test_a_peer_on_a_fast_link_reduces_more_of_a_module_and_the_average_is_unchanged(swarm):
+    # Prepare: three holders of one path's modules; a says its upload is 100 Mbit/s, b and c 10
+    config = swarm_config("links", levels=(1,), compression="none")
+    a = swarm.open(config, "0", upload_mbps=100.0)
+    b = swarm.open(config, "0", initial_peers=a.maddrs, upload_mbps=10.0)
+    c = swarm.open(config, "0", initial_peers=a.maddrs, upload_mbps=10.0)
+    nodes = [a.node, b.node, c.node]
+    for node in nodes:
+        node.session.inner_steps(3)
+
+    # Execute: one outer step together
+    reports = in_parallel(*[lambda n=n: n.outer_step(1, tokens=100) for n in nodes])
+
+    # Assert: all three averaged; a reduced twice an equal share (the cap), b and c the rest
+    # (with shares f, a member receives 2·f of the module from the other two senders and the
+    # reduced 1 − f back: a 5/3 of the module, b and c 7/6 each), and all agree exactly
+    module = "L0.M0"
+    values = sum(p.numel() for p in a.node.slots[module].outer.global_params)
+    received = [r[module].bytes_received for r in reports]
+    assert all(len(r[module].group) == 3 for r in reports)
+    assert received[0] == pytest.approx(4 * values * 5 / 3, rel=0.01)
+    assert received[1] == pytest.approx(4 * values * 7 / 6, rel=0.01) == received[2]
+    for other in (b.node, c.node):
+        for x, y in zip(a.node.slots[module].outer.global_params, other.slots[module].outer.global_params):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)

@@ -121,3 +121,38 @@ def test_a_slow_peer_averages_with_smaller_weight_and_fast_peers_wait_at_most_th
         assert sorted(fast.modules["stem"].group) == both
         assert slow.tokens < fast.tokens
         assert fast.seconds_outer < 3 * config.averaging.matchmaking_time + config.averaging.averaging_timeout
+
+
+def test_time_based_rounds_keep_every_peer_training_until_the_rounds_end(swarm):
+    # Prepare: rounds filled to their end (averaging.fill_round), H = 3 nominal steps; b's every
+    # inner step takes 0.2 s longer (a slower machine)
+    config = swarm_config("fill-round", levels=(1,), round_seconds=6.0, steps_per_round=3, fill_round=True)
+    a = swarm.open(config, "0")
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
+    step = b.node.session.inner.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.2)
+        return step(*args, **kwargs)
+
+    b.node.session.inner.step = slow_step
+
+    # Execute
+    in_parallel(lambda: a.node.run(max_rounds=3), lambda: b.node.run(max_rounds=3))
+
+    # Assert: both trained far past H steps every round instead of idling after H, averaged
+    # together every round with their tokens as weights, kept the round's lr schedule, and agree
+    tokens_per_step = config.inner.batch_size * config.model.context
+    H = config.inner.steps_per_round
+    both = sorted([a.node.peer_id, b.node.peer_id])
+    assert [r.round for r in a.node.history] == [r.round for r in b.node.history]
+    for fast, slow in zip(a.node.history, b.node.history):
+        assert sorted(fast.modules["stem"].group) == both
+    for fast, slow in zip(a.node.history[1:], b.node.history[1:]):  # round 1 may be entered late
+        assert slow.tokens > 2 * H * tokens_per_step and fast.tokens > slow.tokens
+    for peer in (a, b):
+        last = peer.node.history[-1].round
+        assert peer.node.session.inner.schedule_position == last * H  # capped at the round's nominal end
+    for module_id in ("stem", "L0.M0"):
+        assert max_difference(a.node.slots[module_id].outer.global_params,
+                              b.node.slots[module_id].outer.global_params) < 1e-3, module_id

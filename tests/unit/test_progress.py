@@ -57,6 +57,14 @@ def test_inner_step_progress_counts_steps_within_the_round():
                      "round 8: inner step 50 of at most 500, loss 3.000, 1,600 tok/s"]
 
 
+def test_time_based_rounds_have_no_step_cap_to_show():
+    clock, lines = FakeClock(), []
+    progress = StepProgress(steps_per_round=None, first_step=0, every_s=30, clock=clock, emit=lines.append)
+    clock.now += 31
+    progress.update(3, 620, 2.5, 900.0)
+    assert lines == ["round 3: inner step 620, loss 2.500, 900 tok/s"]
+
+
 def test_byte_counts_read_in_decimal_units():
     assert [human_bytes(n) for n in (512, 1_500, 2_000_000, 3_200_000_000)] == ["512 B", "1.5 kB", "2.0 MB",
                                                                              "3.2 GB"]

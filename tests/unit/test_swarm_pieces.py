@@ -10,7 +10,10 @@ import torch
 
 from p2ptrain.errors import SwarmError
 from p2ptrain.model.grid import Grid
-from p2ptrain.swarm.averaging import averaging_part_bytes, fingerprint, fingerprint_distance, sync_tolerance
+from hivemind.averaging.load_balancing import load_balance_peers
+
+from p2ptrain.swarm.averaging import (averaging_part_bytes, balanced_bandwidths, capped_shares, fingerprint,
+                                      fingerprint_distance, sync_tolerance)
 from p2ptrain.swarm.dht import check_maddrs, parse_bootstrap_text
 from p2ptrain.swarm.membership import least_covered_path, module_coverage
 from p2ptrain.swarm.records import averager_prefix, new_peer_record, peers_key, run_key
@@ -76,3 +79,22 @@ def test_coverage_counts_live_holders_and_a_joiner_takes_the_least_covered_path(
 def test_every_dht_key_is_prefixed_by_the_run_id():
     assert run_key("r1") == "r1_run" and peers_key("r1") == "r1_peers"
     assert averager_prefix("r1", "L0.M1") == "r1_avg_L0_M1"
+
+
+def test_reduce_shares_follow_claimed_links_but_no_claim_takes_over_a_module():
+    members = [False] * 4
+    # honest links: a slow one reduces less (here nothing: its own upload already sets the pace)
+    shares = capped_shares(load_balance_peers(1000, balanced_bandwidths([100.0, 50.0, 25.0, 10.0], members)),
+                           members)
+    assert sum(shares) == 1000 and shares[0] > shares[1] > shares[2] >= shares[3]
+    # a stranger claiming a huge link is clamped to 4x the median claim, and its share to 2x an equal one
+    bandwidths = balanced_bandwidths([1e12, 10.0, 10.0], [False] * 3)
+    assert bandwidths == [40.0, 10.0, 10.0]
+    shares = capped_shares(load_balance_peers(999, bandwidths), [False] * 3)
+    assert shares[0] == 666 and sum(shares) == 999 and min(shares[1:]) > 0
+    # nonsense claims count as "not said" (the group's mean); client-mode peers reduce nothing
+    assert balanced_bandwidths([float("nan"), -1.0, "fast", True, None, 5.0], [False] * 5 + [True]) == \
+        [None, None, None, None, None, 0.0]
+    assert capped_shares((500, 500, 0), [False, False, True]) == (500, 500, 0)
+    # nobody claims anything: equal shares, as before bandwidths existed
+    assert load_balance_peers(999, balanced_bandwidths([None] * 3, [False] * 3)) == (333, 333, 333)
