@@ -3,8 +3,11 @@ volunteer peers from measured per-round costs and assumed distributions of volun
 compute, bandwidth and churn; `--validate` checks the same model against real loopback
 swarms of 4–16 peers on this machine. The model is in benchmarks/swarm_model.py.
 
-    python benchmarks/simulate.py               # projection (seconds)
-    python benchmarks/simulate.py --quick       # smaller projection, smoke test
+    python benchmarks/simulate.py               # projection + scaling levers (minutes)
+    python benchmarks/simulate.py --quick       # 100 and 1,000 peers, fewer levers (seconds)
+
+The projection also runs the scaling levers of issue 16 B (swarm_model.Levers) alone and
+together and draws docs/performance/simulate_scaling.png (effective tokens/s vs peers).
     flock /tmp/p2ptrain-loopback.lock python benchmarks/simulate.py --validate   # minutes
     python benchmarks/simulate.py --validate --measured bench-out/simulate_loopback.json  # re-fit, no swarms
 """
@@ -24,7 +27,8 @@ from bench_swarm import BYTES_PER_VALUE, module_sizes
 from common import OUT_DIR, machine_info, markdown_table, print_header
 from p2ptrain.config import RunConfig
 from p2ptrain.model.grid import Grid
-from swarm_model import Overheads, Volunteers, Workload, simulate
+from p2ptrain.swarm.averaging import sync_tolerance
+from swarm_model import DHT_REPLICAS, Levers, Overheads, Volunteers, Workload, simulate
 
 MEASURED_FILE = OUT_DIR / "simulate_loopback.json"
 CALIBRATION_FILE = OUT_DIR / "simulate_calibration.json"
@@ -69,7 +73,8 @@ def workload(config: RunConfig, name: str) -> Workload:
                     matchmaking_time=config.averaging.matchmaking_time,
                     averaging_timeout=config.averaging.averaging_timeout,
                     target_group_size=config.averaging.target_group_size, overlap=config.averaging.overlap,
-                    round_seconds=config.averaging.round_seconds)
+                    round_seconds=config.averaging.round_seconds,
+                    sync_tolerance=sync_tolerance(config.averaging.compression, config.averaging.sync_tolerance))
 
 
 def flops_per_step(config: RunConfig, path_params: int) -> float:
@@ -154,6 +159,8 @@ def project(sizes: tuple[int, ...], rounds: float, calibration: dict) -> list[di
 
 
 COMPARE_SIZES = (100, 1000)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCALING_PLOT = REPO_ROOT / "docs" / "performance" / "simulate_scaling.png"
 
 
 def compare_models(sizes: tuple[int, ...], rounds: float, calibration: dict) -> list[dict]:
@@ -175,6 +182,108 @@ def compare_models(sizes: tuple[int, ...], rounds: float, calibration: dict) -> 
                               else None)
                 rows.append(result)
     return rows
+
+
+# --------------------------------------------------------------- scaling levers (issue 16 B)
+#
+# Each lever alone, then together, against today's rules (the baseline), same volunteers and
+# seeds; overlap averaging; T = the larger of the preset's round_seconds and 2 × H × median step.
+LEVER_SETS = (
+    ("baseline (today)", Levers()),
+    ("fill", Levers(fill=True)),
+    ("staged", Levers(staged=True)),
+    ("balanced", Levers(balanced=True)),
+    ("1/4 fragments", Levers(fragments=4)),
+    ("full table, replicas charged", Levers(table_contention=True)),
+    ("sampled table, replicas charged", Levers(table="sampled", table_contention=True)),
+    ("fill + staged + balanced", Levers(fill=True, staged=True, balanced=True)),
+    ("all, full table (rank coordinates)", Levers(fill=True, staged=True, balanced=True, fragments=4,
+                                                  table_contention=True)),
+    ("all, sampled table (hashed coordinates)", Levers(fill=True, staged=True, coords="hash", balanced=True,
+                                                       fragments=4, table="sampled", table_contention=True)),
+    ("all, sampled table (hashed), +1 stage", Levers(fill=True, staged=True, coords="hash", extra_stages=1,
+                                                      balanced=True, fragments=4, table="sampled",
+                                                      table_contention=True)),
+    ("all but fragments, sampled table (hashed)", Levers(fill=True, staged=True, coords="hash", balanced=True,
+                                                         table="sampled", table_contention=True)),
+    ("all, sampled table (assembled groups)", Levers(fill=True, staged=True, coords="assembled", balanced=True,
+                                                     fragments=4, table="sampled", table_contention=True)),
+)
+AFTER_ASSEMBLED = "all, sampled table (assembled groups)"
+AFTER = "all, sampled table (hashed coordinates)"  # the configuration p2ptrain can implement without a full table
+
+
+def lever_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick: bool) -> list[dict]:
+    rows = []
+    sets = [ls for ls in LEVER_SETS if not quick or ls[0] in ("baseline (today)", "fill", "staged", AFTER,
+                                                               AFTER_ASSEMBLED)]
+    for preset in ("gpu", "default"):
+        config = RunConfig.load(preset)
+        config.averaging.overlap = True
+        work = workload(config, preset)
+        vol = preset_volunteers(config, work, calibration, preset)
+        over = volunteer_overheads(calibration, work)
+        work = dataclasses.replace(work, round_seconds=max(work.round_seconds, fitted_round_seconds(work, vol)))
+        for label, levers in sets:
+            for n in sizes:
+                result = simulate(work, vol, over, n, rounds=rounds, seed=n, levers=levers)
+                result.update(preset=preset, label=label, step_s=vol.step_s, H=work.steps_per_round,
+                              sync_tolerance=work.sync_tolerance, compression=config.averaging.compression)
+                rows.append(result)
+    by = {(r["preset"], r["label"], r["peers"]): r for r in rows}
+    for r in rows:  # near-linear? effective tokens/s against peers/100 × its own 100-peer figure
+        base = by.get((r["preset"], r["label"], 100))
+        r["scaling_vs_100"] = (r["effective_tokens_per_s"] / (r["peers"] / 100 * base["effective_tokens_per_s"])
+                               if base and base["effective_tokens_per_s"] > 0 else math.nan)
+    return rows
+
+
+def lever_table(rows: list[dict]) -> str:
+    headers = ["preset", "levers", "peers", "steps per round (H)", "utilization", "lineage share",
+               "mean group stem / level", "staged: stages, agreed", "outer phase", "table read", "all-reduce MB per peer-round",
+               "effective tokens/s", "÷ (peers/100 × own 100-peer)", "time to target"]
+    out = []
+    for r in rows:
+        st = r["staged"]
+        staged = f"{st['stages_max']}, {st['agreed_fraction']:.2f}" if st.get("module_rounds") else "-"
+        out.append([r["preset"], r["label"], f"{r['peers']:,}", f"{r['steps_per_round_median']:.0f} ({r['H']})",
+                    f"{r['utilization']:.2f}", f"{r['lineage_share']:.3f}",
+                    f"{r['mean_group']['stem']:.1f} / {r['mean_group']['level']:.1f}", staged,
+                    f"{r['outer_s']:.1f} s", f"{r['table_fetch_s']:.2f} s", f"{r['mb_sent_per_peer_round']:.0f}",
+                    f"{r['effective_tokens_per_s']:,.0f}", f"{r['scaling_vs_100']:.2f}", hours(r["time_to_target_h"])])
+    return markdown_table(headers, out)
+
+
+def plot_scaling(rows: list[dict], path: Path) -> Path | None:
+    """Effective tokens/s against peers, before and after, log-log, with the ideal line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colors = {"gpu": "tab:blue", "default": "tab:orange"}
+    for preset in ("gpu", "default"):
+        for label, style in (("baseline (today)", "o--"), (AFTER, "s-"), (AFTER_ASSEMBLED, "^-")):
+            rs = sorted((r for r in rows if r["preset"] == preset and r["label"] == label), key=lambda r: r["peers"])
+            if not rs:
+                continue
+            peers = [r["peers"] for r in rs]
+            ax.plot(peers, [r["effective_tokens_per_s"] for r in rs], style, color=colors[preset],
+                    label=f"{preset}: {'before' if label.startswith('baseline') else 'after'} ({label})")
+            if label == AFTER_ASSEMBLED:
+                ideal = [rs[0]["effective_tokens_per_s"] * p / rs[0]["peers"] for p in peers]
+                ax.plot(peers, ideal, ":", color=colors[preset], label=f"{preset}: linear from its 100-peer 'after'")
+    ax.set(xscale="log", yscale="log", xlabel="peers (volunteers)", ylabel="effective tokens/s",
+           title="simulated scaling: effective tokens/s (overlap averaging)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def hours(h: float) -> str:
@@ -482,7 +591,24 @@ def projection_report(args: argparse.Namespace, info: dict) -> dict:
           "the aligned schedule:\n")
     print(comparison_table(comparison))
     print()
-    return {"projection": projection, "comparison": comparison, "calibration": calibration,
+    levers = lever_study(sizes, rounds, calibration, args.quick)
+    print("Scaling levers (issue 16 B), overlap averaging, T = max(preset, 2 × H × median step); each alone, then "
+          "together, same volunteers and seeds. utilization: compute / wall, median peer; lineage share: effective "
+          "/ computed tokens (a staged module-round counts whole when a strict majority of its final copies lies "
+          "within the codec's sync tolerance of the true token-weighted mean, tracked on random pseudo-gradients; "
+          "else only the largest last-stage group's carried weight); mean group: as a member reports it (staged: "
+          "mean over its stages); table read: one peer-table lookup, median peer (replicas charged: the "
+          f"{DHT_REPLICAS} nodes storing a key serve every reader at the round's end); ÷ column: effective tokens/s "
+          "over peers/100 × the same configuration's 100-peer figure (goal ≥ 0.7 at 10,000); time to target: 20 "
+          "tokens per parameter at the steady effective rate (no critical-batch limit modelled). 1/4 fragments: "
+          "bytes and time only, its effect on loss is not modelled. Not modelled: 4-bit or top-k compression "
+          "(4-bit would halve the 8-bit bytes per round, as 1/2 fragments does here).\n")
+    print(lever_table(levers))
+    print()
+    png = plot_scaling(levers, SCALING_PLOT)
+    if png:
+        print(f"wrote {png.relative_to(REPO_ROOT)}")
+    return {"projection": projection, "comparison": comparison, "levers": levers, "calibration": calibration,
             "assumptions": dict(NETWORK, **CHURN, gpu_flops=GPU_FLOPS, machine_sigma=MACHINE_SIGMA,
                                 round_jitter=ROUND_JITTER, join_s=JOIN_S)}
 

@@ -42,6 +42,14 @@ swarm's clock (T = averaging.round_seconds) for every peer.
    are counted (`no_majority`): those splits do not heal by the rule above at all.
 8. Time-to-target = target effective tokens / steady effective tokens per second.
 
+Levers (issue 16 B, `Levers`, aligned rule only; all off is the rule above): `fill` (train
+until the round's end, no H cap), `staged` (Moshpit-style staged averaging that covers every
+holder: `staged_mix` tracks the copies' actual mixing on random pseudo-gradients, and a
+module-round counts whole only if its copies agree within the codec's tolerance),
+`balanced` (hivemind's bandwidth-weighted butterfly shares), `fragments` (a fraction of each
+module per round), `table` (one full peer table vs per-module keys with bounded sampled
+reads) and `table_contention` (the DHT replicas that store a key serve all its readers).
+
 Step-counted (`Swarm`, the rule before issue 10, kept for comparison): a round is H inner
 steps, then the peer queues for each module; per module the earliest waiting holder opens
 a `matchmaking_time` window and everyone arriving inside it averages together; a lone
@@ -80,6 +88,7 @@ class Workload:
     target_group_size: int
     overlap: bool
     round_seconds: float = 30.0  # s, the aligned schedule's round length (averaging.round_seconds)
+    sync_tolerance: float = 0.1  # relative copy difference the codec alone causes (averaging.sync_tolerance)
 
     @property
     def tokens_per_round(self) -> int:
@@ -128,6 +137,180 @@ class Peers:
     down: np.ndarray  # bytes/s
     rtt: np.ndarray  # s
     session_end: np.ndarray  # s on the swarm clock
+
+
+@dataclass(frozen=True)
+class Levers:
+    """Changes to p2ptrain's round and averaging rules, each switchable on its own; the
+    defaults are p2ptrain's behaviour today (the baseline).
+
+    fill: train until the round's end (T seconds of inner work) whatever the step count,
+        instead of at most H steps; the average is weighted by tokens already.
+    staged: Moshpit-style staged averaging when a module has more holders than
+        target_group_size: every holder gets coordinates in a grid of d = ceil(log_g L)
+        axes (L holders listed, g = ceil(L^(1/d)) ≤ target_group_size); stage s averages
+        the holders sharing every coordinate but the s-th, weighted by the weight each
+        carries forward (see staged_mix). Each stage is a full all-reduce of the module.
+        A module-round counts as agreed, all its holders' tokens effective, only when a
+        strict majority of the final copies lies within the codec's sync tolerance of the
+        true token-weighted mean (mixing tracked on random pseudo-gradients); otherwise
+        only the largest last-stage group's carried weight counts.
+    coords: how holders get coordinates. "rank": a random permutation (hash of peer id
+        and round, sorted) of the holders the peer table lists, written in base g: a
+        complete grid but for the peers listed that do not come (needs every holder's
+        record of the module). "hash": independent uniform coordinates from hash(peer id,
+        round): needs no list, but cells are empty or doubled by chance. "assembled": two
+        stages whatever the count, coordinates from the groups matchmaking assembles
+        (assembled_rows): complete but for crashes; needs no list, and its groups grow as
+        sqrt(holders) (100 at 10,000), past target_group_size beyond 4,096 holders.
+    extra_stages: stages beyond d, each on freshly drawn coordinates (more mixing for
+        grids with holes, at one more all-reduce each).
+    balanced: bandwidth-weighted butterfly shares (hivemind's load_balance_peers given each
+        peer's bandwidth): a group takes payload × max(1/b_min, (2n−2)/Σb) instead of
+        2(n−1)/n × payload / b_min with equal shares.
+    table: "full": one DHT key holding every peer's record, read whole twice per round
+        (today); "sampled": per-module record keys of which a lookup reads at most
+        sample_records records (bounded cost whatever the swarm size).
+    table_contention: also charge the full table's reads to the replicas that store it
+        (hivemind stores a key on num_replicas = 5 nodes; every peer reads it at the
+        round's end, so the replicas' uplinks serve N × table bytes at once).
+    """
+
+    fill: bool = False
+    staged: bool = False
+    coords: str = "rank"
+    extra_stages: int = 0
+    balanced: bool = False
+    table: str = "full"
+    sample_records: int = 128
+    table_contention: bool = False
+    fragments: int = 1
+
+    # fragments: streaming sync (Streaming DiLoCo): each round averages 1/fragments of every
+    # module (a different fragment each round), so an all-reduce moves payload / fragments.
+    # Only its bytes and time are modelled; each fragment is then synced every `fragments`
+    # rounds, whose effect on loss is not (Streaming DiLoCo reports parity at 4-8 fragments).
+
+    def label(self) -> str:
+        parts = [name for name, on in (("fill", self.fill), ("staged" + (f"-{self.coords}" if self.coords != "rank"
+                                                                         else "")
+                                                              + (f"+{self.extra_stages}" if self.extra_stages else ""),
+                                                              self.staged),
+                                       ("balanced", self.balanced), ("sampled table", self.table == "sampled"),
+                                       (f"1/{self.fragments} fragments", self.fragments > 1),
+                                       ("table contention", self.table_contention)) if on]
+        return " + ".join(parts) if parts else "baseline (today)"
+
+
+DHT_REPLICAS = 5  # hivemind DHTNode num_replicas: the nodes that store (and serve) one key
+MIX_PARTS = 16  # parts a module is cut into for the all-reduce (averaging.PARTS_PER_MODULE)
+
+
+def staged_mix(x: np.ndarray, w: np.ndarray, stage_keys: list[np.ndarray], crash_stage: np.ndarray | None = None
+               ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Moshpit-style staged averaging of the holders' values x (holders × parts) with
+    weights w: at stage s the holders sharing stage_keys[s] average together, each weighted
+    by the weight it carries. After a stage every member of a group G holds G's mean, and
+    carries W_G / (members of G in its next group), so each group G reaches each next group
+    it meets with its whole weight once, however many of its members land there: with
+    complete groups (one holder per grid cell, every cell filled) the last stage leaves the
+    exact weighted mean everywhere.
+
+    crash_stage[i] = s: holder i dies during stage s: it was the reducer of parts
+    p ≡ its rank (mod group size) of its group, which stay un-averaged for the survivors
+    (each keeps its own value there, as hivemind's partial all-reduce does); it takes no
+    part in later stages. Returns the copies after the last stage (rows of crashed holders
+    hold their last value), per stage each holder's group id (−1 once gone), and the
+    weight each holder carries at the end."""
+    n, parts = x.shape
+    y = x.astype(float).copy()
+    mass = w.astype(float).copy()
+    crash = np.full(n, len(stage_keys)) if crash_stage is None else crash_stage
+    groups = []
+    for s, key in enumerate(stage_keys):
+        alive = crash >= s
+        idx = np.flatnonzero(alive)
+        gid = np.full(n, -1)
+        _, inv = np.unique(key[idx], return_inverse=True)
+        gid[idx] = inv
+        groups.append(gid)
+        n_groups = int(inv.max()) + 1 if len(inv) else 0
+        total = np.bincount(inv, weights=mass[idx], minlength=n_groups)
+        sums = np.zeros((n_groups, parts))
+        np.add.at(sums, inv, mass[idx, None] * y[idx])
+        mean = sums / np.maximum(total, 1e-300)[:, None]
+        new = mean[inv]
+        dying = crash[idx] == s
+        if dying.any():
+            # the dying member's parts (by its rank in the group) are not reduced
+            order = np.lexsort((idx, inv))
+            sorted_inv = inv[order]
+            starts = np.searchsorted(sorted_inv, np.arange(n_groups))
+            rank = np.empty(len(idx), int)
+            rank[order] = np.arange(len(idx)) - starts[sorted_inv]
+            size = np.bincount(inv, minlength=n_groups)
+            unreduced = np.zeros((n_groups, parts), bool)
+            for k in np.flatnonzero(dying):
+                g = inv[k]
+                unreduced[g, np.arange(parts) % size[g] == rank[k]] = True
+            keep = unreduced[inv]
+            new = np.where(keep, y[idx], new)
+        y[idx] = new
+        # carried weight: W_G split among G's members that meet in the same next group
+        if s + 1 < len(stage_keys):
+            nxt = stage_keys[s + 1][idx]
+            _, pair = np.unique(np.stack([inv, nxt]), axis=1, return_inverse=True)
+            pair = pair.reshape(-1)
+            mass[idx] = total[inv] / np.bincount(pair)[pair]
+        else:
+            mass[idx] = total[inv]
+    return y, groups, mass
+
+
+def assembled_rows(n: int, stages: int = 2) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Coordinates from the groups matchmaking actually assembles (coords = "assembled", two
+    stages): the n arriving holders form B = ceil(n / ceil(sqrt(n))) first-stage groups of
+    as equal sizes as can be (q + 1 or q members; matchmaking's target size set from the
+    holder count), in arrival order; a member's second coordinate is its index in its group
+    (peer ids sorted). A group of q members covers the missing index q by double duty: its
+    member 0 also joins second-stage group q (a weight-0 row that holds its group's mean
+    after stage 1). Every second-stage group then meets every first-stage group once: exact.
+    Returns each row's owner (rows 0..n−1 are the members themselves), the per-stage keys and
+    the group size each row's group expects. Stages beyond two repeat the pair."""
+    n_groups = max(1, math.ceil(n / max(1, math.ceil(math.sqrt(n) - 1e-9))))
+    q, rem = divmod(n, n_groups)
+    sizes = np.where(np.arange(n_groups) < rem, q + 1, q)
+    b = np.repeat(np.arange(n_groups), sizes)
+    k = np.arange(n) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    short = np.flatnonzero(sizes == q) if rem else np.zeros(0, int)
+    firsts = np.cumsum(sizes) - sizes
+    owner = np.concatenate([np.arange(n), firsts[short]])
+    first = np.concatenate([b, short])
+    second = np.concatenate([k, np.full(len(short), q)])
+    expect = (np.full(len(owner), int(sizes.max())), np.full(len(owner), n_groups))
+    keys = [first, second] * ((stages + 1) // 2)
+    return owner, keys[:stages], [expect[i % 2] for i in range(stages)]
+
+
+def grid_keys(coords: np.ndarray, dims: int) -> list[np.ndarray]:
+    """Per stage s: the group key of each holder, its coordinates with the s-th left out."""
+    n, d = coords.shape
+    keys = []
+    for s in range(d):
+        other = np.delete(coords, s, axis=1)
+        keys.append(np.ravel_multi_index(other.T, (dims,) * (d - 1)) if d > 1 else np.zeros(n, int))
+    return keys
+
+
+def grid_shape(listed: int, tgs: int) -> tuple[int, int]:
+    """Stages d and side g of the grid for `listed` holders and groups of at most tgs."""
+    d = max(1, math.ceil(math.log(listed) / math.log(tgs) - 1e-12)) if listed > 1 else 1
+    return d, max(1, math.ceil(listed ** (1 / d) - 1e-9))
+
+
+def rank_coords(perm_rank: np.ndarray, d: int, g: int) -> np.ndarray:
+    """Coordinates of each holder from its rank in the listed holders, in base g."""
+    return np.stack(np.unravel_index(perm_rank, (g,) * d), axis=1) if d > 1 else perm_rank[:, None] * 0
 
 
 def lognormal(rng: np.random.Generator, median: float, sigma: float, n: int) -> np.ndarray:
@@ -390,8 +573,9 @@ class AlignedSwarm:
     issue 10): rounds end at r × T for everyone; see the module docstring, points 1–7."""
 
     def __init__(self, work: Workload, vol: Volunteers, over: Overheads, n_peers: int, seed: int = 0,
-                 join_spread_rounds: float = 2.0):
+                 join_spread_rounds: float = 2.0, levers: Levers = Levers()):
         self.work, self.vol, self.over, self.n = work, vol, over, n_peers
+        self.levers = levers
         self.rng = np.random.default_rng(seed)
         self.T = float(work.round_seconds)
         self.modules = list(work.module_params)
@@ -428,6 +612,11 @@ class AlignedSwarm:
         self.member_group: list[np.ndarray] = []
         self.member_row: list[np.ndarray] = []
         self.member_module: list[np.ndarray] = []
+        self.group_override: list[np.ndarray] = []  # staged: the share every member keeps (NaN: by group size)
+        self.group_agreed: list[np.ndarray] = []  # staged: copies agreed after the stages (NaN: not staged)
+        self.member_size: list[np.ndarray] = []  # the group size a member reports (staged: mean over stages)
+        self.member_sent: list[np.ndarray] = []  # payloads it sends: Σ over its all-reduces of 2(n−1)/n
+        self.staged_stats: list[tuple] = []  # (module, round, holders, stages, agreed, median and max deviation)
         self.n_groups = 0
         self.departures = self.crashes = 0
         self.round = 0  # the last round simulated
@@ -440,10 +629,25 @@ class AlignedSwarm:
         return np.maximum(np.maximum(r, 1), self.min_round)
 
     def table_fetch_s(self, slots: np.ndarray) -> np.ndarray:
-        """One read of the peer table (one DHT key, a signed record per live peer)."""
-        table = self.n * self.over.record_bytes
+        """One read of the peer table. Full: one DHT key, a signed record per live peer.
+        Sampled: per-module keys, each bucket holding at most sample_records records, one
+        bucket read per module of the path, in parallel. With table_contention, the key's
+        replicas serve every reader at once (all read at the round's end)."""
+        lev, rec = self.levers, self.over.record_bytes
         hops = max(1.0, math.log2(self.n))
-        return table / self.peers.down[slots] + self.peers.rtt[slots] * hops
+        median_up = float(np.median(self.peers.up))
+        if lev.table == "sampled":
+            holders = self.holds.sum(axis=1)
+            per_module = np.minimum(holders, lev.sample_records) * rec
+            read = (self.holds[:, slots] * per_module[:, None]).sum(axis=0)
+            # buckets of at most sample_records records, each read by the holders it lists
+            per_bucket = holders / np.maximum(np.ceil(holders / lev.sample_records), 1)
+            serve = float((per_bucket ** 2).max()) * rec / (DHT_REPLICAS * median_up)
+        else:
+            read = np.full(len(slots), self.n * rec, float)
+            serve = self.n * self.n * rec / (DHT_REPLICAS * median_up)
+        client = read / self.peers.down[slots] + self.peers.rtt[slots] * hops
+        return np.maximum(client, serve) if lev.table_contention else client
 
     def download_s(self, slots: np.ndarray) -> np.ndarray:
         """Downloading a path's state (fp32 params + momentum) from peers."""
@@ -506,7 +710,9 @@ class AlignedSwarm:
             entry = self.entry_round()
             slots = np.flatnonzero(entry == r)
             step = self.peers.step_s[slots] * lognormal(self.rng, 1.0, self.vol.step_sigma_round, len(slots))
-            steps = np.minimum(H, np.floor((end - self.ready[slots]) / step)).astype(int)
+            fits = np.floor((end - self.ready[slots]) / step)
+            # fill: train until the round's end whatever the step count; else at most H steps
+            steps = (fits if self.levers.fill else np.minimum(H, fits)).astype(int)
             late = steps < 1  # entered too late for even one step: the next round is its own
             self.min_round[slots[late]] = r + 1
             self.published[slots] = True
@@ -539,13 +745,27 @@ class AlignedSwarm:
             stale = ~self.fresh[slots] & (self.last_round[slots] < r - 1)
             compute = steps * step
             module_end = np.full((len(self.modules), len(slots)), -np.inf)
+            # a peer's link is shared by its modules in proportion to the bytes each moves this
+            # round (a staged module: one payload per stage), so without waits they end together
+            stages = np.ones(len(self.modules))
+            if self.levers.staged:
+                listed = self.holds[:, slots].sum(axis=1) + ghosts
+                for j in np.flatnonzero(listed > tgs):
+                    stages[j] = ((2 if self.levers.coords == "assembled" else grid_shape(int(listed[j]), tgs)[0])
+                                 + self.levers.extra_stages)
+            self.stage_bytes = self.payload * stages
+            self.path_bytes = self.holds.T @ self.stage_bytes
             member_local: list[tuple[int, np.ndarray, np.ndarray]] = []  # (module, local member idx, group id)
             for j in range(len(self.modules)):
                 local = np.flatnonzero(self.holds[j, slots])
                 if not len(local):
                     continue
                 local = local[np.argsort(arrive[local], kind="stable")]
-                ends, group_ids = self.average_module(j, r, slots, local, arrive, crashing, int(ghosts[j]), tgs)
+                if self.levers.staged and len(local) + int(ghosts[j]) > tgs:
+                    ends, group_ids = self.average_staged(j, r, slots, local, arrive, crashing, int(ghosts[j]), tgs,
+                                                          steps[local] * work.tokens_per_step)
+                else:
+                    ends, group_ids = self.average_module(j, r, slots, local, arrive, crashing, int(ghosts[j]), tgs)
                 module_end[j, local] = ends
                 member_local.append((j, local, group_ids))
             outer_end = (np.where(self.holds[:, slots], module_end, -np.inf).max(axis=0)
@@ -604,12 +824,8 @@ class AlignedSwarm:
         start = np.array(starts)
         sizes = np.bincount(group_of, minlength=n_groups)
         link = np.minimum(self.peers.up[members], self.peers.down[members])
-        share = link * self.payload[j] / self.path_payload[members]
-        slowest = np.full(n_groups, np.inf)
-        np.minimum.at(slowest, group_of, share)
-        rtt = np.zeros(n_groups)
-        np.maximum.at(rtt, group_of, self.peers.rtt[members])
-        transfer = np.where(sizes > 1, 2 * (sizes - 1) / sizes * self.payload[j] / slowest + ALLREDUCE_RTTS * rtt, 0)
+        share = link * self.stage_bytes[j] / self.path_bytes[members]  # a link is shared by the path's modules
+        transfer = self.group_transfer_s(j, sizes, group_of, share, self.peers.rtt[members])
         partial = np.zeros(n_groups, bool)
         np.logical_or.at(partial, group_of, crashing[local])
         partial &= sizes > 1
@@ -621,25 +837,155 @@ class AlignedSwarm:
         self.group_round.append(np.full(n_groups, r))
         self.group_size.append(sizes)
         self.group_partial.append(partial)
+        self.group_override.append(np.full(n_groups, np.nan))
+        self.group_agreed.append(np.full(n_groups, np.nan))
+        self.member_size.append(sizes[group_of].astype(float))
+        self.member_sent.append(2 * (sizes[group_of] - 1) / sizes[group_of])
         return (start + transfer + penalty)[group_of], base + group_of
+
+    def group_transfer_s(self, j: int, sizes: np.ndarray, group_of: np.ndarray, link: np.ndarray,
+                         rtt: np.ndarray) -> np.ndarray:
+        """Each group's butterfly all-reduce of module j: 4 RTT plus the payload over the
+        members' links (`link`: each member's share of its link for this module). Equal
+        shares: 2(n−1)/n × payload / the slowest link. Balanced (hivemind's
+        load_balance_peers, given bandwidths): peer i moves payload × (1 + (n−2) f_i) for
+        its share f_i; the LP's optimum is payload × max(1/b_min, (2n−2)/Σb)."""
+        n_groups = len(sizes)
+        slowest = np.full(n_groups, np.inf)
+        np.minimum.at(slowest, group_of, link)
+        total = np.bincount(group_of, weights=link, minlength=n_groups)
+        worst_rtt = np.zeros(n_groups)
+        np.maximum.at(worst_rtt, group_of, rtt)
+        if self.levers.balanced:
+            per_byte = np.maximum(1 / slowest, (2 * sizes - 2) / np.maximum(total, 1e-300))
+        else:
+            per_byte = 2 * (sizes - 1) / np.maximum(sizes, 1) / slowest
+        payload = self.payload[j] / self.levers.fragments
+        return np.where(sizes > 1, payload * per_byte + ALLREDUCE_RTTS * worst_rtt, 0.0)
+
+    def average_staged(self, j: int, r: int, slots: np.ndarray, local: np.ndarray, arrive: np.ndarray,
+                       crashing: np.ndarray, ghosts: int, tgs: int, tokens: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Module j's holders average in stages (Levers.staged): the listed holders (those
+        arriving plus `ghosts`, listed but not coming: empty cells) get grid coordinates;
+        stage s's group starts when its last member is done with stage s−1 (plus the
+        matchmaking window if a listed member is missing) and takes one all-reduce. A
+        crashing member dies at a random stage. The copies' mixing is tracked on random
+        pseudo-gradients (staged_mix). Logs one accounting group for the module-round."""
+        lev, work = self.levers, self.work
+        members = slots[local]
+        n = len(members)
+        listed = n + ghosts
+        d, g = (2, 0) if lev.coords == "assembled" else grid_shape(listed, tgs)
+        stages = d + lev.extra_stages
+        crash_member = np.where(crashing[local], self.rng.integers(0, stages, n), stages)
+        if lev.coords == "assembled":
+            owner, keys, expected_size = assembled_rows(n, stages)
+        else:
+            owner = np.arange(n)
+            keys = []
+            while len(keys) < stages:
+                if lev.coords == "rank":  # rank in a random order of the listed holders (members first)
+                    coords = rank_coords(self.rng.permutation(listed), d, g)
+                else:
+                    coords = self.rng.integers(0, g, (listed, d))
+                keys += grid_keys(coords, g)[:stages - len(keys)]
+            # a group waits out the window when a holder the table lists with its key is missing
+            expected_size = []
+            for k in keys:
+                _, inv, count = np.unique(k, return_inverse=True, return_counts=True)
+                expected_size.append(count[inv.reshape(-1)[:n]])
+            keys = [k[:n] for k in keys]
+        real = owner == np.arange(len(owner))  # a member's own row; others are its double duties
+        crash_stage = crash_member[owner]
+        x = self.rng.standard_normal((n, MIX_PARTS))
+        w = np.maximum(tokens.astype(float), 1.0)
+        y_rows, groups, _ = staged_mix(x[owner], np.where(real, w[owner], 0.0), keys, crash_stage)
+        y = y_rows[:n]
+        # timing, stage by stage, per row (a member covering c rows has 1/c of its link for each)
+        coverage = np.bincount(owner, minlength=n)
+        t = arrive[local].astype(float)[owner]
+        link = (np.minimum(self.peers.up[members], self.peers.down[members]) * self.stage_bytes[j]
+                / self.path_bytes[members] / coverage)[owner]
+        rtt = self.peers.rtt[members][owner]
+        size_sum = np.zeros(n)
+        sent = np.zeros(n)
+        for s in range(stages):
+            gid = groups[s]
+            # a double duty (weight 0) rides along in its owner's first-stage group: no extra bytes
+            moving = (gid >= 0) & (real | (s > 0) | (lev.coords != "assembled"))
+            alive = np.flatnonzero(moving)
+            gi = gid[alive]
+            ng = int(gid.max()) + 1
+            sizes = np.bincount(gi, minlength=ng)
+            expected = np.zeros(ng)
+            np.maximum.at(expected, gi, expected_size[s][alive])
+            start = np.full(ng, -np.inf)
+            np.maximum.at(start, gi, t[alive])
+            start += np.where(sizes < expected, work.matchmaking_time, 0.0)
+            transfer = self.group_transfer_s(j, sizes, gi, link[alive], rtt[alive])
+            partial = np.zeros(ng, bool)
+            np.logical_or.at(partial, gi, crash_stage[alive] == s)
+            penalty = (partial & (sizes > 1)) * max(2.0, work.averaging_timeout / 6)
+            done = (start + transfer + penalty)
+            riding = np.flatnonzero((gid >= 0) & ~moving)
+            t[alive] = done[gi]
+            t[riding] = done[gid[riding]]
+            np.add.at(size_sum, owner[alive], sizes[gi] / coverage[owner[alive]])
+            np.add.at(sent, owner[alive], 2 * (sizes[gi] - 1) / sizes[gi])
+        t_member = np.full(n, -np.inf)
+        np.maximum.at(t_member, owner, t)
+        t = t_member
+        groups = [np.where(real, gr, -1)[:n] for gr in groups]
+        crash_stage = crash_member
+        # did the copies agree? a strict majority of the surviving copies within the codec's
+        # tolerance (in units of the pseudo-gradients' spread) of one center: the true weighted
+        # mean, or one of 16 surviving copies (a lineage that agrees with itself, off the mean)
+        true = (w[:, None] * x).sum(axis=0) / w.sum()
+        spread = x.std()
+        deviation = np.sqrt(((y - true) ** 2).mean(axis=1)) / spread
+        survivors_ = np.flatnonzero(crash_stage == stages)
+        centers = np.vstack([true[None], y[self.rng.choice(survivors_, min(16, len(survivors_)), replace=False)]]) \
+            if len(survivors_) else true[None]
+        near = np.sqrt(((y[None, survivors_] - centers[:, None]) ** 2).mean(axis=2)) / spread <= work.sync_tolerance
+        best = int(np.argmax(near @ w[survivors_])) if len(survivors_) else 0
+        agreed = bool(len(survivors_)) and 2 * int(near[best].sum()) > len(survivors_)
+        # agreed: the agreed copy carries every holder's tokens (a minority re-syncs to it);
+        # else, as for split groups today, only the largest agreeing cluster's own tokens count
+        share = 1.0 if agreed else (float(w[survivors_][near[best]].sum() / w.sum()) if len(survivors_) else 0.0)
+        self.staged_stats.append((j, r, n, stages, agreed, float(np.median(deviation[survivors_]))
+                                  if len(survivors_) else math.nan,
+                                  float(deviation[survivors_].max()) if len(survivors_) else math.nan))
+        base = self.n_groups
+        self.n_groups += 1
+        self.group_module.append(np.array([j]))
+        self.group_round.append(np.array([r]))
+        self.group_size.append(np.array([n]))
+        self.group_partial.append(np.array([False]))
+        self.group_override.append(np.array([min(share, 1.0)]))
+        self.group_agreed.append(np.array([float(agreed)]))
+        self.member_size.append(size_sum / np.maximum((np.stack(groups) >= 0).sum(axis=0), 1))
+        self.member_sent.append(sent)
+        return t, np.full(n, base)
 
     # --------------------------------------------------------------- what it yields
 
     def columns(self) -> dict[str, np.ndarray]:
         out = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.rows.items()}
         for name in ("group_module", "group_round", "group_size", "group_partial", "member_group", "member_row",
-                     "member_module"):
+                     "member_module", "group_override", "group_agreed", "member_size", "member_sent"):
             parts = getattr(self, name)
             out[name] = np.concatenate(parts) if parts else np.zeros(0, int)
         return out
 
 
 def simulate_aligned(work: Workload, vol: Volunteers, over: Overheads, n_peers: int, rounds: float = 12,
-                     seed: int = 0, join_spread_rounds: float = 2.0, max_schedule_rounds: int = 2000) -> dict:
+                     seed: int = 0, join_spread_rounds: float = 2.0, max_schedule_rounds: int = 2000,
+                     levers: Levers = Levers()) -> dict:
     """Run the aligned schedule (peers joining at random moments over the first
     join_spread_rounds) until the median peer slot has taken part in `rounds` rounds after
     its second; report those steady rounds (from the median slot's second participation)."""
-    swarm = AlignedSwarm(work, vol, over, n_peers, seed, join_spread_rounds)
+    swarm = AlignedSwarm(work, vol, over, n_peers, seed, join_spread_rounds, levers)
     need = int(math.ceil(rounds)) + 2
     chunk = need + 2
     while True:
@@ -662,6 +1008,13 @@ def simulate_aligned(work: Workload, vol: Volunteers, over: Overheads, n_peers: 
     key = c["group_module"] * (total + 1) + c["group_round"]
     alive, majority, shared = survivors(key, group_size, swarm.rng)
     share = group_share(alive, group_size, c["group_partial"].astype(bool))
+    # staged module-rounds (one accounting group each): their share and majority come from the mixing check
+    override = c["group_override"].astype(float)
+    share = np.where(np.isnan(override), share, override)
+    agreed = c["group_agreed"].astype(float)
+    all_keys_, first_group = np.unique(key, return_index=True)
+    staged_key = ~np.isnan(agreed[first_group])
+    majority = np.where(staged_key, agreed[first_group] > 0, majority)
     in_window_group = c["group_round"] > warmup
     keys_in_window = np.unique(key[in_window_group])
     all_keys = np.unique(key)
@@ -684,10 +1037,10 @@ def simulate_aligned(work: Workload, vol: Volunteers, over: Overheads, n_peers: 
     rate = effective[window].sum() / duration
     target = 20 * work.all_params
     member_window = window[c["member_row"]]
-    member_size = group_size[c["member_group"]]
+    member_size = c["member_size"].astype(float)
     is_stem = np.array([m == "stem" for m in swarm.modules])[c["member_module"]]
     bytes_row = np.zeros(swarm.n_rows)
-    np.add.at(bytes_row, c["member_row"], 2 * (member_size - 1) / member_size * swarm.payload[c["member_module"]])
+    np.add.at(bytes_row, c["member_row"], c["member_sent"] * swarm.payload[c["member_module"]] / levers.fragments)
     counted = window & (tokens > 0)
     return {
         "model": "aligned", "peers": n_peers, "overlap": work.overlap, "round_seconds": swarm.T,
@@ -713,7 +1066,22 @@ def simulate_aligned(work: Workload, vol: Volunteers, over: Overheads, n_peers: 
         "time_to_target_h": float(target / rate / 3600) if rate > 0 else math.inf,
         "departures": swarm.departures, "crashes": swarm.crashes,
         "simulated_s": float(total * swarm.T), "peer_rounds": int(window.sum()),
+        "levers": levers.label(), "table_fetch_s": float(np.median(swarm.table_fetch_s(np.arange(n_peers)))),
+        "staged": staged_summary(swarm.staged_stats, warmup),
     }
+
+
+def staged_summary(stats: list[tuple], warmup: int) -> dict:
+    """Staged module-rounds in the steady window: how many, their stages, the share whose
+    copies agreed, and the copies' deviation from the true weighted mean (in units of the
+    pseudo-gradients' spread)."""
+    rows = [s for s in stats if s[1] > warmup]
+    if not rows:
+        return {"module_rounds": 0}
+    return {"module_rounds": len(rows), "stages_max": int(max(s[3] for s in rows)),
+            "agreed_fraction": float(np.mean([s[4] for s in rows])),
+            "deviation_median": float(np.nanmedian([s[5] for s in rows])),
+            "deviation_max": float(np.nanmax([s[6] for s in rows]))}
 
 
 # ------------------------------------------------------------------ what a run yields
@@ -788,11 +1156,12 @@ def mean_group_seen(swarm: Swarm, in_window: np.ndarray, stem: bool) -> float:
 
 
 def simulate(work: Workload, vol: Volunteers, over: Overheads, n_peers: int, rounds: float = 12,
-             seed: int = 0, model: str = "aligned", random_phase: bool = True, join_spread_rounds: float = 2.0) -> dict:
+             seed: int = 0, model: str = "aligned", random_phase: bool = True, join_spread_rounds: float = 2.0,
+             levers: Levers = Levers()) -> dict:
     """model "aligned": p2ptrain's round rule (simulate_aligned); "steps": the step-counted
     rule it replaced (simulate_steps), with peers in phase or at random phases."""
     if model == "aligned":
-        return simulate_aligned(work, vol, over, n_peers, rounds, seed, join_spread_rounds)
+        return simulate_aligned(work, vol, over, n_peers, rounds, seed, join_spread_rounds, levers=levers)
     if model == "steps":
         return simulate_steps(work, vol, over, n_peers, rounds, seed, random_phase)
     raise ValueError(f"unknown model {model!r}")

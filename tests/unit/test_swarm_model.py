@@ -1,0 +1,104 @@
+"""The simulator's staged (Moshpit-style) averaging: the mixing math on its own, and the
+bandwidth-balanced all-reduce time, as specifications with exact expected numbers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import swarm_model  # noqa: E402
+from swarm_model import grid_keys, grid_shape, rank_coords, staged_mix  # noqa: E402
+
+
+def weighted_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return (w[:, None] * x).sum(axis=0) / w.sum()
+
+
+def test_grid_shape_stays_within_the_target_group_size():
+    assert grid_shape(64, 64) == (1, 64)
+    assert grid_shape(100, 64) == (2, 10)
+    assert grid_shape(2500, 64) == (2, 50)
+    assert grid_shape(10000, 64) == (3, 22)
+
+
+def test_complete_grid_gives_every_copy_the_exact_weighted_mean():
+    # Prepare: 100 holders in a full 10 × 10 grid, unequal token weights
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((100, 16)), rng.uniform(1, 5, 100)
+    keys = grid_keys(rank_coords(rng.permutation(100), 2, 10), 10)
+    # Execute
+    y, groups, mass = staged_mix(x, w, keys)
+    # Assert: two stages of 10 groups of 10; every copy is the global weighted mean
+    assert [int(g.max()) + 1 for g in groups] == [10, 10]
+    np.testing.assert_allclose(y, np.broadcast_to(weighted_mean(x, w), y.shape), atol=1e-12)
+    np.testing.assert_allclose(mass, w.sum())  # each holder ends up carrying the whole weight
+
+
+def test_three_stage_cube_is_exact_too():
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((64, 4)), rng.uniform(1, 2, 64)
+    y, _, _ = staged_mix(x, w, grid_keys(rank_coords(rng.permutation(64), 3, 4), 4))
+    np.testing.assert_allclose(y, np.broadcast_to(weighted_mean(x, w), y.shape), atol=1e-12)
+
+
+def test_a_missing_cell_leaves_a_measurable_spread():
+    # Prepare: the 10 × 10 grid with the holder of cell (0, 0) listed but absent
+    rng = np.random.default_rng(2)
+    coords = rank_coords(np.arange(100), 2, 10)
+    present = ~((coords[:, 0] == 0) & (coords[:, 1] == 0))
+    x, w = rng.standard_normal((99, 16)), np.ones(99)
+    keys = [k[present] for k in grid_keys(coords, 10)]
+    # Execute
+    y, _, _ = staged_mix(x, w, keys)
+    # Assert: the holders of the column missing a row miss that row's mean; the rest are exact
+    deviation = np.sqrt(((y - weighted_mean(x, w)) ** 2).mean(axis=1))
+    column_without_the_hole = coords[present][:, 0] != 0
+    assert deviation[column_without_the_hole].max() < 1e-12
+    assert deviation[~column_without_the_hole].min() > 1e-3
+
+
+def test_a_reducer_dying_mid_stage_leaves_its_slice_unaveraged():
+    # Prepare: one group of 4 (a single stage), member 0 dies while reducing
+    x = np.arange(4 * 8, dtype=float).reshape(4, 8)
+    w = np.ones(4)
+    crash = np.array([0, 1, 1, 1])
+    # Execute
+    y, groups, _ = staged_mix(x, w, [np.zeros(4, int)], crash)
+    # Assert: parts 0 and 4 (≡ its rank 0 mod 4) keep each survivor's own value; the rest are averaged
+    mean = x.mean(axis=0)
+    for part in range(8):
+        expected = x[1:, part] if part % 4 == 0 else np.full(3, mean[part])
+        np.testing.assert_allclose(y[1:, part], expected)
+    assert groups[0].tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("links, expected", [
+    ([1.0, 1.0, 1.0, 1.0], 2 * 3 / 4),  # equal links: 2(n−1)/n, as with equal shares
+    ([4.0, 4.0, 4.0, 1.0], 1.0),  # a slow member still moves its whole vector: 1 / b_min
+    ([4.0, 4.0, 2.0, 2.0], 6 / 12),  # no member limits it: (2n−2) / Σb
+])
+def test_balanced_all_reduce_time_is_hiveminds_lp_optimum(links, expected):
+    swarm = object.__new__(swarm_model.AlignedSwarm)
+    swarm.levers = swarm_model.Levers(balanced=True)
+    swarm.payload = np.array([1.0])
+    t = swarm.group_transfer_s(0, np.array([4]), np.zeros(4, int), np.array(links), np.zeros(4))
+    assert t[0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("n", [9, 10, 23, 100])
+def test_assembled_groups_with_double_duty_give_the_exact_mean(n):
+    # Prepare: n arrivals; the last first-stage group is short unless n is a square
+    from swarm_model import assembled_rows
+    rng = np.random.default_rng(n)
+    x, w = rng.standard_normal((n, 8)), rng.uniform(1, 3, n)
+    owner, keys, _ = assembled_rows(n)
+    real = owner == np.arange(len(owner))
+    # Execute: double-duty rows carry weight 0 into the first stage
+    y, _, _ = staged_mix(x[owner], np.where(real, w[owner], 0.0), keys)
+    # Assert: every row, the members' own and their double duties, holds the weighted mean
+    np.testing.assert_allclose(y, np.broadcast_to(weighted_mean(x, w), y.shape), atol=1e-12)
