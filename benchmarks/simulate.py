@@ -605,7 +605,8 @@ def projection_report(args: argparse.Namespace, info: dict) -> dict:
           "(4-bit would halve the 8-bit bytes per round, as 1/2 fragments does here).\n")
     print(lever_table(levers))
     print()
-    png = plot_scaling(levers, SCALING_PLOT)
+    # --quick: smaller sizes, so its plot goes to bench-out/, not over the committed one
+    png = plot_scaling(levers, OUT_DIR / "simulate_scaling.png" if args.quick else SCALING_PLOT)
     if png:
         print(f"wrote {png.relative_to(REPO_ROOT)}")
     return {"projection": projection, "comparison": comparison, "levers": levers, "calibration": calibration,
