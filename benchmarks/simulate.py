@@ -376,7 +376,7 @@ def summarize_loopback(result: dict, config: RunConfig, n_peers: int) -> dict:
         "completed_peers": len(per_peer),
         "wall_per_round_s": statistics.median(statistics.mean(e["seconds_wall"] for e in events)
                                               for events in per_peer),
-        "utilization": bench_swarm.utilization(result),
+        "utilization": bench_swarm.training_thread_share(result),
         "outer_s": statistics.median(e["seconds_outer"] for events in per_peer for e in events),
         "steps_per_round_median": statistics.median(k for ks in steps for k in ks),
         "skipped_rounds": sum(events[-1]["round"] - events[0]["round"] + 1 - len(events) for events in per_peer),

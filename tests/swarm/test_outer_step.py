@@ -141,15 +141,15 @@ def test_a_peer_on_a_fast_link_reduces_more_of_a_module_and_the_average_is_uncha
     # Execute: one outer step together
     reports = in_parallel(*[lambda n=n: n.outer_step(1, tokens=100) for n in nodes])
 
-    # Assert: all three averaged; a reduced twice an equal share (the cap), b and c the rest
-    # (with shares f, a member receives 2·f of the module from the other two senders and the
-    # reduced 1 − f back: a 5/3 of the module, b and c 7/6 each), and all agree exactly
+    # Assert: all three averaged; a reduced about twice an equal share (the cap, to a part's
+    # granularity), b and c the rest, and all agree exactly. A member with share f receives
+    # 2·f of the module from the two other senders and the reduced 1 − f back: 1 + f modules
     module = "L0.M0"
-    values = sum(p.numel() for p in a.node.slots[module].outer.global_params)
-    received = [r[module].bytes_received for r in reports]
+    payload = 4 * sum(p.numel() for p in a.node.slots[module].outer.global_params)
+    shares = [r[module].bytes_received / payload - 1 for r in reports]
     assert all(len(r[module].group) == 3 for r in reports)
-    assert received[0] == pytest.approx(4 * values * 5 / 3, rel=0.01)
-    assert received[1] == pytest.approx(4 * values * 7 / 6, rel=0.01) == received[2]
+    assert sum(r[module].bytes_received for r in reports) == 4 * payload  # Σ(1 + f) over three members
+    assert 0.6 < shares[0] < 2 / 3 + 1 / 16 and min(shares[1:]) > 0
     for other in (b.node, c.node):
         for x, y in zip(a.node.slots[module].outer.global_params, other.slots[module].outer.global_params):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
