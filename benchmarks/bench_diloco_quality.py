@@ -43,7 +43,13 @@ choice among them is made here, on validation. (The previous version chose on se
 and reported seeds 1-3 of the same held-out documents, and took the better DP run per
 seed on the reported documents.)
 
+A second run tests the longer regime where the previous version saw the gap (200 steps,
+H = 10), at 1x and 4x only for time, with DP's lr grid widened to {1, 2, 4}x because the
+40-step run picked 2x, the edge of its grid, for DP at every batch size:
+  bench_diloco_quality.py --steps 200 --H 10 --multipliers 1 4 --dp-lrs 1 2 4
+
 Run: python benchmarks/bench_diloco_quality.py [--quick] [--seeds 1 2 3] [--multipliers 1 4 16]
+     [--steps N] [--H N] [--dp-lrs 1 2 4]
 """
 
 from __future__ import annotations
@@ -98,10 +104,15 @@ def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, help="inner steps per worker = DP steps (overrides the preset)")
     parser.add_argument("--multipliers", type=int, nargs="+", help="per-worker batch, x the micro-batch")
+    parser.add_argument("--H", type=int, help="DiLoCo's inner steps per outer round (overrides the preset)")
+    parser.add_argument("--dp-lrs", type=float, nargs="+", help="DP's inner lr grid, x the preset's lr")
     parser.add_argument("--protocols", nargs="+", choices=[WARM, SCRATCH], default=[WARM],
                         help="which comparisons to run (default: warm start)")
     args = parser.parse_args()
     p = dict(QUICK if args.quick else FULL)
+    p["H"] = args.H or p["H"]
+    if args.dp_lrs:  # read by configs() in this process only; the runs get their setting as an argument
+        DP_LR_GRID[:] = args.dp_lrs
     if args.steps:
         p["steps"] = args.steps
         p["warm_steps"] = p["lr_warmup"] = p["H"] * max(args.steps // (5 * p["H"]), 1)  # ~20 %

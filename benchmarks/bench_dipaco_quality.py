@@ -28,8 +28,13 @@ training. Every run is scored on both; each setting below is the one with the lo
 median VALIDATION loss over the seeds, and only TEST losses are reported:
 - the mixture's (and, with --with-dense-outer, dense+outer's) outer (lr, momentum) from
   OUTER_GRID: DiLoCo's (0.7, 0.9) and the previous version's (1.0, 0.5);
-- each dense model's inner lr from LR_GRID x the preset's, {1x, 2x} (the mixture keeps
-  the preset's inner lr untuned: a choice against the mixture).
+- each dense model's inner lr from LR_GRID x the preset's, {1x, 2x}; the mixture keeps
+  the preset's inner lr (a choice against the mixture).
+The command line can replace every grid (--outer-grid, --mixture-lrs, --lr-grid,
+--dense4-lrs), e.g. for a longer run with grids refined on a shorter run's VALIDATION
+losses: where the 200-step run picked 2x, the edge of its grid, a longer run adds 4x:
+  bench_dipaco_quality.py --rounds 15 --outer-grid 1.0,0.5 --mixture-lrs 1 2
+      --lr-grid 1 2 4 --dense4-lrs 2 4
 The budget (10 rounds of H = 20, 200 steps per path; 2 seeds) is fixed by the CPU time
 this run could get on the shared 2-core machine (~0.2 of a core), not tuned: the previous
 version's 1000 steps, times the 3x more runs the grids need, did not fit. The previous
@@ -39,7 +44,7 @@ version saw the dense model ahead at 200 steps (d_model 64) and the mixture ahea
 1-3, but its held-out documents did not depend on the seed: it tuned on the reported
 documents. It reported 0.872 at d_model 64.)
 
-Run: python benchmarks/bench_dipaco_quality.py [--quick] [--seeds 1 2 3] [--jobs 2]
+Run: python benchmarks/bench_dipaco_quality.py [--quick] [--seeds 1 2 3] [--jobs 2] [--rounds N] [grids]
 """
 
 from __future__ import annotations
@@ -86,16 +91,24 @@ DEFAULT_KINDS = ["mixture", "dense", f"dense x{TOTAL_COMPUTE} steps"]  # dense+o
 DENSE_X = f"dense x{TOTAL_COMPUTE} steps"
 
 
+# grids the command line may replace (main only: the runs get their setting as an argument)
+MIXTURE_LR_GRID = [1.0]  # the mixture's inner lr, x the preset's: untuned by default
+DENSE_X_LR_GRID: list[float] = []  # the dense x4 model's inner lr grid; empty: LR_GRID
+
+
 def configs(kind: str) -> list[tuple[float, float, float]]:
     """(outer lr, outer momentum, inner lr scale) of every run of a kind."""
-    if KINDS[kind][3] == "outer":
-        return [(lr, mu, 1.0) for lr, mu in (OUTER_GRID if KINDS[kind][0] else LONE_OUTER_GRID)]
-    return [(0.0, 0.0, scale) for scale in LR_GRID]
+    if kind == "mixture":
+        return [(lr, mu, scale) for lr, mu in OUTER_GRID for scale in MIXTURE_LR_GRID]
+    if kind == "dense+outer":
+        return [(lr, mu, 1.0) for lr, mu in LONE_OUTER_GRID]
+    return [(0.0, 0.0, scale) for scale in (DENSE_X_LR_GRID or LR_GRID if kind == DENSE_X else LR_GRID)]
 
 
 def describe(kind: str, config: tuple) -> str:
     lr, mu, scale = config
-    return f"outer lr {lr:g}, mom {mu:g}" if KINDS[kind][3] == "outer" else f"inner lr x{scale:g}"
+    inner = f"inner lr x{scale:g}"
+    return f"outer lr {lr:g}, mom {mu:g}, {inner}" if KINDS[kind][3] == "outer" else inner
 
 
 def main() -> None:
@@ -103,7 +116,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="outer rounds (overrides the preset)")
     parser.add_argument("--with-dense-outer", action="store_true",
                         help="also the dense model with an outer step (routing alone vs the outer step alone)")
+    parser.add_argument("--outer-grid", nargs="+", metavar="LR,MOMENTUM", help="the mixture's outer grid")
+    parser.add_argument("--mixture-lrs", type=float, nargs="+", help="the mixture's inner lr grid (x the preset's)")
+    parser.add_argument("--lr-grid", type=float, nargs="+", help="the dense models' inner lr grid (must hold 1)")
+    parser.add_argument("--dense4-lrs", type=float, nargs="+", help="the dense x4 model's inner lr grid")
     args = parser.parse_args()
+    if args.outer_grid:
+        OUTER_GRID[:] = [tuple(float(x) for x in g.split(",")) for g in args.outer_grid]
+    MIXTURE_LR_GRID[:] = args.mixture_lrs or MIXTURE_LR_GRID
+    LR_GRID[:] = args.lr_grid or LR_GRID
+    DENSE_X_LR_GRID[:] = args.dense4_lrs or DENSE_X_LR_GRID
+    if 1.0 not in LR_GRID:
+        parser.error("--lr-grid must hold 1 (the dense model at the preset's lr is reported)")
     kinds = DEFAULT_KINDS + (["dense+outer"] if args.with_dense_outer else [])
     p = dict(QUICK if args.quick else FULL)
     p["rounds"] = args.rounds or p["rounds"]
@@ -121,7 +145,8 @@ def main() -> None:
     print(f"- budget: {rounds} rounds x H={H} inner steps = {steps} steps of {p['batch_size']} x {context} tokens "
           f"per path worker ({steps * p['batch_size'] * context:,} tokens); dense: the same (equal per-path "
           f"compute) or {TOTAL_COMPUTE} x the steps (equal total compute)")
-    print(f"- inner: AdamW8bit, lr {inner.lr:g} (dense: x{', x'.join(f'{s:g}' for s in LR_GRID)}), "
+    print(f"- inner: AdamW8bit, lr {inner.lr:g} x (mixture) {MIXTURE_LR_GRID}, (dense) {LR_GRID}, "
+          f"(dense x{TOTAL_COMPUTE}) {DENSE_X_LR_GRID or LR_GRID}, "
           f"{inner.warmup_steps} warm-up steps, cosine to {inner.min_lr_ratio:g} x lr over the run; "
           f"outer: Nesterov, (lr, momentum) in {OUTER_GRID}")
     print("- every setting is chosen on the VALIDATION half of the held-out documents (lowest median over the "
@@ -244,7 +269,8 @@ def main() -> None:
     png = write_plot(NAME, draw)
     out = write_json(NAME, {
         "machine": info, "params": p, "seeds": seeds, "sizes": sizes, "outer_grid": OUTER_GRID,
-        "lr_grid": LR_GRID, "total_compute": TOTAL_COMPUTE,
+        "lr_grid": LR_GRID, "mixture_lr_grid": MIXTURE_LR_GRID, "dense_x_lr_grid": DENSE_X_LR_GRID or LR_GRID,
+        "total_compute": TOTAL_COMPUTE,
         "kinds": {k: dict(zip(("routed", "outer_step", "steps_x", "tuned"), KINDS[k])) for k in kinds},
         "validation_median": [{"kind": k, "config": c, "loss": v} for (k, c), v in valid.items()],
         "chosen": chosen, "models": models, "results": results, "median": summary,
