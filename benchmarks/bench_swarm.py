@@ -39,7 +39,7 @@ from p2ptrain.model.grid import Grid
 from p2ptrain.model.transformer import PathModel
 from p2ptrain.swarm.averaging import WIRE_BYTES_PER_VALUE as BYTES_PER_VALUE
 
-OUT = Path("bench-out")
+OUT = Path(__file__).resolve().parent.parent / "bench-out"
 
 
 def loopback_tx_bytes() -> int:
