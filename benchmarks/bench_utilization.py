@@ -12,7 +12,7 @@ side (the same four processes' worth of load on the same cores) training flat ou
 swarm and no checkpoints, measured the same way from its step lines. A solo block runs
 before and after every swarm variant; each variant's reference is the mean of the two.
 
-    python benchmarks/bench_utilization.py [--rounds 8] [--quick] [--only fill-overlap ...]
+    python benchmarks/bench_utilization.py [--rounds 8] [--steps-per-round 25] [--quick] [--only fill-overlap ...]
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ SOLO_WARMUP_S = 8.0  # solo lines before this (first steps, allocator warm-up) a
 PEER_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", P2PTRAIN_LOGLEVEL="ERROR")
 
 
-def variant_config(rounds: int, fill: bool, overlap: bool, name: str) -> RunConfig:
-    config = RunConfig.from_toml_text(demo_config(rounds, 25))
+def variant_config(rounds: int, fill: bool, overlap: bool, name: str, steps_per_round: int = 25) -> RunConfig:
+    config = RunConfig.from_toml_text(demo_config(rounds, steps_per_round))
     config.run.id = f"util-{name}"
     config.averaging.fill_round = fill
     config.averaging.overlap = overlap
@@ -181,6 +181,9 @@ def main() -> None:
                          threads=False)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--solo-seconds", type=float, default=40.0)
+    parser.add_argument("--steps-per-round", type=int, default=25,
+                        help="H: the demo's 25, or fewer to see what capping a round at H costs when H steps "
+                             "finish before the round's end")
     parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                         help=f"run only these of {', '.join(v[0] for v in VARIANTS)}")
     args = parser.parse_args()
@@ -193,10 +196,10 @@ def main() -> None:
     results, solos = {}, []
     try:
         solo_file = root / "solo.toml"
-        solo_file.write_text(demo_config(args.rounds, 25))
+        solo_file.write_text(demo_config(args.rounds, args.steps_per_round))
         solos.append(run_solo(solo_file, root, args.solo_seconds))
         for name, fill, overlap in variants:
-            config = variant_config(args.rounds, fill, overlap, name)
+            config = variant_config(args.rounds, fill, overlap, name, args.steps_per_round)
             swarm = run_swarm(config, args.rounds, root)
             solos.append(run_solo(solo_file, root, args.solo_seconds))
             before, after = solos[-2], solos[-1]
@@ -208,7 +211,7 @@ def main() -> None:
                              "utilization": statistics.median(ratios.values()), "cpu_cores": cores}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    cfg = variant_config(args.rounds, True, True, "x")
+    cfg = variant_config(args.rounds, True, True, "x", args.steps_per_round)
     print_header("bench_utilization", info, [
         f"4 peers on loopback, the demo's run config (H = {cfg.inner.steps_per_round}, rounds of "
         f"{cfg.averaging.round_seconds:.0f} s, matchmaking {cfg.averaging.matchmaking_time:.0f} s), {args.rounds} "
