@@ -112,10 +112,10 @@ class AveragingConfig:
     round_seconds: float = _f(30.0, "Wall-clock length of a round on the swarm's shared schedule (DHT time): "
                                     "every node ends its inner steps at the same moments, so peers that join at "
                                     "any time average together", unit="s", lo=1.0, hi=86400.0)
-    fill_round: bool = _f(True, "Train until the round's end however many steps that takes (the average "
-                                "weighs tokens, and the lr schedule follows rounds of inner.steps_per_round "
-                                "nominal steps); false: stop after inner.steps_per_round steps and wait for the "
-                                "round's end, so a fast machine idles")
+    fill_round: bool = _f(True, "Train until the round's end, up to 4 × inner.steps_per_round steps (the "
+                                "average weighs tokens, and the lr schedule follows rounds of "
+                                "inner.steps_per_round nominal steps); false: stop after inner.steps_per_round "
+                                "steps and wait for the round's end, so a fast machine idles")
     overlap: bool = _f(False, "Average in the background during the next inner steps; apply one round late")
     sync_tolerance: float = _f(0.0, "Relative fingerprint difference above which peers re-sync a module "
                                     "(0: the wire codec's own bound)", lo=0.0, hi=1.0)

@@ -3,8 +3,9 @@ DiLoCo outer step per module averaged with the module's holders, then a majority
 of every module's state, progress records and a checkpoint.
 
 Round rule (see schedule.py): round r ends at the same DHT time on every node. A node
-trains until then (a step that would end after the deadline is not started; with
-averaging.fill_round off, at most inner.steps_per_round steps), then looks for the
+trains until then (a step that would end after the deadline is not started; at most
+4 × inner.steps_per_round steps, or inner.steps_per_round with averaging.fill_round off),
+then looks for the
 holders of each module, who arrive at the same moment. Peers that arrive within the matchmaking window (at most 3× it) average
 together, weighted by tokens; a module whose holders are all gone or suspended is
 updated with the node's own pseudo-gradient without waiting. So a slow peer delays fast
@@ -42,7 +43,7 @@ from p2ptrain.swarm.protocol import Rejections, RoundClaim, parse
 from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, new_peer_record,
                                     status_record_fields)
 from p2ptrain.swarm.schedule import RoundSchedule
-from p2ptrain.swarm.slot import ModuleSlot, tokens_per_round
+from p2ptrain.swarm.slot import ModuleSlot, max_steps_per_round, tokens_per_round
 from p2ptrain.swarm.state_transfer import fetch_verified_state
 from p2ptrain.swarm.suspension import Suspension
 from p2ptrain.train.offload import off_device
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 SYNC_POLL_S, SYNC_POLL_MAX_S = 0.2, 2.0  # reads of the holders' post-round fingerprints
 CATCH_UP_ATTEMPTS = 3  # reads of the holders' records before a newcomer starts from its own state
-UNLIMITED_STEPS = 1 << 40  # fill_round: the round's deadline, not a step count, ends the inner loop
 STOP_GRACE_S = 30.0  # how long a stopping node lets the averaging in flight finish (systemd waits 90 s)
 
 
@@ -287,17 +287,16 @@ class SwarmNode:
         return any(slot.round < round_ - lag for slot in self.slots.values())
 
     def run_round(self, round_: int, on_step=None) -> Optional[RoundReport]:
-        # time-based rounds: train until the round's end whatever our speed (tokens weigh the
+        # time-based rounds: train until the round's end (at most 4 H steps; tokens weigh the
         # average), following the swarm's lr schedule; else at most H steps, then wait
-        fill = self.cfg.averaging.fill_round
-        H = UNLIMITED_STEPS if fill else self.cfg.inner.steps_per_round
-        if fill:
+        H = max_steps_per_round(self.cfg)
+        if self.cfg.averaging.fill_round:
             self.session.inner.enter_round(round_)
         end = self.schedule.end_of(round_)
         # --- data: pick up added or changed files of the registered sources (only those are re-read)
         if self.feed is not None:
             self.feed.begin_round(self.session)
-        # --- inner: steps until the round's end on the swarm's clock (at most H of them unless filling)
+        # --- inner: steps until the round's end on the swarm's clock, at most H of them
         self.phase = "training"
         t0 = time.perf_counter()
         tokens, losses, inner_seconds = 0, [], 0.0
@@ -325,7 +324,7 @@ class SwarmNode:
                 return None
         if tokens == 0:
             return None  # entered too late for even one step: the next round is ours
-        # a node that reached H steps early (fill_round off) waits for the round's end: everyone averages at once
+        # a node that reached its step cap early waits for the round's end: everyone averages at once
         self.schedule.sleep_until(end, self.stop_requested)
         if self.stop_requested.is_set():
             self._abandon_round()

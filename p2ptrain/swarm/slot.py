@@ -19,18 +19,24 @@ from p2ptrain.swarm.signals import children_ignore_sigint
 from p2ptrain.train.session import PathSession
 
 
-FILL_WEIGHT_STEPS = 4  # time-based rounds: a round's weight counts at most 4 × H steps of tokens
+FILL_MAX_STEPS = 4  # time-based rounds: a node takes at most 4 × H steps a round
+
+
+def max_steps_per_round(cfg) -> int:
+    """The most inner steps a node takes in a round. With time-based rounds
+    (averaging.fill_round) a node trains until the round's end, but at most 4 × H steps:
+    a peer's pseudo-gradient grows with its steps, and the members of a group check each
+    reducer's returned slice against their own parts, scaled by how much less they
+    weigh than the most a round may weigh; unbounded step counts would make an honest fast
+    peer's share look like a lie to a slow one (and let its weight swamp the group)."""
+    return cfg.inner.steps_per_round * (FILL_MAX_STEPS if cfg.averaging.fill_round else 1)
 
 
 def tokens_per_round(run_state: RunState) -> int:
-    """The most tokens a round's average may weigh for one node: the cap on any declared
-    all-reduce weight (a larger claim is refused as a lie). With time-based rounds
-    (averaging.fill_round) a fast machine takes more than H steps, so the cap is 4 × H
-    steps' tokens and a node above it declares the cap: a peer with a 10× GPU trains 10×
-    the steps on its own copy but weighs at most 4 nominal rounds in the average."""
+    """The most tokens a node can train in a round: the cap on any declared all-reduce
+    weight (a larger claim is refused as a lie)."""
     cfg = run_state.config
-    steps = cfg.inner.steps_per_round * (FILL_WEIGHT_STEPS if cfg.averaging.fill_round else 1)
-    return cfg.inner.batch_size * cfg.model.context * steps
+    return cfg.inner.batch_size * cfg.model.context * max_steps_per_round(cfg)
 
 
 class ModuleSlot:

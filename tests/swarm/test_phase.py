@@ -124,10 +124,11 @@ def test_a_slow_peer_averages_with_smaller_weight_and_fast_peers_wait_at_most_th
 
 
 def test_time_based_rounds_keep_every_peer_training_until_the_rounds_end(swarm):
-    # Prepare: rounds filled to their end (averaging.fill_round), H = 3 nominal steps; every
-    # inner step waits 0.05 s on a and 0.2 s on b, as for a device (the two nodes share this
-    # process: a training thread that never waits would starve the other node's threads)
-    config = swarm_config("fill-round", levels=(1,), round_seconds=6.0, steps_per_round=3, fill_round=True)
+    # Prepare: rounds filled to their end (averaging.fill_round), H = 8 nominal steps, so at
+    # most 32 a round; every inner step waits 0.05 s on a and 0.2 s on b, as for a device
+    # (the two nodes share this process: a training thread that never waits would starve
+    # the other node's threads)
+    config = swarm_config("fill-round", levels=(1,), round_seconds=6.0, steps_per_round=8, fill_round=True)
     a = swarm.open(config, "0")
     b = swarm.open(config, "0", initial_peers=a.maddrs)
     for peer, wait in ((a, 0.05), (b, 0.2)):
@@ -142,8 +143,9 @@ def test_time_based_rounds_keep_every_peer_training_until_the_rounds_end(swarm):
     # Execute
     in_parallel(lambda: a.node.run(max_rounds=3), lambda: b.node.run(max_rounds=3))
 
-    # Assert: both trained far past H steps every round instead of idling after H, averaged
-    # together every round with their tokens as weights, kept the round's lr schedule, and agree
+    # Assert: the slow peer trained past H every round instead of stopping there, the fast one
+    # more (at most 4 H); they averaged together every round with their tokens as weights,
+    # kept the round's lr schedule, and agree
     tokens_per_step = config.inner.batch_size * config.model.context
     H = config.inner.steps_per_round
     both = sorted([a.node.peer_id, b.node.peer_id])
@@ -151,7 +153,7 @@ def test_time_based_rounds_keep_every_peer_training_until_the_rounds_end(swarm):
     for fast, slow in zip(a.node.history, b.node.history):
         assert sorted(fast.modules["stem"].group) == both, (fast.round, fast.modules["stem"], slow.modules["stem"])
     for fast, slow in zip(a.node.history[1:], b.node.history[1:]):  # round 1 may be entered late
-        assert slow.tokens > 2 * H * tokens_per_step and fast.tokens > slow.tokens
+        assert H * tokens_per_step < slow.tokens < fast.tokens <= 4 * H * tokens_per_step
     for peer in (a, b):
         last = peer.node.history[-1].round
         assert peer.node.session.inner.schedule_position == last * H  # capped at the round's nominal end
