@@ -5,11 +5,11 @@ of every module's state, progress records and a checkpoint.
 Round rule (see schedule.py): round r ends at the same DHT time on every node. A node
 trains until then (a step that would end after the deadline is not started; at most
 4 × inner.steps_per_round steps, or inner.steps_per_round with averaging.fill_round off),
-then looks for the
-holders of each module, who arrive at the same moment. Peers that arrive within the matchmaking window (at most 3× it) average
-together, weighted by tokens; a module whose holders are all gone or suspended is
-updated with the node's own pseudo-gradient without waiting. So a slow peer delays fast
-ones by at most the window, and a lone peer never waits at all.
+then looks for the holders of each module, who arrive at the same moment. Peers that
+arrive within the matchmaking window (at most 3× it) average together, weighted by
+tokens; a module whose holders are all gone or suspended is updated with the node's own
+pseudo-gradient without waiting. So a slow peer delays fast ones by at most the window,
+and a lone peer never waits at all.
 
 Threads and what each owns:
   * the driver (this file's `run`): the local model, the inner optimizer, the history;
