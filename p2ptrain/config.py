@@ -117,6 +117,10 @@ class AveragingConfig:
                                 "inner.steps_per_round nominal steps); false: stop after inner.steps_per_round "
                                 "steps and wait for the round's end, so a fast machine idles")
     overlap: bool = _f(False, "Average in the background during the next inner steps; apply one round late")
+    fragments: int = _f(1, "Average one of this many equal slices of each module per round, the slices in "
+                           "turn (Streaming DiLoCo): a round moves 1/fragments of the bytes, and each value "
+                           "is averaged every `fragments` rounds from the progress made since its last "
+                           "average (1: the whole module every round)", lo=1, hi=16)
     sync_tolerance: float = _f(0.0, "Relative fingerprint difference above which peers re-sync a module "
                                     "(0: the wire codec's own bound)", lo=0.0, hi=1.0)
     aggregation: str = _f("centered_clip", "How each reducer combines its slice of the group's pseudo-gradients: "
@@ -201,6 +205,9 @@ class RunConfig:
         betas = self.inner.betas
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise ConfigError(f"{source}: inner.betas must be two numbers in [0, 1), got {betas}")
+        if self.averaging.fragments > 1 and self.averaging.overlap:
+            raise ConfigError(f"{source}: averaging.fragments > 1 cannot be combined with averaging.overlap "
+                              "(a fragment's average lands in its own round); set one of them off")
         if (any(c in self.run.id for c in ".@") or not self.run.id or len(self.run.id) > 64
                 or not self.run.id.isprintable()):
             raise ConfigError(f"{source}: run.id must be 1-64 printable characters without '.' or '@', "

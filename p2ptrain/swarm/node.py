@@ -423,19 +423,18 @@ class SwarmNode:
         admission = self.admission(peers)
         controls, own, results, asked_at = {}, {}, {}, {}
         for module_id, slot in self.slots.items():
-            with slot.buffers() as buffers:
-                if deltas is None:
-                    slot.outer.pseudo_gradient_into(self.session.local_state(module_id), buffers)
-                else:
-                    for buf, d in zip(buffers, deltas[module_id]):
-                        buf.copy_(d)
-                if not all(torch.isfinite(b).all() for b in buffers):
-                    # local training diverged: contribute nothing rather than poison the module
-                    logger.error("module %s: this node's pseudo-gradient is not finite; contributing zero",
-                                 module_id)
-                    for b in buffers:
-                        b.zero_()
-                own[module_id] = [b.clone() for b in buffers]
+            if deltas is None:
+                delta = slot.outer.pseudo_gradient_flat(self.session.local_state(module_id))
+            else:
+                delta = torch.cat([d.reshape(-1) for d in deltas[module_id]])
+            start, end = slot.fragment(round_)  # all of it unless averaging.fragments > 1
+            part = delta[start:end].clone()
+            if not torch.isfinite(part).all():
+                # local training diverged: contribute nothing rather than poison the module
+                logger.error("module %s: this node's pseudo-gradient is not finite; contributing zero", module_id)
+                part.zero_()
+            slot.load_buffer(part)
+            own[module_id] = part
             results[module_id] = ModuleRound()
             holders = peers_holding(self.run_state.grid, peers, module_id, self.peer_id)
             if not holders:
@@ -468,9 +467,10 @@ class SwarmNode:
                     result.alone = True
                     self.absent[module_id] = set()
                     logger.info("module %s averaged alone this round: %s", module_id, e)
-            slot.apply_outer_step(mean, self._sharing_scale(module_id), self.cfg.outer.lr, round_)
+            start, end = slot.fragment(round_)
+            slot.apply_outer_step(mean, start, self._sharing_scale(module_id), self.cfg.outer.lr, round_)
             if adopt:
-                self.session.adopt_global(module_id)
+                self.session.adopt_global(module_id, None if slot.fragments == 1 else (start, end))
         self.session.round = round_
         self._update_sync()
         return results
@@ -496,10 +496,11 @@ class SwarmNode:
                     raise
 
     def _accept_average(self, module_id: str, round_: int, outcome: dict, result: ModuleRound,
-                        own: list[torch.Tensor], asked_at: float | None = None) -> list[torch.Tensor]:
+                        own: torch.Tensor, asked_at: float | None = None) -> torch.Tensor:
         """Read what the all-reduce returned: who was in the group and what they claimed (each
         claim parsed, a bad one reported), whom our reducer refused, and which values a failed
-        reducer left un-averaged. Returns the mean pseudo-gradient to step with."""
+        reducer left un-averaged. Returns the mean pseudo-gradient of this round's fragment
+        (flat, as long as `own`) to step with."""
         slot = self.slots[module_id]
         gathered = outcome.get("gathered", {})
         result.group = sorted(peer.to_base58() for peer in gathered)
@@ -532,7 +533,7 @@ class SwarmNode:
             result.lying_reducers.append(peer_id)
             self.ban(peer_id)
         with slot.averager.get_tensors() as (flat,):
-            averaged = flat.clone()
+            averaged = flat[:own.numel()].clone()  # past it: the zero padding of the last fragment
         failed = outcome.get("failed", [])
         if failed:
             # a reducer failed us: `failed` is its whole slice (even parts it returned before
@@ -547,7 +548,7 @@ class SwarmNode:
             result.rejected = "non-finite values in the average (a reducer returned NaN/inf)"
             logger.warning("module %s: %s; using our own pseudo-gradient this round", module_id, result.rejected)
             return own
-        return [v.view_as(p) for v, p in zip(averaged.split(slot.numels), slot.outer.global_params)]
+        return averaged
 
     def admission(self, peers: list[PeerRecord]) -> Admission:
         """Who may average with us this round: in a closed run the credentialed peers (their

@@ -3,10 +3,9 @@ buffer, and the module's global state (parameters and outer momentum) under one 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -16,6 +15,7 @@ from p2ptrain.swarm.consistency import Vouch, agree
 from p2ptrain.swarm.protocol import StateMetadata
 from p2ptrain.swarm.records import averager_prefix
 from p2ptrain.swarm.signals import children_ignore_sigint
+from p2ptrain.train.outer import fragment_bounds
 from p2ptrain.train.session import PathSession
 
 
@@ -62,9 +62,14 @@ class ModuleSlot:
         # tensor 1.02x). The buffer is cut into 16 parts (see averaging_part_bytes), so that
         # even a small module is shared among up to 16 reducers.
         self.numels = [p.numel() for p in self.outer.global_params]
-        self.state_bytes = 2 * 4 * sum(self.numels)  # fp32 parameters + momentum, as served
-        buffers = [torch.zeros(sum(self.numels))]
-        part_bytes = averaging_part_bytes(sum(self.numels), cfg.compression)
+        self.numel = sum(self.numels)
+        self.state_bytes = 2 * 4 * self.numel  # fp32 parameters + momentum, as served
+        # averaging.fragments: the buffer holds one fragment (the last, shorter one is padded
+        # with zeros), so a round's all-reduce moves 1/fragments of the module
+        self.fragments = cfg.fragments
+        self.buffer_numel = -(-self.numel // self.fragments)
+        buffers = [torch.zeros(self.buffer_numel)]
+        part_bytes = averaging_part_bytes(self.buffer_numel, cfg.compression)
         mm = cfg.matchmaking_time
         with children_ignore_sigint():
             self.averager = module_averager_class()(
@@ -82,11 +87,15 @@ class ModuleSlot:
                 bandwidth=upload_mbps,
                 declare_state_period=min(30.0, 6 * mm))
 
-    @contextlib.contextmanager
-    def buffers(self) -> Iterator[list[torch.Tensor]]:
-        """The averager's shared buffer, as one view per parameter of the module."""
+    def fragment(self, round_: int) -> tuple[int, int]:
+        """[start, end) of the module's values (laid end to end) averaged in this round."""
+        return fragment_bounds(self.numel, self.fragments, round_)
+
+    def load_buffer(self, part: torch.Tensor) -> None:
+        """Put this round's fragment of our pseudo-gradient into the averager's shared buffer."""
         with self.averager.get_tensors() as (flat,):
-            yield [v.view_as(p) for v, p in zip(flat.split(self.numels), self.outer.global_params)]
+            flat.zero_()
+            flat[:part.numel()].copy_(part)
 
     def vouch(self, peer_id: str) -> Vouch:
         """This node's claim about its global state of the module, for the other holders."""
@@ -130,8 +139,10 @@ class ModuleSlot:
             self.round = round_
             self.last_step_norm = step_norm
 
-    def apply_outer_step(self, mean_delta: list[torch.Tensor], scale: float, lr: float, round_: int) -> None:
+    def apply_outer_step(self, mean_delta: torch.Tensor, start: int, scale: float, lr: float, round_: int) -> None:
+        """The outer step on values [start, start + len(mean_delta)) of the module (all of it
+        unless averaging.fragments > 1) with the averaged pseudo-gradient of those values."""
         with self.lock:
-            self.outer.apply(mean_delta, scale)
+            self.outer.apply_fragment(mean_delta, start, scale)
             self.round = round_
-            self.last_step_norm = lr * scale * math.sqrt(sum(float((d.double() ** 2).sum()) for d in mean_delta))
+            self.last_step_norm = lr * scale * float(mean_delta.double().norm())

@@ -130,9 +130,24 @@ class PathSession:
     def local_state(self, module_id: str) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.parts()[module_id].named_parameters()}
 
-    def adopt_global(self, module_id: str) -> None:
-        """Continue training from the module's global parameters (after an outer step)."""
-        self.model.load_module_state(module_id, self.outer[module_id].global_state())
+    def adopt_global(self, module_id: str, fragment: tuple[int, int] | None = None) -> None:
+        """Continue training from the module's global parameters (after an outer step); with
+        `fragment` ([start, end) of the parameters laid end to end), only those values: the
+        rest keep their local progress until their own fragment is averaged."""
+        outer = self.outer[module_id]
+        if fragment is None:
+            self.model.load_module_state(module_id, outer.global_state())
+            return
+        start, end = fragment
+        params = dict(self.model.parts()[module_id].named_parameters())
+        offset = 0
+        with torch.no_grad():
+            for name, g in zip(outer.names, outer.global_params):
+                lo, hi = max(start, offset), min(end, offset + g.numel())
+                if lo < hi:
+                    local = params[name].view(-1)
+                    local[lo - offset:hi - offset].copy_(g.view(-1)[lo - offset:hi - offset])
+                offset += g.numel()
 
     def make_local_global(self) -> None:
         """Single-machine training has no outer step: the local weights are the global ones."""

@@ -113,7 +113,7 @@ class Adversary:
         self.schedule = RoundSchedule(honest.node.schedule.epoch, honest.node.schedule.round_seconds)
         slot = honest.node.slots[module_id]
         cfg = run_state.config.averaging
-        numel = sum(slot.numels)
+        numel = slot.buffer_numel  # the averaged buffer: one fragment of the module
         self.averager = _evil_averager_class()(
             [torch.zeros(numel)], self.dht, start=True, prefix=averager_prefix(self.run_id, module_id),
             lie=lie, served_state=served_state, target_group_size=cfg.target_group_size, min_group_size=2,

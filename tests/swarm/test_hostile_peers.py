@@ -125,7 +125,7 @@ def test_a_newcomer_follows_the_majority_of_holders_not_a_stranger_claiming_a_ra
 def test_a_state_larger_than_the_module_is_refused_before_it_is_used(swarm, adversaries):
     a, _ = honest_pair(swarm, "oversized")
     slot = a.node.slots[MODULE]
-    huge = [torch.zeros(10 * sum(slot.numels))]
+    huge = [torch.zeros(10 * slot.buffer_numel)]
     adversary = Adversary(a, path=[0], module_id=MODULE, lie={},
                           served_state=({"module": MODULE, "round": 1}, huge))
     adversaries.append(adversary)

@@ -153,3 +153,77 @@ def test_a_peer_on_a_fast_link_reduces_more_of_a_module_and_the_average_is_uncha
     for other in (b.node, c.node):
         for x, y in zip(a.node.slots[module].outer.global_params, other.slots[module].outer.global_params):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_with_fragments_a_round_averages_one_slice_and_the_rest_keeps_its_local_progress(swarm):
+    # Prepare: as the closed-form test, but the shared module is cut into 4 fragments, and
+    # round 5 averages fragment 5 mod 4 = 1
+    config = swarm_config("fragments", levels=(1, 2), stem="per_path", compression="none")
+    config.averaging.fragments = 4
+    a = swarm.open(config, "0,0")
+    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
+    shared = "L0.M0"
+    slot = a.node.slots[shared]
+    start, end = slot.fragment(5)
+    assert 0 < start < end < slot.numel and slot.buffer_numel == end - start
+
+    def flat(tensors):
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    global_before = flat(slot.outer.global_params).clone()
+    a.node.session.inner_steps(3)
+    b.node.session.inner_steps(3)
+    names = slot.outer.names
+    local_a = flat([a.node.session.local_state(shared)[n] for n in names]).clone()
+    local_b = flat([b.node.session.local_state(shared)[n] for n in names]).clone()
+
+    # Execute
+    reports = in_parallel(lambda: a.node.outer_step(5, tokens=100), lambda: b.node.outer_step(5, tokens=300))
+
+    # Assert: inside the fragment, the closed form of one Nesterov step on the weighted mean ...
+    mean = (100 * (global_before - local_a) + 300 * (global_before - local_b)) / 400
+    expected = global_before - 0.7 * 1.9 * mean
+    for node in (a.node, b.node):
+        got = flat(node.slots[shared].outer.global_params)
+        torch.testing.assert_close(got[start:end], expected[start:end], rtol=0, atol=1e-6)
+        # ... outside it the global state and momentum did not move
+        assert torch.equal(got[:start], global_before[:start]) and torch.equal(got[end:], global_before[end:])
+        momentum = flat(node.slots[shared].outer.momentum)
+        assert not momentum[:start].any() and not momentum[end:].any()
+    # training goes on from the new globals inside the fragment, from its own progress outside
+    after = flat([a.node.session.local_state(shared)[n] for n in names])
+    assert torch.equal(after[start:end], flat(slot.outer.global_params)[start:end])
+    assert torch.equal(after[:start], local_a[:start]) and torch.equal(after[end:], local_a[end:])
+    # the all-reduce moved a quarter of the module: each peer sends one copy of the fragment
+    got_a = reports[0][shared]
+    assert sorted(got_a.group) == sorted([a.node.peer_id, b.node.peer_id])
+    assert got_a.bytes_sent == 4 * slot.buffer_numel
+
+
+def test_peers_averaging_fragments_in_turn_agree_and_every_value_moves_within_one_cycle(swarm):
+    # Prepare: 4 fragments, fp16; the two peers share the stem and L0.M0
+    config = swarm_config("fragment-cycle", levels=(1, 2))
+    config.averaging.fragments = 4
+    a = swarm.open(config, "0,0")
+    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
+    start = {m: torch.cat([p.reshape(-1) for p in s.outer.global_params]).clone() for m, s in a.node.slots.items()}
+
+    # Execute: 4 rounds, one per fragment
+    in_parallel(lambda: a.node.run(max_rounds=4), lambda: b.node.run(max_rounds=4))
+
+    # Assert: every round averaged with the other peer, no state had to be downloaded, the
+    # peers hold the same globals (fp16 wire error only) and every fragment has moved
+    for node in (a.node, b.node):
+        assert all(len(r.modules[m].group) == 2 for r in node.history for m in ("stem", "L0.M0"))
+        assert not node.state_downloads
+    for module_id in ("stem", "L0.M0"):
+        x = torch.cat([p.reshape(-1) for p in a.node.slots[module_id].outer.global_params])
+        y = torch.cat([p.reshape(-1) for p in b.node.slots[module_id].outer.global_params])
+        slot = a.node.slots[module_id]
+        for round_ in range(4):
+            lo, hi = slot.fragment(round_)
+            moved = (x[lo:hi] - start[module_id][lo:hi]).abs().max().item()
+            assert moved > 0, f"{module_id} fragment {lo}:{hi} never moved"
+            assert (x[lo:hi] - y[lo:hi]).abs().max().item() < 0.01 * moved, f"{module_id} differs between peers"
+    sent = [r.modules["L0.M0"].bytes_sent for r in a.node.history]
+    assert all(0 < s <= 2 * 2 * a.node.slots["L0.M0"].buffer_numel for s in sent)  # fp16: 2 B a value, both ways

@@ -347,3 +347,24 @@ def test_session_ignores_checkpoints_of_another_run(tiny_run_state, stdlib_docs,
     # Assert
     assert ckpt is None
     assert "belongs to another version of run unit-tiny" in caplog.text
+
+
+def test_adopting_one_fragment_keeps_local_progress_everywhere_else(tiny_run_state, stdlib_docs, tmp_path):
+    # Prepare: train a little, so local and global differ everywhere
+    session = PathSession(tiny_run_state, (0, 0), stdlib_docs, CPU, tmp_path)
+    session.inner_steps(2)
+    module_id = session.module_ids[0]
+    outer = session.outer[module_id]
+    local_before = torch.cat([session.local_state(module_id)[n].reshape(-1) for n in outer.names]).clone()
+    global_flat = torch.cat([g.reshape(-1) for g in outer.global_params])
+    start, end = 10, global_flat.numel() // 2  # spans several parameters
+
+    # Execute
+    session.adopt_global(module_id, fragment=(start, end))
+
+    # Assert
+    local_after = torch.cat([session.local_state(module_id)[n].reshape(-1) for n in outer.names])
+    assert torch.equal(local_after[start:end], global_flat[start:end])
+    assert torch.equal(local_after[:start], local_before[:start])
+    assert torch.equal(local_after[end:], local_before[end:])
+    assert not torch.equal(local_after[end:], global_flat[end:])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from p2ptrain.config import OuterConfig
-from p2ptrain.train.outer import ModuleOuterState
+from p2ptrain.train.outer import ModuleOuterState, fragment_bounds
 
 
 def make_state(cfg: OuterConfig) -> ModuleOuterState:
@@ -122,3 +122,67 @@ def test_state_dict_round_trip_restores_params_and_momentum():
     # Assert
     assert sorted(state.state_dict()) == ["global.b", "global.w", "momentum.b", "momentum.w"]
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.state_dict().items())
+
+
+# --- fragments (averaging.fragments): Streaming DiLoCo's slices of a module, in turn ----
+
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+@pytest.mark.parametrize("numel, fragments", [(8, 1), (8, 4), (8, 3), (10, 4), (3, 4)])
+def test_fragments_in_turn_cover_every_value_exactly_once(numel, fragments):
+    # Execute
+    bounds = [fragment_bounds(numel, fragments, round_) for round_ in range(7, 7 + fragments)]
+
+    # Assert
+    covered = sorted(i for start, end in bounds for i in range(start, end))
+    assert covered == list(range(numel))
+    assert fragment_bounds(numel, fragments, 7) == fragment_bounds(numel, fragments, 7 + fragments)
+
+
+def test_stepping_every_fragment_in_turn_equals_one_whole_step():
+    # Prepare: Nesterov momentum is elementwise, so slices stepped one by one with the same
+    # averaged pseudo-gradient land exactly where one step of the whole module does
+    cfg = OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
+    whole, sliced = make_state(cfg), make_state(cfg)
+    delta = deltas(1)[0]
+
+    # Execute
+    whole.apply(delta)
+    for round_ in range(3):
+        start, end = fragment_bounds(8, 3, round_)
+        sliced.apply_fragment(flat(delta)[start:end], start)
+
+    # Assert
+    torch.testing.assert_close(flat(sliced.global_params), flat(whole.global_params), rtol=0, atol=1e-7)
+    torch.testing.assert_close(flat(sliced.momentum), flat(whole.momentum), rtol=0, atol=1e-7)
+
+
+def test_a_fragment_step_leaves_the_other_values_and_their_momentum_alone():
+    # Prepare: the fragment [4, 7) spans the end of "w" (6 values) and the start of "b"
+    state = make_state(OuterConfig(lr=0.7, momentum=0.9))
+    before = flat(state.global_params).clone()
+
+    # Execute
+    state.apply_fragment(torch.ones(3), 4)
+
+    # Assert
+    after, momentum = flat(state.global_params), flat(state.momentum)
+    outside = [0, 1, 2, 3, 7]
+    torch.testing.assert_close(after[outside], before[outside], rtol=0, atol=0)
+    assert torch.all(momentum[outside] == 0)
+    torch.testing.assert_close(momentum[4:7], torch.ones(3))
+    torch.testing.assert_close(after[4:7], before[4:7] - 0.7 * (1 + 0.9 * 1))
+
+
+def test_a_flat_pseudo_gradient_is_the_parameters_laid_end_to_end():
+    # Prepare
+    state = make_state(OuterConfig())
+    local = {"w": torch.zeros(2, 3), "b": torch.ones(2)}
+
+    # Execute
+    delta = state.pseudo_gradient_flat(local)
+
+    # Assert
+    torch.testing.assert_close(delta, torch.tensor([0.0, 1, 2, 3, 4, 5, -0.5, -1.5]))
