@@ -109,6 +109,12 @@ class AveragingConfig:
     averaging_timeout: float = _f(60.0, "Seconds before a round's all-reduce is abandoned", unit="s",
                                   lo=1.0, hi=3600.0)
     target_group_size: int = _f(64, "Most peers in one all-reduce group", lo=2, hi=4096)
+    staged: bool = _f(True, "A module with more live holders than target_group_size averages in two stages "
+                            "(Moshpit SGD): groups of up to that size, then one member of each group per "
+                            "second-stage group, weighted by its group's tokens, so every holder ends with the "
+                            "same mean; false: holders beyond target_group_size average in separate groups "
+                            "that drift apart (each stage-2 weight is a group's total, which only its group "
+                            "could check)")
     round_seconds: float = _f(30.0, "Wall-clock length of a round on the swarm's shared schedule (DHT time): "
                                     "every node ends its inner steps at the same moments, so peers that join at "
                                     "any time average together", unit="s", lo=1.0, hi=86400.0)

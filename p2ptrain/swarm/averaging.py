@@ -497,7 +497,8 @@ def _averager_class():
             weights: dict[str, Optional[float]] = {}
             for peer, claim in gathered.items():
                 parsed, _ = parse(RoundClaim, claim)
-                ok = parsed is not None and own is not None and parsed.round == own.round
+                ok = (parsed is not None and own is not None and parsed.round == own.round
+                      and parsed.stage == own.stage)
                 weights[peer.to_base58()] = float(parsed.tokens) if ok else None
             return weights
 
@@ -529,6 +530,14 @@ def _averager_class():
 
         async def _set_target_group_size(self, size: int):
             self._matchmaking.target_group_size = size
+
+        def set_max_weight(self, weight: float) -> None:
+            """The largest all-reduce weight a member may declare from now on (staged averaging's
+            second stage weighs whole groups)."""
+            self._outer_pipe.send(("_set_max_weight", [float(weight)], {}))
+
+        async def _set_max_weight(self, weight: float):
+            self._max_weight = weight
 
         # ---------------------------------------------------------- module state
 

@@ -44,6 +44,7 @@ from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, S
                                     status_record_fields)
 from p2ptrain.swarm.schedule import RoundSchedule
 from p2ptrain.swarm.slot import ModuleSlot, max_steps_per_round, tokens_per_round
+from p2ptrain.swarm.staging import plan_stages, stage_group_bits
 from p2ptrain.swarm.state_transfer import fetch_verified_state
 from p2ptrain.swarm.suspension import Suspension
 from p2ptrain.train.offload import off_device
@@ -76,6 +77,7 @@ class ModuleRound:
     bytes_sent: int = 0
     bytes_received: int = 0
     expected: set[str] = field(default_factory=set, repr=False)  # live holders when the round began
+    stage_groups: list[int] = field(default_factory=list)  # staged averaging: each stage's group size
 
     @property
     def outcome(self) -> str:
@@ -93,11 +95,6 @@ class RoundReport:
     seconds_outer: float  # training stalled for averaging (with overlap: waiting for last round's)
     modules: dict[str, ModuleRound] = field(default_factory=dict)
     seconds_wall: float = 0.0  # the whole round, checkpoint included
-
-
-def round_group_bits(round_: int) -> str:
-    """hivemind group-key bits for a round (8 bits: rounds 256 apart never overlap in time)."""
-    return format(round_ % 256, "08b")
 
 
 class StepDeadline:
@@ -421,7 +418,7 @@ class SwarmNode:
         avg_cfg = self.cfg.averaging
         weight = int(min(max(tokens, 1), tokens_per_round(self.run_state)))  # a larger claim would be refused
         admission = self.admission(peers)
-        controls, own, results, asked_at = {}, {}, {}, {}
+        own, results, plans = {}, {}, {}
         for module_id, slot in self.slots.items():
             if deltas is None:
                 delta = slot.outer.pseudo_gradient_flat(self.session.local_state(module_id))
@@ -440,33 +437,57 @@ class SwarmNode:
             if not holders:
                 results[module_id].alone = True  # nobody else trains it now: don't wait for a group
                 continue
+            results[module_id].expected = {p.peer_id for p in holders}
             # assemble as soon as every holder that showed up last round is in: one that did
             # not (dead, slow, or a stranger that never joins) costs the window once, not every round
-            expected = {p.peer_id for p in holders} - self.absent.get(module_id, set())
-            slot.averager.set_target_group_size(max(2, min(len(expected) + 1, avg_cfg.target_group_size)))
-            # the round is part of the group key: a node late for round r never lands in round r+1's group
-            slot.averager.set_group_bits(round_group_bits(round_))
-            results[module_id].expected = {p.peer_id for p in holders}
+            expected = results[module_id].expected - self.absent.get(module_id, set())
+            plans[module_id] = plan_stages(len(expected) + 1, avg_cfg.target_group_size, avg_cfg.staged)
             slot.averager.set_admission(admission)
-            asked_at[module_id] = time.time()  # wall clock, as the averager's process stamps the group
-            controls[module_id] = slot.averager.step(
-                gather=RoundClaim(round=round_, tokens=weight).dict(), weight=float(weight),
-                timeout=self._matchmaking_timeout(), allow_retries=True, wait=False)
+
+        # stage 1: every module with live holders, all at once
+        means = dict(own)
+        requests = {m: self._request_average(m, round_, 1, weight, plans[m].first_size) for m in plans}
+        second = {}
+        for module_id in self.slots:
+            if module_id not in requests:
+                continue
+            result, plan = results[module_id], plans[module_id]
+            outcome = self._finish_average(module_id, round_, requests[module_id], result, own[module_id])
+            if outcome is None:
+                self.absent[module_id] = set()
+                continue
+            means[module_id] = outcome[0]
+            # absent holders only size single-stage groups: a stage-1 group is a subset by design
+            self.absent[module_id] = result.expected - set(result.group) if plan.stages == 1 else set()
+            if plan.stages == 2:
+                second[module_id] = (result.group.index(self.peer_id), outcome[1])
+
+        # stage 2 (modules with more holders than one group holds): across the stage-1 groups
+        requests = {}
+        for module_id, (index, group_tokens) in second.items():
+            self.slots[module_id].load_buffer(means[module_id])
+            requests[module_id] = self._request_average(module_id, round_, 2, group_tokens, plans[module_id].second_size,
+                                                        index=index)
+        for module_id, request in requests.items():
+            result = results[module_id]
+            first = ModuleRound(group=list(result.group), seconds_matchmaking=result.seconds_matchmaking,
+                                seconds_allreduce=result.seconds_allreduce, bytes_sent=result.bytes_sent,
+                                bytes_received=result.bytes_received)
+            result.group, result.bytes_sent, result.bytes_received = [], 0, 0
+            result.seconds_matchmaking = result.seconds_allreduce = None
+            outcome = self._finish_average(module_id, round_, request, result, means[module_id], stage=2)
+            result.stage_groups = [len(first.group), len(result.group) if outcome is not None else 1]
+            if outcome is not None:
+                means[module_id] = outcome[0]
+            result.alone = False  # stage 1 averaged with peers even if stage 2 found nobody
+            result.group = sorted(set(first.group) | set(result.group))
+            result.seconds_matchmaking = (first.seconds_matchmaking or 0.0) + (result.seconds_matchmaking or 0.0)
+            result.seconds_allreduce = (first.seconds_allreduce or 0.0) + (result.seconds_allreduce or 0.0)
+            result.bytes_sent += first.bytes_sent
+            result.bytes_received += first.bytes_received
 
         for module_id, slot in self.slots.items():
-            result = results[module_id]
-            mean = own[module_id]
-            if module_id in controls:
-                try:
-                    outcome = self._await_average(controls[module_id], time.monotonic() + self._matchmaking_timeout()
-                                                  + avg_cfg.averaging_timeout + 30)
-                    mean = self._accept_average(module_id, round_, outcome, result, own[module_id],
-                                                asked_at.get(module_id))
-                    self.absent[module_id] = result.expected - set(result.group)
-                except Exception as e:  # no group found in time, or the all-reduce failed
-                    result.alone = True
-                    self.absent[module_id] = set()
-                    logger.info("module %s averaged alone this round: %s", module_id, e)
+            mean = means[module_id]
             start, end = slot.fragment(round_)
             slot.apply_outer_step(mean, start, self._sharing_scale(module_id), self.cfg.outer.lr, round_)
             if adopt:
@@ -474,6 +495,51 @@ class SwarmNode:
         self.session.round = round_
         self._update_sync()
         return results
+
+    def _request_average(self, module_id: str, round_: int, stage: int, weight: int, group_size: int,
+                         index: int = 0) -> tuple:
+        """Start one stage of a module's all-reduce in its averager's process; (control, asked at)."""
+        slot = self.slots[module_id]
+        slot.averager.set_target_group_size(group_size)
+        # the round (and stage) is part of the group key: a node late for round r never lands in
+        # round r+1's group; a stage-2 key names the member's index in its stage-1 group
+        slot.averager.set_group_bits(stage_group_bits(round_, stage, index))
+        # a stage-2 weight is a whole stage-1 group's tokens
+        cap = tokens_per_round(self.run_state) * (1 if stage == 1 else self.cfg.averaging.target_group_size)
+        slot.averager.set_max_weight(float(cap))
+        asked_at = time.time()  # wall clock, as the averager's process stamps the group
+        control = slot.averager.step(gather=RoundClaim(round=round_, tokens=weight, stage=stage).dict(),
+                                     weight=float(weight), timeout=self._matchmaking_timeout(), allow_retries=True,
+                                     wait=False)
+        return control, asked_at
+
+    def _finish_average(self, module_id: str, round_: int, request: tuple, result: ModuleRound,
+                        own: torch.Tensor, stage: int = 1) -> Optional[tuple[torch.Tensor, int]]:
+        """Wait for one stage's all-reduce; (the mean to go on with, the group's total tokens),
+        or None when no group formed in time or the all-reduce failed (the module goes on alone)."""
+        control, asked_at = request
+        try:
+            outcome = self._await_average(control, time.monotonic() + self._matchmaking_timeout()
+                                          + self.cfg.averaging.averaging_timeout + 30)
+            mean = self._accept_average(module_id, round_, outcome, result, own, asked_at, stage=stage)
+        except Exception as e:  # no group found in time, or the all-reduce failed
+            result.alone = True
+            logger.info("module %s averaged alone this round%s: %s", module_id,
+                        " (stage 2)" if stage == 2 else "", e)
+            return None
+        return mean, self._group_tokens(outcome, round_, stage)
+
+    def _group_tokens(self, outcome: dict, round_: int, stage: int) -> int:
+        """The tokens behind a group's mean: the declared weights of the members whose claims
+        parsed for this round and stage, less those whose parts our reducer refused."""
+        refused = set(outcome.get("rejected", {}))
+        total = 0
+        for peer, claim in outcome.get("gathered", {}).items():
+            parsed, _ = parse(RoundClaim, claim)
+            if parsed is not None and parsed.round == round_ and parsed.stage == stage \
+                    and peer.to_base58() not in refused:
+                total += parsed.tokens
+        return max(total, 1)
 
     def _await_average(self, control, deadline: float) -> dict:
         """The averaging step's outcome, waiting until `deadline` (monotonic). Once a stop is
@@ -496,7 +562,7 @@ class SwarmNode:
                     raise
 
     def _accept_average(self, module_id: str, round_: int, outcome: dict, result: ModuleRound,
-                        own: torch.Tensor, asked_at: float | None = None) -> torch.Tensor:
+                        own: torch.Tensor, asked_at: float | None = None, stage: int = 1) -> torch.Tensor:
         """Read what the all-reduce returned: who was in the group and what they claimed (each
         claim parsed, a bad one reported), whom our reducer refused, and which values a failed
         reducer left un-averaged. Returns the mean pseudo-gradient of this round's fragment
@@ -518,6 +584,8 @@ class SwarmNode:
                 self.rejections.add(peer_id, "malformed round claim", why)
             elif parsed.round != round_:
                 self.rejections.add(peer_id, "a claim for another round", f"{parsed.round} vs {round_}")
+            elif parsed.stage != stage:
+                self.rejections.add(peer_id, "a claim for another stage", f"{parsed.stage} vs {stage}")
         for peer_id, why in outcome.get("rejected", {}).items():
             self.rejections.add(peer_id, "all-reduce part refused by our reducer", why)
             self.ban(peer_id)

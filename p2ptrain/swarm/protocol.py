@@ -41,7 +41,8 @@ class RoundClaim(_Strict):
     the tokens behind its pseudo-gradient (its declared all-reduce weight must equal them)."""
 
     round: conint(ge=1, le=MAX_ROUND, strict=True)
-    tokens: conint(ge=1, strict=True)
+    tokens: conint(ge=1, strict=True)  # stage 2: the member's stage-1 group's total (staging.py)
+    stage: conint(ge=1, le=2, strict=True) = 1
 
 
 class StateMetadata(_Strict):

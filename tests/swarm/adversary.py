@@ -29,7 +29,7 @@ import torch
 from p2ptrain.swarm.averaging import averaging_part_bytes, make_compression
 from p2ptrain.swarm.dht import start_dht
 from p2ptrain.swarm.identity import Identity
-from p2ptrain.swarm.node import round_group_bits
+from p2ptrain.swarm.staging import stage_group_bits
 from p2ptrain.swarm.records import (ModuleSync, SwarmRecords, averager_prefix, make_validators, new_peer_record)
 from p2ptrain.swarm.schedule import RoundSchedule
 
@@ -132,7 +132,7 @@ class Adversary:
 
     def step(self, round_: int, timeout: float = 30.0):
         """Join one all-reduce of the module now, with the lie's gather; the group, or None."""
-        self.averager.set_group_bits(round_group_bits(round_))  # the round's group key, as honest nodes use
+        self.averager.set_group_bits(stage_group_bits(round_, 1))  # the round's group key, as honest nodes use
         try:
             return self.averager.step(gather=self.lie.get("gather", {"round": round_, "tokens": 100}),
                                       weight=1.0, timeout=timeout, allow_retries=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
-from p2ptrain.swarm.node import round_group_bits
+from p2ptrain.swarm.staging import stage_group_bits
 from p2ptrain.swarm.protocol import StateMetadata
 from p2ptrain.swarm.records import SwarmRecords, make_validators, new_peer_record, peers_key
 from tests.swarm.conftest import in_parallel, swarm_config
@@ -27,7 +27,7 @@ def test_an_average_poisoned_with_nan_is_rejected_and_the_node_steps_with_its_ow
     start = [p.clone() for p in a.node.slots[module].outer.global_params]
     local = [p.clone() for p in a.node.session.local_state(module).values()]
     evil = b.node.slots[module].averager
-    evil.set_group_bits(round_group_bits(1))  # round 1's group key, as a.node.outer_step(1, …) uses
+    evil.set_group_bits(stage_group_bits(1, 1))  # round 1's group key, as a.node.outer_step(1, …) uses
     with evil.get_tensors() as tensors:
         for t in tensors:
             t.fill_(math.nan)

@@ -227,3 +227,36 @@ def test_peers_averaging_fragments_in_turn_agree_and_every_value_moves_within_on
             assert (x[lo:hi] - y[lo:hi]).abs().max().item() < 0.01 * moved, f"{module_id} differs between peers"
     sent = [r.modules["L0.M0"].bytes_sent for r in a.node.history]
     assert all(0 < s <= 2 * 2 * a.node.slots["L0.M0"].buffer_numel for s in sent)  # fp16: 2 B a value, both ways
+
+
+def test_more_holders_than_one_group_holds_average_in_two_stages_to_the_exact_mean(swarm):
+    # Prepare: 4 holders of L0.M0 (grid [1, 4], private stems) but groups of at most 2:
+    # stage 1 pairs them, stage 2 pairs the members at the same index of the two pairs
+    config = swarm_config("staged", levels=(1, 4), stem="per_path", compression="none")
+    config.averaging.target_group_size = 2
+    first = swarm.open(config, "0,0")
+    others = [swarm.open(config, path, initial_peers=first.maddrs) for path in ("0,1", "0,2", "0,3")]
+    nodes = [first.node] + [o.node for o in others]
+    for node in nodes:
+        node.publish_status()
+    shared = "L0.M0"
+    start = [p.clone() for p in first.node.slots[shared].outer.global_params]
+    for node in nodes:
+        node.session.inner_steps(2)
+    locals_ = [[p.clone() for p in node.session.local_state(shared).values()] for node in nodes]
+    tokens = [100, 150, 250, 350]  # a round's cap is 384
+
+    # Execute
+    reports = in_parallel(*[lambda n=n, t=t: n.outer_step(1, tokens=t) for n, t in zip(nodes, tokens)])
+
+    # Assert: each holder ends with one Nesterov step on the token-weighted mean of all four
+    for g, *ls in zip(start, *locals_):
+        mean = sum(t * (g - l) for t, l in zip(tokens, ls)) / sum(tokens)
+        expected = g - 0.7 * 1.9 * mean
+        index = [p.data_ptr() for p in start].index(g.data_ptr())
+        for node in nodes:
+            torch.testing.assert_close(node.slots[shared].outer.global_params[index], expected, rtol=0, atol=1e-6)
+    for report in reports:
+        module = report[shared]
+        assert module.stage_groups == [2, 2] and module.outcome == "ok"
+        assert len(module.group) == 3  # its pair in stage 1 and one member of the other pair in stage 2
