@@ -29,7 +29,7 @@ from p2ptrain.data.tokenizer import load_tokenizer
 from p2ptrain.model.grid import PathIndex
 from p2ptrain.run_state import RunState
 from p2ptrain.train.evaluate import document_loss, heldout_by_path
-from p2ptrain.train.outer import ModuleOuterState
+from p2ptrain.train.outer import ModuleOuterState, fragment_bounds
 from p2ptrain.train.session import PathSession
 
 import common
@@ -149,9 +149,14 @@ class SimulatedSwarm:
     is the same thing.
     """
 
-    def __init__(self, sessions: Sequence[PathSession], sharing_scale: Callable[[str], float] | None = None):
+    def __init__(self, sessions: Sequence[PathSession], sharing_scale: Callable[[str], float] | None = None,
+                 fragments: int | None = None):
+        """fragments: None, the whole-module outer step below; N, the node's averaging.fragments
+        code path (SwarmNode.outer_step): round r averages only fragment_bounds(numel, N, r)."""
         self.sessions = list(sessions)
         self.sharing_scale = sharing_scale or (lambda module_id: 1.0)
+        self.fragments = fragments
+        self.rounds_done = 0  # the round number the fragments take turns by
         self.globals: dict[str, ModuleOuterState] = {}
         for session in self.sessions:
             for module_id in session.module_ids:
@@ -178,6 +183,9 @@ class SimulatedSwarm:
     def outer_step(self, tokens: Sequence[int]) -> None:
         """Per module: Δ̄ = Σ tokens_i·Δ_i / Σ tokens_i over its holders, Nesterov step, adopt."""
         weight = {id(s): float(max(t, 1)) for s, t in zip(self.sessions, tokens)}
+        self.rounds_done += 1
+        if self.fragments is not None:
+            return self._fragment_outer_step(weight, self.rounds_done - 1)
         for module_id, state in self.globals.items():
             holders = self.holders(module_id)
             total = sum(weight[id(s)] for s in holders)
@@ -191,6 +199,22 @@ class SimulatedSwarm:
         for session in self.sessions:
             for module_id in session.module_ids:
                 session.adopt_global(module_id)
+
+    def _fragment_outer_step(self, weight: dict[int, float], round_: int) -> None:
+        """As SwarmNode.outer_step with averaging.fragments = N: the flat pseudo-gradient's
+        fragment [start, end) is averaged, stepped with apply_fragment, and adopted only there
+        (N = 1: all of it, adopted whole)."""
+        for module_id, state in self.globals.items():
+            holders = self.holders(module_id)
+            total = sum(weight[id(s)] for s in holders)
+            start, end = fragment_bounds(sum(p.numel() for p in state.global_params), self.fragments, round_)
+            mean = torch.zeros(end - start)
+            for session in holders:
+                delta = state.pseudo_gradient_flat(session.local_state(module_id))
+                mean.add_(delta[start:end], alpha=weight[id(session)] / total)
+            state.apply_fragment(mean, start, self.sharing_scale(module_id))
+            for session in holders:
+                session.adopt_global(module_id, None if self.fragments == 1 else (start, end))
 
 
 def make_session(state: RunState, path: PathIndex, docs: Sequence[Document], data_seed: int = 0) -> PathSession:

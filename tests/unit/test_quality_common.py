@@ -1,0 +1,84 @@
+"""The quality benchmarks' simulated outer step with averaging.fragments (SimulatedSwarm's
+`fragments`): N = 1 through the fragment code path is bit-identical to the whole-module
+outer step, and N > 1 steps and adopts only the round's fragment."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from quality_common import SimulatedSwarm, make_session  # noqa: E402
+
+from p2ptrain.train.outer import fragment_bounds  # noqa: E402
+
+TOKENS = [100, 300, 200, 400]  # unequal weights: the token-weighted mean matters
+
+
+def trained_swarm(state, docs, fragments=None) -> SimulatedSwarm:
+    """One worker per path of the 2x2 grid (the stem held by 4, each level module by 2),
+    each after 3 inner steps; the same seeds give the same weights every call."""
+    torch.manual_seed(0)
+    swarm = SimulatedSwarm([make_session(state, path, docs, data_seed=i)
+                            for i, path in enumerate(state.grid.paths())], fragments=fragments)
+    for session in swarm.sessions:
+        session.inner_steps(3, log_every=3)
+    return swarm
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def local_flat(session, module_id: str) -> torch.Tensor:
+    return flat(session.local_state(module_id).values()).clone()
+
+
+def test_one_fragment_equals_the_whole_module_outer_step_bit_for_bit(tiny_run_state, stdlib_docs):
+    # Prepare
+    old, new = trained_swarm(tiny_run_state, stdlib_docs), trained_swarm(tiny_run_state, stdlib_docs, fragments=1)
+    for a, b in zip(old.sessions, new.sessions):
+        assert all(torch.equal(local_flat(a, m), local_flat(b, m)) for m in a.module_ids)
+
+    # Execute: two rounds, so the second one steps with momentum
+    for swarm in (old, new):
+        swarm.outer_step(TOKENS)
+        for session in swarm.sessions:
+            session.inner_steps(2, log_every=2)
+        swarm.outer_step(TOKENS)
+
+    # Assert
+    assert old.globals.keys() == new.globals.keys()
+    for module_id in old.globals:
+        assert torch.equal(flat(old.globals[module_id].global_params), flat(new.globals[module_id].global_params))
+        assert torch.equal(flat(old.globals[module_id].momentum), flat(new.globals[module_id].momentum))
+    for a, b in zip(old.sessions, new.sessions):
+        assert all(torch.equal(local_flat(a, m), local_flat(b, m)) for m in a.module_ids)
+
+
+def test_two_fragments_step_and_adopt_only_the_rounds_fragment(tiny_run_state, stdlib_docs):
+    # Prepare
+    swarm = trained_swarm(tiny_run_state, stdlib_docs, fragments=2)
+    before_global = {m: flat(s.global_params).clone() for m, s in swarm.globals.items()}
+    before_local = {(i, m): local_flat(s, m) for i, s in enumerate(swarm.sessions) for m in s.module_ids}
+
+    # Execute
+    swarm.outer_step(TOKENS)
+
+    # Assert: round 0 is fragment 0; outside it, globals and every worker's weights are as before
+    for module_id, state in swarm.globals.items():
+        numel = before_global[module_id].numel()
+        start, end = fragment_bounds(numel, 2, 0)
+        assert (start, end) == (0, (numel + 1) // 2)
+        after = flat(state.global_params)
+        assert not torch.equal(after[start:end], before_global[module_id][start:end])
+        assert torch.equal(after[end:], before_global[module_id][end:])
+        assert torch.equal(flat(state.momentum)[end:], torch.zeros(numel - end))
+        for i, session in enumerate(swarm.sessions):
+            if module_id in session.module_ids:
+                local = local_flat(session, module_id)
+                assert torch.equal(local[start:end], after[start:end])
+                assert torch.equal(local[end:], before_local[(i, module_id)][end:])
