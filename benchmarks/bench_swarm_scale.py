@@ -45,8 +45,11 @@ def tiny_config(run_id: str) -> RunConfig:
     })
 
 
-def measure(size: int, rounds: int, docs, workdir: Path) -> dict:
-    config = tiny_config(f"scale{size}")
+def measure(size: int, rounds: int, docs, workdir: Path, buckets: int = 1) -> dict:
+    """One swarm of `size` peers; with buckets > 1 the peer table is split
+    (averaging.peer_buckets) and a lookup is what a node reads each round: its bucket."""
+    config = tiny_config(f"scale{size}b{buckets}")
+    config.averaging.peer_buckets = buckets
     opened, join_seconds = [], []
     try:
         for i in range(size):
@@ -56,10 +59,13 @@ def measure(size: int, rounds: int, docs, workdir: Path) -> dict:
             opened.append(open_node(options, workdir / f"s{size}-n{i}", lambda: docs))
             join_seconds.append(time.perf_counter() - t0)
             opened[-1].node.publish_status()
-        lookups = []
+        lookups, reader = [], opened[-1].node
         for _ in range(10):
             t0 = time.perf_counter()
-            seen = len(opened[-1].node.records.fetch_peers())
+            if buckets == 1:
+                seen = len(reader.records.fetch_peers())
+            else:
+                seen = len(reader.records.fetch_peers(reader.schedule.current_round(), reader.peer_id))
             lookups.append(time.perf_counter() - t0)
         threads = [threading.Thread(target=o.node.run, kwargs=dict(max_rounds=rounds), daemon=True) for o in opened]
         t0 = time.perf_counter()
@@ -70,7 +76,7 @@ def measure(size: int, rounds: int, docs, workdir: Path) -> dict:
         round_seconds = (time.perf_counter() - t0) / rounds
         completed = sum(1 for o in opened if len(o.node.history) == rounds)
         stem_groups = [len(o.node.history[-1].modules["stem"].group) for o in opened if o.node.history]
-        return {"peers": size, "completed": completed, "visible_records": seen,
+        return {"peers": size, "buckets": buckets, "completed": completed, "visible_records": seen,
                 "join_median_s": statistics.median(join_seconds[1:]), "first_join_s": join_seconds[0],
                 "lookup_median_ms": 1000 * statistics.median(lookups), "round_s": round_seconds,
                 "largest_stem_group": max(stem_groups, default=0)}
@@ -84,6 +90,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="4 and 8 peers, 1 round")
+    parser.add_argument("--records-per-bucket", type=int, default=8,
+                        help="each size also runs with its peer table split into size / this many buckets")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.rounds = [4, 8], 1
@@ -91,18 +99,25 @@ def main() -> None:
     docs = load_documents(None, 4096)
     rows = []
     with tempfile.TemporaryDirectory(prefix="p2ptrain-scale-") as tmp:
-        for size in args.sizes:
+        for size in args.sizes:  # the whole table, then split: side by side at each size
             rows.append(measure(size, args.rounds, docs, Path(tmp)))
+            buckets = size // args.records_per_bucket
+            if buckets > 1:
+                rows.append(measure(size, args.rounds, docs, Path(tmp), buckets=buckets))
     print(f"# bench_swarm_scale — {datetime.date.today()} — {platform.platform()}, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
     print(f"command: {' '.join(sys.argv)}")
     print(f"real peers in one process on 127.0.0.1 (own DHT, p2pd and 3 averagers each), 2x2 grid, "
           f"tiny model (d_model 16), {args.rounds} rounds\n")
-    print("| peers | completed all rounds | largest stem group | join (median) | DHT lookup of all records "
-          "(median) | records visible | wall per round |")
-    print("|---|---|---|---|---|---|---|")
+    print("*lookup*: one read of the peer table as a node does it each round — the whole table, or with "
+          "`averaging.peer_buckets` = B its own bucket for the round (median of 10); *records read*: "
+          "records that read returned\n")
+    print("| peers | peer table | completed all rounds | largest stem group | join (median) | lookup (median) "
+          "| records read | wall per round |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['peers']} | {r['completed']} | {r['largest_stem_group']} | {r['join_median_s']:.2f} s | "
+        table = "whole" if r["buckets"] == 1 else f"split in {r['buckets']}"
+        print(f"| {r['peers']} | {table} | {r['completed']} | {r['largest_stem_group']} | {r['join_median_s']:.2f} s | "
               f"{r['lookup_median_ms']:.1f} ms | {r['visible_records']} | {r['round_s']:.1f} s |")
     OUT.mkdir(exist_ok=True)
     (OUT / "bench_swarm_scale.json").write_text(json.dumps(rows, indent=1))

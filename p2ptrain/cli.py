@@ -409,7 +409,9 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
                       "resynced": [m for m, r in report.modules.items() if r.resynced_from],
                       "partial": [m for m, r in report.modules.items() if r.partial],
                       # tensor-part bytes this node's averagers sent (the codec's payload, no framing)
-                      "bytes_sent_per_module": {m: r.bytes_sent for m, r in report.modules.items()}})
+                      "bytes_sent_per_module": {m: r.bytes_sent for m, r in report.modules.items()},
+                      # modules averaged in two stages (more holders than a group holds): each stage's group
+                      "stage_groups": {m: r.stage_groups for m, r in report.modules.items() if r.stage_groups}})
             else:
                 peers_text = "  ".join(f"{m}:{n}" for m, n in modules.items())
                 click.echo(f"round {report.round:>4}  loss {report.loss:6.3f}  {report.tokens_per_s:>9,.0f} tok/s  "

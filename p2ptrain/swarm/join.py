@@ -148,6 +148,11 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
             raise SwarmError(f"--closed: run '{run_id}' already exists; only its creator decides who may join")
         credential = check_own_credential(published, options.credential, run_id, own_peer_id)
         state = published.state
+        records.buckets = state.config.averaging.peer_buckets
+        if published.closed and records.buckets > 1:
+            raise SwarmError(f"run '{run_id}' is closed and splits its peer table (averaging.peer_buckets = "
+                             f"{records.buckets}): a closed run checks every group member's credential in its "
+                             "record, so it needs the whole table (peer_buckets = 1)")
         save_run_state(home, state)
         records.creator = published.creator  # from now on, no other key's run record counts
         if published.closed:
@@ -157,7 +162,9 @@ def open_node(options: JoinOptions, home: Path, docs_loader: Callable[[], Sequen
         if options.path is not None:
             path: PathIndex = grid.parse_path(options.path)
         else:
-            path = least_covered_path(grid, records.fetch_peers(), random.Random())
+            # a split table: this round's sample of it (coverage in proportion)
+            now = RoundSchedule(published.created, state.config.averaging.round_seconds).current_round()
+            path = least_covered_path(grid, records.fetch_peers(now, own_peer_id), random.Random())
         data_seed = options.data_seed
         if data_seed is None:
             data_seed = int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:4], "little")

@@ -44,7 +44,7 @@ from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, S
                                     status_record_fields)
 from p2ptrain.swarm.schedule import RoundSchedule
 from p2ptrain.swarm.slot import ModuleSlot, max_steps_per_round, tokens_per_round
-from p2ptrain.swarm.staging import plan_stages, stage_group_bits
+from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits
 from p2ptrain.swarm.state_transfer import fetch_verified_state
 from p2ptrain.swarm.suspension import Suspension
 from p2ptrain.train.offload import off_device
@@ -228,7 +228,8 @@ class SwarmNode:
         seen = 1
         while not self.stop_requested.is_set():
             self.publish_status()
-            seen = 1 + len([p for p in self.fetch_peers() if p.peer_id != self.peer_id])
+            found = self.records.fetch_peers()  # the whole table, even a split one
+            seen = 1 + len([p for p in found if p.peer_id != self.peer_id])
             if seen >= count or time.monotonic() >= deadline:
                 break
             self.stop_requested.wait(1.0)
@@ -414,8 +415,9 @@ class SwarmNode:
         deltas: the pseudo-gradients to average (default: global − local now).
         adopt: continue training from the new globals (False while training runs on).
         """
-        peers = self.fetch_peers()
+        peers = self.fetch_peers(round_)
         avg_cfg = self.cfg.averaging
+        sampled = self.records.buckets > 1  # we see about 1 / buckets of the holders
         weight = int(min(max(tokens, 1), tokens_per_round(self.run_state)))  # a larger claim would be refused
         admission = self.admission(peers)
         own, results, plans = {}, {}, {}
@@ -434,14 +436,21 @@ class SwarmNode:
             own[module_id] = part
             results[module_id] = ModuleRound()
             holders = peers_holding(self.run_state.grid, peers, module_id, self.peer_id)
-            if not holders:
+            if not holders and not sampled:
                 results[module_id].alone = True  # nobody else trains it now: don't wait for a group
                 continue
             results[module_id].expected = {p.peer_id for p in holders}
-            # assemble as soon as every holder that showed up last round is in: one that did
-            # not (dead, slow, or a stranger that never joins) costs the window once, not every round
-            expected = results[module_id].expected - self.absent.get(module_id, set())
-            plans[module_id] = plan_stages(len(expected) + 1, avg_cfg.target_group_size, avg_cfg.staged)
+            if sampled:
+                # a sample cannot tell when every holder is in: groups fill up to target_group_size
+                # or form when the matchmaking window ends; staging follows the estimated count
+                estimate = len(holders) * self.records.buckets + 1
+                plan = plan_stages(estimate, avg_cfg.target_group_size, avg_cfg.staged)
+                plans[module_id] = plan if plan.stages == 2 else StagePlan(1, avg_cfg.target_group_size)
+            else:
+                # assemble as soon as every holder that showed up last round is in: one that did not
+                # (dead, slow, or a stranger that never joins) costs the window once, not every round
+                expected = results[module_id].expected - self.absent.get(module_id, set())
+                plans[module_id] = plan_stages(len(expected) + 1, avg_cfg.target_group_size, avg_cfg.staged)
             slot.averager.set_admission(admission)
 
         # stage 1: every module with live holders, all at once
@@ -457,8 +466,10 @@ class SwarmNode:
                 self.absent[module_id] = set()
                 continue
             means[module_id] = outcome[0]
-            # absent holders only size single-stage groups: a stage-1 group is a subset by design
-            self.absent[module_id] = result.expected - set(result.group) if plan.stages == 1 else set()
+            # absent holders only size single-stage groups of a whole table: a stage-1 group, or a
+            # group among holders we did not all see, is not expected to hold every one
+            self.absent[module_id] = (result.expected - set(result.group) if plan.stages == 1 and not sampled
+                                      else set())
             if plan.stages == 2:
                 second[module_id] = (result.group.index(self.peer_id), outcome[1])
 
@@ -736,7 +747,11 @@ class SwarmNode:
         claims: dict[str, list[Vouch]] = {}
         max_round = self.schedule.max_plausible_round()
         while True:
-            peers = self.fetch_peers()
+            peers = self.fetch_peers(round_)
+            if self.records.buckets > 1:
+                # a split table: only the group members in this round's bucket can be read
+                seen = {p.peer_id for p in peers}
+                expected = {m: members & seen for m, members in expected.items()}
             for peer in peers:
                 for entry in peer.sync.values():
                     if entry.round > max_round:
@@ -764,9 +779,12 @@ class SwarmNode:
 
     # ------------------------------------------------------------------ status
 
-    def fetch_peers(self) -> list[PeerRecord]:
+    def fetch_peers(self, round_: int | None = None) -> list[PeerRecord]:
+        """Live peers' records: all of them, or with a split table (averaging.peer_buckets > 1)
+        the sample in this node's bucket for `round_` (default: the round in progress)."""
+        round_ = self.schedule.current_round() if round_ is None else round_
         try:
-            self._peers_cache = self.records.fetch_peers()
+            self._peers_cache = self.records.fetch_peers(round_, self.peer_id)
         except Exception as e:  # the DHT is best effort: keep the last view
             logger.warning("could not read peer records: %s", e)
         return self._peers_cache
@@ -779,7 +797,7 @@ class SwarmNode:
                                  sync=dict(self.sync), paused=self.suspension.describe(),
                                  credential=self.credential, **status_record_fields(self.status()))
         try:
-            self.records.publish_peer(record)
+            self.records.publish_peer(record, round_=self.schedule.current_round())
         except Exception as e:
             logger.warning("could not publish this node's status: %s", e)
 
@@ -791,6 +809,8 @@ class SwarmNode:
         if last is not None:
             for module_id, r in last.modules.items():
                 outcomes[module_id] = {"peers": len(r.group) if r.group else 1, "outcome": r.outcome}
+                if r.stage_groups:
+                    outcomes[module_id]["stage_groups"] = list(r.stage_groups)
         return {
             "peer_id": self.peer_id, "run_id": self.cfg.run.id, "path": path_name(self.session.path),
             "modules": list(self.session.module_ids), "state": self.phase,

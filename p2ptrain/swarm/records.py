@@ -9,9 +9,16 @@ creator (pinned: `--run-id NAME@CREATOR`, remembered in the home after the first
 
     <run>_run    the run state (config + router), published once by the run's creator
     <run>_peers  one status record per live peer: path, round, speed, module fingerprints
+
+A swarm too large for every node to read every record each round splits the peer table
+(averaging.peer_buckets = B > 1): a peer's record goes to `<run>_peers_<b>` with b a hash
+of its peer id and the round, so each round every node reads one bucket, about 1/B of
+the live peers, and a different random sample each round. Because the hash takes the
+round, no peer id can be ground to sit in one reader's bucket round after round.
 """
 
 import functools
+import hashlib
 import logging
 import platform
 import threading
@@ -41,8 +48,18 @@ def run_key(run_id: str) -> str:
     return f"{run_id}_run"
 
 
-def peers_key(run_id: str) -> str:
-    return f"{run_id}_peers"
+MAX_PEER_BUCKETS = 256
+
+
+def peers_key(run_id: str, bucket: Optional[int] = None) -> str:
+    """The whole peer table, or one bucket of it (averaging.peer_buckets > 1)."""
+    return f"{run_id}_peers" if bucket is None else f"{run_id}_peers_{bucket}"
+
+
+def peer_bucket(peer_id: str, round_: int, buckets: int) -> int:
+    """The bucket a peer's record is in, and a reader reads, during a round."""
+    digest = hashlib.sha256(f"{peer_id}/{round_}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % buckets
 
 
 def averager_prefix(run_id: str, module_id: str) -> str:
@@ -168,11 +185,16 @@ class PeerRecord(_Bounded):
     # --- end of monitoring fields -----------------------------------------------------
 
 
-class SwarmSchema(pydantic.BaseModel):
-    """The run's DHT keys (prefixed with `<run id>_`): one signed subkey per writer."""
-
+class _SwarmKeys(pydantic.BaseModel):
     run: Dict[BytesWithPublicKey, Optional[RunRecord]]
     peers: Dict[BytesWithPublicKey, Optional[PeerRecord]]
+
+
+# The run's DHT keys (prefixed with `<run id>_`): one signed subkey per writer; the peer
+# table's buckets (`peers_0` … `peers_255`) hold the same records as `peers`.
+SwarmSchema = pydantic.create_model(
+    "SwarmSchema", __base__=_SwarmKeys,
+    **{f"peers_{b}": (Dict[BytesWithPublicKey, Optional[PeerRecord]], None) for b in range(MAX_PEER_BUCKETS)})
 
 
 def make_validators(run_ids: Union[str, Sequence[str]], private_key=None):
@@ -225,6 +247,7 @@ class SwarmRecords:
         self.impersonations = 0  # peer records whose peer_id is not their signer's
         self.closed_run: Optional[PublishedRun] = None  # set for closed runs: records need credentials
         self.uncredentialed = 0  # records refused in a closed run
+        self.buckets = 1  # averaging.peer_buckets of the run, once its record is read
         # hivemind's DHT takes commands over one pipe with no lock of its own; the
         # heartbeat thread and the round driver both write records
         self._lock = threading.Lock()
@@ -295,18 +318,44 @@ class SwarmRecords:
         state = RunState.from_json(record.state, f"run '{self.run_id}' on the DHT")
         if state.fingerprint() != record.fingerprint:
             raise SwarmError(f"run '{self.run_id}' on the DHT: its run state does not match its own fingerprint")
+        self.buckets = state.config.averaging.peer_buckets
         return PublishedRun(state, creator, record.created, record.p2ptrain_version, record.closed, key)
 
     # ------------------------------------------------------------ peer status
 
-    def publish_peer(self, record: PeerRecord, ttl_s: float = PEER_RECORD_TTL_S) -> bool:
+    def publish_peer(self, record: PeerRecord, ttl_s: float = PEER_RECORD_TTL_S,
+                     round_: Optional[int] = None) -> bool:
+        """Store our record; with a split table, in the buckets of the rounds round_ − 1, round_
+        and round_ + 1 (`round_`: the schedule's current round), so a reader finds it whichever
+        side of a round's end it reads on."""
         from hivemind.utils.timed_storage import get_dht_time
-        return self._store(peers_key(self.run_id), record.dict(), get_dht_time() + ttl_s)
+        expiration = get_dht_time() + ttl_s
+        if self.buckets == 1:
+            return self._store(peers_key(self.run_id), record.dict(), expiration)
+        now = round_ or 0
+        buckets = sorted({peer_bucket(record.peer_id, r, self.buckets) for r in (max(now - 1, 0), now, now + 1)})
+        return all([self._store(peers_key(self.run_id, b), record.dict(), expiration) for b in buckets])
 
-    def fetch_peers(self) -> list[PeerRecord]:
+    def fetch_peers(self, round_: Optional[int] = None, reader: Optional[str] = None) -> list[PeerRecord]:
         """Live peers' records (expired ones are gone from the DHT by themselves), each signed
-        by the key of the peer it names; a record naming another peer is dropped and counted."""
-        found = self._get(peers_key(self.run_id))
+        by the key of the peer it names; a record naming another peer is dropped and counted.
+
+        With a split table (averaging.peer_buckets > 1): the bucket `reader` (a peer id, ours
+        by default) reads in `round_`, a sample of about 1/B of the peers; with no round, every
+        bucket (the monitoring commands: B reads)."""
+        if self.buckets == 1:
+            return self._parse_peers(self._get(peers_key(self.run_id)))
+        if round_ is not None:
+            reader = reader or owner_peer_id(self.public_key)
+            return self._parse_peers(self._get(peers_key(self.run_id, peer_bucket(reader, round_, self.buckets))))
+        latest: dict[str, PeerRecord] = {}
+        for bucket in range(self.buckets):
+            for record in self._parse_peers(self._get(peers_key(self.run_id, bucket))):
+                if record.peer_id not in latest or record.time > latest[record.peer_id].time:
+                    latest[record.peer_id] = record
+        return list(latest.values())
+
+    def _parse_peers(self, found) -> list[PeerRecord]:
         if found is None or not isinstance(found.value, dict):
             return []
         peers = []

@@ -2,7 +2,8 @@
 hold (Moshpit SGD's grid, with groups as matchmaking assembles them).
 
 Stage 1: every holder meets under the round's stage-1 key; matchmaking assembles groups
-of about ⌈n / k⌉ (k = ⌈n / target_group_size⌉ groups), each averages, token-weighted.
+of about ⌈n / ⌈√n⌉⌉ (⌈√n⌉ groups, so both stages' groups grow as √n: the simulator's
+"assembled" coordinates), each averages, token-weighted.
 Stage 2: the member at index i of its stage-1 group (group sorted by peer id) meets the
 members at index i of the other groups, under a key that names i, and they average their
 groups' means weighted by each group's total tokens. When every stage-1 group has a
@@ -35,7 +36,7 @@ def plan_stages(holders: int, target_group_size: int, staged: bool) -> StagePlan
     """The stages for a module with `holders` live holders (this node included)."""
     if not staged or holders <= target_group_size:
         return StagePlan(1, max(2, min(holders, target_group_size)))
-    groups = math.ceil(holders / target_group_size)
+    groups = math.ceil(math.sqrt(holders))
     return StagePlan(2, math.ceil(holders / groups), groups)
 
 

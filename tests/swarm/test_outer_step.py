@@ -260,3 +260,30 @@ def test_more_holders_than_one_group_holds_average_in_two_stages_to_the_exact_me
         module = report[shared]
         assert module.stage_groups == [2, 2] and module.outcome == "ok"
         assert len(module.group) == 3  # its pair in stage 1 and one member of the other pair in stage 2
+
+
+def test_staged_rounds_keep_every_holder_in_agreement_without_downloads(swarm):
+    # Prepare: as above, 4 holders of L0.M0 in groups of at most 2, now over whole rounds
+    # (fp16 wire, the post-round fingerprint vote decides whether anyone must re-sync)
+    config = swarm_config("staged-rounds", levels=(1, 4), stem="per_path")
+    config.averaging.target_group_size = 2
+    first = swarm.open(config, "0,0")
+    others = [swarm.open(config, path, initial_peers=first.maddrs) for path in ("0,1", "0,2", "0,3")]
+    nodes = [first.node] + [o.node for o in others]
+    for node in nodes:
+        node.publish_status()
+    shared = "L0.M0"
+    start = torch.cat([p.reshape(-1) for p in first.node.slots[shared].outer.global_params]).clone()
+
+    # Execute
+    in_parallel(*[lambda n=n: n.run(max_rounds=3) for n in nodes])
+
+    # Assert: every round averaged in two stages of two, and no holder had to download the
+    # majority's state: the exact mean left them all equal (up to fp16 wire error)
+    for node in nodes:
+        assert [r.modules[shared].stage_groups for r in node.history] == [[2, 2]] * 3
+        assert all(r.modules[shared].outcome == "ok" for r in node.history)
+        assert not node.state_downloads
+    flats = [torch.cat([p.reshape(-1) for p in n.slots[shared].outer.global_params]) for n in nodes]
+    moved = (flats[0] - start).abs().max().item()
+    assert moved > 0 and all((f - flats[0]).abs().max().item() < 0.01 * moved for f in flats[1:])

@@ -19,14 +19,14 @@ from p2ptrain.model.grid import Grid
 from p2ptrain.monitor.metrics import reason_label
 from p2ptrain.monitor.swarm_view import ProbeResult, build_view, format_view
 from p2ptrain.monitor.web import DashboardServer, json_safe
-from p2ptrain.swarm.records import (MONITORING_FIELDS, ModuleOutcome, SinceInstall, make_validators, new_peer_record,
-                                    peers_key, status_record_fields)
+from p2ptrain.swarm.records import (MAX_PEER_BUCKETS, MONITORING_FIELDS, ModuleOutcome, SinceInstall, make_validators,
+                                    new_peer_record, peer_bucket, peers_key, status_record_fields)
 
 RUN = "unit-monitor"
 
 
-def dht_record(signer, value: dict) -> DHTRecord:
-    return DHTRecord(key=DHTID.generate(source=peers_key(RUN)).to_bytes(),
+def dht_record(signer, value: dict, key: str | None = None) -> DHTRecord:
+    return DHTRecord(key=DHTID.generate(source=key or peers_key(RUN)).to_bytes(),
                      subkey=DHTProtocol.serializer.dumps(signer.local_public_key),
                      value=DHTProtocol.serializer.dumps(value), expiration_time=get_dht_time() + 60)
 
@@ -178,3 +178,31 @@ def test_the_dashboard_server_serves_the_page_metrics_and_state_on_loopback():
     assert families["p2ptrain_example"].samples[0].value == 3.0
     assert state[0] == 200 and json.loads(state[2]) == {"kind": "node", "loss": None}
     assert missing[0] == 404
+
+
+def test_a_split_peer_table_keeps_the_peer_schema_in_every_bucket():
+    # Prepare: averaging.peer_buckets > 1 stores peer records under <run>_peers_<b>
+    signer, validators = make_validators(RUN)
+    schema = validators[0]
+    record = new_peer_record(peer_id="A", path=[0, 1], round=3).dict()
+
+    # Execute / Assert: a record lands in any bucket; junk is refused there as in the whole table
+    for bucket in (0, 17, MAX_PEER_BUCKETS - 1):
+        assert schema.validate(dht_record(signer, record, key=peers_key(RUN, bucket)))
+        assert not schema.validate(dht_record(signer, dict(record, round=-1), key=peers_key(RUN, bucket)))
+
+
+def test_peer_buckets_are_a_different_random_sample_each_round():
+    # Prepare
+    peers = [f"Qm{i:040d}" for i in range(4000)]
+
+    # Execute
+    round_7 = [peer_bucket(p, 7, 16) for p in peers]
+    round_8 = [peer_bucket(p, 8, 16) for p in peers]
+
+    # Assert: stable within a round, about 1/16 of the peers per bucket, reshuffled next round
+    assert round_7 == [peer_bucket(p, 7, 16) for p in peers]
+    assert all(150 < round_7.count(b) < 350 for b in range(16))
+    same = sum(a == b for a, b in zip(round_7, round_8))
+    assert same < 2 * len(peers) / 16
+    assert {peer_bucket(p, 7, 1) for p in peers} == {0}

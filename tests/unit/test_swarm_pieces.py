@@ -16,6 +16,7 @@ from p2ptrain.swarm.averaging import (averaging_part_bytes, balanced_bandwidths,
                                       fingerprint_distance, sync_tolerance)
 from p2ptrain.swarm.dht import check_maddrs, parse_bootstrap_text
 from p2ptrain.swarm.membership import least_covered_path, module_coverage
+from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits
 from p2ptrain.swarm.records import averager_prefix, new_peer_record, peers_key, run_key
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWKeUrzZaV3Ppfh7U9gXvAXcT1kWCS89y76rWqf81b3faY"
@@ -98,3 +99,26 @@ def test_reduce_shares_follow_claimed_links_but_no_claim_takes_over_a_module():
     assert capped_shares((500, 500, 0), [False, False, True]) == (500, 500, 0)
     # nobody claims anything: equal shares, as before bandwidths existed
     assert load_balance_peers(999, balanced_bandwidths([None] * 3, [False] * 3)) == (333, 333, 333)
+
+
+@pytest.mark.parametrize("holders, target, staged, expected", [
+    (3, 64, True, StagePlan(1, 3)),  # fewer holders than a group holds: one group of all of them
+    (1, 64, True, StagePlan(1, 2)),
+    (100, 64, False, StagePlan(1, 64)),  # staging off: groups of up to target_group_size
+    (4, 2, True, StagePlan(2, 2, 2)),
+    (100, 64, True, StagePlan(2, 10, 10)),  # √n groups of √n: both stages grow as √n
+    (10_000, 64, True, StagePlan(2, 100, 100)),
+    (130, 64, True, StagePlan(2, 11, 12)),
+])
+def test_modules_with_more_holders_than_a_group_holds_are_planned_in_two_stages(holders, target, staged, expected):
+    # Execute / Assert
+    assert plan_stages(holders, target, staged) == expected
+
+
+def test_every_stage_and_index_meets_under_its_own_group_key():
+    # Execute
+    keys = {stage_group_bits(5, 1)} | {stage_group_bits(5, 2, i) for i in range(64)}
+
+    # Assert: all distinct, the round's 8 bits first, rounds 256 apart share keys
+    assert len(keys) == 65 and all(k.startswith(format(5, "08b")) for k in keys)
+    assert stage_group_bits(5, 2, 3) == stage_group_bits(261, 2, 3) != stage_group_bits(6, 2, 3)
