@@ -117,7 +117,7 @@ class AveragingConfig:
                             "could check)")
     peer_buckets: int = _f(1, "Split the peer table into this many buckets: each round a node reads one bucket, "
                               "a random sample of about peers / peer_buckets records, instead of every live "
-                              "peer's record; about peers / 128 for swarms past a few hundred peers (1: one "
+                              "peer's record; about peers / 64 for swarms past a few hundred peers (1: one "
                               "table, read whole)", lo=1, hi=256)
     round_seconds: float = _f(30.0, "Wall-clock length of a round on the swarm's shared schedule (DHT time): "
                                     "every node ends its inner steps at the same moments, so peers that join at "

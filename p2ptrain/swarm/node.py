@@ -9,7 +9,10 @@ then looks for the holders of each module, who arrive at the same moment. Peers 
 arrive within the matchmaking window (at most 3× it) average together, weighted by
 tokens; a module whose holders are all gone or suspended is updated with the node's own
 pseudo-gradient without waiting. So a slow peer delays fast ones by at most the window,
-and a lone peer never waits at all.
+and a lone peer never waits at all. A module with more live holders than one group holds
+averages in two stages (staging.py); with averaging.fragments > 1 a round averages one
+slice of each module; with averaging.peer_buckets > 1 the node reads a sample of the peer
+records (records.py) and sizes its groups from it.
 
 Threads and what each owns:
   * the driver (this file's `run`): the local model, the inner optimizer, the history;

@@ -325,15 +325,16 @@ class SwarmRecords:
 
     def publish_peer(self, record: PeerRecord, ttl_s: float = PEER_RECORD_TTL_S,
                      round_: Optional[int] = None) -> bool:
-        """Store our record; with a split table, in the buckets of the rounds round_ − 1, round_
-        and round_ + 1 (`round_`: the schedule's current round), so a reader finds it whichever
-        side of a round's end it reads on."""
+        """Store our record; with a split table, in the buckets of the rounds round_ − 1 and
+        round_ (`round_`: the schedule's current round): a node reads the bucket of the round
+        it averages or verifies, which has just ended when it publishes that round's
+        fingerprints, so a bucket holds about 2 × peers / buckets records."""
         from hivemind.utils.timed_storage import get_dht_time
         expiration = get_dht_time() + ttl_s
         if self.buckets == 1:
             return self._store(peers_key(self.run_id), record.dict(), expiration)
         now = round_ or 0
-        buckets = sorted({peer_bucket(record.peer_id, r, self.buckets) for r in (max(now - 1, 0), now, now + 1)})
+        buckets = sorted({peer_bucket(record.peer_id, r, self.buckets) for r in (max(now - 1, 0), now)})
         return all([self._store(peers_key(self.run_id, b), record.dict(), expiration) for b in buckets])
 
     def fetch_peers(self, round_: Optional[int] = None, reader: Optional[str] = None) -> list[PeerRecord]:
