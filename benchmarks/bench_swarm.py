@@ -61,8 +61,10 @@ def module_sizes(config: RunConfig) -> dict[str, int]:
     return sizes
 
 
-def run_swarm(config: RunConfig, rounds: int, workdir: Path, paths: list[str] = PATHS) -> dict:
-    """Train `rounds` rounds with one peer per entry of `paths`; collect round events and loopback bytes."""
+def run_swarm(config: RunConfig, rounds: int, workdir: Path, paths: list[str] = PATHS,
+              on_launch=None) -> dict:
+    """Train `rounds` rounds with one peer per entry of `paths`; collect round events and loopback bytes.
+    on_launch(peers), if given, runs once every process is started (e.g. to slow some of them)."""
     config_file = workdir / f"{config.run.id}.toml"
     config_file.write_text(config.to_toml())
     events: queue.Queue = queue.Queue()
@@ -70,6 +72,8 @@ def run_swarm(config: RunConfig, rounds: int, workdir: Path, paths: list[str] = 
     rounds_by_peer: dict[int, list[dict]] = {i: [] for i in range(len(peers))}
     start_bytes, start_time, finished = None, None, 0
     try:
+        if on_launch is not None:
+            on_launch(peers)
         while finished < len(peers):
             index, event = events.get(timeout=900)
             if event.get("event") == "peers" and start_bytes is None:

@@ -9,6 +9,8 @@ swarms of 4–16 peers on this machine. The model is in benchmarks/swarm_model.p
 The projection also runs the scaling levers of issue 16 B (swarm_model.Levers) alone and
 together and draws docs/performance/simulate_scaling.png (effective tokens/s vs peers).
     flock /tmp/p2ptrain-loopback.lock python benchmarks/simulate.py --validate   # minutes
+    flock /tmp/p2ptrain-loopback.lock python benchmarks/simulate.py --validate --quick --hetero
+        # 4 and 8 peers, plus heterogeneous swarms: some peers slowed by a CPU cgroup quota (root)
     python benchmarks/simulate.py --validate --measured bench-out/simulate_loopback.json  # re-fit, no swarms
 """
 
@@ -34,6 +36,15 @@ MEASURED_FILE = OUT_DIR / "simulate_loopback.json"
 CALIBRATION_FILE = OUT_DIR / "simulate_calibration.json"
 SIZES = (100, 1000, 10000)
 VALIDATION_RUNS = ((4, False), (8, False), (16, False), (4, True), (8, True))
+# --hetero: (peers, overlap, fill_round, indices of the slowed peers). Peer i trains path
+# PATHS[i // (peers / 4)], so (3,) slows one of 4 (path 1,1) and (1, 3, 5, 7) one peer of each
+# path at 8. Capped rounds (fill_round off, as above) and time-based rounds (on, the default),
+# plus a homogeneous time-based run beside them.
+HETERO_RUNS = ((4, False, False, (3,)), (8, False, False, (1, 3, 5, 7)),
+               (4, False, True, ()), (4, False, True, (3,)), (8, False, True, (1, 3, 5, 7)))
+# a slowed peer's CPU quota: SLOW_FACTOR × slower than an unslowed peer's share when every peer
+# trains (k slowed of n on 2 cores: quota q with (2 − k·q) / (n − k) = SLOW_FACTOR · q)
+SLOW_FACTOR = 2.5
 LOOPBACK_CORES = 2
 
 # Used until `--validate` has written bench-out/simulate_calibration.json: the fit to the
@@ -328,9 +339,26 @@ VALIDATION_H, VALIDATION_ROUNDS, VALIDATION_MATCHMAKING_S = 10, 5, 3.0
 VALIDATION_ROUND_S = 15.0
 
 
+def slot_peers(n_peers: int) -> list[int]:
+    """The real peer each simulated slot stands for: slot s trains path s % 4 (swarm_model's
+    round-robin), real peer i trains PATHS[i // (n / 4)]; the j-th slot of a path is its j-th peer."""
+    per_path = n_peers // 4
+    return [(s % 4) * per_path + s // 4 for s in range(n_peers)]
+
+
 def loopback_volunteers(measured: dict) -> Volunteers:
     """This machine as the 'network': loopback links (CPU-bound, not bandwidth-bound) and
-    the step times measured at this very swarm size, since the peers share 2 cores."""
+    the step times measured at this very swarm size, since the peers share 2 cores.
+    Heterogeneous runs (some peers slowed): every slot gets its own real peer's measured
+    median step time, and the round-to-round jitter is the spread around each peer's own median."""
+    if measured.get("slowed"):
+        own = [[math.log(s) - math.log(statistics.median(steps)) for s in steps]
+               for steps in measured["step_s_by_peer_rounds"]]
+        jitter = float(np.std([x for xs in own for x in xs]))
+        each = tuple(measured["step_s_per_peer"][i] for i in slot_peers(measured["peers"]))
+        return Volunteers(step_s=measured["step_s_median"], step_sigma_peer=0.0, step_sigma_round=jitter,
+                          up_mbps=10_000.0, up_sigma=0.0, down_mbps=10_000.0, down_sigma=0.0, rtt_ms=0.05,
+                          rtt_sigma=0.0, step_s_each=each)
     per_peer = np.log(measured["step_s_per_peer"])
     residuals = [math.log(s) - math.log(statistics.median(measured["step_s_all"]))
                  for s in measured["step_s_all"]]
@@ -371,6 +399,14 @@ def summarize_loopback(result: dict, config: RunConfig, n_peers: int) -> dict:
     module_rounds = sum(len(e["peers_per_module"]) for events in per_peer for e in events)
     return {
         "peers": n_peers, "overlap": config.averaging.overlap, "steps_per_round": config.inner.steps_per_round,
+        "fill_round": config.averaging.fill_round, "slowed": [],
+        "step_s_by_peer_rounds": [[e["seconds_inner"] / k for e, k in zip(events, ks)]
+                                  for events, ks in zip(per_peer, steps)],
+        "by_peer": {"steps_per_round": [statistics.median(ks) for ks in steps],
+                    "tokens_per_round": [statistics.median(e["tokens"] for e in events) for events in per_peer],
+                    "utilization": [sum(e["seconds_inner"] for e in events) / sum(e["seconds_wall"] for e in events)
+                                    for events in per_peer],
+                    "outer_s": [statistics.median(e["seconds_outer"] for e in events) for events in per_peer]},
         "round_seconds": config.averaging.round_seconds, "rounds": config.inner.total_rounds,
         "matchmaking_time": config.averaging.matchmaking_time, "tokens_per_step": tokens_per_step,
         "completed_peers": len(per_peer),
@@ -394,11 +430,25 @@ def predict(measured: dict, fixed_s: float, reference: dict) -> dict:
     --wait-for-peers); CPU-bound fixed costs are scaled by the contention factor read off
     the step times (this size vs the calibration size)."""
     work = loopback_workload(measured)
-    contention = measured["step_s_median"] / reference["step_s_median"]
+    contention = contention_step_s(measured) / reference["step_s_median"]
     over = Overheads(outer_fixed_s=fixed_s * contention * (not work.overlap),
                      foreground_fixed_s=fixed_s * contention * work.overlap, join_s=0.0, record_bytes=1500)
     return simulate(work, loopback_volunteers(measured), over, measured["peers"], rounds=8, seed=1,
-                    join_spread_rounds=0.05)
+                    join_spread_rounds=0.05, levers=Levers(fill=bool(measured.get("fill_round", False))))
+
+
+def contention_step_s(measured: dict) -> float:
+    """The step time that says how crowded the 2 cores were: the median step, or with slowed
+    peers the median unslowed peer's (a slowed peer's steps measure its quota, not the crowd)."""
+    slowed = set(measured.get("slowed") or ())
+    if not slowed:
+        return measured["step_s_median"]
+    return statistics.median(s for i, s in enumerate(measured["step_s_per_peer"]) if i not in slowed)
+
+
+def is_reference_kind(m: dict) -> bool:
+    """Runs the fixed cost may be fitted on: homogeneous peers, capped rounds (the default set)."""
+    return not m.get("slowed") and not m.get("fill_round", False)
 
 
 def fit_fixed_cost(measured: dict) -> float:
@@ -417,10 +467,12 @@ def validate(measured_runs: list[dict]) -> tuple[list[dict], dict]:
                          "run --validate without --measured")
     rows, calibration = [], {}
     for overlap in (False, True):
-        runs = sorted((m for m in measured_runs if m["overlap"] == overlap), key=lambda m: m["peers"])
+        runs = sorted((m for m in measured_runs if m["overlap"] == overlap),
+                      key=lambda m: (m["peers"], bool(m.get("fill_round")), len(m.get("slowed") or ())))
         if not runs:
             continue
-        reference = runs[0]
+        # fitted on the smallest homogeneous capped run; heterogeneous and fill runs are predicted
+        reference = next((m for m in runs if is_reference_kind(m)), runs[0])
         fixed = fit_fixed_cost(reference)
         calibration["foreground_fixed_s" if overlap else "outer_fixed_s"] = fixed
         if not overlap:
@@ -437,11 +489,40 @@ def rel_error(predicted: float, measured: float) -> str:
     return f"{(predicted - measured) / measured:+.0%}" if measured else "-"
 
 
+def run_label(m: dict) -> str:
+    label = ("overlap" if m["overlap"] else "plain") + (", fill" if m.get("fill_round") else ", capped")
+    if m.get("slowed"):
+        label += f", {len(m['slowed'])}/{m['peers']} slowed"
+    return label
+
+
+def slowed_split(values_by_peer: list[float], slowed: list[int]) -> tuple[float, float]:
+    """Median over the slowed peers and over the others."""
+    slow = [v for i, v in enumerate(values_by_peer) if i in slowed]
+    rest = [v for i, v in enumerate(values_by_peer) if i not in slowed]
+    return statistics.median(slow), statistics.median(rest)
+
+
+def predicted_by_real_peer(m: dict, p: dict, key: str) -> list[float]:
+    """The simulator's per-slot values, reordered to the real peers' indices (slot_peers)."""
+    out = [0.0] * m["peers"]
+    for slot, peer in enumerate(slot_peers(m["peers"])):
+        out[peer] = p["by_peer"][key][slot]
+    return out
+
+
 def validation_table(rows: list[dict]) -> str:
     out = []
     for r in rows:
         m, p = r["measured"], r["predicted"]
-        label = f"{'overlap' if m['overlap'] else 'plain'}{' (calibration)' if r['fitted_here'] else ''}"
+        label = run_label(m) + (" (calibration)" if r["fitted_here"] else "")
+        extra = []
+        if m.get("slowed"):
+            for name, key, fmt in (("steps per round", "steps_per_round", "{:.0f}"),
+                                   ("utilization", "utilization", "{:.3f}"), ("outer phase (s)", "outer_s", "{:.2f}")):
+                ps, po = slowed_split(predicted_by_real_peer(m, p, key), m["slowed"])
+                ms, mo = slowed_split(m["by_peer"][key], m["slowed"])
+                extra += [(f"{name}, slowed peers", ps, ms, fmt), (f"{name}, other peers", po, mo, fmt)]
         for name, pv, mv, fmt in (
                 ("wall per round (s)", p["wall_per_round_s"], m["wall_per_round_s"], "{:.1f}"),
                 ("outer phase (s)", p["outer_s"], m["outer_s"], "{:.2f}"),
@@ -451,34 +532,97 @@ def validation_table(rows: list[dict]) -> str:
                 ("mean level group", p["mean_group"]["level"], m["mean_group"]["level"], "{:.2f}"),
                 # the model counts the all-reduce only; loopback bytes also carry DHT records and re-syncs
                 ("MB sent per peer-round", p["mb_sent_per_peer_round"], m["loopback_bytes_per_peer_round"] / 1e6,
-                 "{:.2f}")):
+                 "{:.2f}"), *extra):
             out.append([label, m["peers"], f"{m['step_s_median']:.2f}", name, fmt.format(pv), fmt.format(mv),
                         rel_error(pv, mv)])
-    return markdown_table(["averaging", "peers", "measured s/step (input)", "quantity", "predicted", "measured",
+    return markdown_table(["run", "peers", "measured s/step (input)", "quantity", "predicted", "measured",
                            "error"], out)
 
 
-def run_validation_swarms(runs: tuple) -> list[dict]:
+def per_peer_table(rows: list[dict]) -> str:
+    """Heterogeneous runs peer by peer: the measured step time fed in, and steps and tokens per
+    round (median over steady rounds) predicted vs measured."""
+    out = []
+    for r in rows:
+        m, p = r["measured"], r["predicted"]
+        if not m.get("slowed"):
+            continue
+        steps = predicted_by_real_peer(m, p, "steps_per_round")
+        util = predicted_by_real_peer(m, p, "utilization")
+        for i in range(m["peers"]):
+            ms, mt = m["by_peer"]["steps_per_round"][i], m["by_peer"]["tokens_per_round"][i]
+            out.append([run_label(m), i, m["paths"][i], "yes" if i in m["slowed"] else "", f"{m['step_s_per_peer'][i]:.2f}",
+                        f"{steps[i]:.0f}", f"{ms:.0f}", rel_error(steps[i], ms),
+                        f"{steps[i] * m['tokens_per_step']:,.0f}", f"{mt:,.0f}",
+                        f"{util[i]:.3f}", f"{m['by_peer']['utilization'][i]:.3f}", rel_error(util[i], m["by_peer"]["utilization"][i])])
+    return markdown_table(["run", "peer", "path", "slowed", "measured s/step (input)", "steps/round predicted",
+                           "measured", "error", "tokens/round predicted", "measured", "utilization predicted",
+                           "measured", "error"], out)
+
+
+def slow_quota_cores(n_peers: int, slowed: int) -> float:
+    """A slowed peer's CPU quota (cores): SLOW_FACTOR × below an unslowed peer's share of the rest."""
+    return LOOPBACK_CORES / (SLOW_FACTOR * (n_peers - slowed) + slowed)
+
+
+def run_key(m: dict) -> tuple:
+    return (m["peers"], m["overlap"], bool(m.get("fill_round")), tuple(m.get("slowed") or ()))
+
+
+def run_validation_swarms(runs: tuple, resume: bool = False) -> list[dict]:
     """Real loopback swarms (`p2ptrain join` processes, bench_swarm.run_swarm) on the aligned
-    schedule, one path per peer in turn."""
+    schedule, one path per peer in turn. A run is (peers, overlap) or (peers, overlap,
+    fill_round, slowed peer indices): the slowed peers' process trees get a CPU quota
+    (loopback_runs.CpuLimits, a cgroup) as soon as they are started."""
     import tempfile
+    import time
 
     import bench_swarm
+    import loopback_runs
     from p2ptrain.demo import PATHS
     import shutil
     measured = []
-    for n, overlap in runs:
-        print(f"running a real loopback swarm: {n} peers, {'overlap' if overlap else 'plain'}", flush=True)
+    if resume and MEASURED_FILE.exists():  # keep the runs already measured (an interrupted --validate)
+        wanted = {tuple((*r, False, ())[:4]) for r in runs}
+        measured = [m for m in json.loads(MEASURED_FILE.read_text()) if run_key(m) in wanted]
+        print(f"resuming: {len(measured)} runs from {MEASURED_FILE.name}", flush=True)
+    done = {run_key(m) for m in measured}
+    for run in runs:
+        n, overlap, fill, slowed = (*run, False, ())[:4]
+        if (n, overlap, fill, tuple(slowed)) in done:
+            continue
+        quota = slow_quota_cores(n, len(slowed)) if slowed else None
+        print(f"running a real loopback swarm: {n} peers, {'overlap' if overlap else 'plain'}, "
+              f"{'fill' if fill else 'capped'} rounds"
+              + (f", peers {list(slowed)} slowed to {quota:.3f} cores each" if slowed else ""), flush=True)
         config = validation_config(n, overlap, VALIDATION_ROUND_S)
+        config.averaging.fill_round = fill
+        config.run.id += ("-fill" if fill else "") + (f"-slow{len(slowed)}" if slowed else "")
         paths = [p for p in PATHS for _ in range(n // len(PATHS))]
         tmp = Path(tempfile.mkdtemp(prefix="p2ptrain-sim-"))
+        limits = loopback_runs.CpuLimits() if slowed else None
+
+        def slow_down(peers, limits=limits, slowed=slowed, quota=quota):
+            for i in slowed:
+                limits.limit(peers[i].proc.pid, quota)
+
+        t0 = time.monotonic()
         try:
-            result = bench_swarm.run_swarm(config, VALIDATION_ROUNDS, tmp, paths)
+            result = bench_swarm.run_swarm(config, VALIDATION_ROUNDS, tmp, paths,
+                                           on_launch=slow_down if slowed else None)
         except SystemExit as e:  # a peer failed: keep its logs, go on with the other sizes
             print(f"  {e} (logs kept)", flush=True)
             continue
+        finally:
+            throttled = limits.throttled_s() if limits else []
+            if limits:
+                limits.close()
+        print(f"  done in {time.monotonic() - t0:.0f} s", flush=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        measured.append(summarize_loopback(result, config, n))
+        summary = summarize_loopback(result, config, n)
+        summary.update(slowed=list(slowed), slow_quota_cores=quota, throttled_s=throttled, paths=paths,
+                       swarm_wall_s=time.monotonic() - t0)
+        measured.append(summary)
         OUT_DIR.mkdir(exist_ok=True)
         MEASURED_FILE.write_text(json.dumps(measured, indent=1))
     return measured
@@ -501,8 +645,15 @@ def draw_projection(axes, projection: list[dict]) -> None:
 
 
 def draw_validation(axes, validation: list[dict]) -> None:
+    hetero = [r for r in validation if not is_reference_kind(r["measured"])]
+    for i, r in enumerate(hetero):  # heterogeneous / fill runs: one point each
+        label = run_label(r["measured"])
+        for ax, key in zip(axes, ("outer_s", "utilization")):
+            ax.plot([r["measured"]["peers"]], [r["measured"][key]], "s", color=f"C{i + 2}", label=f"{label} measured")
+            ax.plot([r["measured"]["peers"]], [r["predicted"][key]], "+", ms=12, color=f"C{i + 2}",
+                    label=f"{label} predicted")
     for overlap in (False, True):
-        rs = [r for r in validation if r["measured"]["overlap"] == overlap]
+        rs = [r for r in validation if r["measured"]["overlap"] == overlap and is_reference_kind(r["measured"])]
         mode = "overlap" if overlap else "plain"
         peers = [r["measured"]["peers"] for r in rs]
         for ax, key in zip(axes, ("outer_s", "utilization")):
@@ -512,7 +663,7 @@ def draw_validation(axes, validation: list[dict]) -> None:
                 title="validation: training stalled after a round's end")
     axes[1].set(xlabel="peers (loopback, 2 cores)", ylabel="utilization", ylim=(0, 1.05),
                 title="validation: utilization")
-    axes[0].legend()
+    axes[0].legend(fontsize=6)
 
 
 def plot(projection: list[dict] | None, validation: list[dict] | None, path: Path) -> Path | None:
@@ -539,10 +690,16 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
         measured, source = json.loads(args.measured.read_text()), str(args.measured)
     else:
         runs = tuple(r for r in VALIDATION_RUNS if r[0] <= 8) if args.quick else VALIDATION_RUNS
-        measured, source = run_validation_swarms(runs), "this run"
+        if args.hetero:
+            runs += HETERO_RUNS
+        measured, source = run_validation_swarms(runs, args.resume), "this run"
     validation, calibration = validate(measured)
     OUT_DIR.mkdir(exist_ok=True)
     CALIBRATION_FILE.write_text(json.dumps(calibration, indent=1))
+    link_shaping = None
+    if args.hetero:  # links: can this machine shape one peer's link (netns + veth + tc)?
+        import loopback_runs
+        link_shaping = loopback_runs.probe_link_shaping()
     print_header("Swarm simulator: validation against real loopback swarms", info, [
         f"real peers: `p2ptrain join` processes on 127.0.0.1 (started together with --wait-for-peers), default "
         f"preset, at most H={VALIDATION_H} steps in {VALIDATION_ROUND_S:.0f} s rounds on the aligned schedule, "
@@ -553,10 +710,29 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
         "phase (seconds training stalls after a round's end), scaled by the step-time contention factor at the "
         "others",
         f"fitted: plain {calibration['outer_fixed_s']:.2f} s per round, overlap "
-        f"{calibration['foreground_fixed_s']:.2f} s per round (at the calibration size)"])
+        f"{calibration['foreground_fixed_s']:.2f} s per round (at the calibration size)",
+        "heterogeneous runs (k/n slowed): the slowed peers' process trees (join + p2pd) run under a CFS CPU "
+        f"quota in their own cgroup, {SLOW_FACTOR}× below an unslowed peer's share when all train; each "
+        "simulated slot gets its own real peer's measured median s/step (same path), the jitter is the "
+        "spread around each peer's own median; the fixed cost fitted on the homogeneous capped run, scaled by "
+        "the unslowed peers' contention; fill: averaging.fill_round on (train until the round's end, real cap "
+        "4 × H, none in the model) and Levers(fill=True) in the model"])
     print(validation_table(validation))
     print()
-    return {"validation": validation, "calibration": calibration, "measured_source": source}
+    if any(r["measured"].get("slowed") for r in validation):
+        print("Heterogeneous runs peer by peer (steady rounds 2–5, medians; the simulator's slot for each real "
+              "peer is the same path's):\n")
+        print(per_peer_table(validation))
+        print()
+    if link_shaping is not None:
+        print("Link shaping (one peer's link in a network namespace, shaped with tc): what this machine allows\n")
+        print(markdown_table(["step", "command", "exit", "error"],
+                             [[x["what"], f"`{x['command']}`", x["rc"], x["error"] or "-"] for x in link_shaping]))
+        print("\nThe runs above shape no link: netem (delay, loss) is not in this kernel, and rate limits alone on "
+              "a namespaced peer would need it to listen off 127.0.0.1 (launch_swarm binds every peer to "
+              "loopback); loopback links stay unshaped, the simulator gets 10 Gbit/s, 0.05 ms links.\n")
+    return {"validation": validation, "calibration": calibration, "measured_source": source,
+            "link_shaping": link_shaping}
 
 
 def projection_report(args: argparse.Namespace, info: dict) -> dict:
@@ -631,6 +807,11 @@ def main() -> None:
                         help="projection at 100 and 1,000 peers over fewer rounds; with --validate, 4 and 8 peers")
     parser.add_argument("--validate", action="store_true",
                         help="run real loopback swarms (4–16 peers, about 20 minutes; wrap in flock) and compare")
+    parser.add_argument("--hetero", action="store_true",
+                        help="with --validate: also heterogeneous swarms (4 and 8 peers, some slowed by a CPU cgroup "
+                             "quota; capped and fill rounds; needs root and a writable cgroup; about 10 minutes)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --validate: keep the runs bench-out/simulate_loopback.json already holds, run the rest")
     parser.add_argument("--measured", type=Path, default=None,
                         help="with --validate: reuse these stored loopback measurements instead of running swarms")
     parser.add_argument("--rounds", type=float, default=12, help="simulated rounds per projection")

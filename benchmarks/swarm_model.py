@@ -114,6 +114,9 @@ class Volunteers:
     rtt_sigma: float
     mean_session_h: float = math.inf  # exponential session lengths; inf: nobody leaves
     crash_fraction: float = 0.0  # share of departures that are crashes, not a clean stop
+    # the initial peers' own seconds per step, slot by slot (validation against a real swarm
+    # whose peers' step times were measured one by one); replacements still draw from step_s
+    step_s_each: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -330,7 +333,10 @@ def draw_machines(rng: np.random.Generator, vol: Volunteers, n: int, now: np.nda
 
 def new_peers(rng: np.random.Generator, vol: Volunteers, n_paths: int, n: int) -> Peers:
     # joiners pick the least-covered path, which keeps paths evenly covered: round-robin
-    return Peers(path=np.arange(n) % n_paths, **draw_machines(rng, vol, n, 0.0))
+    machines = draw_machines(rng, vol, n, 0.0)
+    if vol.step_s_each is not None:  # drawn anyway, so the other draws stay the same
+        machines["step_s"] = np.resize(np.asarray(vol.step_s_each, float), n)
+    return Peers(path=np.arange(n) % n_paths, **machines)
 
 
 def replace(peers: Peers, rng: np.random.Generator, vol: Volunteers, slots: np.ndarray, now: np.ndarray) -> None:
@@ -1068,6 +1074,16 @@ def simulate_aligned(work: Workload, vol: Volunteers, over: Overheads, n_peers: 
         "simulated_s": float(total * swarm.T), "peer_rounds": int(window.sum()),
         "levers": levers.label(), "table_fetch_s": float(np.median(swarm.table_fetch_s(np.arange(n_peers)))),
         "staged": staged_summary(swarm.staged_stats, warmup),
+        # per slot (its path: slot % paths), steady rounds: median steps and tokens per round, compute / wall
+        "by_peer": {"path": [int(x) for x in swarm.peers.path],
+                    "steps_per_round": [float(np.median(tokens[counted & (peer == s)] / work.tokens_per_step))
+                                        if (counted & (peer == s)).any() else 0.0 for s in range(n_peers)],
+                    "utilization": [float(u) for u in np.bincount(p, weights=c["compute_s"][window],
+                                                                  minlength=n_peers)
+                                    / np.maximum(np.bincount(p, weights=c["wall_s"][window], minlength=n_peers),
+                                                 1e-12)],
+                    "outer_s": [float(np.median(c["outer_s"][counted & (peer == s)]))
+                                if (counted & (peer == s)).any() else 0.0 for s in range(n_peers)]},
     }
 
 
