@@ -62,6 +62,15 @@ class Swarm:
         opened.node.publish_status()
         return opened
 
+    def open_all(self, config: RunConfig, paths: Sequence[str]) -> list:
+        """One node per path, all joining the first; returns their SwarmNodes once every one
+        has published its record again (so each sees the others')."""
+        first = self.open(config, paths[0])
+        nodes = [first.node] + [self.open(config, path, initial_peers=first.maddrs).node for path in paths[1:]]
+        for node in nodes:
+            node.publish_status()
+        return nodes
+
     def close(self) -> None:
         for opened in reversed(self.nodes):
             opened.close()

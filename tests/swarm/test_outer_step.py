@@ -72,11 +72,7 @@ def test_two_peers_average_the_shared_module_to_the_closed_form(swarm):
 def test_four_peers_on_a_2x2_grid_agree_on_every_module_after_three_rounds(swarm):
     # Prepare: one peer per path; fp16 on the wire
     config = swarm_config("grid-2x2")
-    first = swarm.open(config, "0,0")
-    others = [swarm.open(config, path, initial_peers=first.maddrs) for path in ("0,1", "1,0", "1,1")]
-    nodes = [first.node] + [o.node for o in others]
-    for node in nodes:
-        node.publish_status()
+    nodes = swarm.open_all(config, ["0,0", "0,1", "1,0", "1,1"])
     start = {m: [p.clone() for p in slot.outer.global_params] for node in nodes for m, slot in node.slots.items()}
 
     # Execute
@@ -234,13 +230,9 @@ def test_more_holders_than_one_group_holds_average_in_two_stages_to_the_exact_me
     # stage 1 pairs them, stage 2 pairs the members at the same index of the two pairs
     config = swarm_config("staged", levels=(1, 4), stem="per_path", compression="none")
     config.averaging.target_group_size = 2
-    first = swarm.open(config, "0,0")
-    others = [swarm.open(config, path, initial_peers=first.maddrs) for path in ("0,1", "0,2", "0,3")]
-    nodes = [first.node] + [o.node for o in others]
-    for node in nodes:
-        node.publish_status()
+    nodes = swarm.open_all(config, ["0,0", "0,1", "0,2", "0,3"])
     shared = "L0.M0"
-    start = [p.clone() for p in first.node.slots[shared].outer.global_params]
+    start = [p.clone() for p in nodes[0].slots[shared].outer.global_params]
     for node in nodes:
         node.session.inner_steps(2)
     locals_ = [[p.clone() for p in node.session.local_state(shared).values()] for node in nodes]
@@ -267,13 +259,9 @@ def test_staged_rounds_keep_every_holder_in_agreement_without_downloads(swarm):
     # (fp16 wire, the post-round fingerprint vote decides whether anyone must re-sync)
     config = swarm_config("staged-rounds", levels=(1, 4), stem="per_path")
     config.averaging.target_group_size = 2
-    first = swarm.open(config, "0,0")
-    others = [swarm.open(config, path, initial_peers=first.maddrs) for path in ("0,1", "0,2", "0,3")]
-    nodes = [first.node] + [o.node for o in others]
-    for node in nodes:
-        node.publish_status()
+    nodes = swarm.open_all(config, ["0,0", "0,1", "0,2", "0,3"])
     shared = "L0.M0"
-    start = torch.cat([p.reshape(-1) for p in first.node.slots[shared].outer.global_params]).clone()
+    start = torch.cat([p.reshape(-1) for p in nodes[0].slots[shared].outer.global_params]).clone()
 
     # Execute
     in_parallel(*[lambda n=n: n.run(max_rounds=3) for n in nodes])

@@ -19,11 +19,7 @@ def test_peers_reading_one_bucket_of_the_table_still_average_every_module_with_a
     config = swarm_config("split-table", round_seconds=20.0)
     config.averaging.peer_buckets = 2
     config.averaging.matchmaking_time = 6.0
-    first = swarm.open(config, "0,0")
-    others = [swarm.open(config, path, initial_peers=first.maddrs) for path in ("0,1", "1,0", "1,1")]
-    nodes = [first.node] + [o.node for o in others]
-    for node in nodes:
-        node.publish_status()
+    nodes = swarm.open_all(config, ["0,0", "0,1", "1,0", "1,1"])
     start = {m: torch.cat([p.reshape(-1) for p in s.outer.global_params]).clone()
              for n in nodes for m, s in n.slots.items()}
 
@@ -47,7 +43,7 @@ def test_peers_reading_one_bucket_of_the_table_still_average_every_module_with_a
         assert moved > 0 and all((f - flats[0]).abs().max().item() < 0.01 * moved for f in flats[1:])
     # ... while each node read one bucket a round: a sample of the peers whose records sit in
     # its bucket (a record is stored under the buckets of the rounds around its writing)
-    assert sorted(p.peer_id for p in first.node.records.fetch_peers()) == sorted(n.peer_id for n in nodes)
+    assert sorted(p.peer_id for p in nodes[0].records.fetch_peers()) == sorted(n.peer_id for n in nodes)
     for node in nodes:
         now = node.schedule.current_round()
         mine = peer_bucket(node.peer_id, now, 2)
