@@ -110,7 +110,7 @@ class AveragingConfig:
                                   lo=1.0, hi=3600.0)
     target_group_size: int = _f(64, "Most peers in one all-reduce group", lo=2, hi=4096)
     staged: bool = _f(True, "A module with more live holders than target_group_size averages in two stages "
-                            "(Moshpit SGD): groups of up to that size, then one member of each group per "
+                            "(Moshpit SGD): ⌈√n⌉ groups, then one member of each group per "
                             "second-stage group, weighted by its group's tokens, so every holder ends with the "
                             "same mean; false: holders beyond target_group_size average in separate groups "
                             "that drift apart (each stage-2 weight is a group's total, which only its group "

@@ -47,7 +47,7 @@ from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, S
                                     status_record_fields)
 from p2ptrain.swarm.schedule import RoundSchedule
 from p2ptrain.swarm.slot import ModuleSlot, max_steps_per_round, tokens_per_round
-from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits
+from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits, stage_two_weight_rounds
 from p2ptrain.swarm.state_transfer import fetch_verified_state
 from p2ptrain.swarm.suspension import Suspension
 from p2ptrain.train.offload import off_device
@@ -480,8 +480,10 @@ class SwarmNode:
         requests = {}
         for module_id, (index, group_tokens) in second.items():
             self.slots[module_id].load_buffer(means[module_id])
-            requests[module_id] = self._request_average(module_id, round_, 2, group_tokens, plans[module_id].second_size,
-                                                        index=index)
+            plan = plans[module_id]
+            requests[module_id] = self._request_average(module_id, round_, 2, group_tokens, plan.second_size,
+                                                        index=index, weight_rounds=stage_two_weight_rounds(
+                                                            plan, self.cfg.averaging.target_group_size))
         for module_id, request in requests.items():
             result = results[module_id]
             first = ModuleRound(group=list(result.group), seconds_matchmaking=result.seconds_matchmaking,
@@ -511,16 +513,15 @@ class SwarmNode:
         return results
 
     def _request_average(self, module_id: str, round_: int, stage: int, weight: int, group_size: int,
-                         index: int = 0) -> tuple:
+                         index: int = 0, weight_rounds: int = 1) -> tuple:
         """Start one stage of a module's all-reduce in its averager's process; (control, asked at)."""
         slot = self.slots[module_id]
         slot.averager.set_target_group_size(group_size)
         # the round (and stage) is part of the group key: a node late for round r never lands in
         # round r+1's group; a stage-2 key names the member's index in its stage-1 group
         slot.averager.set_group_bits(stage_group_bits(round_, stage, index))
-        # a stage-2 weight is a whole stage-1 group's tokens
-        cap = tokens_per_round(self.run_state) * (1 if stage == 1 else self.cfg.averaging.target_group_size)
-        slot.averager.set_max_weight(float(cap))
+        # a declared weight may hold this many rounds' tokens: 1, or a whole stage-1 group's in stage 2
+        slot.averager.set_max_weight(float(tokens_per_round(self.run_state) * weight_rounds))
         asked_at = time.time()  # wall clock, as the averager's process stamps the group
         control = slot.averager.step(gather=RoundClaim(round=round_, tokens=weight, stage=stage).dict(),
                                      weight=float(weight), timeout=self._matchmaking_timeout(), allow_retries=True,

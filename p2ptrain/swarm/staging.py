@@ -13,8 +13,8 @@ group (uneven groups, a crash) ends elsewhere and re-syncs from the majority lik
 holder that disagrees.
 
 What staging costs: twice the matchmaking and all-reduce time and bytes of one stage, and
-a stage-2 weight is a group's total as its member declares it (at most target_group_size
-× a round's token cap), which no one outside that group can check.
+a stage-2 weight is a group's total as its member declares it (at most
+`stage_two_weight_rounds` × a round's token cap), which no one outside that group can check.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def plan_stages(holders: int, target_group_size: int, staged: bool) -> StagePlan
         return StagePlan(1, max(2, min(holders, target_group_size)))
     groups = math.ceil(math.sqrt(holders))
     return StagePlan(2, math.ceil(holders / groups), groups)
+
+
+def stage_two_weight_rounds(plan: StagePlan, target_group_size: int) -> int:
+    """The most rounds' tokens a stage-2 weight may declare: a whole stage-1 group's. Groups
+    are at most the leader's stage-1 target, and holders' estimates of n (hence of that
+    target) differ a little, so twice ours, and never less than target_group_size."""
+    return max(target_group_size, 2 * plan.first_size)
 
 
 def round_group_bits(round_: int) -> str:

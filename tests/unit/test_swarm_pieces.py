@@ -16,7 +16,7 @@ from p2ptrain.swarm.averaging import (averaging_part_bytes, balanced_bandwidths,
                                       fingerprint_distance, sync_tolerance)
 from p2ptrain.swarm.dht import check_maddrs, parse_bootstrap_text
 from p2ptrain.swarm.membership import least_covered_path, module_coverage
-from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits
+from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits, stage_two_weight_rounds
 from p2ptrain.swarm.records import averager_prefix, new_peer_record, peers_key, run_key
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWKeUrzZaV3Ppfh7U9gXvAXcT1kWCS89y76rWqf81b3faY"
@@ -122,3 +122,13 @@ def test_every_stage_and_index_meets_under_its_own_group_key():
     # Assert: all distinct, the round's 8 bits first, rounds 256 apart share keys
     assert len(keys) == 65 and all(k.startswith(format(5, "08b")) for k in keys)
     assert stage_group_bits(5, 2, 3) == stage_group_bits(261, 2, 3) != stage_group_bits(6, 2, 3)
+
+
+def test_a_stage_two_weight_may_hold_a_whole_stage_one_group_even_past_target_group_size():
+    # Prepare: 10,000 holders make stage-1 groups of 100, more than target_group_size 64
+    plan = plan_stages(10_000, 64, True)
+
+    # Execute / Assert: an honest group's total (100 rounds' tokens at most) stays under the cap
+    assert stage_two_weight_rounds(plan, 64) == 200
+    assert stage_two_weight_rounds(plan_stages(4, 2, True), 2) == 4
+    assert stage_two_weight_rounds(plan_stages(100, 64, True), 64) == 64
