@@ -194,6 +194,9 @@ class CheckpointStore:
             raise ValueError(f"{directory}: unreadable manifest ({type(e).__name__})") from None
         if manifest.get("format") != FORMAT_VERSION:
             raise ValueError(f"{directory}: manifest format {manifest.get('format')} is not {FORMAT_VERSION}")
+        if round_in_manifest != round_:
+            # the manifest is not checksummed itself: one flipped bit can turn round 2 into 3
+            raise ValueError(f"{directory}: the manifest says round {round_in_manifest}")
         groups = {}
         for filename, digest in files.items():
             path = directory / filename

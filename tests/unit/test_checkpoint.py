@@ -368,3 +368,16 @@ def test_adopting_one_fragment_keeps_local_progress_everywhere_else(tiny_run_sta
     assert torch.equal(local_after[:start], local_before[:start])
     assert torch.equal(local_after[end:], local_before[end:])
     assert not torch.equal(local_after[end:], global_flat[end:])
+
+
+def test_a_manifest_whose_round_was_flipped_is_skipped_like_any_corrupt_checkpoint(store_with_three_rounds):
+    # Prepare: one flipped bit turns "round": 3 into "round": 2 (0x33 → 0x32); the manifest
+    # itself carries no checksum (found by the fault suite's bit flips)
+    manifest = newest_dir(store_with_three_rounds) / MANIFEST
+    manifest.write_text(manifest.read_text().replace('"round": 3', '"round": 2'))
+
+    # Execute
+    loaded = store_with_three_rounds.load_latest()
+
+    # Assert: the previous round loads, with its own values
+    assert loaded.round == 2 and torch.equal(loaded.groups["stem"]["w"], tensors(2.0)["stem"]["w"])
