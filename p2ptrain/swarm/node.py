@@ -430,7 +430,7 @@ class SwarmNode:
             else:
                 delta = torch.cat([d.reshape(-1) for d in deltas[module_id]])
             start, end = slot.fragment(round_)  # all of it unless averaging.fragments > 1
-            part = delta[start:end].clone()
+            part = delta[start:end]  # delta is ours alone: a view, no copy
             if not torch.isfinite(part).all():
                 # local training diverged: contribute nothing rather than poison the module
                 logger.error("module %s: this node's pseudo-gradient is not finite; contributing zero", module_id)
