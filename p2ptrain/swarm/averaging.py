@@ -203,7 +203,19 @@ def _averager_class():
         """hivemind's reducer with a pluggable rule (aggregation.py): it keeps the parts of its
         current slice, with their weights, and aggregates them once every live sender's part
         is in, instead of summing them as they arrive. Wire format, codecs, part order, sender
-        bans and timeouts are hivemind's own."""
+        bans and timeouts are hivemind's own.
+
+        Two fixes to hivemind 1.1.12's reducer, both seen killing a round when a peer dies
+        mid all-reduce (the fault suite's SIGKILL while sending):
+          * every sender of a part awaits one shared future; hivemind awaits it bare, so when
+            a dead peer's stream handler is cancelled the future is cancelled for everyone —
+            the live senders' next part then raises InvalidStateError, our own slice never
+            completes, and this member's whole all-reduce times out while the others' succeed
+            (a split two survivors can never vote away). We await it shielded.
+          * hivemind counts a part as received before it waits for the earlier parts; a sender
+            banned while its part waits is then still expected for that part, which never
+            arrives. We count a part when it is taken into the slice.
+        """
 
         def __init__(self, part_shapes, num_senders: int, *, rule: str, tau: float,
                      on_outlier: Callable[[int], None] = lambda sender_index: None, own_rms: float = 0.0):
@@ -221,7 +233,6 @@ def _averager_class():
                                   weight: float = 1.0) -> torch.Tensor:
             assert 0 <= sender_index < self.num_senders, "invalid sender index"
             assert 0 <= part_index < self.num_parts, "invalid part index"
-            self.num_parts_received[sender_index] += 1
             while part_index > self.current_part_index:
                 await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
                                    return_when=asyncio.FIRST_COMPLETED)
@@ -230,13 +241,15 @@ def _averager_class():
             if self.sender_failed_after[sender_index] != float("inf"):
                 raise BannedException(f"sender {sender_index} was banned in background")
             assert part_index == self.current_part_index
+            # counted only now (see the class docstring): a ban from here on leaves this part in
+            self.num_parts_received[sender_index] += 1
             current_part_future = self.current_part_future
-            if part_index < self.sender_failed_after[sender_index]:
-                self.current_parts.append((tensor_part, float(weight)))
-                self.current_senders.append(sender_index)
-                self.current_part_accumulated_from += 1
-                self.check_current_part_finished()
-            return await current_part_future
+            self.current_parts.append((tensor_part, float(weight)))
+            self.current_senders.append(sender_index)
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+            # shielded: cancelling this sender's wait must not cancel the part for the others
+            return await asyncio.shield(current_part_future)
 
         def check_current_part_finished(self):
             assert self.current_part_accumulated_from <= self.num_current_senders
@@ -335,9 +348,8 @@ def _averager_class():
             container.register_failed_reducer = register_failed_reducer
 
         def make_reducer(self, plain, rule: str, tau: float):
-            """The reducer of our slice: hivemind's own (the weighted mean) or the robust rule's."""
-            if rule == "mean":
-                return plain
+            """The reducer of our slice, for every rule (the weighted mean too: hivemind's own
+            reducer has the faults RobustTensorPartReducer fixes)."""
 
             def on_outlier(sender_index: int):
                 sender = self.sender_peer_ids[sender_index].to_base58()
@@ -433,6 +445,7 @@ def _averager_class():
         and a group size that follows the module's live holders."""
 
         runner_class = CheckedAllReduceRunner  # the all-reduce each step runs
+        reducer_class = RobustTensorPartReducer  # what reduces our slice of it
 
         def __init__(self, averaged_tensors, dht, *, state_provider: Callable[[], tuple[Any, list]],
                      max_weight: float, aggregation: str = "mean", clip_radius: float = 0.0,
