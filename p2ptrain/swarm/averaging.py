@@ -8,7 +8,8 @@ survivor's own values. Our averager (ModuleAverager, with CheckedAllReduceRunner
     per round], banning the sender from that all-reduce and reporting it;
   * reports the whole slice of a reducer that failed us (even the parts it did return),
     so every survivor can treat that slice alike (the node skips it this round) instead
-    of drifting apart;
+    of drifting apart — and its own slice when at least half the group did not get all of
+    it back (those members skip it: a group of two must not split over one late part);
   * reduces each slice with the run's aggregation rule (averaging.aggregation: hivemind's
     weighted mean, or CenteredClip / trimmed mean from aggregation.py, which bound what one
     sender can do), in a subclass of hivemind's reducer that keeps its wire format;
@@ -28,6 +29,7 @@ import asyncio
 import logging
 import math
 import time
+import typing
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -194,7 +196,8 @@ def _averager_class():
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
     from hivemind.p2p import PeerID
     from hivemind.proto import averaging_pb2
-    from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, azip, as_aiter, enter_asynchronously
+    from hivemind.utils.asyncio import (achain, aiter_with_timeout, amap_in_executor, anext, azip, as_aiter,
+                                        enter_asynchronously)
     from hivemind.utils.mpfuture import MPFuture
     from hivemind.utils.streaming import combine_from_streaming
     from hivemind.utils.timed_storage import get_dht_time
@@ -296,9 +299,21 @@ def _averager_class():
             self.bytes_received = 0
             # our reducer's replies to senders can still be on their way when our own parts are
             # all back: `served` is set once every sender's stream has ended (bytes are final)
-            self._serving = 0
+            self._serving: set[str] = set()  # senders whose stream our reducer is still answering
             self.served = asyncio.Event()
             self.served.set()
+            # senders that did not confirm getting every part of our slice back (their stream ended
+            # early, they were banned, they gave up waiting): they skip our slice, see own_slice_split()
+            self.undelivered: set[str] = set()
+            # as a sender: averaged parts back from each reducer, and when all of them are in (then,
+            # and only then, we send that reducer a receipt: see _generate_input_for_peer)
+            self._results_from = [0] * len(self.ordered_peer_ids)
+            self._all_results_from = [asyncio.Event() for _ in self.ordered_peer_ids]
+            self._failed_reducers: set[int] = set()
+            own_index = self.ordered_peer_ids.index(self.peer_id)
+            # (offset, length) of our slice's parts, kept: hivemind drops the parts when it finishes
+            self._own_ranges = [(part.storage_offset(), part.numel())
+                                for part, _info in self.tensor_part_container._input_parts_by_peer[own_index]]
             plain = self.tensor_part_reducer
             self.tensor_part_reducer = self.make_reducer(plain, rule, tau)
             if self.tensor_part_reducer is not plain:
@@ -307,7 +322,6 @@ def _averager_class():
             container = self.tensor_part_container
             register_failed = container.register_failed_reducer
             register_processed = container.register_processed_part
-            own_index = self.ordered_peer_ids.index(self.peer_id)
             total = sum(t.numel() for t in container.local_tensors)
             rms = math.sqrt(sum(float(t.double().pow(2).sum()) for t in container.local_tensors) / max(total, 1))
             own_weight = self.weight if self.weight and self.weight > 0 else max_weight
@@ -316,6 +330,10 @@ def _averager_class():
 
             def register_processed_part(peer_index: int, part_index: int, delta: torch.Tensor):
                 """Check a slice a reducer returned (as a delta from our own part) before using it."""
+                if peer_index != own_index and peer_index not in self._failed_reducers:
+                    self._results_from[peer_index] += 1
+                    if self._results_from[peer_index] == container.num_parts_by_peer[peer_index]:
+                        self._all_results_from[peer_index].set()
                 if peer_index != own_index:
                     own = container._input_parts_by_peer[peer_index][part_index][0]
                     why = None
@@ -340,7 +358,12 @@ def _averager_class():
                 # that fails mid-way can have returned a different number of parts to each member
                 # (measured: one that raises after its first part left two honest peers one part
                 # apart, and with two voters no majority ever re-syncs them); skipping all of it
-                # keeps every member that saw it fail in agreement
+                # keeps every member that saw it fail in agreement. A reducer whose every part
+                # came back has our receipt (it keeps its slice), so we keep it too, even if its
+                # stream then ends badly.
+                if self._all_results_from[peer_index].is_set():
+                    return
+                self._failed_reducers.add(peer_index)
                 for part, _info in container._input_parts_by_peer[peer_index]:
                     self.failed_ranges.append((part.storage_offset(), part.numel()))
                 register_failed(peer_index)
@@ -366,6 +389,14 @@ def _averager_class():
             async for msg in super()._generate_input_for_peer(peer_index):
                 self.bytes_sent += len(msg.tensor_part.buffer)
                 yield msg
+            if self.should_delay_results(self.peer_id):
+                return  # hivemind's client mode reads results only after sending: no receipt
+            # the receipt: every averaged part of this reducer's slice is in (and used). The
+            # reducer keeps its slice's average only with it, so a member that gives up on a
+            # reducer's last parts and the reducer skip the same slice (see own_slice_split)
+            await self._all_results_from[peer_index].wait()
+            if peer_index not in self._failed_reducers:
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART)
 
         def _get_peer_stub(self, peer):
             return _CountingStub(super()._get_peer_stub(peer), self)
@@ -403,23 +434,49 @@ def _averager_class():
                 return None, msg
 
         async def _accumulate_parts_streaming(self, stream, sender_index: int):
-            self._serving += 1
+            sender = self.sender_peer_ids[sender_index].to_base58()
+            self._serving.add(sender)
             self.served.clear()
+            receipt: list[bool] = []
             try:
-                async for msg in self._reduce_stream(stream, sender_index):
+                async for msg in self._reduce_stream(stream, sender_index, receipt):
                     yield msg
             finally:
-                self._serving -= 1
-                if self._serving == 0:
+                if not receipt:
+                    self.undelivered.add(sender)
+                self._serving.discard(sender)
+                if not self._serving:
                     self.served.set()
 
-        async def _reduce_stream(self, stream, sender_index: int):
+        def own_slice_split(self) -> bool:
+            """Would keeping our slice's average split the group? Every sender that did not get
+            all of it back (or still has not, when we stop waiting) sees us as a failed reducer
+            and skips our slice; if they are at least half the group (us included), we skip it
+            too, so that a strict majority holds the same values. The usual case is a group of
+            two: one member gives up on our last parts (a stall under load, a broken stream)
+            while we keep our average — two voters that never agree again."""
+            missing = self.undelivered | self._serving | {p.to_base58() for p in self.banned_senders}
+            return bool(missing) and 2 * len(missing) >= len(self.sender_peer_ids)
+
+        def skip_own_slice(self) -> None:
+            """Report our whole slice as un-averaged (see own_slice_split)."""
+            self.failed_ranges.extend(self._own_ranges)
+
+        async def _reduce_stream(self, stream, sender_index: int, receipt: list[bool]):
+            """Reduce a sender's parts and stream back the averages; `receipt` gets True once the
+            sender confirms it has them all (a sender in hivemind's client mode never does: for
+            it, the end of its parts stands in)."""
             part_index, decoded = 0, [0]
             sender = self.sender_peer_ids[sender_index]
+            num_parts = self.tensor_part_reducer.num_parts
+            sends_receipt = not self.should_delay_results(sender)
             try:
                 loop = asyncio.get_event_loop()
                 async for tensor_part, msg in amap_in_executor(
                         lambda m: self._decode(decoded, m), stream, max_prefetch=self.tensor_part_container.prefetch):
+                    if part_index == num_parts and sends_receipt and msg.code == averaging_pb2.AVERAGED_PART:
+                        receipt.append(True)
+                        break
                     problem = self._part_problem(sender.to_base58(), part_index, msg, tensor_part)
                     if problem is not None:
                         self.rejected[sender.to_base58()] = problem
@@ -435,8 +492,10 @@ def _averager_class():
                         None, lambda: serialize_torch_tensor(averaged_part - tensor_part, compression))
                     self.bytes_sent += len(serialized_delta.buffer)
                     yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta)
+                if part_index == num_parts and not sends_receipt:
+                    receipt.append(True)
             finally:
-                if part_index != self.tensor_part_reducer.num_parts:
+                if part_index != num_parts:
                     await self._ban_sender(sender)
 
     class ModuleAverager(DecentralizedAverager):
@@ -492,6 +551,8 @@ def _averager_class():
                         await asyncio.wait_for(runner.served.wait(), SERVED_WAIT_S)
                     except asyncio.TimeoutError:
                         pass  # a sender stopped reading: the count stays as it is (a lower bound)
+                    if runner.own_slice_split():
+                        runner.skip_own_slice()
                     return {"gathered": user_gathered, "rejected": dict(runner.rejected),
                             "failed": list(runner.failed_ranges), "lying": dict(runner.lying_reducers),
                             "outliers": dict(runner.outliers), "group_formed_at": formed_at,
@@ -514,6 +575,27 @@ def _averager_class():
                       and parsed.stage == own.stage)
                 weights[peer.to_base58()] = float(parsed.tokens) if ok else None
             return weights
+
+        async def rpc_aggregate_part(self, stream, context):
+            """As hivemind's, but a sender whose parts arrive before our all-reduce has started waits
+            for it shielded: hivemind awaits the group's future bare, so a sender that dies while
+            waiting (its handler is cancelled) cancelled the future for us — our own all-reduce then
+            failed with InvalidStateError while the other members' succeeded (measured: the fault
+            suite's peer killed while sending left two survivors split)."""
+            request = await anext(stream)
+            if request.group_id not in self._running_groups:
+                # the leader began the all-reduce before its answer reached us (hivemind's case)
+                await self._pending_groups_registered.wait()
+            future = self._running_groups.get(request.group_id)
+            if future is None:
+                yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+                return
+            group = await asyncio.shield(future)
+            async for message in group.rpc_aggregate_part(achain(as_aiter(request), stream), context):
+                yield message
+
+        # hivemind registers RPCs from their type hints, resolved in hivemind's own module
+        rpc_aggregate_part.__annotations__ = typing.get_type_hints(DecentralizedAverager.rpc_aggregate_part)
 
         async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
             group_id = group_info.group_id if group_id is None else group_id

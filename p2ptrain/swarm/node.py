@@ -621,7 +621,8 @@ class SwarmNode:
         if failed:
             # a reducer failed us: `failed` is its whole slice (even parts it returned before
             # failing). Every survivor that saw it fail skips that same slice this round, so
-            # the globals stay equal.
+            # the globals stay equal. Our own slice is in it when half the group did not get
+            # it back (they skip it: CheckedAllReduceRunner.own_slice_split).
             for offset, length in failed:
                 averaged[offset:offset + length] = 0.0
             result.partial = True

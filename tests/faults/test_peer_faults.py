@@ -17,7 +17,7 @@ import torch
 from p2ptrain.errors import SwarmError
 from p2ptrain.swarm.dht import start_dht
 from tests.faults import tally
-from tests.swarm.adversary import Adversary
+from tests.swarm.adversary import Adversary, open_hanging_up
 from tests.swarm.conftest import in_parallel, swarm_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.swarm, pytest.mark.timeout(600)]
@@ -274,3 +274,31 @@ def test_version_skew_is_a_clean_error_naming_both_versions(swarm, fault, monkey
     intact = all(torch.isfinite(p).all() for s in a.node.slots.values() for p in s.outer.global_params)
     tally.lost(fault, 0 if intact else 1)
     assert intact
+
+
+def test_a_member_that_hangs_up_on_a_reducer_ends_the_round_with_the_same_state_as_that_reducer(swarm, fault):
+    # Prepare: two holders of one path; b hangs up on a's reducer after the first averaged
+    # part of a's slice, every round (as a member that gives up waiting does), so b skips a's
+    # slice. Two voters: if a kept its own average there, no majority could ever heal them.
+    config = swarm_config("hang-up", levels=(1,), round_seconds=6.0)
+    a = swarm.open(config, "0")
+    b = open_hanging_up(swarm, config, "0", initial_peers=a.maddrs)
+    rounds = 3
+
+    # Execute
+    in_parallel(lambda: a.node.run(max_rounds=rounds), lambda: b.node.run(max_rounds=rounds))
+
+    # Assert: in the rounds they averaged together, both skipped a's slice (b because a
+    # failed it, a because half its group did not get its slice back), so they agree on
+    # every module and no round was left split
+    lost = peers_that_lost_state([a.node, b.node], rounds)
+    tally.lost(fault, lost)
+    assert lost == 0
+    together = [(ra.modules[m], rb.modules[m]) for ra, rb in zip(a.node.history, b.node.history) for m in SHARED
+                if sorted(ra.modules[m].group) == sorted([a.node.peer_id, b.node.peer_id])]
+    assert together, "a and b never averaged together"
+    assert all(ma.partial and mb.partial for ma, mb in together)
+    assert not any(r.modules[m].split for r in (*a.node.history, *b.node.history) for m in SHARED)
+    for module_id in SHARED:
+        assert max_difference(a.node.slots[module_id].outer.global_params,
+                              b.node.slots[module_id].outer.global_params) < 1e-3, module_id

@@ -256,3 +256,45 @@ def open_liar(swarm, config, path: str, attack: str, initial_peers, seed: int = 
         averager.step = lying_step
     opened.node.attack = attack
     return opened
+
+
+def _hanging_up_averager_class():
+    """p2ptrain's own averager, except that it hangs up on every other reducer after the first
+    averaged part of its slice: what a member does that gives up waiting for a reducer's last
+    parts (a stall on a loaded machine, a broken connection). It then skips that reducer's
+    slice, as every honest member does with a reducer that failed it."""
+    from p2ptrain.swarm.averaging import module_averager_class
+
+    honest_class = module_averager_class()
+
+    class HangingUpRunner(honest_class.runner_class):
+        async def _communicate_with_peer(self, peer_id):
+            if peer_id == self.peer_id:
+                return await super()._communicate_with_peer(peer_id)
+            peer_index = self.ordered_peer_ids.index(peer_id)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(self._generate_input_for_peer(peer_index))
+            try:
+                async for _first_part in stream:
+                    break
+            finally:
+                await stream.aclose()  # closes the connection: the reducer's stream to us ends here
+                self.tensor_part_container.register_failed_reducer(peer_index)
+            self.hung_up = getattr(self, "hung_up", 0) + 1
+
+    class ModuleAverager(honest_class):
+        runner_class = HangingUpRunner
+
+    return ModuleAverager
+
+
+def open_hanging_up(swarm, config, path: str, initial_peers):
+    """Open a node in `swarm` whose averagers hang up on other members' reducers early (see
+    _hanging_up_averager_class); in every other way an honest p2ptrain node."""
+    import p2ptrain.swarm.slot as slot_module
+    honest_factory = slot_module.module_averager_class
+    hanging_up = _hanging_up_averager_class()
+    slot_module.module_averager_class = lambda: hanging_up
+    try:
+        return swarm.open(config, path, initial_peers=initial_peers)
+    finally:
+        slot_module.module_averager_class = honest_factory
