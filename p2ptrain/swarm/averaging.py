@@ -164,7 +164,10 @@ def capped_shares(sizes: Sequence[int], client: Sequence[bool], cap: float = MAX
             given += add
 
 
-SERVED_WAIT_S = 5.0  # at most this long for our reducer's last replies before reporting bytes
+# at least this long for our reducer's last replies and the senders' receipts (bytes are final
+# then, and who confirmed our slice is known); at least twice the sender timeout, since a
+# handler whose receipt never comes ends after one sender timeout by itself
+SERVED_WAIT_S = 5.0
 
 
 class _CountingStub:
@@ -548,7 +551,8 @@ def _averager_class():
                                                                 claimed_weights=claimed_weights, **kwargs)
                     seconds_allreduce = time.time() - formed_at
                     try:  # wire bytes are final once our replies to every sender are out
-                        await asyncio.wait_for(runner.served.wait(), SERVED_WAIT_S)
+                        await asyncio.wait_for(runner.served.wait(),
+                                               max(SERVED_WAIT_S, 2 * (runner.sender_timeout or 0.0)))
                     except asyncio.TimeoutError:
                         pass  # a sender stopped reading: the count stays as it is (a lower bound)
                     if runner.own_slice_split():
