@@ -7,6 +7,16 @@ on 127.0.0.1 in this one Python process (threads stand in for machines). The mod
 tiny so that the 2-core machine measures the swarm machinery, not training.
 
     python benchmarks/bench_swarm_scale.py [--sizes 8 16 32] [--rounds 2] [--quick]
+
+--staging G: instead, staged averaging at scale. Every size runs with
+averaging.target_group_size = G, once with `staged = true` (two stages: about sqrt(n)
+groups, then across them) and once with `staged = false` (holders beyond G average in
+separate groups), side by side; what counts is whether all holders of a module end each
+round with the same state, measured directly: the largest difference between any two
+peers' global parameters of the module after the last round, and the rounds' outcomes
+(re-syncs and splits the post-round fingerprint check reported).
+
+    python benchmarks/bench_swarm_scale.py --staging 4 [--sizes 8 16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -45,11 +55,15 @@ def tiny_config(run_id: str) -> RunConfig:
     })
 
 
-def measure(size: int, rounds: int, docs, workdir: Path, buckets: int = 1) -> dict:
+def measure(size: int, rounds: int, docs, workdir: Path, buckets: int = 1,
+            staging: tuple[int, bool] | None = None) -> dict:
     """One swarm of `size` peers; with buckets > 1 the peer table is split
-    (averaging.peer_buckets) and a lookup is what a node reads each round: its bucket."""
-    config = tiny_config(f"scale{size}b{buckets}")
+    (averaging.peer_buckets) and a lookup is what a node reads each round: its bucket.
+    staging: (target_group_size, staged) for the --staging comparison."""
+    config = tiny_config(f"scale{size}b{buckets}" + (f"g{staging[0]}{'s' if staging[1] else 'u'}" if staging else ""))
     config.averaging.peer_buckets = buckets
+    if staging is not None:
+        config.averaging.target_group_size, config.averaging.staged = staging
     opened, join_seconds = [], []
     try:
         for i in range(size):
@@ -76,13 +90,61 @@ def measure(size: int, rounds: int, docs, workdir: Path, buckets: int = 1) -> di
         round_seconds = (time.perf_counter() - t0) / rounds
         completed = sum(1 for o in opened if len(o.node.history) == rounds)
         stem_groups = [len(o.node.history[-1].modules["stem"].group) for o in opened if o.node.history]
-        return {"peers": size, "buckets": buckets, "completed": completed, "visible_records": seen,
-                "join_median_s": statistics.median(join_seconds[1:]), "first_join_s": join_seconds[0],
-                "lookup_median_ms": 1000 * statistics.median(lookups), "round_s": round_seconds,
-                "largest_stem_group": max(stem_groups, default=0)}
+        row = {"peers": size, "buckets": buckets, "completed": completed, "visible_records": seen,
+               "join_median_s": statistics.median(join_seconds[1:]), "first_join_s": join_seconds[0],
+               "lookup_median_ms": 1000 * statistics.median(lookups), "round_s": round_seconds,
+               "largest_stem_group": max(stem_groups, default=0)}
+        if staging is not None:
+            row.update(agreement(opened, rounds), target_group_size=staging[0], staged=staging[1])
+        return row
     finally:
         for o in reversed(opened):
             o.close()
+
+
+def agreement(opened, rounds: int) -> dict:
+    """Do a module's holders end with the same state? Per module: the largest difference
+    between two holders' global parameters after the last round (all holders ran the same
+    number of rounds), and over all rounds and holders the outcomes the post-round check
+    reported, with the stage group sizes."""
+    by_module: dict[str, list] = {}
+    for o in opened:
+        if len(o.node.history) != rounds:
+            continue
+        for module_id, slot in o.node.slots.items():
+            by_module.setdefault(module_id, []).append(torch.cat([p.reshape(-1) for p in slot.outer.global_params]))
+    spread = {m: max(float((x - xs[0]).abs().max()) for x in xs) for m, xs in by_module.items() if len(xs) > 1}
+    outcomes: dict[str, int] = {}
+    stage_sizes: list[list[int]] = []
+    for o in opened:
+        for report in o.node.history[1:]:  # round 1 is start-up (catch-ups, joins)
+            for module_round in report.modules.values():
+                outcomes[module_round.outcome] = outcomes.get(module_round.outcome, 0) + 1
+                if module_round.stage_groups:
+                    stage_sizes.append(module_round.stage_groups)
+    return {"module_spread": spread, "outcomes": outcomes,
+            "stage1_median": statistics.median(s[0] for s in stage_sizes) if stage_sizes else None,
+            "stage2_median": statistics.median(s[1] for s in stage_sizes) if stage_sizes else None,
+            "staged_module_rounds": len(stage_sizes)}
+
+
+def print_staging(rows: list[dict]) -> None:
+    print("*holders agree*: modules whose holders all end within 1e-3 of each other (largest parameter "
+          "difference after the last round; honest copies differ by fp16 wire rounding only); *outcomes*: "
+          "module-rounds after round 1 as the post-round fingerprint check reported them (ok, partial, resynced: "
+          "downloaded the majority's state, split: no majority)\n")
+    print("| peers | target group | staged | completed all rounds | stage groups (median: 1st / 2nd) "
+          "| holders agree | largest difference | outcomes | wall per round |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        spread = r["module_spread"]
+        agree = sum(v < 1e-3 for v in spread.values())
+        stages = (f"{r['stage1_median']:g} / {r['stage2_median']:g} ({r['staged_module_rounds']} module-rounds)"
+                  if r["stage1_median"] is not None else "-")
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(r["outcomes"].items()))
+        print(f"| {r['peers']} | {r['target_group_size']} | {'yes' if r['staged'] else 'no'} | {r['completed']} "
+              f"| {stages} | {agree} of {len(spread)} | {max(spread.values(), default=0):.2g} | {outcomes} "
+              f"| {r['round_s']:.1f} s |")
 
 
 def main() -> None:
@@ -90,6 +152,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="4 and 8 peers, 1 round")
+    parser.add_argument("--staging", type=int, default=None, metavar="G",
+                        help="compare staged and unstaged averaging at target_group_size G (see the docstring)")
     parser.add_argument("--records-per-bucket", type=int, default=8,
                         help="each size also runs with its peer table split into size / this many buckets")
     args = parser.parse_args()
@@ -100,10 +164,23 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="p2ptrain-scale-") as tmp:
         for size in args.sizes:  # the whole table, then split: side by side at each size
+            if args.staging is not None:
+                for staged in (True, False):
+                    rows.append(measure(size, args.rounds, docs, Path(tmp), staging=(args.staging, staged)))
+                continue
             rows.append(measure(size, args.rounds, docs, Path(tmp)))
             buckets = size // args.records_per_bucket
             if buckets > 1:
                 rows.append(measure(size, args.rounds, docs, Path(tmp), buckets=buckets))
+    if args.staging is not None:
+        print(f"# bench_swarm_scale --staging {args.staging} — {datetime.date.today()} — {platform.platform()}")
+        print(f"command: {' '.join(sys.argv)}")
+        print(f"real peers in one process on 127.0.0.1, 2x2 grid (the stem is held by every peer, each level "
+              f"module by half), tiny model, {args.rounds} rounds, fp16 wire\n")
+        print_staging(rows)
+        OUT.mkdir(exist_ok=True)
+        (OUT / "bench_swarm_scale_staging.json").write_text(json.dumps(rows, indent=1))
+        return
     print(f"# bench_swarm_scale — {datetime.date.today()} — {platform.platform()}, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
     print(f"command: {' '.join(sys.argv)}")

@@ -154,6 +154,29 @@ class CpuLimits:
                 pass  # exited meanwhile
         return moved
 
+    def release(self, pids: list[int]) -> int:
+        """Move processes out of every quota (v1: the hierarchy's root; v2: a sibling group with
+        no quota), e.g. a slowed peer's hivemind processes, so that only its training is slowed.
+        Returns how many moved."""
+        if self.v2:
+            target = self.root / "free"
+            target.mkdir(exist_ok=True)
+            if target not in self.groups:
+                self.groups.append(target)
+        else:
+            target = CGROUP_V1
+        moved = 0
+        for p in pids:
+            try:
+                current = Path(f"/proc/{p}/cgroup").read_text()
+                if self.root.name not in current or (self.v2 and "/free" in current):
+                    continue  # not in one of our quota groups
+                (target / "cgroup.procs").write_text(str(p))
+                moved += 1
+            except OSError:
+                pass  # exited meanwhile
+        return moved
+
     def throttled_s(self) -> list[float]:
         """Seconds each group spent throttled (cpu.stat), in limit() order."""
         out = []

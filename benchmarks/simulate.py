@@ -493,6 +493,8 @@ def run_label(m: dict) -> str:
     label = ("overlap" if m["overlap"] else "plain") + (", fill" if m.get("fill_round") else ", capped")
     if m.get("slowed"):
         label += f", {len(m['slowed'])}/{m['peers']} slowed"
+        if m.get("slowed_part") == "training":
+            label += " (training only)"
     return label
 
 
@@ -566,30 +568,52 @@ def slow_quota_cores(n_peers: int, slowed: int) -> float:
 
 
 def run_key(m: dict) -> tuple:
-    return (m["peers"], m["overlap"], bool(m.get("fill_round")), tuple(m.get("slowed") or ()))
+    slowed = tuple(m.get("slowed") or ())
+    return (m["peers"], m["overlap"], bool(m.get("fill_round")), slowed,
+            m.get("slowed_part", "tree") if slowed else "")
 
 
-def run_validation_swarms(runs: tuple, resume: bool = False) -> list[dict]:
+def release_hivemind_processes(limits, main_pids: list[int], stop) -> None:
+    """--slow-training-only: keep the slowed peers' DHT, averager and p2pd processes (forked
+    after launch, so born inside the quota) out of it, every 0.5 s until `stop` is set: only
+    the `p2ptrain join` process itself (its training thread, and the node's own threads) is
+    slowed, the way a slower GPU slows a volunteer whose CPU and link are not."""
+    import loopback_runs
+    while not stop.wait(0.5):
+        for pid in main_pids:
+            limits.release(loopback_runs.process_tree(pid)[1:])
+
+
+def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = "tree") -> list[dict]:
     """Real loopback swarms (`p2ptrain join` processes, bench_swarm.run_swarm) on the aligned
     schedule, one path per peer in turn. A run is (peers, overlap) or (peers, overlap,
     fill_round, slowed peer indices): the slowed peers' process trees get a CPU quota
-    (loopback_runs.CpuLimits, a cgroup) as soon as they are started."""
+    (loopback_runs.CpuLimits, a cgroup) as soon as they are started; with slowed_part
+    "training" only their `p2ptrain join` process (release_hivemind_processes)."""
     import tempfile
+    import threading
     import time
 
     import bench_swarm
     import loopback_runs
     from p2ptrain.demo import PATHS
     import shutil
-    measured = []
-    if resume and MEASURED_FILE.exists():  # keep the runs already measured (an interrupted --validate)
-        wanted = {tuple((*r, False, ())[:4]) for r in runs}
-        measured = [m for m in json.loads(MEASURED_FILE.read_text()) if run_key(m) in wanted]
-        print(f"resuming: {len(measured)} runs from {MEASURED_FILE.name}", flush=True)
+    def key(run) -> tuple:
+        n, overlap, fill, slowed = (*run, False, ())[:4]
+        return (n, overlap, fill, tuple(slowed), slowed_part if slowed else "")
+
+    measured, others = [], []  # others: stored runs of other kinds, kept in the file
+    wanted = {key(r) for r in runs}
+    if MEASURED_FILE.exists():
+        stored = json.loads(MEASURED_FILE.read_text())
+        others = [m for m in stored if run_key(m) not in wanted]
+        if resume:  # keep the runs already measured (an interrupted --validate)
+            measured = [m for m in stored if run_key(m) in wanted]
+            print(f"resuming: {len(measured)} runs from {MEASURED_FILE.name}", flush=True)
     done = {run_key(m) for m in measured}
     for run in runs:
         n, overlap, fill, slowed = (*run, False, ())[:4]
-        if (n, overlap, fill, tuple(slowed)) in done:
+        if key(run) in done:
             continue
         quota = slow_quota_cores(n, len(slowed)) if slowed else None
         print(f"running a real loopback swarm: {n} peers, {'overlap' if overlap else 'plain'}, "
@@ -601,10 +625,14 @@ def run_validation_swarms(runs: tuple, resume: bool = False) -> list[dict]:
         paths = [p for p in PATHS for _ in range(n // len(PATHS))]
         tmp = Path(tempfile.mkdtemp(prefix="p2ptrain-sim-"))
         limits = loopback_runs.CpuLimits() if slowed else None
+        stop_releasing = threading.Event()
 
         def slow_down(peers, limits=limits, slowed=slowed, quota=quota):
             for i in slowed:
                 limits.limit(peers[i].proc.pid, quota)
+            if slowed_part == "training":
+                threading.Thread(target=release_hivemind_processes, daemon=True,
+                                 args=(limits, [peers[i].proc.pid for i in slowed], stop_releasing)).start()
 
         t0 = time.monotonic()
         try:
@@ -614,6 +642,7 @@ def run_validation_swarms(runs: tuple, resume: bool = False) -> list[dict]:
             print(f"  {e} (logs kept)", flush=True)
             continue
         finally:
+            stop_releasing.set()
             throttled = limits.throttled_s() if limits else []
             if limits:
                 limits.close()
@@ -621,10 +650,10 @@ def run_validation_swarms(runs: tuple, resume: bool = False) -> list[dict]:
         shutil.rmtree(tmp, ignore_errors=True)
         summary = summarize_loopback(result, config, n)
         summary.update(slowed=list(slowed), slow_quota_cores=quota, throttled_s=throttled, paths=paths,
-                       swarm_wall_s=time.monotonic() - t0)
+                       swarm_wall_s=time.monotonic() - t0, slowed_part=slowed_part if slowed else None)
         measured.append(summary)
         OUT_DIR.mkdir(exist_ok=True)
-        MEASURED_FILE.write_text(json.dumps(measured, indent=1))
+        MEASURED_FILE.write_text(json.dumps(others + measured, indent=1))
     return measured
 
 
@@ -692,7 +721,8 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
         runs = tuple(r for r in VALIDATION_RUNS if r[0] <= 8) if args.quick else VALIDATION_RUNS
         if args.hetero:
             runs += HETERO_RUNS
-        measured, source = run_validation_swarms(runs, args.resume), "this run"
+        measured, source = run_validation_swarms(
+            runs, args.resume, "training" if args.slow_training_only else "tree"), "this run"
     validation, calibration = validate(measured)
     OUT_DIR.mkdir(exist_ok=True)
     CALIBRATION_FILE.write_text(json.dumps(calibration, indent=1))
@@ -712,7 +742,9 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
         f"fitted: plain {calibration['outer_fixed_s']:.2f} s per round, overlap "
         f"{calibration['foreground_fixed_s']:.2f} s per round (at the calibration size)",
         "heterogeneous runs (k/n slowed): the slowed peers' process trees (join + p2pd) run under a CFS CPU "
-        f"quota in their own cgroup, {SLOW_FACTOR}× below an unslowed peer's share when all train; each "
+        f"quota in their own cgroup, {SLOW_FACTOR}× below an unslowed peer's share when all train (runs marked "
+        "'training only': just the `p2ptrain join` process is under the quota, its DHT, averager and p2pd "
+        "processes are moved out as they start); each "
         "simulated slot gets its own real peer's measured median s/step (same path), the jitter is the "
         "spread around each peer's own median; the fixed cost fitted on the homogeneous capped run, scaled by "
         "the unslowed peers' contention; fill: averaging.fill_round on (train until the round's end, real cap "
@@ -810,6 +842,9 @@ def main() -> None:
     parser.add_argument("--hetero", action="store_true",
                         help="with --validate: also heterogeneous swarms (4 and 8 peers, some slowed by a CPU cgroup "
                              "quota; capped and fill rounds; needs root and a writable cgroup; about 10 minutes)")
+    parser.add_argument("--slow-training-only", action="store_true",
+                        help="with --hetero: the quota slows only a slowed peer's `p2ptrain join` process, not "
+                             "its DHT, averager and p2pd processes (a slower GPU, not a slower machine)")
     parser.add_argument("--resume", action="store_true",
                         help="with --validate: keep the runs bench-out/simulate_loopback.json already holds, run the rest")
     parser.add_argument("--measured", type=Path, default=None,
