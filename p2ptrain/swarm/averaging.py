@@ -333,11 +333,11 @@ def _averager_class():
 
             def register_processed_part(peer_index: int, part_index: int, delta: torch.Tensor):
                 """Check a slice a reducer returned (as a delta from our own part) before using it."""
-                if peer_index != own_index and peer_index not in self._failed_reducers:
-                    self._results_from[peer_index] += 1
-                    if self._results_from[peer_index] == container.num_parts_by_peer[peer_index]:
-                        self._all_results_from[peer_index].set()
                 if peer_index != own_index:
+                    if peer_index not in self._failed_reducers:  # a failed reducer's zero-fill is not a result
+                        self._results_from[peer_index] += 1
+                        if self._results_from[peer_index] == container.num_parts_by_peer[peer_index]:
+                            self._all_results_from[peer_index].set()
                     own = container._input_parts_by_peer[peer_index][part_index][0]
                     why = None
                     if not torch.isfinite(delta).all():
