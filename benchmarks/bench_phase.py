@@ -452,8 +452,8 @@ def table(runs: list[dict]) -> str:
 
 
 OUTCOME_COLORS = {"ok": "tab:green", "alone": "tab:gray", "partial": "tab:orange", "resynced": "tab:blue",
-                  "split": "tab:red", "rejected": "black", "failed": "black"}
-OUTCOME_ORDER = ["failed", "rejected", "split", "resynced", "partial", "alone", "ok"]
+                  "split": "tab:red", "healed": "tab:pink", "rejected": "black", "failed": "black"}
+OUTCOME_ORDER = ["failed", "rejected", "split", "healed", "resynced", "partial", "alone", "ok"]
 
 
 def draw_timeline(runs: list[dict]):

@@ -408,6 +408,8 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
                       "peers_per_module": modules,
                       "resynced": [m for m, r in report.modules.items() if r.resynced_from],
                       "partial": [m for m, r in report.modules.items() if r.partial],
+                      # modules whose holders disagreed with no majority, healed toward each other
+                      "healed": [m for m, r in report.modules.items() if r.healed_with],
                       # tensor-part bytes this node's averagers sent (the codec's payload, no framing)
                       "bytes_sent_per_module": {m: r.bytes_sent for m, r in report.modules.items()},
                       # modules averaged in two stages (more holders than a group holds): each stage's group

@@ -9,9 +9,10 @@ belongs to. A node compares its own with the other holders' at the same round:
     all-reduce, a missed round, two halves of the swarm that trained apart): it re-syncs
     from members of that majority, and adopts a download only if it matches the
     majority's fingerprint ("minority");
-  * no strict majority                              → nobody moves; the split is reported
-    and the next round's majority decides ("tie"). A tie is what one stranger facing one
-    honest peer produces: whoever moved first would hand the stranger the module.
+  * no strict majority                              → nobody adopts anyone's state
+    ("tie"): a tie is what one stranger facing one honest peer produces, and whoever moved
+    first would hand the stranger the module. The tied holders heal instead (healing.py):
+    each moves a bounded distance toward the mean of the tied states it could verify.
 
 Honest copies of a module are never bit-identical: every peer decompresses its own
 shares of each all-reduce, so globals drift apart by the wire codec's error each round.
@@ -60,6 +61,7 @@ class Verdict:
     voters: int  # holders whose claims for this round were compared (this node included)
     sources: list[str] = field(default_factory=list)  # minority: the majority's members, to download from
     reference: Optional[Vouch] = None  # minority: the claim a downloaded state must match
+    tied: list[Vouch] = field(default_factory=list)  # tie: the other voters' claims (healing.py)
 
 
 def majority_around(votes: Sequence[Vouch], codec_tolerance: float) -> Optional[list[Vouch]]:
@@ -82,7 +84,7 @@ def judge(mine: Vouch, others: Sequence[Vouch], codec_tolerance: float) -> Verdi
     majority = majority_around(votes[1:], codec_tolerance)
     if majority is not None and 2 * len(majority) > len(votes):
         return Verdict("minority", len(votes), sources=[v.peer_id for v in majority], reference=majority[0])
-    return Verdict("tie", len(votes))
+    return Verdict("tie", len(votes), tied=votes[1:])
 
 
 def choose_lineage(claims: Sequence[Vouch], max_round: int, codec_tolerance: float) -> Optional[list[Vouch]]:

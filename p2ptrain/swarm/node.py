@@ -40,6 +40,7 @@ from p2ptrain.run_state import RunState
 from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.averaging import sync_tolerance
 from p2ptrain.swarm.consistency import Vouch, choose_lineage, judge
+from p2ptrain.swarm.healing import heal_tie
 from p2ptrain.swarm.membership import peers_holding
 from p2ptrain.swarm.overlap import Anchors, BackgroundRound
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, parse
@@ -69,7 +70,8 @@ class ModuleRound:
     rejected: str | None = None  # why the average was not used, if it was not
     resynced_from: str | None = None
     partial: bool = False  # some values were left un-averaged by a failed reducer (skipped this round)
-    split: bool = False  # holders disagree and no majority decides (nobody moved)
+    split: bool = False  # holders disagree and no majority decides (nobody adopted another's state)
+    healed_with: list[str] = field(default_factory=list)  # a split: tied holders whose states we averaged in
     failed: str | None = None  # the round's averaging itself failed (an error on the averaging thread)
     voters: int = 0  # holders whose fingerprints for this round were compared
     lying_reducers: list[str] = field(default_factory=list)  # reducers whose returned slice we refused
@@ -85,7 +87,7 @@ class ModuleRound:
     @property
     def outcome(self) -> str:
         return ("failed" if self.failed else "rejected" if self.rejected else "resynced" if self.resynced_from
-                else "split" if self.split else "partial" if self.partial else "alone" if self.alone else "ok")
+                else "healed" if self.healed_with else "split" if self.split else "partial" if self.partial else "alone" if self.alone else "ok")
 
 
 @dataclass
@@ -147,6 +149,7 @@ class SwarmNode:
         self.bans_issued: Counter = Counter()  # peer → how many times it was banned
         self.silent: Counter = Counter()  # peers that did not post their fingerprints in time, last round
         self.absent: dict[str, set[str]] = {}  # module → holders that did not join its group last round
+        self._last_groups: dict[str, set[str]] = {}  # module → last round's group: who a tie may heal with
         self.last_loss: float | None = None
         self.last_tps = 0.0
         self.step_seconds = 0.0
@@ -174,7 +177,10 @@ class SwarmNode:
     def catch_up(self, attempts: int = CATCH_UP_ATTEMPTS) -> dict[str, str]:
         """Adopt, for each module, the state the majority of its live holders vouch for, if it
         differs from ours. Returns module → peer it came from. A newcomer follows the
-        majority, not the highest claim; with no majority it keeps its own state."""
+        majority, not the highest claim; with no majority it keeps its own state. A node with
+        rounds of its own (a restart, a node whose averaging overran rounds) votes too, for
+        its own state: one other holder is not a majority over it, or a lone stranger could
+        hand it any lineage just by being a round ahead."""
         got: dict[str, str] = {}
         for attempt in range(attempts):
             peers = self.fetch_peers()
@@ -185,12 +191,13 @@ class SwarmNode:
                 claims = self._claims(peers, module_id)
                 if not claims:
                     continue
-                lineage = choose_lineage(claims, self.schedule.max_plausible_round(), self.codec_tolerance)
+                mine = slot.vouch(self.peer_id)
+                voters = claims + [mine] if mine.round > 0 else claims
+                lineage = choose_lineage(voters, self.schedule.max_plausible_round(), self.codec_tolerance)
                 if lineage is None:
                     undecided += 1
                     continue
                 reference = lineage[0]
-                mine = slot.vouch(self.peer_id)
                 if reference.round < mine.round or judge(mine, lineage, self.codec_tolerance).outcome == "agree":
                     continue
                 source = fetch_verified_state(slot, [c.peer_id for c in lineage], reference, self.codec_tolerance,
@@ -718,11 +725,17 @@ class SwarmNode:
         for module_id, result in results.items():
             verdict = judge(mine[module_id], claims.get(module_id, []), self.codec_tolerance)
             result.voters = verdict.voters
+            recent_partners = set(result.group) | self._last_groups.get(module_id, set())
+            self._last_groups[module_id] = set(result.group)
             if verdict.outcome == "tie":
                 result.split = True
                 logger.warning("module %s: round %d holders disagree and no majority decides (%d voters); "
-                               "keeping this node's state until a majority forms", module_id, round_,
-                               verdict.voters)
+                               "healing with the tied holders it averaged with", module_id, round_, verdict.voters)
+                heal = heal_tie(self.slots[module_id], self.peer_id, verdict.tied, recent_partners,
+                                self.codec_tolerance, self.rejections)
+                result.healed_with = heal.partners
+                if heal.partners and adopt:
+                    self.session.adopt_global(module_id)
             elif verdict.outcome == "minority":
                 logger.warning("module %s: this node's round %d state differs from the majority of %d "
                                "holders; re-syncing from it", module_id, round_, verdict.voters)

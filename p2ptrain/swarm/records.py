@@ -95,7 +95,7 @@ class ModuleSync(_Bounded):
 # --- monitoring schemas (issue 13) ----------------------------------------------------
 
 # the words of ModuleRound.outcome (swarm/node.py)
-ROUND_OUTCOMES = ("ok", "alone", "partial", "split", "resynced", "rejected", "failed")
+ROUND_OUTCOMES = ("ok", "alone", "partial", "split", "healed", "resynced", "rejected", "failed")
 
 
 class HardwareInfo(_Bounded):

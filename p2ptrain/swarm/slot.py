@@ -56,6 +56,9 @@ class ModuleSlot:
         self.lock = threading.Lock()
         self.round = 0  # the schedule round of the last outer step applied to (or adopted into) the globals
         self.last_step_norm = 0.0  # size of the last outer update: the yardstick for drift
+        # a tie being healed (healing.py): the state this node vouched for and its claim, served
+        # and vouched for instead of the live state until the next outer step or adoption
+        self._vouched: Optional[tuple[list[torch.Tensor], Vouch]] = None
         # One flat buffer, not one tensor per parameter: hivemind sends each tensor of an
         # all-reduce with its own metadata, about 1 KB of it on the wire (measured on
         # loopback: 400k values in 64 tensors cost 1.16-1.22x the all-reduce bound, in one
@@ -100,12 +103,40 @@ class ModuleSlot:
     def vouch(self, peer_id: str) -> Vouch:
         """This node's claim about its global state of the module, for the other holders."""
         with self.lock:
-            fp, norm = fingerprint(self.outer.global_params)
-            return Vouch(peer_id, self.round, tuple(fp), norm, self.last_step_norm)
+            if self._vouched is not None:
+                return self._vouched[1]
+            return self._vouch_locked(peer_id)
+
+    def _vouch_locked(self, peer_id: str) -> Vouch:
+        fp, norm = fingerprint(self.outer.global_params)
+        return Vouch(peer_id, self.round, tuple(fp), norm, self.last_step_norm)
+
+    def freeze_vouched(self, peer_id: str) -> Vouch:
+        """Keep serving (and vouching for) the current state until the next outer step or
+        adoption, whatever heal_to does meanwhile; returns the claim for it."""
+        with self.lock:
+            if self._vouched is None:
+                tensors = [p.clone() for p in self.outer.global_params] + [m.clone() for m in self.outer.momentum]
+                self._vouched = (tensors, self._vouch_locked(peer_id))
+            return self._vouched[1]
+
+    def vouched_state(self) -> list[torch.Tensor]:
+        """The frozen state (parameters, then momentum); only after freeze_vouched."""
+        with self.lock:
+            assert self._vouched is not None, "freeze_vouched first"
+            return self._vouched[0]
+
+    def heal_to(self, tensors: list[torch.Tensor]) -> None:
+        """Set parameters and momentum to a healed state; the frozen claim stays served."""
+        with self.lock:
+            for dst, src in zip(self.outer.global_params + self.outer.momentum, tensors):
+                dst.copy_(src)
 
     def current_state(self):
         """Served to peers that download this module (runs in hivemind's fetch thread)."""
         with self.lock:
+            if self._vouched is not None:
+                return {"module": self.module_id, "round": self._vouched[1].round}, self._vouched[0]
             tensors = [p.clone() for p in self.outer.global_params] + [m.clone() for m in self.outer.momentum]
             return {"module": self.module_id, "round": self.round}, tensors
 
@@ -138,6 +169,7 @@ class ModuleSlot:
                 dst.copy_(src)
             self.round = round_
             self.last_step_norm = step_norm
+            self._vouched = None
 
     def apply_outer_step(self, mean_delta: torch.Tensor, start: int, scale: float, lr: float, round_: int) -> None:
         """The outer step on values [start, start + len(mean_delta)) of the module (all of it
@@ -146,3 +178,4 @@ class ModuleSlot:
             self.outer.apply_fragment(mean_delta, start, scale)
             self.round = round_
             self.last_step_norm = lr * scale * float(mean_delta.double().norm())
+            self._vouched = None

@@ -23,6 +23,30 @@ MAX_SOURCES_TRIED = 4  # servers tried per download: with many holders, a few de
 FRAMING_BYTES = 64 << 10  # serialisation overhead allowed on top of the raw fp32 state
 
 
+def download_vouched_state(slot: ModuleSlot, peer: str, reference: Vouch, codec_tolerance: float,
+                           rejections: Rejections) -> Optional[list]:
+    """The module's state (parameters, then momentum) as `peer` serves it, if it is what
+    `reference` vouched for; None (and the peer reported, if it lied) otherwise."""
+    got = slot.averager.download_state_from(peer, timeout=STATE_TIMEOUT_S,
+                                            max_bytes=slot.state_bytes + FRAMING_BYTES,
+                                            what=f"module {slot.module_id} from …{peer[-8:]}")
+    if got is None:
+        return None  # unreachable, too slow, or oversized (logged by the averager)
+    raw_metadata, tensors = got
+    metadata, why = parse(StateMetadata, raw_metadata)
+    if metadata is None:
+        rejections.add(peer, "malformed state metadata", why)
+        return None
+    problem = slot.state_problem(metadata, tensors, reference, codec_tolerance)
+    if problem is not None:
+        if metadata.round != reference.round:  # it moved on since it vouched: not a lie
+            logger.info("module %s: …%s now serves round %d", slot.module_id, peer[-8:], metadata.round)
+            return None
+        rejections.add(peer, "a state that does not match its claim", problem)
+        return None
+    return tensors
+
+
 def fetch_verified_state(slot: ModuleSlot, sources: Sequence[str], reference: Vouch, codec_tolerance: float,
                          rejections: Rejections, own_peer_id: str) -> Optional[str]:
     """Adopt the module's state from the first of `sources` (tried in random order, so no
@@ -32,25 +56,11 @@ def fetch_verified_state(slot: ModuleSlot, sources: Sequence[str], reference: Vo
     candidates = [p for p in sources if p != own_peer_id]
     random.shuffle(candidates)
     for peer in candidates[:MAX_SOURCES_TRIED]:
-        got = slot.averager.download_state_from(peer, timeout=STATE_TIMEOUT_S,
-                                                max_bytes=slot.state_bytes + FRAMING_BYTES,
-                                                what=f"module {slot.module_id} from …{peer[-8:]}")
-        if got is None:
-            continue  # unreachable, too slow, or oversized (logged by the averager)
-        raw_metadata, tensors = got
-        metadata, why = parse(StateMetadata, raw_metadata)
-        if metadata is None:
-            rejections.add(peer, "malformed state metadata", why)
+        tensors = download_vouched_state(slot, peer, reference, codec_tolerance, rejections)
+        if tensors is None:
             continue
-        problem = slot.state_problem(metadata, tensors, reference, codec_tolerance)
-        if problem is not None:
-            if metadata.round != reference.round:  # it moved on since it vouched: not a lie
-                logger.info("module %s: …%s now serves round %d", slot.module_id, peer[-8:], metadata.round)
-                continue
-            rejections.add(peer, "a state that does not match its claim", problem)
-            continue
-        slot.install(metadata.round, tensors, reference.step)
-        logger.info("module %s: adopted the majority's round %d state from …%s", slot.module_id, metadata.round,
+        slot.install(reference.round, tensors, reference.step)
+        logger.info("module %s: adopted the majority's round %d state from …%s", slot.module_id, reference.round,
                     peer[-8:])
         return peer
     return None

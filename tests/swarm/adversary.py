@@ -7,8 +7,8 @@ for it), steps its averager at the end of every round of the run's schedule, and
   * send any `gather` value (not a dict, wrong types, a huge round);
   * declare any weight on the parts it sends to honest reducers (huge, negative);
   * send 1-element parts instead of its slices;
-  * claim any fingerprint and round in its record;
-  * serve an oversized or random module state;
+  * claim any fingerprint and round in its record (or a claim made afresh each round);
+  * serve an oversized or random module state (or one made afresh at each download);
   * publish a run record of its own;
   * lie in its records only, never joining an all-reduce (lie "average": False);
   * as a reducer, return the first averaged part of its slice to each sender and then
@@ -87,7 +87,7 @@ def _evil_averager_class():
         def get_current_state(self):
             if self.served_state is None:
                 return super().get_current_state()
-            metadata, tensors = self.served_state
+            metadata, tensors = self.served_state() if callable(self.served_state) else self.served_state
             return metadata, tensors, None
 
     return ModuleAverager
@@ -144,7 +144,9 @@ class Adversary:
         def loop():
             while not self.stop.is_set():
                 round_ = self.schedule.current_round()
-                self.publish(round_=max(round_ - 1, 0), sync=self.lie.get("sync"))
+                sync = self.lie.get("sync")
+                # a callable claim is made afresh for the round that just ended
+                self.publish(round_=max(round_ - 1, 0), sync=sync(round_ - 1) if callable(sync) else sync)
                 if not self.schedule.sleep_until(self.schedule.end_of(round_), self.stop):
                     return
                 if not self.lie.get("average", True):

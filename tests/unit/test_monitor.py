@@ -114,7 +114,8 @@ def test_the_swarm_view_counts_coverage_speed_outcomes_and_probes():
     assert view.coverage == {"stem": 3, "L0.M0": 3, "L0.M1": 0, "L1.M0": 1, "L1.M1": 2}
     assert view.uncovered == ["L0.M1"]
     assert view.tokens_per_s == 150.0  # the suspended peer's speed does not count
-    assert view.outcomes == {"ok": 1, "alone": 1, "partial": 1, "split": 0, "resynced": 0, "rejected": 0, "failed": 0}
+    assert view.outcomes == {"ok": 1, "alone": 1, "partial": 1, "split": 0, "healed": 0, "resynced": 0, "rejected": 0,
+                             "failed": 0}
     assert view.outcomes_from == 2
     by_id = {p.peer_id: p for p in view.peers}
     assert [by_id[p].reachability for p in ("peerA", "peerB", "peerC")] == ["public", "public", "relay"]

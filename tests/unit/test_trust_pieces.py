@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from p2ptrain.swarm.consistency import Vouch, agree, choose_lineage, judge
+from p2ptrain.swarm.healing import bounded_mean
 from p2ptrain.swarm.credentials import issue, parse_credential, parse_duration
 from p2ptrain.swarm.identity import Identity, owner_peer_id, peer_id_of_public_key
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, StateMetadata, parse
@@ -89,8 +91,9 @@ def test_a_node_in_the_majority_stays_and_a_node_in_the_minority_resyncs_from_th
     assert verdict.reference.peer_id in {"b", "c"}
 
 
-def test_one_against_one_moves_nobody_and_a_lone_holder_is_alone():
-    assert judge(vouch("me", 0.0), [vouch("stranger", 5.0)], TOL).outcome == "tie"
+def test_one_against_one_is_a_tie_that_names_the_other_voter_and_a_lone_holder_is_alone():
+    verdict = judge(vouch("me", 0.0), [vouch("stranger", 5.0)], TOL)
+    assert verdict.outcome == "tie" and [v.peer_id for v in verdict.tied] == ["stranger"]
     assert judge(vouch("me", 0.0), [vouch("b", 0.0, round_=4)], TOL).outcome == "alone"  # other rounds don't vote
 
 
@@ -103,6 +106,45 @@ def test_a_newcomer_follows_the_majority_of_holders_not_the_highest_claim():
     assert choose_lineage([vouch("a", 0.0), vouch("liar", 9.0, round_=99)], max_round=6,
                           codec_tolerance=TOL) is None
     assert choose_lineage([vouch("a", 0.0)], max_round=6, codec_tolerance=TOL)[0].peer_id == "a"
+
+
+# ------------------------------------------------------------------ healing a tie
+
+def module_state(seed: int, scale: float = 1.0) -> list[torch.Tensor]:
+    """Two parameters and their momentum, as a slot serves them."""
+    g = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(7, 5, generator=g), scale * torch.randn(11, generator=g),
+            scale * torch.randn(7, 5, generator=g), scale * torch.randn(11, generator=g)]
+
+
+def norm_of(tensors) -> float:
+    return float(torch.cat([t.reshape(-1).double() for t in tensors]).norm())
+
+
+def test_two_tied_holders_that_got_each_others_state_heal_to_the_same_bits():
+    a, b = module_state(1), module_state(2)
+    states = {"peer-b": b, "peer-a": a}  # the order each one fetched them in does not matter
+    healed_a, fraction_a, _ = bounded_mean(states, "peer-a", 2, param_radius=100.0, momentum_radius=100.0)
+    healed_b, fraction_b, _ = bounded_mean(dict(reversed(states.items())), "peer-b", 2, param_radius=100.0,
+                                           momentum_radius=100.0)
+    assert fraction_a == fraction_b == 1.0
+    assert all(torch.equal(x, y) for x, y in zip(healed_a, healed_b))
+    assert all(torch.allclose(x, (s + t) / 2) for x, s, t in zip(healed_a, a, b))
+
+
+def test_a_far_state_moves_a_holder_by_at_most_the_heal_bound_in_parameters_and_momentum():
+    mine, far = module_state(1), module_state(2, scale=1000.0)
+    healed, fraction, moved = bounded_mean({"me": mine, "stranger": far}, "me", 2, param_radius=0.5,
+                                           momentum_radius=2.0)
+    assert 0.0 < fraction < 1.0
+    assert norm_of([h - m for h, m in zip(healed[:2], mine[:2])]) <= 0.5 * (1 + 1e-5)
+    assert norm_of([h - m for h, m in zip(healed[2:], mine[2:])]) <= 2.0 * (1 + 1e-5)
+    assert moved == pytest.approx(norm_of([h - m for h, m in zip(healed[:2], mine[:2])]), rel=1e-4)
+    # a huge momentum alone (parameters equal) is bounded the same way
+    sneaky = [*mine[:2], *far[2:]]
+    healed, fraction, _ = bounded_mean({"me": mine, "stranger": sneaky}, "me", 2, param_radius=0.5,
+                                       momentum_radius=2.0)
+    assert fraction < 1.0 and norm_of([h - m for h, m in zip(healed[2:], mine[2:])]) <= 2.0 * (1 + 1e-5)
 
 
 # ------------------------------------------------------------------ identities and invites

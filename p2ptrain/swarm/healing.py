@@ -1,0 +1,119 @@
+"""Healing a tie: tied holders of a module average their states, each within a bounded move.
+
+Two holders that end a round apart (one side's all-reduce failed, or a matchmaking race
+in which one counted the other and the other gave up) would otherwise stay apart for
+good: every later round moves both by the same averaged update, so the gap between their
+global states never closes, and with two holders no majority ever forms to re-sync one of
+them (consistency.judge calls it a tie and moves nobody).
+
+So at a tie each holder, on its own and without a coordinator:
+  1. freezes the state it vouched for: it serves that state, and vouches for it, until
+     its next outer step, so the tied holders download exactly the states that were
+     compared, whichever of them heals first;
+  2. downloads the state of each other tied voter it averaged with this round or the last
+     (a peer it never averaged with cannot move it: publishing a record costs nothing),
+     keeping only a download that matches that voter's fingerprint;
+  3. moves its parameters and outer momentum toward the mean of its own and the
+     downloaded states, by at most HEAL_STEPS of its own last outer updates lr·‖Δ‖
+     (parameters) and HEAL_STEPS of its last averaged pseudo-gradient ‖Δ‖ (momentum), one
+     fraction for both. Δ comes from the all-reduce, not from a heal, so a heal cannot
+     widen the next heal's bound. The mean is summed in fp64 in peer-id order, so
+     holders that got each other's states compute the same bits.
+
+When every tied holder got every other's state and nobody's move was cut short, they now
+hold the same state and the next round agrees; otherwise the gap shrinks and the next
+round's tie heals the rest. A stranger in a group gains at most HEAL_STEPS outer updates
+of pull on an honest holder per round — the order of what its pseudo-gradient already
+moves a two-member group — and never the module wholesale.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from p2ptrain.swarm.consistency import Vouch
+from p2ptrain.swarm.protocol import Rejections
+from p2ptrain.swarm.slot import ModuleSlot
+from p2ptrain.swarm.state_transfer import MAX_SOURCES_TRIED, download_vouched_state
+
+logger = logging.getLogger(__name__)
+
+# Most a heal moves a holder, in its own last outer updates. Two honest holders split by
+# one one-sided round differ by about lr·‖Δ_a − Δ_b‖ ≈ 2 updates when their pseudo-gradients
+# are uncorrelated (the mean halves ‖Δ‖, the difference does not): 4 heals that in one go.
+HEAL_STEPS = 4.0
+
+
+@dataclass
+class Heal:
+    """What one heal did: whose states were averaged in, and how far toward their mean we moved."""
+
+    partners: list[str] = field(default_factory=list)
+    fraction: float = 0.0  # 1.0: all the way to the mean; less: cut short by the HEAL_STEPS bound
+    moved: float = 0.0  # L2 norm of the parameters' move
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).double() for t in tensors])
+
+
+def _mean_in_peer_order(states: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The element-wise mean of the states, summed in fp64 in peer-id order: any holder with
+    the same set of states gets the same bits."""
+    order = sorted(states)
+    total = [t.double().clone() for t in states[order[0]]]
+    for peer in order[1:]:
+        for acc, t in zip(total, states[peer]):
+            acc.add_(t.double())
+    return [(acc / len(order)).to(torch.float32) for acc in total]
+
+
+def bounded_mean(states: dict[str, list[torch.Tensor]], own_peer_id: str, n_params: int, param_radius: float,
+                 momentum_radius: float) -> tuple[list[torch.Tensor], float, float]:
+    """Our state (parameters, then momentum) moved toward the mean of `states` (ours
+    included) by one fraction for both, the largest that keeps the parameters' move within
+    param_radius and the momentum's within momentum_radius; returns (state, fraction,
+    parameters' move). At fraction 1 the state is the mean itself, bit for bit."""
+    own = states[own_peer_id]
+    mean = _mean_in_peer_order(states)
+    param_move = float((_flat(mean[:n_params]) - _flat(own[:n_params])).norm())
+    momentum_move = float((_flat(mean[n_params:]) - _flat(own[n_params:])).norm())
+    fraction = min(1.0, param_radius / param_move if param_move > 0 else math.inf,
+                   momentum_radius / momentum_move if momentum_move > 0 else math.inf)
+    if fraction >= 1.0:
+        return mean, 1.0, param_move
+    return [o + fraction * (m - o) for o, m in zip(own, mean)], fraction, fraction * param_move
+
+
+def heal_tie(slot: ModuleSlot, own_peer_id: str, tied: Sequence[Vouch], recent_partners: set[str],
+             codec_tolerance: float, rejections: Rejections) -> Heal:
+    """Heal this node's state of the module with the tied voters in `tied` (their claims at
+    our round) that are among `recent_partners`; returns what was done (no partners: nothing)."""
+    mine = slot.freeze_vouched(own_peer_id)
+    candidates = [v for v in tied if v.peer_id != own_peer_id and v.peer_id in recent_partners
+                  and v.round == mine.round]
+    random.shuffle(candidates)
+    own = slot.vouched_state()
+    states = {own_peer_id: own}
+    for claim in candidates[:MAX_SOURCES_TRIED]:
+        tensors = download_vouched_state(slot, claim.peer_id, claim, codec_tolerance, rejections)
+        if tensors is not None:
+            states[claim.peer_id] = [t.to(torch.float32) for t in tensors]
+    partners = sorted(p for p in states if p != own_peer_id)
+    if not partners:
+        return Heal()
+    # ‖Δ‖ of our last outer step (from the all-reduce, never from a heal) bounds both moves
+    target, fraction, moved = bounded_mean(states, own_peer_id, len(slot.outer.global_params),
+                                           param_radius=HEAL_STEPS * mine.step,
+                                           momentum_radius=HEAL_STEPS * mine.step / slot.outer.cfg.lr)
+    slot.heal_to(target)
+    logger.warning("module %s: round %d tie healed with %d holder(s): moved %.0f%% of the way to their mean "
+                   "(%.3g, at most %.0f outer updates)", slot.module_id, mine.round, len(partners),
+                   100 * fraction, moved, HEAL_STEPS)
+    return Heal(partners=partners, fraction=fraction, moved=moved)
