@@ -172,8 +172,8 @@ def test_a_peer_sigkilled_while_reducing_leaves_survivors_that_agree_again_or_re
     # the next round averages whole again (no partial average), and every shared module is
     # either the same on both survivors or reported split by both: never a silent divergence.
     # (On a loaded machine the all-reduce can fail for both, or for one of them only, and
-    # each then steps alone; two holders that ended a round apart have no majority to
-    # re-sync them. That is the known limit README states.)
+    # each then steps alone; two holders that ended a round apart are a tie, which each
+    # heals at that check — tests/swarm/test_healing.py — while reporting the split.)
     assert not any(r.modules[m].partial for r in (next_a, next_b) for m in shared)
     for module_id in shared:
         apart = max_difference(a.node.slots[module_id].outer.global_params,
