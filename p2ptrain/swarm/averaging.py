@@ -457,9 +457,15 @@ def _averager_class():
             and skips our slice; if they are at least half the group (us included), we skip it
             too, so that a strict majority holds the same values. The usual case is a group of
             two: one member gives up on our last parts (a stall under load, a broken stream)
-            while we keep our average — two voters that never agree again."""
-            missing = self.undelivered | self._serving | {p.to_base58() for p in self.banned_senders}
-            return bool(missing) and 2 * len(missing) >= len(self.sender_peer_ids)
+            while we keep our average — two voters that never agree again.
+            Senders whose parts we refused (NaN, a wrong size, a weight it did not claim) are
+            left out of both counts: they broke the protocol, so which slice they keep is no
+            vote among honest holders (and counting them made the outcome a race: our slice
+            was skipped only if the liar's stream had started before our own parts were back)."""
+            refused = set(self.rejected)
+            missing = (self.undelivered | self._serving | {p.to_base58() for p in self.banned_senders}) - refused
+            voters = {p.to_base58() for p in self.sender_peer_ids} - refused
+            return bool(missing) and 2 * len(missing) >= len(voters)
 
         def skip_own_slice(self) -> None:
             """Report our whole slice as un-averaged (see own_slice_split)."""
