@@ -307,6 +307,7 @@ def measure_agreement(peers: list[Peer], codec_tolerance: float) -> dict:
     rounds = sorted({r for p in peers for r in p.snapshots})
     worst = {"fingerprint": (0.0, None), "param": (0.0, None), "ratio": (0.0, None)}
     compared = 0
+    ratio_at: dict[tuple[int, str], float] = {}  # (round, module) → its copies' worst ratio
     for r in rounds:
         for m in sorted({m for p in peers for m in p.modules}):
             copies = [(p.index, p.snapshots[r][m]) for p in peers if r in p.snapshots and m in p.snapshots[r]]
@@ -321,12 +322,18 @@ def measure_agreement(peers: list[Peer], codec_tolerance: float) -> dict:
                 fp = max(abs(x - y) for x, y in zip(a[0], b[0]))
                 allowed = DRIFT_ROUNDS * codec_tolerance * max(a[2], b[2]) + FP32_ROUNDOFF * max(a[1], b[1])
                 ratio = fp / allowed if allowed > 0 else float("inf")
+                ratio_at[(r, m)] = max(ratio_at.get((r, m), 0.0), ratio)
                 where = {"round": r, "module": m, "peers": [i, j], "sync_rounds": [a[3], b[3]]}
                 if fp > worst["fingerprint"][0]:
                     worst["fingerprint"] = (fp, where)
                 if ratio > worst["ratio"][0]:
                     worst["ratio"] = (ratio, where)
+    # did copies that came apart come back together? each module at the last round 2+ holders reported
+    last_round = {m: r for r, m in sorted(ratio_at)}
     return {"module_rounds_compared": compared,
+            "module_rounds_apart": sum(ratio > 1.0 for ratio in ratio_at.values()),
+            "last_round_ratio": {m: ratio_at[(r, m)] for m, r in last_round.items()},
+            "last_round": last_round,
             **{f"max_{k}": v for k, (v, _) in worst.items()}, **{f"max_{k}_at": w for k, (_, w) in worst.items()}}
 
 
@@ -411,6 +418,11 @@ def table(runs: list[dict]) -> str:
             return f"{a['max_fingerprint']:.2e}"
         if key == "b_ratio":
             return f"{a['max_ratio']:.3f}"
+        if key == "b_apart":
+            return f"{a['module_rounds_apart']} of {a['module_rounds_compared']}"
+        if key == "b_last":
+            worst = max(a["last_round_ratio"].items(), key=lambda kv: kv[1], default=(None, 0.0))
+            return f"{worst[1]:.3f} ({worst[0]} r{a['last_round'].get(worst[0])})"
         if key == "outer":
             return f"{f['outer_median_s']:.2f} / {f['outer_max_s']:.2f} s" if f else "-"
         if key == "period":
@@ -441,6 +453,8 @@ def table(runs: list[dict]) -> str:
         ("(b) largest parameter difference (max abs) between holders at a common round", "b_param"),
         ("(b) largest fingerprint difference (max abs of 8 projections)", "b_fp"),
         ("(b) … over the agreement threshold (≤ 1: agree)", "b_ratio"),
+        ("(b) module-rounds whose copies were apart (over the threshold)", "b_apart"),
+        ("(b) at each module's last common round, worst copy difference over the threshold", "b_last"),
         ("(c) fast peers: outer step after the round's end, median / max", "outer"),
         ("(c) fast peers: wall between consecutive rounds, median / max", "period"),
         ("(c) fast peers: schedule rounds skipped", "skipped"),

@@ -10,9 +10,12 @@ So at a tie each holder, on its own and without a coordinator:
   1. freezes the state it vouched for: it serves that state, and vouches for it, until
      its next outer step, so the tied holders download exactly the states that were
      compared, whichever of them heals first;
-  2. downloads the state of each other tied voter it averaged with this round or the last
-     (a peer it never averaged with cannot move it: publishing a record costs nothing),
-     keeping only a download that matches that voter's fingerprint;
+  2. downloads the state of the other tied voters it averaged with in its last
+     PARTNER_ROUNDS rounds (a peer it never averaged with cannot move it: publishing a
+     record costs nothing; a seat in our group went through matchmaking, admission and a
+     checked all-reduce), those whose state differs from ours first, keeping only a
+     download that matches that voter's fingerprint; when none of them differs from ours
+     (every voter of the other side is a stranger to us) it does not move;
   3. moves its parameters and outer momentum toward the mean of its own and the
      downloaded states, by at most HEAL_STEPS of its own last outer updates lr·‖Δ‖
      (parameters) and HEAL_STEPS of its last averaged pseudo-gradient ‖Δ‖ (momentum), one
@@ -29,15 +32,16 @@ moves a two-member group — and never the module wholesale.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-from p2ptrain.swarm.consistency import Vouch
+from p2ptrain.swarm.consistency import Vouch, agree
 from p2ptrain.swarm.protocol import Rejections
 from p2ptrain.swarm.slot import ModuleSlot
 from p2ptrain.swarm.state_transfer import MAX_SOURCES_TRIED, download_vouched_state
@@ -48,6 +52,26 @@ logger = logging.getLogger(__name__)
 # one one-sided round differ by about lr·‖Δ_a − Δ_b‖ ≈ 2 updates when their pseudo-gradients
 # are uncorrelated (the mean halves ‖Δ‖, the difference does not): 4 heals that in one go.
 HEAL_STEPS = 4.0
+
+# How many of its recent rounds' groups a holder may heal with. Two rounds were not enough:
+# on an overloaded machine 4 holders of a module averaged in two stable pairs for 3 rounds,
+# so each pair's tie only ever named its own partner and the two sides never met
+# (bench_phase.py, 2026-12-03). The per-round pull of any one peer stays HEAL_STEPS.
+PARTNER_ROUNDS = 8
+
+
+class RecentPartners:
+    """Per module, the peers this node averaged with in its last PARTNER_ROUNDS rounds."""
+
+    def __init__(self, rounds: int = PARTNER_ROUNDS):
+        self._groups: dict[str, collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=rounds))
+
+    def record(self, module_id: str, group: Iterable[str]) -> None:
+        self._groups[module_id].append(frozenset(group))
+
+    def of(self, module_id: str) -> set[str]:
+        return set().union(*self._groups[module_id])
 
 
 @dataclass
@@ -96,18 +120,22 @@ def heal_tie(slot: ModuleSlot, own_peer_id: str, tied: Sequence[Vouch], recent_p
     """Heal this node's state of the module with the tied voters in `tied` (their claims at
     our round) that are among `recent_partners`; returns what was done (no partners: nothing)."""
     mine = slot.freeze_vouched(own_peer_id)
-    candidates = [v for v in tied if v.peer_id != own_peer_id and v.peer_id in recent_partners
-                  and v.round == mine.round]
-    random.shuffle(candidates)
+    eligible = [v for v in tied if v.peer_id != own_peer_id and v.peer_id in recent_partners
+                and v.round == mine.round]
+    random.shuffle(eligible)
+    apart = [v for v in eligible if not agree(mine, v, codec_tolerance)]
+    # the other side first; voters of our own side fill the rest, so that holders who reach
+    # everyone average the same set of states (equal weights for both sides)
+    candidates = apart + [v for v in eligible if v not in apart]
     own = slot.vouched_state()
     states = {own_peer_id: own}
-    for claim in candidates[:MAX_SOURCES_TRIED]:
+    for claim in candidates[:MAX_SOURCES_TRIED] if apart else []:
         tensors = download_vouched_state(slot, claim.peer_id, claim, codec_tolerance, rejections)
         if tensors is not None:
             states[claim.peer_id] = [t.to(torch.float32) for t in tensors]
     partners = sorted(p for p in states if p != own_peer_id)
-    if not partners:
-        return Heal()
+    if not any(v.peer_id in states for v in apart):
+        return Heal()  # nobody of the other side reached: moving toward our own side is no heal
     # ‖Δ‖ of our last outer step (from the all-reduce, never from a heal) bounds both moves
     target, fraction, moved = bounded_mean(states, own_peer_id, len(slot.outer.global_params),
                                            param_radius=HEAL_STEPS * mine.step,

@@ -40,7 +40,7 @@ from p2ptrain.run_state import RunState
 from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.averaging import sync_tolerance
 from p2ptrain.swarm.consistency import Vouch, choose_lineage, judge
-from p2ptrain.swarm.healing import heal_tie
+from p2ptrain.swarm.healing import RecentPartners, heal_tie
 from p2ptrain.swarm.membership import peers_holding
 from p2ptrain.swarm.overlap import Anchors, BackgroundRound
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, parse
@@ -149,7 +149,7 @@ class SwarmNode:
         self.bans_issued: Counter = Counter()  # peer → how many times it was banned
         self.silent: Counter = Counter()  # peers that did not post their fingerprints in time, last round
         self.absent: dict[str, set[str]] = {}  # module → holders that did not join its group last round
-        self._last_groups: dict[str, set[str]] = {}  # module → last round's group: who a tie may heal with
+        self.partners = RecentPartners()  # module → who it averaged with lately: who a tie may heal with
         self.last_loss: float | None = None
         self.last_tps = 0.0
         self.step_seconds = 0.0
@@ -725,8 +725,9 @@ class SwarmNode:
         for module_id, result in results.items():
             verdict = judge(mine[module_id], claims.get(module_id, []), self.codec_tolerance)
             result.voters = verdict.voters
-            recent_partners = set(result.group) | self._last_groups.get(module_id, set())
-            self._last_groups[module_id] = set(result.group)
+            self.partners.record(module_id, result.group)
+            # a peer banned since (it lied in a group) heals nobody
+            recent_partners = self.partners.of(module_id) - self.banned()
             if verdict.outcome == "tie":
                 result.split = True
                 logger.warning("module %s: round %d holders disagree and no majority decides (%d voters); "

@@ -18,17 +18,13 @@ from p2ptrain.errors import SwarmError
 from p2ptrain.swarm.dht import start_dht
 from tests.faults import tally
 from tests.swarm.adversary import Adversary, open_hanging_up
-from tests.swarm.conftest import in_parallel, swarm_config
+from tests.swarm.conftest import in_parallel, max_difference, swarm_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.swarm, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = ("stem", "L0.M0")
 MAX_ROUNDS_TO_FAIL = 4
-
-
-def max_difference(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 def peers_that_lost_state(nodes, rounds_expected: int) -> int:

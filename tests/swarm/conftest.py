@@ -86,6 +86,21 @@ def swarm(tmp_path, corpus):
         s.close()
 
 
+@pytest.fixture
+def adversaries():
+    """Hostile peers a test starts (tests/swarm/adversary.py), each closed after the test."""
+    from tests.swarm.adversary import Adversary
+    made: list[Adversary] = []
+    yield made
+    for adversary in made:
+        adversary.close()
+
+
+def max_difference(a, b) -> float:
+    """Largest absolute difference between two lists of tensors (two holders' copies)."""
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
 def in_parallel(*calls: Callable[[], object], timeout: float = 240.0) -> list:
     """Run calls in threads (as separate machines would), return their results in order."""
     results: list = [None] * len(calls)

@@ -6,13 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.swarm.conftest import in_parallel, swarm_config
+from tests.swarm.conftest import in_parallel, max_difference, swarm_config
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
-
-
-def max_difference(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 def test_a_late_joiner_downloads_the_current_state_and_then_averages_with_the_swarm(swarm):

@@ -12,15 +12,11 @@ from p2ptrain.swarm.averaging import fingerprint
 from p2ptrain.swarm.healing import HEAL_STEPS
 from p2ptrain.swarm.records import ModuleSync
 from tests.swarm.adversary import Adversary
-from tests.swarm.conftest import in_parallel, swarm_config
+from tests.swarm.conftest import in_parallel, max_difference, swarm_config
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
 
 SHARED = ("stem", "L0.M0")
-
-
-def max_difference(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 def norm_of_difference(a, b) -> float:
@@ -35,14 +31,6 @@ def push_apart(slot, generator: torch.Generator) -> None:
     with slot.lock:
         for p, n in zip(slot.outer.global_params, noise):
             p.add_(n, alpha=scale)
-
-
-@pytest.fixture
-def adversaries():
-    made: list[Adversary] = []
-    yield made
-    for adversary in made:
-        adversary.close()
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])

@@ -13,23 +13,11 @@ from p2ptrain.swarm.consistency import Vouch
 from p2ptrain.swarm.records import ModuleSync, RunRecord, run_key
 from p2ptrain.swarm.state_transfer import fetch_verified_state
 from tests.swarm.adversary import Adversary
-from tests.swarm.conftest import in_parallel, swarm_config
+from tests.swarm.conftest import in_parallel, max_difference, swarm_config
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
 
 MODULE = "L0.M0"
-
-
-def max_difference(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
-@pytest.fixture
-def adversaries():
-    made: list[Adversary] = []
-    yield made
-    for adversary in made:
-        adversary.close()
 
 
 def honest_pair(swarm, run_id: str, compression: str = "fp16"):

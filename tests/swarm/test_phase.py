@@ -9,13 +9,9 @@ import time
 
 import pytest
 
-from tests.swarm.conftest import in_parallel, swarm_config
+from tests.swarm.conftest import in_parallel, max_difference, swarm_config
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
-
-
-def max_difference(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 def in_background(call):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from p2ptrain.swarm.consistency import Vouch, agree, choose_lineage, judge
-from p2ptrain.swarm.healing import bounded_mean
+from p2ptrain.swarm.healing import PARTNER_ROUNDS, RecentPartners, bounded_mean
 from p2ptrain.swarm.credentials import issue, parse_credential, parse_duration
 from p2ptrain.swarm.identity import Identity, owner_peer_id, peer_id_of_public_key
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, StateMetadata, parse
@@ -176,3 +176,15 @@ def test_an_invite_admits_exactly_its_peer_until_it_expires(tmp_path):
     assert parse_duration("30d") == 30 * 86400 and math.isclose(parse_duration("1.5h"), 5400)
     with pytest.raises(SwarmError):
         parse_duration("soon")
+
+
+def test_a_tie_heals_only_with_peers_from_the_groups_of_the_last_eight_rounds():
+    partners = RecentPartners()
+    partners.record("stem", ["me", "early"])
+    for round_ in range(PARTNER_ROUNDS - 1):
+        partners.record("stem", ["me", f"peer-{round_ % 3}"])
+    partners.record("L0.M0", ["me", "elsewhere"])
+    assert partners.of("stem") == {"me", "early", "peer-0", "peer-1", "peer-2"}
+    partners.record("stem", ["me"])  # a round alone: the oldest group leaves the window
+    assert "early" not in partners.of("stem") and "elsewhere" not in partners.of("stem")
+    assert partners.of("L1.M0") == set()
