@@ -44,7 +44,7 @@ import torch
 from p2ptrain.swarm.consistency import Vouch, agree
 from p2ptrain.swarm.protocol import Rejections
 from p2ptrain.swarm.slot import ModuleSlot
-from p2ptrain.swarm.state_transfer import MAX_SOURCES_TRIED, download_vouched_state
+from p2ptrain.swarm.state_transfer import download_vouched_state
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ HEAL_STEPS = 4.0
 # so each pair's tie only ever named its own partner and the two sides never met
 # (bench_phase.py, 2026-12-03). The per-round pull of any one peer stays HEAL_STEPS.
 PARTNER_ROUNDS = 8
+
+# Most tied states a heal downloads. Holders that download the same set compute the same
+# mean, bit for bit; a random few of them (the 4 sources a re-sync tries) left the 8
+# holders of a stem each at a different mean, tied again the next round (bench_phase.py).
+MAX_HEAL_SOURCES = 8
 
 
 class RecentPartners:
@@ -129,7 +134,7 @@ def heal_tie(slot: ModuleSlot, own_peer_id: str, tied: Sequence[Vouch], recent_p
     candidates = apart + [v for v in eligible if v not in apart]
     own = slot.vouched_state()
     states = {own_peer_id: own}
-    for claim in candidates[:MAX_SOURCES_TRIED] if apart else []:
+    for claim in candidates[:MAX_HEAL_SOURCES] if apart else []:
         tensors = download_vouched_state(slot, claim.peer_id, claim, codec_tolerance, rejections)
         if tensors is not None:
             states[claim.peer_id] = [t.to(torch.float32) for t in tensors]
