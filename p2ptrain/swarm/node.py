@@ -87,7 +87,8 @@ class ModuleRound:
     @property
     def outcome(self) -> str:
         return ("failed" if self.failed else "rejected" if self.rejected else "resynced" if self.resynced_from
-                else "healed" if self.healed_with else "split" if self.split else "partial" if self.partial else "alone" if self.alone else "ok")
+                else "healed" if self.healed_with else "split" if self.split else "partial" if self.partial
+                else "alone" if self.alone else "ok")
 
 
 @dataclass
