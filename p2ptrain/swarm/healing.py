@@ -129,18 +129,19 @@ def heal_tie(slot: ModuleSlot, own_peer_id: str, tied: Sequence[Vouch], recent_p
                 and v.round == mine.round]
     random.shuffle(eligible)
     apart = [v for v in eligible if not agree(mine, v, codec_tolerance)]
+    if not apart:
+        return Heal()  # every voter we may heal with holds our own state: nothing to heal toward
     # the other side first; voters of our own side fill the rest, so that holders who reach
     # everyone average the same set of states (equal weights for both sides)
-    candidates = apart + [v for v in eligible if v not in apart]
-    own = slot.vouched_state()
-    states = {own_peer_id: own}
-    for claim in candidates[:MAX_HEAL_SOURCES] if apart else []:
+    same_side = [v for v in eligible if agree(mine, v, codec_tolerance)]
+    states = {own_peer_id: slot.vouched_state()}
+    for claim in (apart + same_side)[:MAX_HEAL_SOURCES]:
         tensors = download_vouched_state(slot, claim.peer_id, claim, codec_tolerance, rejections)
         if tensors is not None:
             states[claim.peer_id] = [t.to(torch.float32) for t in tensors]
-    partners = sorted(p for p in states if p != own_peer_id)
     if not any(v.peer_id in states for v in apart):
         return Heal()  # nobody of the other side reached: moving toward our own side is no heal
+    partners = sorted(p for p in states if p != own_peer_id)
     # ‖Δ‖ of our last outer step (from the all-reduce, never from a heal) bounds both moves
     target, fraction, moved = bounded_mean(states, own_peer_id, len(slot.outer.global_params),
                                            param_radius=HEAL_STEPS * mine.step,

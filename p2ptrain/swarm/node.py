@@ -727,14 +727,13 @@ class SwarmNode:
             verdict = judge(mine[module_id], claims.get(module_id, []), self.codec_tolerance)
             result.voters = verdict.voters
             self.partners.record(module_id, result.group)
-            # a peer banned since (it lied in a group) heals nobody
-            recent_partners = self.partners.of(module_id) - self.banned()
             if verdict.outcome == "tie":
                 result.split = True
                 logger.warning("module %s: round %d holders disagree and no majority decides (%d voters); "
                                "healing with the tied holders it averaged with", module_id, round_, verdict.voters)
-                heal = heal_tie(self.slots[module_id], self.peer_id, verdict.tied, recent_partners,
-                                self.codec_tolerance, self.rejections)
+                # a peer banned since (it lied in a group) heals nobody
+                heal = heal_tie(self.slots[module_id], self.peer_id, verdict.tied,
+                                self.partners.of(module_id) - self.banned(), self.codec_tolerance, self.rejections)
                 result.healed_with = heal.partners
                 if heal.partners and adopt:
                     self.session.adopt_global(module_id)
