@@ -72,8 +72,14 @@ def parse_credential(text: str, source: str) -> Credential:
     if len(text.encode()) > MAX_CREDENTIAL_BYTES:
         raise SwarmError(f"{source}: too large to be a p2ptrain credential")
     try:
-        return Credential.parse_raw(text)
-    except (pydantic.ValidationError, ValueError) as e:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise SwarmError(f"{source}: not a p2ptrain credential (not JSON)") from None
+    if not isinstance(obj, dict):  # pydantic would turn a list of pairs into a mapping, keys of any type
+        raise SwarmError(f"{source}: not a p2ptrain credential (a JSON {type(obj).__name__}, not an object)")
+    try:
+        return Credential.parse_obj(obj)
+    except (pydantic.ValidationError, TypeError, ValueError) as e:
         raise SwarmError(f"{source}: not a p2ptrain credential ({str(e).splitlines()[-1].strip()})") from None
 
 
