@@ -19,6 +19,7 @@ from p2ptrain.cli_options import docs_loader as _docs_loader, identity_file as _
 from p2ptrain.cli_options import listen_options, run_options, swarm_options  # noqa: F401
 from p2ptrain.cli_options import resolve_initial_peers as _initial_peers  # noqa: F401
 from p2ptrain.errors import UserError
+from p2ptrain.swarm.events import averaging_fields, peers_text
 
 
 def _fail(message: str, code: int) -> None:
@@ -400,24 +401,21 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
                 watched.on_round(report)
             if show_steps:
                 click.echo("\r\x1b[K", err=True, nl=False)
-            modules = {m: (len(r.group) if r.group else 1) for m, r in report.modules.items()}
             if emit:
                 emit({"event": "round", "round": report.round, "loss": report.loss, "tokens": report.tokens,
                       "tokens_per_s": report.tokens_per_s, "seconds_inner": report.seconds_inner,
                       "seconds_outer": report.seconds_outer, "seconds_wall": report.seconds_wall,
-                      "peers_per_module": modules,
-                      "resynced": [m for m, r in report.modules.items() if r.resynced_from],
-                      "partial": [m for m, r in report.modules.items() if r.partial],
-                      # modules whose holders disagreed with no majority, healed toward each other
-                      "healed": [m for m, r in report.modules.items() if r.healed_with],
-                      # tensor-part bytes this node's averagers sent (the codec's payload, no framing)
-                      "bytes_sent_per_module": {m: r.bytes_sent for m, r in report.modules.items()},
-                      # modules averaged in two stages (more holders than a group holds): each stage's group
-                      "stage_groups": {m: r.stage_groups for m, r in report.modules.items() if r.stage_groups}})
+                      **averaging_fields(report.modules)})
             else:
-                peers_text = "  ".join(f"{m}:{n}" for m, n in modules.items())
                 click.echo(f"round {report.round:>4}  loss {report.loss:6.3f}  {report.tokens_per_s:>9,.0f} tok/s  "
-                           f"outer {report.seconds_outer:5.1f}s  peers {peers_text}")
+                           f"outer {report.seconds_outer:5.1f}s  peers {peers_text(report.modules)}")
+
+        def on_landing(landing):
+            # overlap: the last round's averaging finished after its round event; say how it went
+            if emit:
+                emit({"event": "landed", "round": landing.round, **averaging_fields(landing.modules)})
+            else:
+                click.echo(f"round {landing.round:>4}  averaging landed at stop  peers {peers_text(landing.modules)}")
 
         if wait_for_peers > 1:
             if not emit:
@@ -427,7 +425,8 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
                 emit({"event": "peers", "seen": seen})
             elif seen < wait_for_peers:
                 click.echo(f"only {seen} of {wait_for_peers} peers arrived in 5 minutes; starting anyway")
-        node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round, on_step=on_step)
+        node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round, on_step=on_step,
+                 on_landing=on_landing)
         if emit:
             emit({"event": "left", "round": node.round})
         else:

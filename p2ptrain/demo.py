@@ -164,6 +164,10 @@ def _live_table(events: "queue.Queue", peers: list[Peer], rounds: int, t0: float
             flags = "".join(f"  re-synced {m}" for m in event["resynced"])
             click.echo(f"{elapsed:>5.0f}s  {index:<5}{peers[index].path:<6}{event['round']:>6}{event['loss']:>8.3f}"
                        f"{event['tokens_per_s']:>9,.0f}{event['seconds_outer']:>9.1f}  {modules}{flags}")
+        elif kind == "landed":  # overlap: the last round's averaging, finished as the peer stopped
+            modules = "  ".join(f"{m}:{n}" for m, n in event["peers_per_module"].items())
+            click.echo(f"{elapsed:>5.0f}s  {index:<5}{peers[index].path:<6}{event['round']:>6}  "
+                       f"averaging landed at stop  {modules}")
         elif kind == "exit":
             finished += 1
             if event["code"]:

@@ -655,6 +655,7 @@ def _drive(daemon: Daemon, node, max_rounds: int | None, max_minutes: float | No
         logger.info("dashboard at %s (Prometheus: %smetrics)", server.url, server.url)
     pacer.apply_threads()
     pacer.round_started(xfer.total_bytes if xfer else None)
+    from p2ptrain.swarm.events import peers_text
     from p2ptrain.swarm.progress import StepProgress
     cap = None if node.cfg.averaging.fill_round else node.cfg.inner.steps_per_round
     steps = StepProgress(cap, first_step=node.session.inner.step_count)
@@ -668,14 +669,17 @@ def _drive(daemon: Daemon, node, max_rounds: int | None, max_minutes: float | No
     def on_round(report) -> None:
         if watched is not None:
             watched.on_round(report)
-        modules = "  ".join(f"{m}:{len(r.group) if r.group else 1}" for m, r in report.modules.items())
         logger.info("round %d  loss %.3f  %.0f tok/s  outer %.1fs  peers %s", report.round, report.loss,
-                    report.tokens_per_s, report.seconds_outer, modules)
+                    report.tokens_per_s, report.seconds_outer, peers_text(report.modules))
         steps.new_round(node.session.inner.step_count)
         pacer.after_round(xfer.total_bytes if xfer else None)
 
+    def on_landing(landing) -> None:
+        logger.info("round %d  averaging landed at stop  peers %s", landing.round, peers_text(landing.modules))
+
     try:
-        node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round, on_step=on_step)
+        node.run(max_rounds=max_rounds, max_minutes=max_minutes, on_round=on_round, on_step=on_step,
+                 on_landing=on_landing)
     finally:
         if server is not None:
             from p2ptrain.monitor.web import stop_node_server

@@ -103,6 +103,16 @@ class RoundReport:
     seconds_wall: float = 0.0  # the whole round, checkpoint included
 
 
+@dataclass
+class Landing:
+    """Overlap: the last round's averaging, landed when `run()` stops. Each round report
+    holds the averaging that landed during it (the round before's), so this one is in
+    none of them."""
+
+    round: int
+    modules: dict[str, ModuleRound] = field(default_factory=dict)
+
+
 class StepDeadline:
     """`should_stop` for the inner loop: stop before a step that would end after `end`
     (estimated from the previous steps), when stopping, or when suspended."""
@@ -142,6 +152,8 @@ class SwarmNode:
                       for m in session.module_ids}
         self.codec_tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
         self.history: list[RoundReport] = []
+        self.final_landing: Landing | None = None  # overlap: the last round's averaging, landed at stop
+        self._averagings: list[dict[str, ModuleRound]] = []  # every averaging's outcomes, in order
         self.sync: dict[str, ModuleSync] = {}
         self.rejections = Rejections()
         # module → states installed from a peer (catch-up before a round, re-sync after one)
@@ -248,10 +260,12 @@ class SwarmNode:
 
     def run(self, max_rounds: int | None = None, max_minutes: float | None = None,
             on_round: Callable[[RoundReport], None] | None = None,
-            on_step: Callable | None = None) -> list[RoundReport]:
+            on_step: Callable | None = None,
+            on_landing: Callable[[Landing], None] | None = None) -> list[RoundReport]:
         deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
         self.publish_status()
         self.start_heartbeat()
+        self.final_landing = None
         done = 0
         while not self.stop_requested.is_set() and (max_rounds is None or done < max_rounds):
             if time.monotonic() >= deadline:
@@ -275,16 +289,22 @@ class SwarmNode:
                 continue
             done += 1
             self.history.append(report)
+            if report.modules:  # empty: overlap's first round, nothing landed yet
+                self._averagings.append(report.modules)
             if on_round is not None:
                 on_round(report)
         if self._background is not None and not self.stop_requested.is_set():
             # overlap: land the last round's average so the model and checkpoint include it
-            self.history[-1].modules = self._land_background()
-            self.history[-1].round = self.session.round
+            # (its outcomes are reported on their own: the last round report holds the round before's)
+            modules = self._land_background()
+            self.final_landing = Landing(self.session.round, modules)
+            self._averagings.append(modules)
             for module_id in self.session.module_ids:
                 self.session.adopt_global(module_id)
             self._anchors.reset()
             self.session.save_checkpoint()
+            if on_landing is not None:
+                on_landing(self.final_landing)
         self.phase = "stopped"
         self.session.store.wait()  # the last round's checkpoint is on disk when run() returns
         return self.history
@@ -345,8 +365,8 @@ class SwarmNode:
         self.phase = "averaging"
         t1 = time.perf_counter()
         if self.cfg.averaging.overlap:
-            report.modules = self._overlapped_outer_step(round_, tokens)
-            report.round = self.session.round  # the round whose average just landed
+            # the report is of the round whose average just landed
+            report.round, report.modules = self._overlapped_outer_step(round_, tokens)
         else:
             report.modules = self.outer_step(round_, tokens)
             self.publish_status()
@@ -687,9 +707,13 @@ class SwarmNode:
 
     # ------------------------------------------------------------- overlapped rounds
 
-    def _overlapped_outer_step(self, round_: int, tokens: int) -> dict[str, ModuleRound]:
+    def _overlapped_outer_step(self, round_: int, tokens: int) -> tuple[int, dict[str, ModuleRound]]:
+        """Land round k−1's average and start round k's in the background; (the round that
+        landed, its outcomes)."""
         deltas = self._anchors.progress(self.slots, self.session)
         finished = self._land_background()  # round k−1's average, applied to the globals
+        # read before round k's averaging starts: its thread sets the round when it is done
+        landed = self.session.round
         self._anchors.rebase(self.slots, self.session, deltas)
         # checkpoint now: the globals are consistent and no averaging thread is touching them
         self.session.save_checkpoint(background=True)
@@ -701,7 +725,7 @@ class SwarmNode:
             return results
 
         self._background = BackgroundRound(round_, average_in_background)
-        return finished
+        return landed, finished
 
     def _land_background(self) -> dict[str, ModuleRound]:
         """Wait for the averaging started one round ago; its results (empty if none)."""
@@ -820,13 +844,18 @@ class SwarmNode:
         except Exception as e:
             logger.warning("could not publish this node's status: %s", e)
 
+    def averagings(self) -> list[dict[str, ModuleRound]]:
+        """Every averaging outcome of this node's rounds, oldest first: each round report's
+        modules and (overlap) each last round's, landed when `run()` stopped."""
+        return list(self._averagings)
+
     def status(self) -> dict:
         """A JSON-able snapshot of this node: what `p2ptrain status`, the daemon's control
         socket and the metrics endpoint report."""
-        last = self.history[-1] if self.history else None
+        averagings = self.averagings()
         outcomes = {}
-        if last is not None:
-            for module_id, r in last.modules.items():
+        if averagings:
+            for module_id, r in averagings[-1].items():
                 outcomes[module_id] = {"peers": len(r.group) if r.group else 1, "outcome": r.outcome}
                 if r.stage_groups:
                     outcomes[module_id]["stage_groups"] = list(r.stage_groups)
@@ -839,7 +868,7 @@ class SwarmNode:
             "loss": self.last_loss if self.last_loss is not None and math.isfinite(self.last_loss) else None,
             "tokens_per_s": float(self.last_tps), "tokens": int(self.session.tokens_seen),
             "rounds_done": len(self.history), "uptime_s": round(time.time() - self.started_at, 1),
-            "rounds_averaged": sum(any(len(r.group) > 1 for r in report.modules.values()) for report in self.history),
+            "rounds_averaged": sum(any(len(r.group) > 1 for r in modules.values()) for modules in averagings),
             "since_install": self.since_install,
             "last_round": outcomes, "checkpoints": str(self.session.store.root),
             "reachability": "client" if self.client_mode else "public", "maddrs": list(self.maddrs),

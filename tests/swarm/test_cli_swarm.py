@@ -116,3 +116,29 @@ def test_make_demo_runs_a_four_peer_swarm_to_an_evaluation(tmp_path):
     summary = [line for line in out.splitlines() if line.startswith("mixture loss")][0]
     trained, init = (float(x) for x in summary.replace("(init", "").replace(")", "").split()[2:4])
     assert trained < init
+
+
+def test_with_overlap_the_last_rounds_averaging_is_reported_when_it_lands_at_stop(tmp_path):
+    # Prepare: a lone node with overlapped averaging (each round's average lands one round late)
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(swarm_config("cli-overlap", overlap=True).to_toml())
+
+    # Execute: two rounds, then the node stops on its own
+    code, out, err = finish(p2ptrain("join", "--home", str(tmp_path / "a"), "--new-swarm", "--run-config",
+                                     str(config_file), "--host-maddrs", LOOPBACK, "--path", "0,0",
+                                     "--max-rounds", "2", "--json"))
+
+    # Assert: the round events carry the averaging that landed during them (none in the first,
+    # the first trained round's in the second); the second trained round's comes last, as a
+    # `landed` event, before `left` (round numbers are the swarm schedule's: a slow start skips some)
+    assert code == 0, err
+    events = [json.loads(line) for line in out.strip().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[-3:] == ["round", "landed", "left"] and kinds.count("round") == 2, kinds
+    first, second = [e for e in events if e["event"] == "round"]
+    landed, left = events[-2:]
+    assert first["round"] == 0 and first["peers_per_module"] == {}
+    assert 0 < second["round"] < landed["round"] and second["peers_per_module"] == {"stem": 1, "L0.M0": 1, "L1.M0": 1}
+    assert landed["round"] == left["round"]
+    assert landed["peers_per_module"] == {"stem": 1, "L0.M0": 1, "L1.M0": 1}
+    assert "Traceback" not in err

@@ -49,23 +49,23 @@ def test_two_holders_that_ended_a_round_apart_heal_the_tie_and_agree_the_next_ro
                               b.node.slots[module_id].outer.global_params) > 1e-3
 
     # Execute: two more rounds; with overlap three (a round's average and check land during
-    # the next round, and the last round's report holds its own, landed when run() ends)
+    # the next round, and the last round's lands when run() ends)
     rounds = 3 if overlap else 2
     in_parallel(lambda: a.node.run(max_rounds=rounds), lambda: b.node.run(max_rounds=rounds))
 
     # Assert: the first check after the split finds a tie, both heal with each other, and
     # from then on the two hold the same state of every module
     # (with overlap a round's report holds the averaging that landed in it, none in the first)
-    healed = {m: [r.modules[m].outcome for n in (a, b) for r in n.node.history if m in r.modules] for m in SHARED}
+    healed = {m: [r[m].outcome for n in (a, b) for r in n.node.averagings() if m in r] for m in SHARED}
     for module_id in SHARED:
         assert "healed" in healed[module_id], healed
         for node, other in ((a, b), (b, a)):
-            heals = [r.modules[module_id].healed_with for r in node.node.history
-                     if module_id in r.modules and r.modules[module_id].healed_with]
+            heals = [r[module_id].healed_with for r in node.node.averagings()
+                     if module_id in r and r[module_id].healed_with]
             assert heals and heals[0] == [other.node.peer_id]
         assert max_difference(a.node.slots[module_id].outer.global_params,
                               b.node.slots[module_id].outer.global_params) < 1e-3, module_id
-    last = [n.node.history[-1].modules[m].outcome for n in (a, b) for m in SHARED]
+    last = [n.node.averagings()[-1][m].outcome for n in (a, b) for m in SHARED]
     assert last == ["ok"] * 4, last
 
 

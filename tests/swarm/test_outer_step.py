@@ -112,11 +112,16 @@ def test_overlapped_averaging_lands_one_round_late_and_peers_still_agree(swarm):
     in_parallel(lambda: a.node.run(max_rounds=3), lambda: b.node.run(max_rounds=3))
 
     # Assert: round 1 reports nothing averaged yet (its average lands at the end of round 2);
-    # at the end every shared module agrees and both peers counted all 3 rounds
+    # round 3's average lands when run() stops, reported on its own; at the end every shared
+    # module agrees and both peers counted all 3 rounds
     first, *later = a.node.history
     assert first.modules == {} and first.round == 0
-    assert all(sorted(r.modules["stem"].group) == sorted([a.node.peer_id, b.node.peer_id]) for r in later)
-    assert a.node.round == b.node.round == a.node.history[-1].round
+    landing = a.node.final_landing
+    assert landing is not None and 0 < later[0].round < later[1].round < landing.round
+    assert landing.round == a.node.round == b.node.round
+    both = sorted([a.node.peer_id, b.node.peer_id])
+    assert all(sorted(modules["stem"].group) == both for modules in a.node.averagings())
+    assert len(a.node.averagings()) == 3 and a.node.status()["rounds_averaged"] == 3
     for module_id in ("stem", "L0.M0"):
         for x, y in zip(a.node.slots[module_id].outer.global_params, b.node.slots[module_id].outer.global_params):
             assert (x - y).abs().max().item() < 1e-4
