@@ -523,6 +523,15 @@ def _averager_class():
             self._robust = dict(rule=aggregation, tau=clip_radius, reducer_check=reducer_check)
             super().__init__(averaged_tensors, dht, **kwargs)
 
+        async def _declare_for_download_periodically(self):
+            """hivemind re-announces every averager under `<prefix>.all_averagers` after each
+            all-reduce and every `declare_state_period`, for its `load_state_from_peers` to pick
+            a donor. p2ptrain never reads that key: a state is fetched from holders named in
+            signed peer records (state_transfer.py), and serving one needs no announcement.
+            The announcements were 17 % of a tiny-model peer's bytes per round (six DHT RPCs
+            each) and all of an idle swarm's traffic, so none are made."""
+            return
+
         # ------------------------------------------------------------ all-reduce
 
         async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):

@@ -175,6 +175,7 @@ class SwarmNode:
         self._peers_cache: list[PeerRecord] = []
         self._heartbeat: threading.Thread | None = None
         self._heartbeat_stop = threading.Event()
+        self._published_at = -math.inf  # time.monotonic() of the last publish of our record
         self._background: BackgroundRound | None = None  # overlap: last round's averaging
         self._anchors = Anchors()
         for slot in self.slots.values():
@@ -833,6 +834,7 @@ class SwarmNode:
         return self._peers_cache
 
     def publish_status(self) -> None:
+        self._published_at = time.monotonic()  # an attempt counts: a failing DHT is not retried in a loop
         loss = self.last_loss if self.last_loss is not None and math.isfinite(self.last_loss) else None
         record = new_peer_record(peer_id=self.peer_id, path=list(self.session.path), round=self.round, loss=loss,
                                  tokens_per_s=float(self.last_tps), tokens=int(self.session.tokens_seen),
@@ -881,12 +883,19 @@ class SwarmNode:
 
     def start_heartbeat(self, period_s: float = PEER_RECORD_TTL_S / 3) -> None:
         """Re-publish this node's record in the background: rounds can be longer than the
-        record's lifetime, and a node that vanishes must drop out of others' view."""
+        record's lifetime, and a node that vanishes must drop out of others' view. A beat
+        is skipped when the round driver published within the period (each round does):
+        a publish is ~34 KB on the wire in a 4-peer swarm, the largest fixed cost of a round."""
         if self._heartbeat is not None:
             return
 
         def beat():
-            while not self._heartbeat_stop.wait(period_s):
+            while True:
+                due = self._published_at + period_s - time.monotonic()
+                if due > 0:
+                    if self._heartbeat_stop.wait(due):
+                        return
+                    continue
                 self.publish_status()
 
         self._heartbeat = threading.Thread(target=beat, name="p2ptrain-heartbeat", daemon=True)

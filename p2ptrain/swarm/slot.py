@@ -87,8 +87,7 @@ class ModuleSlot:
                 compression=make_compression(cfg.compression), part_size_bytes=part_bytes, client_mode=client_mode,
                 # our share of the reducing follows our upload link (others' claims are clamped:
                 # averaging.balanced_bandwidths); None: the group's mean
-                bandwidth=upload_mbps,
-                declare_state_period=min(30.0, 6 * mm))
+                bandwidth=upload_mbps)
 
     def fragment(self, round_: int) -> tuple[int, int]:
         """[start, end) of the module's values (laid end to end) averaged in this round."""

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 import urllib.request
 
@@ -160,6 +161,38 @@ def test_a_record_claiming_another_peers_id_under_its_own_key_does_not_show(swar
 
     # Assert: only a's own record speaks for a
     assert (a.node.peer_id, (1, 0)) not in shown
+
+
+def test_the_heartbeat_republishes_a_record_only_when_the_node_has_not_published_for_a_period(swarm):
+    # Prepare: one node whose record stores are counted by thread (the real store still runs)
+    a = swarm.open(swarm_config("heartbeat"), "0,0")
+    publishes: list[tuple[str, float]] = []
+    publish = a.node.records.publish_peer
+
+    def counted(record, *args, **kwargs):
+        publishes.append((threading.current_thread().name, time.monotonic()))
+        return publish(record, *args, **kwargs)
+
+    a.node.records.publish_peer = counted
+    period = 5.0
+
+    # Execute: the round driver publishes every 0.5 s for 6 s, then nothing for 12 s
+    a.node.publish_status()
+    a.node.start_heartbeat(period_s=period)
+    busy_until = time.monotonic() + 6.0
+    while time.monotonic() < busy_until:
+        time.sleep(0.5)
+        a.node.publish_status()
+    quiet_from = time.monotonic()
+    time.sleep(12.0)
+    found = a.node.records.fetch_peers()
+
+    # Assert: no beat while the driver kept the record fresh; beats once it stopped, so the
+    # record stays in the table (its lifetime is three periods)
+    beats = [t for thread, t in publishes if thread == "p2ptrain-heartbeat"]
+    assert not [t for t in beats if t < quiet_from], publishes
+    assert 1 <= len([t for t in beats if t >= quiet_from]) <= 3, publishes
+    assert [p.peer_id for p in found] == [a.node.peer_id]
 
 
 def test_metrics_of_a_training_node_scraped_over_http_move_and_follow_the_conventions(tmp_path):
