@@ -148,6 +148,11 @@ def _wait_for_join(events: "queue.Queue", first: Peer, timeout: float = 180.0) -
     raise click.ClickException("the first peer did not start within 3 minutes")
 
 
+def _peers_per_module(event: dict) -> str:
+    """'stem:4  L0.M1:2': a round or landed event's group size per module."""
+    return "  ".join(f"{m}:{n}" for m, n in event["peers_per_module"].items())
+
+
 def _live_table(events: "queue.Queue", peers: list[Peer], rounds: int, t0: float) -> None:
     click.echo(f"{'time':>6}  {'peer':<5}{'path':<6}{'round':>6}{'loss':>8}{'tok/s':>9}{'outer s':>9}  peers per module")
     finished = 0
@@ -160,14 +165,13 @@ def _live_table(events: "queue.Queue", peers: list[Peer], rounds: int, t0: float
         elif kind == "peers" and index == 0:
             click.echo(f"{elapsed:>5.0f}s  all {event['seen']} peers are in; training starts")
         elif kind == "round":
-            modules = "  ".join(f"{m}:{n}" for m, n in event["peers_per_module"].items())
+            modules = _peers_per_module(event)
             flags = "".join(f"  re-synced {m}" for m in event["resynced"])
             click.echo(f"{elapsed:>5.0f}s  {index:<5}{peers[index].path:<6}{event['round']:>6}{event['loss']:>8.3f}"
                        f"{event['tokens_per_s']:>9,.0f}{event['seconds_outer']:>9.1f}  {modules}{flags}")
         elif kind == "landed":  # overlap: the last round's averaging, finished as the peer stopped
-            modules = "  ".join(f"{m}:{n}" for m, n in event["peers_per_module"].items())
             click.echo(f"{elapsed:>5.0f}s  {index:<5}{peers[index].path:<6}{event['round']:>6}  "
-                       f"averaging landed at stop  {modules}")
+                       f"averaging landed at stop  {_peers_per_module(event)}")
         elif kind == "exit":
             finished += 1
             if event["code"]:
