@@ -46,7 +46,7 @@ from p2ptrain.swarm.overlap import Anchors, BackgroundRound
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, parse
 from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, new_peer_record,
                                     status_record_fields)
-from p2ptrain.swarm.schedule import RoundSchedule
+from p2ptrain.swarm.schedule import RoundSchedule, search_seconds
 from p2ptrain.swarm.slot import ModuleSlot, max_steps_per_round, tokens_per_round
 from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits, stage_two_weight_rounds
 from p2ptrain.swarm.state_transfer import fetch_verified_state
@@ -57,6 +57,9 @@ from p2ptrain.train.session import PathSession
 logger = logging.getLogger(__name__)
 
 SYNC_POLL_S, SYNC_POLL_MAX_S = 0.2, 2.0  # reads of the holders' post-round fingerprints
+# what a node does after a search that found nobody, before it can enter the next round: the
+# fingerprint check's read and the record's store (DHT calls of ~0.1-1 s on a loaded machine)
+AFTER_SEARCH_S = 1.5
 CATCH_UP_ATTEMPTS = 3  # reads of the holders' records before a newcomer starts from its own state
 STOP_GRACE_S = 30.0  # how long a stopping node lets the averaging in flight finish (systemd waits 90 s)
 
@@ -162,6 +165,7 @@ class SwarmNode:
         self.bans_issued: Counter = Counter()  # peer → how many times it was banned
         self.silent: Counter = Counter()  # peers that did not post their fingerprints in time, last round
         self.absent: dict[str, set[str]] = {}  # module → holders that did not join its group last round
+        self.searched_alone: set[str] = set()  # modules whose last search for a group found nobody
         self.partners = RecentPartners()  # module → who it averaged with lately: who a tie may heal with
         self.last_loss: float | None = None
         self.last_tps = 0.0
@@ -276,7 +280,7 @@ class SwarmNode:
                 self._sit_out_suspension()
                 continue
             # --- enter the round in progress on the swarm's clock (the next one if too little is left)
-            round_ = self.schedule.next_round_to_enter(max(1.5 * self.step_seconds, 0.05))
+            round_ = self.schedule.next_round_to_enter(self._entry_seconds())
             if self._stale_before(round_):
                 # our globals are older than the round before this one (we joined while the holders
                 # were averaging, or our last outer phase overran whole rounds): take the majority's
@@ -496,7 +500,9 @@ class SwarmNode:
             outcome = self._finish_average(module_id, round_, requests[module_id], result, own[module_id])
             if outcome is None:
                 self.absent[module_id] = set()
+                self.searched_alone.add(module_id)
                 continue
+            self.searched_alone.discard(module_id)
             means[module_id] = outcome[0]
             # absent holders only size single-stage groups of a whole table: a stage-1 group, or a
             # group among holders we did not all see, is not expected to hold every one
@@ -553,8 +559,8 @@ class SwarmNode:
         slot.averager.set_max_weight(float(tokens_per_round(self.run_state) * weight_rounds))
         asked_at = time.time()  # wall clock, as the averager's process stamps the group
         control = slot.averager.step(gather=RoundClaim(round=round_, tokens=weight, stage=stage).dict(),
-                                     weight=float(weight), timeout=self._matchmaking_timeout(), allow_retries=True,
-                                     wait=False)
+                                     weight=float(weight), timeout=self._search_seconds(module_id, round_),
+                                     allow_retries=True, wait=False)
         return control, asked_at
 
     def _finish_average(self, module_id: str, round_: int, request: tuple, result: ModuleRound,
@@ -689,9 +695,25 @@ class SwarmNode:
         return set(self.bans)
 
     def _matchmaking_timeout(self) -> float:
-        """How long a module looks for its holders: up to 3 windows, so a slow peer delays
-        fast ones by at most that (everyone arrives at the same moment of the schedule)."""
-        return 3 * self.cfg.averaging.matchmaking_time
+        """The longest a module looks for its holders: 3 windows, so a slow peer delays fast
+        ones by at most that (everyone arrives at the same moment of the schedule)."""
+        return search_seconds(self.cfg.averaging.matchmaking_time, None)
+
+    def _search_seconds(self, module_id: str, round_: int) -> float:
+        """This round's search for module_id's holders. After a search that found nobody it
+        ends in time to enter the next round: holders whose outer phases fell into opposite
+        rounds (a peer slowed once by more than a search) then meet again in the next round
+        instead of searching alone for alternate rounds forever. A search that found a group
+        last time keeps its full 3 windows, so a failed first group can be retried."""
+        window = self.cfg.averaging.matchmaking_time
+        if module_id not in self.searched_alone:
+            return search_seconds(window, None)
+        room = self.schedule.seconds_left(round_ + 1) - self._entry_seconds() - AFTER_SEARCH_S
+        return search_seconds(window, room)
+
+    def _entry_seconds(self) -> float:
+        """The inner time a round must still have for this node to enter it."""
+        return max(1.5 * self.step_seconds, 0.05)
 
     def _sharing_scale(self, module_id: str) -> float:
         """DiPaCo's optional rescaling of a module's outer gradient by the paths sharing it."""

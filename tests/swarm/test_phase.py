@@ -156,3 +156,40 @@ def test_time_based_rounds_keep_every_peer_training_until_the_rounds_end(swarm):
     for module_id in ("stem", "L0.M0"):
         assert max_difference(a.node.slots[module_id].outer.global_params,
                               b.node.slots[module_id].outer.global_params) < 1e-3, module_id
+
+
+def test_holders_thrown_into_alternate_rounds_by_one_long_stall_meet_again_two_rounds_later(swarm):
+    # Prepare: a and b hold the same path; b's second outer phase stalls 14 s first (a machine
+    # that froze), longer than a's whole search (3 windows of 4 s), so each searches alone once.
+    # With rounds of 6 s a lone 12 s search skips rounds: unbounded, a would search rounds
+    # r, r+3, r+6, ... and b r+5, r+8, ..., alone, for the rest of the run
+    config = swarm_config("alternate-rounds", levels=(1,), round_seconds=6.0)
+    a = swarm.open(config, "0")
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
+    outer_step, calls = b.node.outer_step, []
+
+    def stalled_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(14.0)
+        return outer_step(*args, **kwargs)
+
+    b.node.outer_step = stalled_once
+
+    # Execute: b trains 5 rounds next to a; then a stops
+    a_done = in_background(lambda: a.node.run(max_rounds=40))
+    b.node.run(max_rounds=5)
+    a.node.stop_requested.set()
+    a_done()
+
+    # Assert: the stall split them (b's stalled round found nobody), and b's last two rounds
+    # were averaged by both again, from states that agree
+    both = sorted([a.node.peer_id, b.node.peer_id])
+    stalled = b.node.history[1]
+    assert stalled.modules["stem"].alone, stalled
+    for report in b.node.history[-2:]:
+        assert sorted(report.modules["stem"].group) == both, report
+        assert sorted(report.modules["L0.M0"].group) == both, report
+    for module_id in ("stem", "L0.M0"):
+        assert max_difference(a.node.slots[module_id].outer.global_params,
+                              b.node.slots[module_id].outer.global_params) < 1e-3, module_id

@@ -13,7 +13,7 @@ from p2ptrain.swarm.healing import PARTNER_ROUNDS, RecentPartners, bounded_mean
 from p2ptrain.swarm.credentials import issue, parse_credential, parse_duration
 from p2ptrain.swarm.identity import Identity, owner_peer_id, peer_id_of_public_key
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, StateMetadata, parse
-from p2ptrain.swarm.schedule import RoundSchedule
+from p2ptrain.swarm.schedule import RoundSchedule, search_seconds
 from p2ptrain.errors import SwarmError
 
 TOL = 5e-3  # fp16's codec tolerance
@@ -38,6 +38,14 @@ def test_every_node_computes_the_same_round_boundaries_from_the_run_epoch():
     assert schedule.next_round_to_enter(min_seconds=4.0) == 3  # 5 s left
     assert schedule.next_round_to_enter(min_seconds=6.0) == 4  # too little left: the next one
     assert schedule.max_plausible_round() == 4
+
+
+def test_a_search_gets_three_windows_unless_bounded_by_the_next_rounds_end_and_never_under_one():
+    assert search_seconds(window=4.0, room=None) == 12.0  # found a group last time
+    assert search_seconds(window=4.0, room=30.0) == 12.0  # long rounds: no bound
+    assert search_seconds(window=4.0, room=5.0) == 5.0  # ends in time for the next round
+    # never shorter than one window and a bit: hivemind refuses a search that ends before its window
+    assert search_seconds(window=4.0, room=1.0) == pytest.approx(4.4)
 
 
 # ------------------------------------------------------------------ schemas
