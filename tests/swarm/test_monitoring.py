@@ -101,14 +101,16 @@ def test_status_of_each_of_three_joined_peers_names_its_path_and_round(tmp_path)
     try:
         first = join("a", paths[0], "--new-swarm")
         joined = read_json_line(first)
-        for home, path in (("b", paths[1]), ("c", paths[2])):
-            assert read_json_line(join(home, path, "--initial-peers", joined["maddrs"][0]))["event"] == "joined"
+        for home, path in (("b", paths[1]), ("c", paths[2])):  # both start at once
+            join(home, path, "--initial-peers", joined["maddrs"][0])
+        assert [read_json_line(node)["event"] for node in nodes[1:]] == ["joined", "joined"]
         for node in nodes:  # every peer one round in
             while read_json_line(node, 180)["event"] != "round":
                 pass
 
-        # Execute: `status --json` for each home, while the peers train
-        statuses = [finish(p2ptrain("status", "--home", str(tmp_path / home), "--json"), 120) for home in "abc"]
+        # Execute: `status --json` for each home (all three at once), while the peers train
+        asked = [p2ptrain("status", "--home", str(tmp_path / home), "--json") for home in "abc"]
+        statuses = [finish(process, 120) for process in asked]
         stopped = [stop(node) for node in nodes]
     finally:
         for node in nodes:

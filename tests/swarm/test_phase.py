@@ -158,12 +158,14 @@ def test_time_based_rounds_keep_every_peer_training_until_the_rounds_end(swarm):
                               b.node.slots[module_id].outer.global_params) < 1e-3, module_id
 
 
-def test_holders_thrown_into_alternate_rounds_by_one_long_stall_meet_again_two_rounds_later(swarm):
-    # Prepare: a and b hold the same path; b's second outer phase stalls 14 s first (a machine
-    # that froze), longer than a's whole search (3 windows of 4 s), so each searches alone once.
-    # With rounds of 6 s a lone 12 s search skips rounds: unbounded, a would search rounds
-    # r, r+3, r+6, ... and b r+5, r+8, ..., alone, for the rest of the run
-    config = swarm_config("alternate-rounds", levels=(1,), round_seconds=6.0)
+def test_holders_thrown_into_alternate_rounds_by_one_long_stall_meet_again_within_two_rounds(swarm):
+    # Prepare: a and b hold the same path; rounds of 3 s, matchmaking windows of 2 s, so a
+    # search (up to 3 windows, 6 s) lasts two rounds. b's second outer phase stalls
+    # 7 s first (a machine that froze), longer than a's whole search, so each searches alone
+    # once. Unbounded, each lone search skips two rounds: a would search rounds r, r+3, r+6, ...
+    # and b r+5, r+8, ..., alone, for the rest of the run
+    config = swarm_config("alternate-rounds", levels=(1,), round_seconds=3.0)
+    config.averaging.matchmaking_time = 2.0
     a = swarm.open(config, "0")
     b = swarm.open(config, "0", initial_peers=a.maddrs)
     outer_step, calls = b.node.outer_step, []
@@ -171,7 +173,7 @@ def test_holders_thrown_into_alternate_rounds_by_one_long_stall_meet_again_two_r
     def stalled_once(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            time.sleep(14.0)
+            time.sleep(7.0)
         return outer_step(*args, **kwargs)
 
     b.node.outer_step = stalled_once
@@ -183,7 +185,8 @@ def test_holders_thrown_into_alternate_rounds_by_one_long_stall_meet_again_two_r
     a_done()
 
     # Assert: the stall split them (b's stalled round found nobody), and b's last two rounds
-    # were averaged by both again, from states that agree
+    # were averaged by both again (a spare round: on a loaded machine the first meeting may
+    # slip by one), from states that agree
     both = sorted([a.node.peer_id, b.node.peer_id])
     stalled = b.node.history[1]
     assert stalled.modules["stem"].alone, stalled
