@@ -77,9 +77,10 @@ def search_seconds(window: float, room: float | None) -> float:
     Normally 3 windows: a slow peer delays fast ones by at most that, and a search whose
     first group fails (a dead leader, a peer that is not admitted) has time to retry.
     Bounded (room given: the seconds until the next round's end, less what the node needs
-    after the search to still enter that round), a search ends in time for that round. Unbounded, a lone search in rounds shorter than 3 windows makes the node
-    skip the next round, and two holders that skip alternate rounds search for different
-    round numbers, alone, for the rest of the run.
+    after the search to still enter that round), a search ends in time for that round.
+    Unbounded, a lone search in rounds shorter than 3 windows makes the node skip the next
+    round, and two holders that skip alternate rounds search for different round numbers,
+    alone, for the rest of the run.
     """
     full = SEARCH_WINDOWS * window
     if room is None:
