@@ -8,9 +8,11 @@ instead of 8 — which is what lets a ~150M-parameter path train on a consumer G
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import warnings
+from typing import Callable, Iterator
 
 import torch
 
@@ -31,11 +33,41 @@ def resolve_device(device: str) -> torch.device:
 
 
 def import_bitsandbytes():
-    with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(None), _compile_on_first_call():
         # bitsandbytes prints a note about the optional `kernels` package on import
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import bitsandbytes
     return bitsandbytes
+
+
+@contextlib.contextmanager
+def _compile_on_first_call() -> Iterator[None]:
+    """While bitsandbytes imports: `torch.compile` wraps a function without compiling it yet.
+
+    bitsandbytes decorates some of its pure-PyTorch fallback kernels with `torch.compile`
+    when imported; that call alone imports TorchDynamo and Inductor, about 5 s of CPU in
+    every process that builds a node (measured: 4.9-5.5 s of a 2-core machine), though a
+    CPU or CUDA path never calls those kernels. Deferred, a kernel is compiled when first
+    called, as bitsandbytes would have compiled it then (and falls back the same way)."""
+    real = torch.compile
+
+    def deferred(fn: Callable | None = None, **options):
+        if fn is None:  # used as @torch.compile(**options)
+            return lambda f: deferred(f, **options)
+        compiled: list[Callable] = []
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if not compiled:
+                compiled.append(real(fn, **options))
+            return compiled[0](*args, **kwargs)
+        return call
+
+    torch.compile = deferred
+    try:
+        yield
+    finally:
+        torch.compile = real
 
 
 def make_inner_optimizer(params: list[torch.nn.Parameter], cfg: InnerConfig) -> torch.optim.Optimizer:

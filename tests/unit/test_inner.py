@@ -207,3 +207,33 @@ def test_accumulated_micro_batch_gradients_equal_the_whole_batch_gradient(tiny_r
 def test_accumulation_below_one_is_rejected(tiny_run_state):
     with pytest.raises(ValueError, match="accumulation"):
         InnerTrainer(build_model(tiny_run_state, (0, 0)), tiny_run_state.config.inner, CPU, accumulation=0)
+
+
+def test_importing_bitsandbytes_defers_its_torch_compile_calls_to_first_use():
+    # Execute: a fresh interpreter, as `p2ptrain join` starts; then a function compiled under
+    # the same deferral is called (the eager backend: Dynamo traces it, no C++ compiler runs)
+    import subprocess
+    import sys
+    script = (
+        "import sys, torch\n"
+        "from p2ptrain.train.inner import _compile_on_first_call, import_bitsandbytes\n"
+        "real = torch.compile\n"
+        "bnb = import_bitsandbytes()\n"
+        "print('dynamo after import:', 'torch._dynamo' in sys.modules)\n"
+        "print('torch.compile restored:', torch.compile is real)\n"
+        "with _compile_on_first_call():\n"
+        "    double_plus_one = torch.compile(lambda x: 2 * x + 1, backend='eager')\n"
+        "print('dynamo before the first call:', 'torch._dynamo' in sys.modules)\n"
+        "print('first call:', double_plus_one(torch.ones(3)).tolist())\n"
+        "print('dynamo after it:', 'torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+    # Assert: the import left TorchDynamo unloaded and torch.compile as it was; a deferred
+    # function is compiled by its first call and computes what it says
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dynamo after import: False" in done.stdout
+    assert "torch.compile restored: True" in done.stdout
+    assert "dynamo before the first call: False" in done.stdout
+    assert "first call: [3.0, 3.0, 3.0]" in done.stdout
+    assert "dynamo after it: True" in done.stdout
