@@ -57,8 +57,9 @@ from p2ptrain.train.session import PathSession
 logger = logging.getLogger(__name__)
 
 SYNC_POLL_S, SYNC_POLL_MAX_S = 0.2, 2.0  # reads of the holders' post-round fingerprints
-# what a node does after a search that found nobody, before it can enter the next round: the
-# fingerprint check's read and the record's store (DHT calls of ~0.1-1 s on a loaded machine)
+# what a node does after a search that found nobody, or after its wait for the holders'
+# fingerprints, before it can enter the next round: a fingerprint read and the record's store
+# (DHT calls of ~0.1-1 s on a loaded machine)
 AFTER_SEARCH_S = 1.5
 CATCH_UP_ATTEMPTS = 3  # reads of the holders' records before a newcomer starts from its own state
 STOP_GRACE_S = 30.0  # how long a stopping node lets the averaging in flight finish (systemd waits 90 s)
@@ -806,9 +807,17 @@ class SwarmNode:
         group, but not for members that were silent last round, and stops early once a
         strict majority of the expected voters agrees with us: the remaining answers could
         not change the verdict. One DHT read serves all modules; reads back off.
+
+        Never past the moment this node must enter the next round: a wait that ran over would
+        make it skip that round and average out of phase with the holders it just averaged
+        with (measured with a split table: a member whose fresh record went to other buckets
+        was waited for 12 s, and two of four peers skipped a round, every module they share
+        with the other two then averaged alone).
         """
         expected = {m: {p for p in r.group if p != self.peer_id and not self.silent[p]} for m, r in results.items()}
-        bound = time.monotonic() + min(self.cfg.averaging.averaging_timeout, 2 * self.cfg.averaging.matchmaking_time)
+        avg_cfg = self.cfg.averaging
+        room = self.schedule.seconds_left(round_ + 1) - self._entry_seconds() - AFTER_SEARCH_S
+        bound = time.monotonic() + max(0.0, min(avg_cfg.averaging_timeout, 2 * avg_cfg.matchmaking_time, room))
         pause = SYNC_POLL_S
         claims: dict[str, list[Vouch]] = {}
         max_round = self.schedule.max_plausible_round()
