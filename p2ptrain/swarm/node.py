@@ -821,10 +821,11 @@ class SwarmNode:
         pause = SYNC_POLL_S
         claims: dict[str, list[Vouch]] = {}
         max_round = self.schedule.max_plausible_round()
+        members = set().union(*expected.values()) if expected else set()
         while True:
-            peers = self.fetch_peers(round_)
+            peers = self._fetch_group_members(round_, members)
             if self.records.buckets > 1:
-                # a split table: only the group members in this round's bucket can be read
+                # a split table: a member with no record where its result would be is not waited for
                 seen = {p.peer_id for p in peers}
                 expected = {m: members & seen for m, members in expected.items()}
             for peer in peers:
@@ -863,6 +864,15 @@ class SwarmNode:
         except Exception as e:  # the DHT is best effort: keep the last view
             logger.warning("could not read peer records: %s", e)
         return self._peers_cache
+
+    def _fetch_group_members(self, round_: int, members: set[str]) -> list[PeerRecord]:
+        """The records that hold round_'s fingerprints of these group members (with a split
+        table, their buckets as well as ours); none when the DHT fails (nobody is waited for)."""
+        try:
+            return self.records.fetch_group_members(round_, self.peer_id, members)
+        except Exception as e:  # the DHT is best effort
+            logger.warning("could not read peer records: %s", e)
+            return []
 
     def publish_status(self) -> None:
         self._published_at = time.monotonic()  # an attempt counts: a failing DHT is not retried in a loop

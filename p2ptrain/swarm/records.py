@@ -24,7 +24,7 @@ import platform
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import pydantic.v1 as pydantic
 from pydantic.v1 import StrictBool, StrictFloat, StrictStr, confloat, conint, conlist, constr
@@ -349,8 +349,25 @@ class SwarmRecords:
         if round_ is not None:
             reader = reader or owner_peer_id(self.public_key)
             return self._parse_peers(self._get(peers_key(self.run_id, peer_bucket(reader, round_, self.buckets))))
+        return self._read_buckets(range(self.buckets))
+
+    def fetch_group_members(self, round_: int, reader: str, members: Iterable[str]) -> list[PeerRecord]:
+        """The records to check round_'s result against: the reader's bucket for round_ and, with
+        a split table, each group member's bucket for round_ + 1 — where the member's record
+        of round_'s result is stored (it is written in round_ + 1, or round_ + 2 if late, and
+        stored under the buckets of the round it is written in and the one before). The
+        reader's own bucket alone can hold a member's record from before round_'s average
+        and never its new one (measured: a 12 s wait for fingerprints already published)."""
+        if self.buckets == 1:
+            return self.fetch_peers()
+        buckets = {peer_bucket(reader, round_, self.buckets)}
+        buckets |= {peer_bucket(member, round_ + 1, self.buckets) for member in members}
+        return self._read_buckets(sorted(buckets))
+
+    def _read_buckets(self, buckets: Iterable[int]) -> list[PeerRecord]:
+        """The newest record of each peer found in these buckets of a split table."""
         latest: dict[str, PeerRecord] = {}
-        for bucket in range(self.buckets):
+        for bucket in buckets:
             for record in self._parse_peers(self._get(peers_key(self.run_id, bucket))):
                 if record.peer_id not in latest or record.time > latest[record.peer_id].time:
                     latest[record.peer_id] = record

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2ptrain.swarm.records import peer_bucket
+from p2ptrain.swarm.records import new_peer_record, peer_bucket
 from tests.swarm.conftest import in_parallel, swarm_config
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(300)]
@@ -49,3 +49,26 @@ def test_peers_reading_one_bucket_of_the_table_still_average_every_module_with_a
         mine = peer_bucket(node.peer_id, now, 2)
         for record in node.records.fetch_peers(now, node.peer_id):
             assert any(peer_bucket(record.peer_id, r, 2) == mine for r in range(now - 3, now + 1))
+
+
+def test_a_members_record_of_a_rounds_result_is_read_where_it_lands_not_only_in_the_readers_bucket(swarm):
+    # Prepare: two peers of a table split in 2, and a round r in which the reader's bucket is
+    # not where the member's record of round r's result goes (written in round r + 1: stored
+    # under its buckets for r and r + 1)
+    config = swarm_config("split-members")
+    config.averaging.peer_buckets = 2
+    member, reader = swarm.open_all(config, ["0,0", "0,1"])
+    r = next(r for r in range(1000, 1100)
+             if peer_bucket(member.peer_id, r, 2) == peer_bucket(member.peer_id, r + 1, 2)
+             != peer_bucket(reader.peer_id, r, 2))
+
+    # Execute: the member publishes its record of round r's result (a marker in it: its loss)
+    fresh = new_peer_record(peer_id=member.peer_id, path=[0, 0], round=0, loss=1.25)
+    assert member.records.publish_peer(fresh, round_=r + 1)
+    own_bucket = reader.records.fetch_peers(r, reader.peer_id)
+    with_members = reader.records.fetch_group_members(r, reader.peer_id, {member.peer_id})
+
+    # Assert: the reader's own bucket for r has no record of the member's with the marker (at
+    # most the one it published when it joined); reading the member's bucket finds it
+    assert all(p.loss != 1.25 for p in own_bucket if p.peer_id == member.peer_id)
+    assert [p.loss for p in with_members if p.peer_id == member.peer_id] == [1.25]
