@@ -17,15 +17,16 @@ FD_SLACK = 24  # a connection or two per peer met, opened and closed as peers co
 RSS_SLACK_MB = 96.0
 
 
-def test_sixteen_peers_coming_and_going_keep_rounds_succeeding_with_bounded_memory_and_fds(swarm, fault):
+def test_twelve_peers_coming_and_going_keep_rounds_succeeding_with_bounded_memory_and_fds(swarm, fault):
     # Prepare: one 1-level path, so every peer averages both modules with the resident
     config = swarm_config("churn", levels=(1,), round_seconds=8.0, averaging_timeout=30.0)
 
     # Execute: 6 live peers; after each round the 2 oldest visitors leave and 2 new ones join
-    report = run_churn(swarm, config, live=6, replace_per_round=2, rounds=6)
+    # (benchmarks/bench_churn.py runs the same for many more rounds)
+    report = run_churn(swarm, config, live=6, replace_per_round=2, rounds=4)
 
-    # Assert: 16 peers took part; the resident averaged every round with someone
-    assert report.samples[-1].joined == 16
+    # Assert: 12 peers took part; the resident averaged every round with someone
+    assert report.samples[-1].joined == 12
     assert report.averaged_rounds() == report.rounds, [s.groups for s in report.samples]
     # the resident's memory and descriptors after warm-up do not grow with the peers it met
     warm = report.samples[WARM_UP_ROUNDS - 1]
