@@ -23,14 +23,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m p2ptrain.demo
 
+# Two pytest-xdist workers: a multi-peer test spends most of its time waiting for round
+# boundaries and matchmaking windows (a one-process run of the suite kept the 2 cores 33 %
+# busy). PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal
+
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+	$(PYTEST) --durations=25 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not swarm" tests
+	$(PYTEST) -m "not swarm" tests
 
 test-swarm: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m swarm tests
+	$(PYTEST) -m swarm tests
 
 # Every benchmark, then the simulator's validation against real loopback swarms (about
 # an hour on 2 cores). Tables print to the terminal; JSON and PNG go to bench-out/.

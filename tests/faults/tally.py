@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+REPORT_PROPERTY = "p2ptrain_fault_tally"  # a pytest-xdist worker's tally, in a report's user_properties
+
 faults: dict[str, str] = {}  # fault → "survived" | "FAILED"
 data_lost: Counter = Counter()  # fault → honest peers that lost their agreed state or checkpoints
 
@@ -36,3 +38,22 @@ def hostile_totals() -> Counter:
 def lost(fault: str, peers: int) -> None:
     """Record how many honest peers lost state in a fault (measured by the test, 0 or more)."""
     data_lost[fault] += peers
+
+
+def drain() -> dict:
+    """Everything tallied in this process so far, as plain data, and the tally emptied: a
+    pytest-xdist worker sends it with each test's report to the process that prints."""
+    taken = {"faults": dict(faults), "data_lost": dict(data_lost),
+             "hostile_inputs": {kind: dict(counts) for kind, counts in hostile_inputs.items()}}
+    faults.clear()
+    data_lost.clear()
+    hostile_inputs.clear()
+    return taken
+
+
+def merge(taken: dict) -> None:
+    """Add what a worker drained (see `drain`) to this process's tally."""
+    faults.update(taken["faults"])
+    data_lost.update(taken["data_lost"])
+    for kind, counts in taken["hostile_inputs"].items():
+        hostile_inputs.setdefault(kind, Counter()).update(counts)

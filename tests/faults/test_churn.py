@@ -10,7 +10,8 @@ import torch
 from tests.faults.churn import run_churn
 from tests.swarm.conftest import swarm_config
 
-pytestmark = [pytest.mark.faults, pytest.mark.swarm, pytest.mark.timeout(900)]
+# twelve peers and their processes: alone under pytest-xdist (tests/conftest.py)
+pytestmark = [pytest.mark.faults, pytest.mark.swarm, pytest.mark.alone, pytest.mark.timeout(900)]
 
 WARM_UP_ROUNDS = 2  # connections, caches and the first groups settle in these
 FD_SLACK = 24  # a connection or two per peer met, opened and closed as peers come and go

@@ -20,7 +20,8 @@ from tests.faults import tally
 from tests.swarm.adversary import Adversary, open_hanging_up
 from tests.swarm.conftest import in_parallel, max_difference, swarm_config
 
-pytestmark = [pytest.mark.faults, pytest.mark.swarm, pytest.mark.timeout(600)]
+# timed against the round: alone under pytest-xdist (tests/conftest.py)
+pytestmark = [pytest.mark.faults, pytest.mark.swarm, pytest.mark.alone, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = ("stem", "L0.M0")

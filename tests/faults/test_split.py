@@ -12,7 +12,8 @@ from tests.faults import tally
 from tests.faults.test_peer_faults import max_difference, peers_that_lost_state
 from tests.swarm.conftest import in_parallel, swarm_config
 
-pytestmark = [pytest.mark.faults, pytest.mark.swarm, pytest.mark.timeout(420)]
+# timed against the round: alone under pytest-xdist (tests/conftest.py)
+pytestmark = [pytest.mark.faults, pytest.mark.swarm, pytest.mark.alone, pytest.mark.timeout(420)]
 
 
 async def _bridge(_dht, node, peer_id: str, maddrs: list[str]) -> None:

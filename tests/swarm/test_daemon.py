@@ -331,6 +331,7 @@ def test_stale_pid_second_start_sigkill_and_resume(tmp_path, run_files, daemons)
     assert f"(resumed from the round {last_round} checkpoint)" in log
 
 
+@pytest.mark.alone  # reads other programs' CPU: not a neighbouring test's (tests/conftest.py)
 @pytest.mark.timeout(1800)  # waits for a quiet moment on a shared machine
 def test_suspends_while_a_real_program_burns_cpu_and_resumes_when_it_ends(tmp_path, run_files, daemons):
     """Needs a moment when other programs leave the machine some headroom: every program
