@@ -821,11 +821,11 @@ class SwarmNode:
         pause = SYNC_POLL_S
         claims: dict[str, list[Vouch]] = {}
         max_round = self.schedule.max_plausible_round()
-        members = set().union(*expected.values()) if expected else set()
+        group_members = set().union(*expected.values()) if expected else set()
         while True:
-            peers = self._fetch_group_members(round_, members)
+            peers = self._fetch_group_members(round_, group_members)
             if self.records.buckets > 1:
-                # a split table: a member with no record where its result would be is not waited for
+                # a split table: a member with no record in the buckets read is not waited for
                 seen = {p.peer_id for p in peers}
                 expected = {m: members & seen for m, members in expected.items()}
             for peer in peers:

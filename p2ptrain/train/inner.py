@@ -46,9 +46,9 @@ def _compile_on_first_call() -> Iterator[None]:
 
     bitsandbytes decorates some of its pure-PyTorch fallback kernels with `torch.compile`
     when imported; that call alone imports TorchDynamo and Inductor, about 5 s of CPU in
-    every process that builds a node (measured: 4.9-5.5 s of a 2-core machine), though a
-    CPU or CUDA path never calls those kernels. Deferred, a kernel is compiled when first
-    called, as bitsandbytes would have compiled it then (and falls back the same way)."""
+    every process that builds a node (measured: 4.9-5.5 s on a 2-core machine). Deferred,
+    a kernel is compiled when first called, if ever, as bitsandbytes would have compiled
+    it then (and falls back to the plain function the same way when compiling fails)."""
     real = torch.compile
 
     def deferred(fn: Callable | None = None, **options):
