@@ -709,8 +709,12 @@ class SwarmNode:
         window = self.cfg.averaging.matchmaking_time
         if module_id not in self.searched_alone:
             return search_seconds(window, None)
-        room = self.schedule.seconds_left(round_ + 1) - self._entry_seconds() - AFTER_SEARCH_S
-        return search_seconds(window, room)
+        return search_seconds(window, self._seconds_to_spare(round_))
+
+    def _seconds_to_spare(self, round_: int) -> float:
+        """How long round_'s outer phase may still wait (a search, the fingerprint check) and
+        the node still enter round_ + 1."""
+        return self.schedule.seconds_left(round_ + 1) - self._entry_seconds() - AFTER_SEARCH_S
 
     def _entry_seconds(self) -> float:
         """The inner time a round must still have for this node to enter it."""
@@ -816,7 +820,7 @@ class SwarmNode:
         """
         expected = {m: {p for p in r.group if p != self.peer_id and not self.silent[p]} for m, r in results.items()}
         avg_cfg = self.cfg.averaging
-        room = self.schedule.seconds_left(round_ + 1) - self._entry_seconds() - AFTER_SEARCH_S
+        room = self._seconds_to_spare(round_)
         bound = time.monotonic() + max(0.0, min(avg_cfg.averaging_timeout, 2 * avg_cfg.matchmaking_time, room))
         pause = SYNC_POLL_S
         claims: dict[str, list[Vouch]] = {}
