@@ -104,3 +104,39 @@ def test_centered_clip_drops_a_far_outlier_and_reports_it():
                                                    min_distance=0.0)
     assert dropped == [] and got.item() == 5.0
     assert aggregate_reporting("trimmed_mean", [t(0.0), t(1.0), t(2.0), t(1000.0)], [1, 1, 1, 1])[1] == []
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_the_merge_exchange_network_sorts_every_zero_one_input(n):
+    # the 0-1 principle: a comparator network that sorts every 0/1 sequence sorts every sequence
+    from p2ptrain.swarm.aggregation import merge_exchange_network
+    network = merge_exchange_network(n)
+    for bits in range(1 << n):
+        v = [(bits >> k) & 1 for k in range(n)]
+        for i, j in network:
+            if v[i] > v[j]:
+                v[i], v[j] = v[j], v[i]
+        assert v == sorted(v)
+
+
+def test_weighted_median_and_trimmed_mean_match_a_full_sort_at_every_group_size():
+    # the network (up to SORTING_NETWORK_MAX parts) and torch's sort (beyond) give the same
+    # values as the definition by a full sort, with unequal weights; the median also with ties
+    # (coarse values; a trimmed mean with ties depends on which tied part is trimmed)
+    from p2ptrain.swarm.aggregation import SORTING_NETWORK_MAX
+    gen = torch.Generator().manual_seed(0)
+    for n in range(1, SORTING_NETWORK_MAX + 3):
+        x = torch.randint(-3, 4, (n, 500), generator=gen).to(torch.float64)
+        w = torch.randint(1, 9, (n,), generator=gen).to(torch.float64)
+        values, order = x.sort(0)
+        cum = w[order].cumsum(0)
+        index = (cum < w.sum() / 2).sum(0, keepdim=True).clamp(max=n - 1)
+        assert torch.equal(weighted_median(x, w), values.gather(0, index)[0])
+        if n >= 3:
+            x = torch.randn(n, 500, generator=gen, dtype=torch.float64)
+            values, order = x.sort(0)
+            b = trim_count(n)
+            kept, kept_w = values[b:n - b], w[order][b:n - b]
+            expected = ((kept * kept_w).sum(0) / kept_w.sum(0)).float()
+            got = trimmed_mean(list(x.float()), w.tolist())
+            assert torch.allclose(got, expected, rtol=0, atol=1e-6)
