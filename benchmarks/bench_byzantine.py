@@ -16,13 +16,20 @@ seeds) runs with each rule in the same invocation. Reported:
                averaging stall per round (seconds_outer; the round itself is fixed by the
                schedule) and CPU seconds per round of all processes (goal ≤ 1.10).
 
+With `--cost-pairs N` only the honest controls run: N pairs (robust, mean) per swarm size,
+the order inside a pair alternating, and the cost is the median of the N per-pair ratios
+(with their range): one pair per size, as the attack mode gives, cannot tell the rule's
+cost from run-to-run noise.
+
     python benchmarks/bench_byzantine.py [--rounds 4] [--robust centered_clip] [--quick]
         [--attacks sign_flip,scale,...] [--eight-attacks sign_flip,garbage_reducer]
+    python benchmarks/bench_byzantine.py --cost-pairs 5 [--cost-honest 3,6]
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +56,9 @@ def main() -> None:
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="attacks for 1 liar of 4 peers")
     parser.add_argument("--eight-attacks", default=",".join(ATTACKS),
                         help="attacks for 2 liars of 8 peers ('' to skip)")
+    parser.add_argument("--cost-pairs", type=int, default=0, metavar="N",
+                        help="only the honest controls: N interleaved (robust, mean) pairs per swarm size")
+    parser.add_argument("--cost-honest", default="3,6", help="swarm sizes (honest peers) for --cost-pairs")
     args = parser.parse_args()
     attacks4 = [a for a in args.attacks.split(",") if a]
     attacks8 = [a for a in args.eight_attacks.split(",") if a]
@@ -73,6 +83,11 @@ def main() -> None:
               f"banned {result['liars_banned']} rejections {result['rejections']} ({result['wall_s']:.0f} s)",
               flush=True)
         return result
+
+    if args.cost_pairs > 0:
+        cost_pairs(args, info, run)
+        partial.unlink(missing_ok=True)
+        return
 
     settings = [(3, 1, attacks4)] + ([(6, 2, attacks8)] if attacks8 else [])
     controls: dict[tuple, dict] = {}
@@ -114,6 +129,43 @@ def main() -> None:
     write_outputs(__file__, {"machine": info, "rounds": args.rounds, "robust_rule": args.robust, "runs": runs,
                              "table": rows, "cost": cost_rows, "notes": notes})
     partial.unlink(missing_ok=True)
+
+
+def cost_pairs(args, info: dict, run) -> None:
+    """--cost-pairs: the robust rule's cost with no attacker, as medians of per-pair ratios."""
+    sizes = [int(h) for h in args.cost_honest.split(",") if h]
+    pairs: dict[int, list[dict]] = {h: [] for h in sizes}
+    for index in range(args.cost_pairs):
+        for honest in sizes:
+            order = (args.robust, "mean") if index % 2 == 0 else ("mean", args.robust)
+            results = {rule: run(rule, None, honest, 0) for rule in order}
+            pairs[honest].append({"robust": results[args.robust], "mean": results["mean"]})
+    rows, summary = [], {}
+    for honest in sizes:
+        ratios = {}
+        for key in ("heldout_loss", "seconds_outer", "cpu_seconds_per_round"):
+            values = [p["robust"][key] / max(p["mean"][key], 1e-9) for p in pairs[honest]]
+            ratios[key] = {"median": statistics.median(values), "min": min(values), "max": max(values),
+                           "per_pair": values}
+        summary[honest] = ratios
+        stall = [statistics.median(p[r]["seconds_outer"] for p in pairs[honest]) for r in ("mean", "robust")]
+        cpu = [statistics.median(p[r]["cpu_seconds_per_round"] for p in pairs[honest]) for r in ("mean", "robust")]
+        rows.append([f"{honest} honest", len(pairs[honest]),
+                     "{median:.3f} ({min:.3f}–{max:.3f})".format(**ratios["heldout_loss"]),
+                     f"{stall[0]:.2f} / {stall[1]:.2f}", "{median:.2f} ({min:.2f}–{max:.2f})".format(**ratios["seconds_outer"]),
+                     f"{cpu[0]:.1f} / {cpu[1]:.1f}",
+                     "{median:.2f} ({min:.2f}–{max:.2f})".format(**ratios["cpu_seconds_per_round"])])
+    config = byzantine_config("x", args.robust)
+    notes = [f"model d_model {config.model.d_model}, grid [1], {config.inner.steps_per_round} inner steps per round, "
+             f"{args.rounds} rounds of {config.averaging.round_seconds:g} s, no attacker; each pair runs the robust "
+             "rule and mean back to back (order alternating); ratios are robust ÷ mean per pair: median (range)"]
+    print_header(f"The robust rule's cost with no attacker ({args.robust} vs mean, bench_byzantine.py --cost-pairs)",
+                 info, notes)
+    print(markdown_table(["control", "pairs", "held-out loss ratio", "averaging stall s/round, mean / robust (medians)",
+                          "stall ratio", "CPU s/round, mean / robust (medians)", "CPU ratio"], rows))
+    write_outputs(__file__, {"machine": info, "rounds": args.rounds, "robust_rule": args.robust, "mode": "cost_pairs",
+                             "pairs": {str(h): p for h, p in pairs.items()},
+                             "summary": {str(h): r for h, r in summary.items()}, "table": rows, "notes": notes})
 
 
 if __name__ == "__main__":
