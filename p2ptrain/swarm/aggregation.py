@@ -154,13 +154,13 @@ def _clip_iterations(x: torch.Tensor, w: torch.Tensor, start: torch.Tensor, tau:
                      iterations: int) -> torch.Tensor:
     v, total = start.clone(), w.sum()
     if tau > 0 and math.isfinite(tau):
-        diff, step = torch.empty_like(x), torch.empty_like(v)  # reused: see _sorted_rows on allocations
+        diff, step = torch.empty_like(x), torch.empty_like(x[:1])  # reused: see _sorted_rows on allocations
         for _ in range(iterations):
             torch.sub(x, v, out=diff)
             norms = diff.norm(dim=1)
             scale = torch.clamp(tau / norms.clamp_min(1e-300), max=1.0)
-            torch.matmul(w * scale / total, diff, out=step)
-            v.add_(step)
+            torch.mm((w * scale / total)[None], diff, out=step)
+            v.add_(step[0])
             # converged: the fixed point is then within ~1e-7 τ (the iteration contracts
             # geometrically), far below the wire codec's own error (fp16: ~1e-3 relative)
             if float(step.norm()) <= CLIP_TOLERANCE * tau:
