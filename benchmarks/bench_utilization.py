@@ -12,6 +12,11 @@ side (the same four processes' worth of load on the same cores) training flat ou
 swarm and no checkpoints, measured the same way from its step lines. A solo block runs
 before and after every swarm variant; each variant's reference is the mean of the two.
 
+A third table splits a peer's round (from its `round` events): inner steps, the outer phase
+and, with plain averaging, its parts (group forming and all-reduce of the slowest module,
+the record published, the wait for the group's fingerprints, the checkpoint's start), and
+the rest of the wall time.
+
     python benchmarks/bench_utilization.py [--rounds 8] [--steps-per-round 25] [--quick] [--only fill-overlap ...]
 """
 
@@ -176,6 +181,29 @@ def run_swarm(config: RunConfig, rounds: int, root: Path) -> dict:
     return out
 
 
+def round_time_split(swarm: dict) -> dict[str, float]:
+    """Where a peer's round went, median over the 4 peers' steady rounds (seconds): inner steps,
+    the outer phase and its parts (plain averaging reports them; the slowest module's
+    matchmaking and all-reduce inside "average"), and the rest of the wall time (waiting for
+    the round's end, the loop itself)."""
+    rows: list[dict[str, float]] = []
+    for path in PATHS:
+        for event in swarm[path]["rounds"][SKIP_ROUNDS:]:
+            phases = event.get("outer_phases") or {}
+            row = {"inner": event["seconds_inner"], "outer": event["seconds_outer"],
+                   "rest of the round": event["seconds_wall"] - event["seconds_inner"] - event["seconds_outer"]}
+            if phases:
+                matchmaking = max(event.get("seconds_matchmaking_per_module", {}).values(), default=0.0)
+                allreduce = max(event.get("seconds_allreduce_per_module", {}).values(), default=0.0)
+                row.update({"group forming (slowest module)": matchmaking, "all-reduce (slowest module)": allreduce,
+                            "rest of averaging (peer table, outer step)": phases["average"] - matchmaking - allreduce,
+                            "publish record": phases["publish"], "fingerprint wait and verdict": phases["verify"],
+                            "checkpoint start": phases["checkpoint"]})
+            rows.append(row)
+    keys = [k for k in rows[0]] if rows else []
+    return {k: statistics.median(r[k] for r in rows if k in r) for k in keys}
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0], quick_help="5 rounds, short solo blocks, two variants",
                          threads=False)
@@ -239,6 +267,17 @@ def main() -> None:
         rows.append([name, *(f"{cores[k]:.2f}" for k in parts),
                      f"{cores['machine busy'] - sum(cores[k] for k in parts):.2f}", f"{cores['machine busy']:.2f}"])
     print(markdown_table(["variant", *parts, "no peer process (kernel threads, other work)", "machine busy"], rows))
+    splits = {name: round_time_split(r["swarm"]) for name, r in results.items()}
+    columns = ["inner", "outer", "group forming (slowest module)", "all-reduce (slowest module)",
+               "rest of averaging (peer table, outer step)", "publish record", "fingerprint wait and verdict",
+               "checkpoint start", "rest of the round"]
+    print("\nWhere a round went (seconds, median over the 4 peers' rounds 3..; the outer phase's parts are "
+          "reported with plain averaging only):\n")
+    print(markdown_table(["variant", *columns],
+                         [[name, *(f"{split[c]:.2f}" if c in split else "—" for c in columns)]
+                          for name, split in splits.items()]))
+    for name, split in splits.items():
+        results[name]["round_time_split"] = split
     write_outputs(__file__, {"info": info, "args": vars(args), "solos": solos, "results": results})
 
 

@@ -405,7 +405,7 @@ def join(home, run_config, data, initial_peers, bootstrap_file, host_maddrs, ann
                 emit({"event": "round", "round": report.round, "loss": report.loss, "tokens": report.tokens,
                       "tokens_per_s": report.tokens_per_s, "seconds_inner": report.seconds_inner,
                       "seconds_outer": report.seconds_outer, "seconds_wall": report.seconds_wall,
-                      **averaging_fields(report.modules)})
+                      "outer_phases": report.outer_phases, **averaging_fields(report.modules)})
             else:
                 click.echo(f"round {report.round:>4}  loss {report.loss:6.3f}  {report.tokens_per_s:>9,.0f} tok/s  "
                            f"outer {report.seconds_outer:5.1f}s  peers {peers_text(report.modules)}")

@@ -22,4 +22,10 @@ def averaging_fields(modules: dict) -> dict:
         "bytes_sent_per_module": {m: r.bytes_sent for m, r in modules.items()},
         # modules averaged in two stages (more holders than a group holds): each stage's group
         "stage_groups": {m: r.stage_groups for m, r in modules.items() if r.stage_groups},
+        # measured by the averager: asking for a group until it formed, then the all-reduce
+        # (modules that did not average this round are left out)
+        "seconds_matchmaking_per_module": {m: r.seconds_matchmaking for m, r in modules.items()
+                                           if r.seconds_matchmaking is not None},
+        "seconds_allreduce_per_module": {m: r.seconds_allreduce for m, r in modules.items()
+                                         if r.seconds_allreduce is not None},
     }

@@ -105,6 +105,10 @@ class RoundReport:
     seconds_outer: float  # training stalled for averaging (with overlap: waiting for last round's)
     modules: dict[str, ModuleRound] = field(default_factory=dict)
     seconds_wall: float = 0.0  # the whole round, checkpoint included
+    # where seconds_outer went (plain averaging): "average" (peer table read, matchmaking,
+    # all-reduce and outer step of every module), "publish" (this node's record), "verify"
+    # (waiting for the group's fingerprints, and any re-sync or healing), "checkpoint" (its start)
+    outer_phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -375,9 +379,14 @@ class SwarmNode:
             report.round, report.modules = self._overlapped_outer_step(round_, tokens)
         else:
             report.modules = self.outer_step(round_, tokens)
+            averaged = time.perf_counter()
             self.publish_status()
+            published = time.perf_counter()
             self.verify_round(round_, report.modules)
+            verified = time.perf_counter()
             self.session.save_checkpoint(background=True)
+            report.outer_phases = {"average": averaged - t1, "publish": published - averaged,
+                                   "verify": verified - published, "checkpoint": time.perf_counter() - verified}
         report.seconds_outer = time.perf_counter() - t1
         report.seconds_wall = time.perf_counter() - t0
         self._record_contribution(round_, report)

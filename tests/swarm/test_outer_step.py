@@ -99,6 +99,15 @@ def test_four_peers_on_a_2x2_grid_agree_on_every_module_after_three_rounds(swarm
         assert allowed in groups, f"{module_id} was never averaged by all of its holders together"
     assert all(len(h) == 3 for h in histories)
     assert all(h[-1].loss < h[0].loss + 0.5 for h in histories)
+    # every round says where its outer phase went, and a module that averaged says how long
+    # its group took to form and to all-reduce
+    for report in (r for h in histories for r in h):
+        assert set(report.outer_phases) == {"average", "publish", "verify", "checkpoint"}
+        assert all(s >= 0 for s in report.outer_phases.values())
+        assert sum(report.outer_phases.values()) <= report.seconds_outer + 1e-6
+        for result in report.modules.values():
+            if len(result.group) > 1:
+                assert result.seconds_matchmaking >= 0 and result.seconds_allreduce >= 0
 
 
 def test_overlapped_averaging_lands_one_round_late_and_peers_still_agree(swarm):
