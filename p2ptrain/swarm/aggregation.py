@@ -3,7 +3,7 @@ parts its group's senders hand it (pure functions, no hivemind).
 
     weighted_mean   hivemind's own rule: Σ wᵢ xᵢ / Σ wᵢ. One sender can move it anywhere.
     centered_clip   BTARD's CenteredClip (Karimireddy et al. 2021; Gorbunov et al. 2022):
-                    start from the coordinate-wise median, then ~20 times
+                    start from the coordinate-wise median, then until converged (≤ 20 times)
                         v ← v + Σ wᵢ · clip(xᵢ − v, τ) / Σ wᵢ,   clip(d, τ) = d · min(1, τ / ‖d‖₂)
                     Weights (tokens) still count, but each sender's pull on v is capped at
                     τ in L2 norm: with the other senders holding at least as much weight
