@@ -25,11 +25,9 @@ preset's round (`round_seconds`).
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -58,11 +56,9 @@ def module_at_revision(rev: str) -> ModuleType:
     except subprocess.CalledProcessError as exc:
         raise SystemExit(f"--baseline {rev}: git cannot show that revision's aggregation.py: "
                          f"{exc.stderr.strip()}") from None
-    path = Path(tempfile.mkdtemp(prefix="p2ptrain-bench-agg-")) / "aggregation_baseline.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("aggregation_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = ModuleType("aggregation_baseline")
+    sys.modules[module.__name__] = module  # dataclasses and the like look their module up
+    exec(compile(source, f"{rev}:p2ptrain/swarm/aggregation.py", "exec"), module.__dict__)
     return module
 
 

@@ -193,7 +193,7 @@ def centered_clip_dropping_outliers(parts: Sequence[torch.Tensor], weights: Sequ
     as_part = result.to(parts[0].dtype).reshape(parts[0].shape)
     if not (tau > 0 and math.isfinite(tau)):
         return as_part, []
-    distances = (x - result.to(parts[0].dtype).to(torch.float64)).norm(dim=1)
+    distances = (x - as_part.reshape(-1).to(torch.float64)).norm(dim=1)
     outliers = [i for i, d in enumerate(distances.tolist()) if d > factor * tau and d > min_distance]
     if not outliers or 2 * len(outliers) >= len(parts):
         return as_part, []
