@@ -5,8 +5,8 @@ known hazard). benchmarks/bench_churn.py runs the same for longer, with more pee
 from __future__ import annotations
 
 import pytest
-import torch
 
+from p2ptrain.swarm.consistency import agree
 from tests.faults.churn import run_churn
 from tests.swarm.conftest import swarm_config
 
@@ -34,11 +34,18 @@ def test_twelve_peers_coming_and_going_keep_rounds_succeeding_with_bounded_memor
     for sample in report.samples[WARM_UP_ROUNDS:]:
         assert sample.fds <= warm.fds + FD_SLACK, [(s.round, s.fds) for s in report.samples]
         assert sample.rss_mb <= warm.rss_mb + RSS_SLACK_MB, [(s.round, round(s.rss_mb)) for s in report.samples]
-    # and the peers still live agree on every module (fingerprint check, as the nodes do it)
+    # and the peers still live agree on every module by the nodes' own rule (consistency.agree:
+    # fingerprints within the drift honest copies accumulate; a lineage that trained apart for
+    # one round is a whole outer update away). Honest copies are not bit-identical: fp16 wire
+    # rounding, carried by the outer momentum, leaves them ~5e-5 apart here and more on a
+    # loaded machine (a fixed 1e-3 elementwise bound once failed in CI with every round "ok")
     live = swarm.nodes
-    for module in live[0].node.slots:
-        reference = live[0].node.slots[module].outer.global_params
+    resident_node = live[0].node
+    for module, slot in resident_node.slots.items():
+        reference = slot.vouch(resident_node.peer_id)
         for other in live[1:]:
-            if other.node.round == live[0].node.round:
-                for a, b in zip(reference, other.node.slots[module].outer.global_params):
-                    assert torch.allclose(a, b, atol=1e-3), module
+            if other.node.round == resident_node.round:
+                claim = other.node.slots[module].vouch(other.node.peer_id)
+                differs = max((a - b).abs().max().item() for a, b in
+                              zip(slot.outer.global_params, other.node.slots[module].outer.global_params))
+                assert agree(reference, claim, resident_node.codec_tolerance), (module, differs)
