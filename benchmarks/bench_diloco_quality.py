@@ -48,8 +48,12 @@ H = 10), at 1x and 4x only for time, with DP's lr grid widened to {1, 2, 4}x bec
 40-step run picked 2x, the edge of its grid, for DP at every batch size:
   bench_diloco_quality.py --steps 200 --H 10 --multipliers 1 4 --dp-lrs 1 2 4
 
+A third run tests the other candidate causes at 200 steps, 512-token worker batches: the
+communication interval (--H 5 and 20 beside 10) and the outer step (--outer: a wider grid of
+outer lr and momentum, still chosen on validation).
+
 Run: python benchmarks/bench_diloco_quality.py [--quick] [--seeds 1 2 3] [--multipliers 1 4 16]
-     [--steps N] [--H N] [--dp-lrs 1 2 4]
+     [--steps N] [--H N] [--dp-lrs 1 2 4] [--outer 1.0:0.5:1 0.7:0.9:1 ...]
 """
 
 from __future__ import annotations
@@ -91,6 +95,17 @@ DP_LR_GRID = [1.0, 2.0]  # DP's inner lr after the warm-up, x the preset's
 DILOCO_GRID = [(1.0, 0.5, 1.0), (1.0, 0.5, 2.0)]
 
 
+def parse_outer(parser, text: str) -> tuple[float, float, float]:
+    """'LR:MOMENTUM:INNER' → (outer lr, outer momentum, inner lr scale), or the parser's error."""
+    try:
+        lr, mu, scale = (float(v) for v in text.split(":"))
+    except ValueError:
+        parser.error(f"--outer {text!r}: expected LR:MOMENTUM:INNER, e.g. 1.0:0.5:1")
+    if not (lr > 0 and 0 <= mu < 1 and scale > 0):
+        parser.error(f"--outer {text!r}: needs outer lr > 0, 0 <= momentum < 1, inner lr scale > 0")
+    return lr, mu, scale
+
+
 def describe(kind: str, config: tuple) -> str:
     lr, mu, scale = config
     return f"inner lr x{scale:g}" if kind == "DP" else f"outer lr {lr:g}, mom {mu:g}, inner lr x{scale:g}"
@@ -106,6 +121,10 @@ def main() -> None:
     parser.add_argument("--multipliers", type=int, nargs="+", help="per-worker batch, x the micro-batch")
     parser.add_argument("--H", type=int, help="DiLoCo's inner steps per outer round (overrides the preset)")
     parser.add_argument("--dp-lrs", type=float, nargs="+", help="DP's inner lr grid, x the preset's lr")
+    parser.add_argument("--outer", nargs="+", metavar="LR:MOMENTUM:INNER",
+                        help="DiLoCo's grid, each setting = outer lr, outer Nesterov momentum, workers' inner lr "
+                             "x the preset's; the lowest validation loss is taken; None: "
+                             + " ".join(":".join(f"{v:g}" for v in c) for c in DILOCO_GRID))
     parser.add_argument("--protocols", nargs="+", choices=[WARM, SCRATCH], default=[WARM],
                         help="which comparisons to run (default: warm start)")
     args = parser.parse_args()
@@ -113,6 +132,8 @@ def main() -> None:
     p["H"] = args.H or p["H"]
     if args.dp_lrs:  # read by configs() in this process only; the runs get their setting as an argument
         DP_LR_GRID[:] = args.dp_lrs
+    if args.outer:
+        DILOCO_GRID[:] = [parse_outer(parser, text) for text in args.outer]
     if args.steps:
         p["steps"] = args.steps
         p["warm_steps"] = p["lr_warmup"] = p["H"] * max(args.steps // (5 * p["H"]), 1)  # ~20 %
