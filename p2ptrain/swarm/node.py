@@ -121,15 +121,30 @@ class Landing:
     modules: dict[str, ModuleRound] = field(default_factory=dict)
 
 
+# A round's last step, when a whole one would end after the round's end: a shorter batch
+# sized to the time left (whole steps left ~0.3 s of each 16 s demo round unused, measured).
+# A step of a fraction f of the batch is taken to last (a + (1 - a) f) whole steps: a is the
+# part that does not shrink with the batch (the optimizer update, launches; near 1 on a GPU
+# that a small batch leaves idle), learnt from the node's own shorter steps, starting from a
+# cautious guess. The step must fit in LAST_STEP_MARGIN of the time left, and take at least a
+# quarter of the batch (a smaller one buys little for a whole optimizer update).
+LAST_STEP_MARGIN = 0.8
+LAST_STEP_MIN_FRACTION = 0.25
+LAST_STEP_FIXED_GUESS = 0.25
+
+
 class StepDeadline:
     """`should_stop` for the inner loop: stop before a step that would end after `end`
-    (estimated from the previous steps), when stopping, or when suspended."""
+    (estimated from the previous steps), when stopping, or when suspended; and
+    `last_step_rows`: how many sequences a shorter last step may take instead."""
 
     def __init__(self, schedule: RoundSchedule, end: float, stop: threading.Event, suspension: Suspension,
-                 step_seconds: float):
+                 step_seconds: float, fixed_fraction: float = LAST_STEP_FIXED_GUESS):
         self.schedule, self.end, self.stop, self.suspension = schedule, end, stop, suspension
         self.step_seconds = step_seconds  # running estimate of one step, carried across rounds
+        self.fixed_fraction = fixed_fraction  # a, above: carried across rounds too
         self._last: Optional[float] = None
+        self._shorter: Optional[tuple[float, float]] = None  # (start, fraction of the batch) of a shorter step
 
     def __call__(self) -> bool:
         now = self.schedule.clock()
@@ -137,6 +152,31 @@ class StepDeadline:
             self.step_seconds = 0.7 * self.step_seconds + 0.3 * (now - self._last)
         self._last = now
         return self.stop.is_set() or self.suspension.active or now + self.step_seconds > self.end
+
+    def last_step_rows(self, batch: int) -> int:
+        """Sequences of a last step that ends before the round's end, fewer than `batch`; 0
+        when stopping, suspended, or too little time is left for a quarter of the batch.
+        (step_seconds is the estimate of a whole batch's step, and stays so: the inner loop
+        ends after a shorter step.)"""
+        if self.stop.is_set() or self.suspension.active or self.step_seconds <= 0 or self.fixed_fraction >= 1:
+            return 0
+        now = self.schedule.clock()
+        fits = LAST_STEP_MARGIN * (self.end - now) / self.step_seconds  # in whole steps
+        rows = int(batch * (fits - self.fixed_fraction) / (1 - self.fixed_fraction))
+        if not max(1, math.ceil(batch * LAST_STEP_MIN_FRACTION)) <= rows < batch:
+            return 0
+        self._shorter = (now, rows / batch)
+        return rows
+
+    def finished(self) -> None:
+        """The inner loop returned: learn the fixed part of a step from a shorter last step."""
+        if self._shorter is None or self.step_seconds <= 0:
+            return
+        start, fraction = self._shorter
+        self._shorter = None
+        took = (self.schedule.clock() - start) / self.step_seconds  # in whole steps
+        observed = min(max((took - fraction) / (1 - fraction), 0.0), 1.0)
+        self.fixed_fraction = 0.5 * self.fixed_fraction + 0.5 * observed
 
 
 class SwarmNode:
@@ -175,6 +215,7 @@ class SwarmNode:
         self.last_loss: float | None = None
         self.last_tps = 0.0
         self.step_seconds = 0.0
+        self.step_fixed_fraction = LAST_STEP_FIXED_GUESS  # of a step, not shrinking with its batch (StepDeadline)
         self.stop_requested = threading.Event()
         self._stop_seen_at: float | None = None  # when the outer step first saw the stop request
         self.suspension = Suspension()  # set by the daemon's policy; read at safe points
@@ -340,11 +381,14 @@ class SwarmNode:
         t0 = time.perf_counter()
         tokens, losses, inner_seconds = 0, [], 0.0
         while True:
-            deadline = StepDeadline(self.schedule, end, self.stop_requested, self.suspension, self.step_seconds)
+            deadline = StepDeadline(self.schedule, end, self.stop_requested, self.suspension, self.step_seconds,
+                                    self.step_fixed_fraction)
             t_start = time.perf_counter()
-            n_tokens, loss = self.session.inner_steps(H - self._steps(tokens), on_step=on_step, should_stop=deadline)
+            n_tokens, loss = self.session.inner_steps(H - self._steps(tokens), on_step=on_step, should_stop=deadline,
+                                                      last_step_rows=deadline.last_step_rows)
             inner_seconds += time.perf_counter() - t_start
-            self.step_seconds = deadline.step_seconds
+            deadline.finished()
+            self.step_seconds, self.step_fixed_fraction = deadline.step_seconds, deadline.fixed_fraction
             if n_tokens:
                 tokens += n_tokens
                 losses.append((loss, n_tokens))

@@ -80,9 +80,12 @@ class PathSession:
     # ----------------------------------------------------------- inner loop
 
     def inner_steps(self, n: int, on_step: Callable[[StepReport], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None, log_every: int = 10) -> tuple[int, float]:
+                    should_stop: Callable[[], bool] | None = None, log_every: int = 10,
+                    last_step_rows: Callable[[int], int] | None = None) -> tuple[int, float]:
         """Run up to n inner steps; returns (tokens processed, mean loss).
 
+        When should_stop says stop, last_step_rows (if given) may still allow one last step
+        on fewer sequences than the batch (0: none); the loop ends after it.
         The loss is read back to the host only every `log_every` steps: on a GPU each
         read is a sync point that would stall the launch queue.
         """
@@ -91,11 +94,16 @@ class PathSession:
         losses, tokens, t0 = [], 0, time.perf_counter()
         pending: list[torch.Tensor] = []
         for i in range(n):
+            rows = batch
             if should_stop is not None and should_stop():
-                break
-            x, y = self.stream.sample(batch, context, self.generator)
+                rows = last_step_rows(batch) if last_step_rows is not None else 0
+                if not 0 < rows < batch:
+                    break
+            x, y = self.stream.sample(rows, context, self.generator)
             pending.append(self.inner.step(x, y))
             tokens += x.numel()
+            if rows < batch:
+                break  # the shorter last step
             if len(pending) == log_every or i == n - 1:
                 values = torch.stack(pending).float().cpu().tolist()
                 losses.extend(values)

@@ -237,3 +237,25 @@ def test_importing_bitsandbytes_defers_its_torch_compile_calls_to_first_use():
     assert "dynamo before the first call: False" in done.stdout
     assert "first call: [3.0, 3.0, 3.0]" in done.stdout
     assert "dynamo after it: True" in done.stdout
+
+
+
+@pytest.mark.parametrize("offered", [1, 0])
+def test_the_inner_loop_ends_with_a_shorter_step_only_when_offered_one(tiny_run_state, stdlib_docs, tmp_path, offered):
+    from p2ptrain.train.session import PathSession
+
+    session = PathSession(tiny_run_state, (0, 0), stdlib_docs, torch.device("cpu"), tmp_path)
+    batch, context = session.cfg.inner.batch_size, session.cfg.model.context
+    assert batch > 1
+    checks = []
+
+    def deadline_after_two_steps() -> bool:
+        checks.append(None)
+        return len(checks) > 2
+
+    tokens, loss = session.inner_steps(10, should_stop=deadline_after_two_steps, last_step_rows=lambda b: offered)
+    rows = [batch, batch] + ([offered] if offered else [])
+    assert tokens == sum(rows) * context
+    assert session.inner.step_count == len(rows)
+    assert len(checks) == 3  # the loop ended after the shorter step without asking again
+    assert math.isfinite(loss)

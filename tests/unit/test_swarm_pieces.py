@@ -1,9 +1,10 @@
 """The swarm's pure pieces, without a network: bootstrap lists, addresses, fingerprints,
-coverage and path choice, DHT key names."""
+coverage and path choice, DHT key names, the round's step deadline."""
 
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -16,7 +17,10 @@ from p2ptrain.swarm.averaging import (averaging_part_bytes, balanced_bandwidths,
                                       fingerprint_distance, sync_tolerance)
 from p2ptrain.swarm.dht import check_maddrs, parse_bootstrap_text
 from p2ptrain.swarm.membership import least_covered_path, module_coverage
+from p2ptrain.swarm.node import StepDeadline
+from p2ptrain.swarm.schedule import RoundSchedule
 from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits, stage_two_weight_rounds
+from p2ptrain.swarm.suspension import Suspension
 from p2ptrain.swarm.records import averager_prefix, new_peer_record, peers_key, run_key
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWKeUrzZaV3Ppfh7U9gXvAXcT1kWCS89y76rWqf81b3faY"
@@ -132,3 +136,53 @@ def test_a_stage_two_weight_may_hold_a_whole_stage_one_group_even_past_target_gr
     assert stage_two_weight_rounds(plan, 64) == 200
     assert stage_two_weight_rounds(plan_stages(4, 2, True), 2) == 4
     assert stage_two_weight_rounds(plan_stages(100, 64, True), 64) == 64
+
+
+def deadline_at(now: list, fixed_fraction: float, step_seconds: float = 1.0):
+    """A StepDeadline for a round ending at t = 10 s on a clock the test moves."""
+    schedule = RoundSchedule(epoch=0.0, round_seconds=10.0, clock=lambda: now[0])
+    return StepDeadline(schedule, schedule.end_of(1), threading.Event(), Suspension(), step_seconds, fixed_fraction)
+
+
+def test_a_rounds_last_step_is_shortened_to_fit_the_time_left_or_skipped():
+    now = [9.5]
+    deadline = deadline_at(now, fixed_fraction=0.0)
+    # half a step's time left, a step's time proportional to its batch: 80 % of that (the
+    # margin) in sequences
+    assert deadline() and deadline.last_step_rows(16) == 6
+    # a whole step would still fit: no shorter step is offered
+    now[0] = 8.0
+    assert deadline.last_step_rows(16) == 0
+    # less than a quarter of the batch fits: the round's remaining time stays unused
+    now[0] = 9.8
+    assert deadline.last_step_rows(16) == 0
+    # a stopping or suspended node takes no last step
+    now[0] = 9.5
+    deadline.stop.set()
+    assert deadline.last_step_rows(16) == 0
+    deadline.stop.clear()
+    deadline.suspension.set({"user"})
+    assert deadline.last_step_rows(16) == 0
+    # a step that takes as long whatever its batch (a GPU a small batch leaves idle): never shorter
+    assert deadline_at([9.0], fixed_fraction=1.0).last_step_rows(16) == 0
+    # with a quarter of each step fixed, the same half step left fits fewer sequences, 0.2 s more do
+    assert deadline_at([9.5], fixed_fraction=0.25).last_step_rows(16) == 0
+    assert deadline_at([9.3], fixed_fraction=0.25).last_step_rows(16) == 6
+
+
+def test_the_fixed_part_of_a_step_is_learnt_from_the_shorter_steps_taken():
+    now = [9.5]
+    deadline = deadline_at(now, fixed_fraction=0.0)
+    assert deadline.last_step_rows(16) == 6  # 0.375 of the batch
+    now[0] = 9.5 + 0.375  # it took 0.375 of a whole step: no fixed part
+    deadline.finished()
+    assert deadline.fixed_fraction == 0.0
+    now = [9.5]
+    deadline = deadline_at(now, fixed_fraction=0.0)
+    deadline.last_step_rows(16)
+    now[0] = 10.5  # it took a whole step: all of it is fixed; learnt half-way (a running mean)
+    deadline.finished()
+    assert deadline.fixed_fraction == 0.5
+    # no shorter step, nothing learnt
+    deadline.finished()
+    assert deadline.fixed_fraction == 0.5
