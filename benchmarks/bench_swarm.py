@@ -149,8 +149,12 @@ VARIANTS = [("plain-fp16", "fp16", False, "default", 25, 16.0),
             ("plain-fp16-wide", "fp16", False, "wide", 4, 30.0),
             ("plain-8bit-wide", "8bit", False, "wide", 4, 30.0),
             ("plain-8bit-tiny-H25", "8bit", False, "tiny", 25, 6.0),
-            ("plain-8bit-tiny-H500", "8bit", False, "tiny", 500, 45.0)]
-MODELS = {"wide": {"d_model": 512, "n_heads": 8, "batch_size": 4},
+            ("plain-8bit-tiny-H500", "8bit", False, "tiny", 500, 45.0),
+            ("plain-8bit-H500", "8bit", False, "default-b4", 500, 150.0)]
+# "default-b4" is the default model with 4 sequences a step, so 500 steps fit a 150 s round:
+# bytes per token vs DDP do not depend on the batch (DDP's all-reduce is per step, ours per round).
+MODELS = {"default-b4": {"d_model": 128, "n_heads": 4, "batch_size": 4},
+          "wide": {"d_model": 512, "n_heads": 8, "batch_size": 4},
           "tiny": {"d_model": 32, "n_heads": 2, "batch_size": 4}}
 
 

@@ -69,7 +69,12 @@ import numpy as np
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 STATE_BYTES_PER_PARAM = 8.0  # a downloaded module state: fp32 global params + fp32 outer momentum
 ALLREDUCE_RTTS = 4  # matchmaking handshake + the butterfly's two phases
-RECORD_TTL_S = 60.0  # a departed peer's record stays visible this long (records.PEER_RECORD_TTL_S)
+RECORD_TTL_S = 60.0  # records.PEER_RECORD_TTL_S
+
+
+def record_ttl(round_seconds: float) -> float:
+    """How long a departed peer's record stays visible: records.peer_record_ttl, 2 rounds + 60 s."""
+    return 2 * round_seconds + RECORD_TTL_S
 ENTER_MIN_STEPS = 1.5  # a peer enters the round in progress if this many steps of it are left
 
 
@@ -685,7 +690,7 @@ class AlignedSwarm:
                 wasted = left_at[computing] - self.ready[g]
                 self.add_row(g, r, wasted, wasted, 0, 0.0, False, 0)
             seen = self.published[gone] | (self.ready[gone] < left_at)
-            self.ghost_until += list(left_at[seen] + RECORD_TTL_S)
+            self.ghost_until += list(left_at[seen] + record_ttl(self.T))
             self.ghost_path += list(self.peers.path[gone[seen]])
             self.ghost_last += list(self.last_participation[gone[seen]])
             self.ghost_published += list(self.joined_at[gone[seen]])

@@ -44,8 +44,8 @@ from p2ptrain.swarm.healing import RecentPartners, heal_tie
 from p2ptrain.swarm.membership import peers_holding
 from p2ptrain.swarm.overlap import Anchors, BackgroundRound
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, parse
-from p2ptrain.swarm.records import (PEER_RECORD_TTL_S, ModuleSync, PeerRecord, SwarmRecords, new_peer_record,
-                                    status_record_fields)
+from p2ptrain.swarm.records import (ModuleSync, PeerRecord, SwarmRecords, heartbeat_period, new_peer_record,
+                                    peer_record_ttl, status_record_fields)
 from p2ptrain.swarm.schedule import RoundSchedule, search_seconds
 from p2ptrain.swarm.slot import ModuleSlot, max_steps_per_round, tokens_per_round
 from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits, stage_two_weight_rounds
@@ -940,7 +940,8 @@ class SwarmNode:
                                  sync=dict(self.sync), paused=self.suspension.describe(),
                                  credential=self.credential, **status_record_fields(self.status()))
         try:
-            self.records.publish_peer(record, round_=self.schedule.current_round())
+            self.records.publish_peer(record, ttl_s=peer_record_ttl(self.schedule.round_seconds),
+                                      round_=self.schedule.current_round())
         except Exception as e:
             logger.warning("could not publish this node's status: %s", e)
 
@@ -979,13 +980,15 @@ class SwarmNode:
     def describe(self) -> str:
         return f"path {path_name(self.session.path)} modules {', '.join(self.session.module_ids)}"
 
-    def start_heartbeat(self, period_s: float = PEER_RECORD_TTL_S / 3) -> None:
-        """Re-publish this node's record in the background: rounds can be longer than the
-        record's lifetime, and a node that vanishes must drop out of others' view. A beat
-        is skipped when the round driver published within the period (each round does):
-        a publish is ~34 KB on the wire in a 4-peer swarm, the largest fixed cost of a round."""
+    def start_heartbeat(self, period_s: float | None = None) -> None:
+        """Re-publish this node's record in the background when the round driver has not
+        within the period (by default a round and 20 s, `heartbeat_period`): a suspended or
+        stalled node must stay in others' view, and one that vanishes must drop out. A
+        publish is ~34 KB on the wire in a 4-peer swarm, the largest fixed cost of a round,
+        so a node keeping up with its rounds never beats."""
         if self._heartbeat is not None:
             return
+        period_s = heartbeat_period(self.schedule.round_seconds) if period_s is None else period_s
 
         def beat():
             while True:

@@ -21,7 +21,8 @@ from p2ptrain.swarm.node import StepDeadline
 from p2ptrain.swarm.schedule import RoundSchedule
 from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits, stage_two_weight_rounds
 from p2ptrain.swarm.suspension import Suspension
-from p2ptrain.swarm.records import averager_prefix, new_peer_record, peers_key, run_key
+from p2ptrain.swarm.records import (averager_prefix, heartbeat_period, new_peer_record, peer_record_ttl, peers_key,
+                                    run_key)
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWKeUrzZaV3Ppfh7U9gXvAXcT1kWCS89y76rWqf81b3faY"
 
@@ -84,6 +85,16 @@ def test_coverage_counts_live_holders_and_a_joiner_takes_the_least_covered_path(
 def test_every_dht_key_is_prefixed_by_the_run_id():
     assert run_key("r1") == "r1_run" and peers_key("r1") == "r1_peers"
     assert averager_prefix("r1", "L0.M1") == "r1_avg_L0_M1"
+
+
+@pytest.mark.parametrize("round_seconds", [3.0, 16.0, 45.0, 300.0, 86400.0])
+def test_a_node_keeping_up_publishes_once_a_round_and_its_record_outlives_one_missed_publish(round_seconds):
+    # every round publishes at the round's end: the heartbeat stays quiet unless a publish is late
+    assert heartbeat_period(round_seconds) > round_seconds + 15
+    # the record published after round r is still listed after round r + 1's publish is lost
+    assert peer_record_ttl(round_seconds) > 2 * heartbeat_period(round_seconds)
+    # and a node that left is gone within two rounds and a minute of its last publish
+    assert peer_record_ttl(round_seconds) <= 2 * round_seconds + 60
 
 
 def test_reduce_shares_follow_claimed_links_but_no_claim_takes_over_a_module():
