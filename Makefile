@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 test-swarm: $(STAMP)
 	$(PYTEST) -m swarm tests
 
-# Every benchmark, then the simulator's validation against real loopback swarms (about
+# Every benchmark, then the simulator's validation against real loopback swarms (over
 # an hour on 2 cores). Tables print to the terminal; JSON and PNG go to bench-out/.
 BENCHMARKS = $(sort $(wildcard benchmarks/bench_*.py))
 

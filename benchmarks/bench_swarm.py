@@ -1,6 +1,7 @@
 """Wire efficiency and communication vs data-parallel, measured on a real 4-peer loopback
-swarm at the H quoted (H = 25 on the default model, H = 4 on the wide one, and H = 25 and
-H = 500 on a tiny model that keeps 500 steps a round affordable on 2 cores).
+swarm at the H quoted (H = 25 and H = 500 on the default model, the latter with 4 sequences
+a step so 500 steps fit a 150 s round on 2 cores; H = 4 on the wide one; H = 25 and H = 500
+on a tiny model).
 
 Each peer is a separate `p2ptrain join` process (as in `make demo`). Bytes on the wire are
 read from the loopback interface's counters (/proc/net/dev), so they include everything
