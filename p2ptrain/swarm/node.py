@@ -189,6 +189,7 @@ class SwarmNode:
         self.dht = dht
         self.records = records
         self.schedule = schedule
+        records.record_ttl_s = peer_record_ttl(schedule.round_seconds)  # a creator never read the run record
         self.client_mode = client_mode
         self.maddrs = maddrs or []
         self.peer_id = dht.peer_id.to_base58()
@@ -940,8 +941,7 @@ class SwarmNode:
                                  sync=dict(self.sync), paused=self.suspension.describe(),
                                  credential=self.credential, **status_record_fields(self.status()))
         try:
-            self.records.publish_peer(record, ttl_s=peer_record_ttl(self.schedule.round_seconds),
-                                      round_=self.schedule.current_round())
+            self.records.publish_peer(record, round_=self.schedule.current_round())
         except Exception as e:
             logger.warning("could not publish this node's status: %s", e)
 

@@ -265,6 +265,10 @@ class SwarmRecords:
         self.closed_run: Optional[PublishedRun] = None  # set for closed runs: records need credentials
         self.uncredentialed = 0  # records refused in a closed run
         self.buckets = 1  # averaging.peer_buckets of the run, once its record is read
+        # our record's lifetime, from the run's round length once known: every publish of it
+        # must use the same, since the DHT keeps a subkey's latest expiration and refuses an
+        # earlier one
+        self.record_ttl_s = PEER_RECORD_TTL_S
         # hivemind's DHT takes commands over one pipe with no lock of its own; the
         # heartbeat thread and the round driver both write records
         self._lock = threading.Lock()
@@ -336,18 +340,19 @@ class SwarmRecords:
         if state.fingerprint() != record.fingerprint:
             raise SwarmError(f"run '{self.run_id}' on the DHT: its run state does not match its own fingerprint")
         self.buckets = state.config.averaging.peer_buckets
+        self.record_ttl_s = peer_record_ttl(state.config.averaging.round_seconds)
         return PublishedRun(state, creator, record.created, record.p2ptrain_version, record.closed, key)
 
     # ------------------------------------------------------------ peer status
 
-    def publish_peer(self, record: PeerRecord, ttl_s: float = PEER_RECORD_TTL_S,
+    def publish_peer(self, record: PeerRecord, ttl_s: Optional[float] = None,
                      round_: Optional[int] = None) -> bool:
         """Store our record; with a split table, in the buckets of the rounds round_ − 1 and
         round_ (`round_`: the schedule's current round): a node reads the bucket of the round
         it averages or verifies, which has just ended when it publishes that round's
         fingerprints, so a bucket holds about 2 × peers / buckets records."""
         from hivemind.utils.timed_storage import get_dht_time
-        expiration = get_dht_time() + ttl_s
+        expiration = get_dht_time() + (self.record_ttl_s if ttl_s is None else ttl_s)
         if self.buckets == 1:
             return self._store(peers_key(self.run_id), record.dict(), expiration)
         now = round_ or 0
