@@ -70,12 +70,12 @@ MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 STATE_BYTES_PER_PARAM = 8.0  # a downloaded module state: fp32 global params + fp32 outer momentum
 ALLREDUCE_RTTS = 4  # matchmaking handshake + the butterfly's two phases
 RECORD_TTL_S = 60.0  # records.PEER_RECORD_TTL_S
+ENTER_MIN_STEPS = 1.5  # a peer enters the round in progress if this many steps of it are left
 
 
 def record_ttl(round_seconds: float) -> float:
     """How long a departed peer's record stays visible: records.peer_record_ttl, 2 rounds + 60 s."""
     return 2 * round_seconds + RECORD_TTL_S
-ENTER_MIN_STEPS = 1.5  # a peer enters the round in progress if this many steps of it are left
 
 
 @dataclass

@@ -42,8 +42,6 @@ PEER_RECORD_TTL_S = 60.0  # a record's lifetime in a swarm of very short rounds 
 RUN_RECORD_TTL_S = 365 * 24 * 3600.0
 
 
-
-
 def heartbeat_period(round_seconds: float) -> float:
     """How long a node goes without publishing its record before its heartbeat does: a round
     and 20 s. Every round publishes, so a node that keeps up with the schedule publishes once
