@@ -14,10 +14,8 @@ and no better leader is known (it leads, or nobody else has declared yet), hivem
 `PotentialLeaders` re-reads the group key from the DHT as soon as the previous read
 returns. On loopback that is hundreds of DHT reads a second per averager: we measured
 about 1 MB/s for a 4-peer swarm with three modules, 0.8x the all-reduce itself. We space
-the reads of one group key: 0.1 s after a search's first read, then twice the last gap, up
-to GROUP_KEY_POLL_S. The short first gaps matter when holders reach the round's end
-together: one that reads before the other's declaration has landed sees no leader, and
-with a flat 0.5 s it learnt of it up to 0.5 s later, each round, for a read or two saved.
+the reads of one group key by at least GROUP_KEY_POLL_S; a follower then learns of a new
+leader at most that much later, which is small against a matchmaking window of seconds.
 
 Admission: hivemind's matchmaking accepts any follower. A leader running p2ptrain also
 refuses followers its node does not admit (see swarm/admission.py).
@@ -30,8 +28,7 @@ import os
 import time
 
 _APPLIED = False
-GROUP_KEY_POLL_S = 0.5  # the longest gap between two reads of one group key
-GROUP_KEY_FIRST_GAP_S = 0.1  # the gap after a search's first read; each next one doubles
+GROUP_KEY_POLL_S = 0.5
 
 
 class _BlockingReaderLoop:
@@ -49,26 +46,13 @@ class _BlockingReaderLoop:
         return getattr(self._loop, name)
 
 
-def next_read_gap(gap: float | None) -> float:
-    """The gap before a group key's next read, given the last one (None: the search's first read)."""
-    return GROUP_KEY_FIRST_GAP_S if gap is None else min(2 * gap, GROUP_KEY_POLL_S)
-
-
 def _throttled(get_averagers):
-    """Wrap GroupKeyManager.get_averagers so one manager's reads of a key back off from
-    GROUP_KEY_FIRST_GAP_S to GROUP_KEY_POLL_S apart. A read of another key, or one more than
-    2 × GROUP_KEY_POLL_S after the last, starts a new search (the next round's or stage's)."""
+    """Wrap GroupKeyManager.get_averagers so one manager reads its key at most every GROUP_KEY_POLL_S."""
 
     async def get_averagers_throttled(self, group_key, only_active):
-        last = getattr(self, "_p2ptrain_last_read", -float("inf"))
-        gap = getattr(self, "_p2ptrain_read_gap", None)
-        if group_key != getattr(self, "_p2ptrain_last_key", None) or time.monotonic() - last > 2 * GROUP_KEY_POLL_S:
-            gap = None  # a new search: its first read goes now
-        wait = last + gap - time.monotonic() if gap is not None else 0.0
+        wait = getattr(self, "_p2ptrain_last_read", -float("inf")) + GROUP_KEY_POLL_S - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        self._p2ptrain_read_gap = next_read_gap(gap)
-        self._p2ptrain_last_key = group_key
         self._p2ptrain_last_read = time.monotonic()
         return await get_averagers(self, group_key, only_active)
 

@@ -16,7 +16,6 @@ from hivemind.averaging.load_balancing import load_balance_peers
 from p2ptrain.swarm.averaging import (averaging_part_bytes, balanced_bandwidths, capped_shares, fingerprint,
                                       fingerprint_distance, sync_tolerance)
 from p2ptrain.swarm.dht import check_maddrs, parse_bootstrap_text
-from p2ptrain.swarm.hivemind_patches import GROUP_KEY_POLL_S, next_read_gap
 from p2ptrain.swarm.membership import least_covered_path, module_coverage
 from p2ptrain.swarm.node import StepDeadline
 from p2ptrain.swarm.schedule import RoundSchedule
@@ -96,16 +95,6 @@ def test_a_node_keeping_up_publishes_once_a_round_and_its_record_outlives_one_mi
     assert peer_record_ttl(round_seconds) > 2 * heartbeat_period(round_seconds)
     # and a node that left is gone within two rounds and a minute of its last publish
     assert peer_record_ttl(round_seconds) <= 2 * round_seconds + 60
-
-
-def test_a_group_key_is_reread_soon_after_a_search_begins_then_backs_off_to_the_poll_period():
-    gaps, gap = [], None
-    for _ in range(7):
-        gap = next_read_gap(gap)
-        gaps.append(gap)
-    assert gaps == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5, 0.5, 0.5])
-    # the first 1.2 s of a search take 5 reads (0, 0.1, 0.3, 0.7, 1.2), where a flat period took 3
-    assert max(gaps) == GROUP_KEY_POLL_S
 
 
 def test_reduce_shares_follow_claimed_links_but_no_claim_takes_over_a_module():
