@@ -183,7 +183,10 @@ def test_a_reducer_that_raises_mid_all_reduce_leaves_survivors_that_agree_and_ke
     # Prepare: honest a and b hold the only path; a stranger (a real hivemind peer that
     # claims the path) joins L0.M0's all-reduce every round and, as a reducer, returns one
     # averaged part to each sender and then raises
-    config = swarm_config("raising-reducer", levels=(1,), averaging_timeout=30.0, round_seconds=6.0)
+    # hivemind waits up to its reducer_timeout (2 x next_chunk_timeout: 10 s here) for a reducer
+    # that neither answers nor fails; rounds longer than that stall plus the outer phase keep a
+    # stalled survivor in the next round (6 s rounds put one 2 rounds behind the other in CI)
+    config = swarm_config("raising-reducer", levels=(1,), averaging_timeout=30.0, round_seconds=15.0)
     a = swarm.open(config, "0")
     b = swarm.open(config, "0", initial_peers=a.maddrs)
     stranger = Adversary(a, path=[0], module_id="L0.M0", lie={"raise_as_reducer": True})
@@ -206,7 +209,9 @@ def test_a_reducer_that_raises_mid_all_reduce_leaves_survivors_that_agree_and_ke
                      if stranger.peer_id in ra.modules["L0.M0"].group and stranger.peer_id in rb.modules["L0.M0"].group]
     assert with_stranger, "the stranger never averaged with both honest peers"
     assert any(ma.partial and mb.partial for ma, mb in with_stranger), "the stranger's reducer never failed anyone"
-    assert a.node.round == b.node.round
+    timeline = {name: [(r.round, round(r.seconds_outer, 1), {m: (len(x.group), x.partial) for m, x in r.modules.items()})
+                       for r in node.history] for name, node in (("a", a.node), ("b", b.node))}
+    assert a.node.round == b.node.round, timeline
     for module_id in SHARED:
         assert max_difference(a.node.slots[module_id].outer.global_params,
                               b.node.slots[module_id].outer.global_params) < 1e-3, module_id
