@@ -33,3 +33,8 @@ class SwarmError(UserError):
     """The swarm cannot be joined: unreachable peers, mismatched run, bad records."""
 
     exit_code = 6
+
+
+class DHTProcessExited(SwarmError):
+    """This node's DHT process is gone (killed, out of memory): the node cannot reach the
+    swarm any more and stops; its last checkpoint stays, and a restart rejoins."""

@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
+from p2ptrain.errors import DHTProcessExited
 from p2ptrain.model.grid import path_name
 from p2ptrain.run_state import RunState
 from p2ptrain.swarm.admission import Admission
@@ -919,6 +920,8 @@ class SwarmNode:
         round_ = self.schedule.current_round() if round_ is None else round_
         try:
             self._peers_cache = self.records.fetch_peers(round_, self.peer_id)
+        except DHTProcessExited:  # not a slow or failed lookup: no later one can succeed
+            raise
         except Exception as e:  # the DHT is best effort: keep the last view
             logger.warning("could not read peer records: %s", e)
         return self._peers_cache
@@ -928,6 +931,8 @@ class SwarmNode:
         table, their buckets as well as ours); none when the DHT fails (nobody is waited for)."""
         try:
             return self.records.fetch_group_members(round_, self.peer_id, members)
+        except DHTProcessExited:
+            raise
         except Exception as e:  # the DHT is best effort
             logger.warning("could not read peer records: %s", e)
             return []
@@ -942,6 +947,8 @@ class SwarmNode:
                                  credential=self.credential, **status_record_fields(self.status()))
         try:
             self.records.publish_peer(record, round_=self.schedule.current_round())
+        except DHTProcessExited:
+            raise
         except Exception as e:
             logger.warning("could not publish this node's status: %s", e)
 
@@ -997,7 +1004,10 @@ class SwarmNode:
                     if self._heartbeat_stop.wait(due):
                         return
                     continue
-                self.publish_status()
+                try:
+                    self.publish_status()
+                except DHTProcessExited:  # the round driver stops on its next read and says why
+                    return
 
         self._heartbeat = threading.Thread(target=beat, name="p2ptrain-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -1009,9 +1019,16 @@ class SwarmNode:
         self._heartbeat_stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=10)
+        # p2pd dies with the DHT process (parent-death signal): an averager asked to shut down
+        # then fails to unregister its handlers there and prints the error; it holds nothing to save
+        dht_gone = not self.records.dht.is_alive()
         for slot in self.slots.values():
             try:
-                slot.averager.shutdown()
+                if dht_gone:
+                    slot.averager.kill()
+                    slot.averager.join(10)
+                else:
+                    slot.averager.shutdown()
             except Exception as e:
                 logger.debug("averager shutdown: %s", e)
 

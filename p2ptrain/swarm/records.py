@@ -24,7 +24,7 @@ import platform
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import pydantic.v1 as pydantic
 from pydantic.v1 import StrictBool, StrictFloat, StrictStr, confloat, conint, conlist, constr
@@ -32,12 +32,14 @@ from pydantic.v1 import StrictBool, StrictFloat, StrictStr, confloat, conint, co
 from hivemind.dht.schema import BytesWithPublicKey
 
 from p2ptrain import __version__
+from p2ptrain.errors import DHTProcessExited
 from p2ptrain.run_state import RunState
 from p2ptrain.swarm.identity import owner_peer_id, owner_public_key
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+DHT_ALIVE_CHECK_S = 1.0  # while waiting for the DHT's answer, check this often that its process lives
 PEER_RECORD_TTL_S = 60.0  # a record's lifetime in a swarm of very short rounds (see peer_record_ttl)
 RUN_RECORD_TTL_S = 365 * 24 * 3600.0
 
@@ -273,11 +275,34 @@ class SwarmRecords:
 
     def _store(self, key: str, value: dict, expiration: float) -> bool:
         with self._lock:
-            return bool(self.dht.store(key, value, expiration, subkey=self.public_key))
+            return bool(self._ask(lambda: self.dht.store(key, value, expiration, subkey=self.public_key,
+                                                         return_future=True)))
 
     def _get(self, key: str):
         with self._lock:
-            return self.dht.get(key, latest=True)
+            return self._ask(lambda: self.dht.get(key, latest=True, return_future=True))
+
+    def _ask(self, request: Callable):
+        """The DHT's answer to a request (a call returning hivemind's future). hivemind's own
+        lookups time out, but a DHT process that died (SIGKILL, the out-of-memory killer)
+        never answers at all: without this check the node waited for it forever (seen when 32
+        peers' processes filled this machine's 24 GiB)."""
+        try:
+            future = request()
+            while True:
+                try:
+                    return future.result(timeout=DHT_ALIVE_CHECK_S)
+                except TimeoutError:
+                    if not self.dht.is_alive():
+                        future.cancel()
+                        break
+        except OSError:  # the pipe to the DHT process is closed: gone, or going
+            if self.dht.is_alive():
+                raise
+        raise DHTProcessExited(
+            f"this node's DHT process (pid {self.dht.pid}) has exited (exit code {self.dht.exitcode}: killed, or "
+            "out of memory?); the node cannot reach the swarm and stops. Its last checkpoint is kept; starting it "
+            "again rejoins the swarm")
 
     @property
     def public_key(self) -> bytes:

@@ -284,3 +284,50 @@ def test_a_full_disk_under_a_running_node_keeps_it_training_and_its_last_good_ch
     assert lost == 0
     assert after > failing
     assert code == 0, "".join(node.stderr)[-3000:]
+
+
+# ---------------------------------------------------------------------------- DHT process killed
+
+def test_a_node_whose_dht_process_is_killed_stops_with_a_clear_error_and_its_last_checkpoint(tmp_path, fault):
+    # Prepare: a lone `p2ptrain join` that has trained a round and checkpointed it
+    config = swarm_config("dht-killed", levels=(1,), round_seconds=5.0)
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(config.to_toml())
+    home = tmp_path / "home"
+    node = JoinProcess(home, "--new-swarm", "--run-config", str(config_file), "--path", "0")
+    store = CheckpointStore(checkpoint_dir(home, config.run.id, (0,)))
+    try:
+        node.next_event("joined", 180)
+        node.next_event("round", 120)
+        deadline = time.monotonic() + 60
+        while store.load_latest() is None:  # the round's checkpoint is written in the background
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.2)
+        helpers = psutil.Process(node.process.pid).children(recursive=True)
+        # the DHT is the node's first child process (started before the module averagers)
+        dht = min((p for p in helpers if p.ppid() == node.process.pid and "python" in p.name().lower()),
+                  key=lambda p: p.create_time())
+
+        # Execute: the DHT process dies the way the out-of-memory killer ends it
+        dht.send_signal(signal.SIGKILL)
+        code = node.wait(EXIT_BOUND_S)
+        left_behind = []
+        if code is not None:  # torch's shared-memory manager leaves a moment after its last client
+            _, alive = psutil.wait_procs([p for p in helpers if p.pid != dht.pid], timeout=10)
+            left_behind = [(p.pid, p.name()) for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        node.kill()
+    final = store.load_latest()
+
+    # Assert: the node stopped within the bound with the swarm error's exit code and one line
+    # naming the cause, no traceback; its last checkpoint is whole; none of its other helper
+    # processes (averagers, p2pd, torch's shared-memory manager) outlived it by more than 10 s
+    lost = int(final is None or not all(torch.isfinite(t).all() for group in final.groups.values()
+                                        for t in group.values() if t.is_floating_point()))
+    tally.lost(fault, lost)
+    assert lost == 0
+    assert code == 6, "".join(node.stderr)[-3000:]
+    assert any(line.startswith("error: ") and "DHT process" in line and "has exited" in line
+               for line in node.stderr), "".join(node.stderr)[-3000:]
+    assert not uncaught_tracebacks(node.stderr), "".join(node.stderr)[-3000:]
+    assert not left_behind, left_behind
