@@ -35,7 +35,7 @@ from swarm_model import DHT_REPLICAS, Levers, Overheads, Volunteers, Workload, s
 MEASURED_FILE = OUT_DIR / "simulate_loopback.json"
 CALIBRATION_FILE = OUT_DIR / "simulate_calibration.json"
 SIZES = (100, 1000, 10000)
-VALIDATION_RUNS = ((4, False), (8, False), (16, False), (4, True), (8, True))
+VALIDATION_RUNS = ((4, False), (8, False), (16, False), (32, False), (4, True), (8, True), (16, True))
 # --hetero: (peers, overlap, fill_round, indices of the slowed peers). Peer i trains path
 # PATHS[i // (peers / 4)], so (3,) slows one of 4 (path 1,1) and (1, 3, 5, 7) one peer of each
 # path at 8. Capped rounds (fill_round off, as above) and time-based rounds (on, the default),
@@ -333,10 +333,20 @@ def comparison_table(rows: list[dict]) -> str:
 # --------------------------------------------------------------- validation
 
 VALIDATION_H, VALIDATION_ROUNDS, VALIDATION_MATCHMAKING_S = 10, 5, 3.0
-# One round length for every size: at 4 peers H = 10 steps take about half of it (peers idle
-# until the round's end); at 8 and 16 peers the peers share 2 cores, steps slow down and the
-# deadline, not H, ends their inner phase. Both regimes get checked.
+# One round length for every size. The peers share 2 cores, so a step slows down with their
+# number: at 4 peers H = 10 steps take a third of the round, at 8 about two thirds. Beyond 8,
+# H shrinks so that the swarm's steps per round stay at 8 × 10 (validation_h) and training
+# leaves the cores as much time as at 8. With H = 10, 16 peers trained the whole round
+# (2026-12-04: outer phase 13 s, 39 rounds skipped, stem groups of 3.7 instead of 16); with
+# H = 5 it was no better (16 s, 48, 4.5): 16 peers' DHT, averager and p2pd processes alone
+# do not fit 2 cores, a machine out of CPU that the model (one machine a peer) does not describe.
 VALIDATION_ROUND_S = 15.0
+VALIDATION_SWARM_STEPS = 80
+
+
+def validation_h(n_peers: int) -> int:
+    """At most H steps per round at this size: 10, fewer beyond 8 peers (the 2 cores' load)."""
+    return max(1, min(VALIDATION_H, VALIDATION_SWARM_STEPS // n_peers))
 
 
 def slot_peers(n_peers: int) -> list[int]:
@@ -369,7 +379,7 @@ def loopback_volunteers(measured: dict) -> Volunteers:
 
 def validation_config(n_peers: int, overlap: bool, round_seconds: float) -> RunConfig:
     import loopback_runs
-    config = loopback_runs.loopback_config(n_peers, overlap, VALIDATION_H, VALIDATION_ROUNDS,
+    config = loopback_runs.loopback_config(n_peers, overlap, validation_h(n_peers), VALIDATION_ROUNDS,
                                            VALIDATION_MATCHMAKING_S)
     config.averaging.round_seconds = round_seconds
     return config
@@ -732,7 +742,8 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
         link_shaping = loopback_runs.probe_link_shaping()
     print_header("Swarm simulator: validation against real loopback swarms", info, [
         f"real peers: `p2ptrain join` processes on 127.0.0.1 (started together with --wait-for-peers), default "
-        f"preset, at most H={VALIDATION_H} steps in {VALIDATION_ROUND_S:.0f} s rounds on the aligned schedule, "
+        f"preset, at most H={VALIDATION_H} steps (up to 8 peers; {VALIDATION_SWARM_STEPS} / peers beyond) in "
+        f"{VALIDATION_ROUND_S:.0f} s rounds on the aligned schedule, "
         f"matchmaking {VALIDATION_MATCHMAKING_S:.0f} s, {VALIDATION_ROUNDS} rounds (steady rounds 2–"
         f"{VALIDATION_ROUNDS}); measurements from {source}",
         "inputs per size: the measured step time (the peers share 2 cores, so it grows with the peer count) and "
