@@ -173,6 +173,8 @@ def monitor(initial_peers, bootstrap_file, host_maddrs, run_id, host, port, refr
         deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
         shown = None
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            if watcher.failure is not None:
+                raise watcher.failure
             view = watcher.view
             if view is not None and view is not shown:
                 shown = view

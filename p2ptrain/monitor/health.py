@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Optional, Sequence
 
+from p2ptrain.errors import DHTProcessExited
 from p2ptrain.monitor.metrics import SwarmMetrics
 from p2ptrain.monitor.probe import DEFAULT_TIMEOUT_S, ReachabilityProbe
 from p2ptrain.monitor.swarm_view import BootstrapState, ProbeResult, SwarmView, build_view
@@ -53,6 +54,7 @@ class SwarmMonitor:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self.failure: Optional[DHTProcessExited] = None  # set when the watch stopped for good
 
     @property
     def registry(self):
@@ -120,6 +122,10 @@ class SwarmMonitor:
             while True:
                 try:
                     self.refresh()
+                except DHTProcessExited as e:  # no later read can succeed: stop, and say why
+                    self.failure = e
+                    logger.error("monitor: %s", e)
+                    return
                 except Exception as e:  # the DHT is best effort: keep the last view, try again
                     logger.warning("monitor: could not read the swarm: %s", e)
                 if self._stop.wait(self.refresh_s):
@@ -150,6 +156,8 @@ def read_grid(records) -> tuple:
     from p2ptrain.errors import SwarmError
     try:
         published = records.fetch_run()
+    except DHTProcessExited:  # not a problem of the run's: nothing can be read any more
+        raise
     except SwarmError as e:
         return None, None, str(e)
     if published is None:

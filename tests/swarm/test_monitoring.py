@@ -334,3 +334,32 @@ def test_monitor_shows_a_peer_announcing_an_undialable_address_as_unreachable(sw
     assert convention_errors(metrics, GRID_MODULES) == []
     assert state["kind"] == "monitor" and len(state["swarm"]["peers"]) == 3
     assert code == 0, err
+
+
+def test_a_monitor_whose_dht_process_dies_stops_watching_and_says_why(swarm):
+    # Prepare: a run with one peer, watched by a SwarmMonitor on its own (client) DHT
+    from p2ptrain.errors import DHTProcessExited
+    from p2ptrain.monitor.health import SwarmMonitor
+    from p2ptrain.swarm.dht import start_dht
+    config = swarm_config("mon-dht-dies")
+    a = swarm.open(config, "0,0")
+    _, validators = make_validators(config.run.id)
+    dht = start_dht(a.maddrs, host_maddrs=[LOOPBACK], client_mode=True, record_validators=validators)
+    watcher = SwarmMonitor(dht, config.run.id, refresh_s=0.5, probe=False).start()
+    try:
+        assert watcher.wait_for_view(60) is not None
+
+        # Execute: the monitor's DHT process is killed
+        os.kill(dht.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while watcher.failure is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        watcher.shutdown()
+        dht.shutdown()
+
+    # Assert: the watch ended with the error that names the cause (the CLI prints it and
+    # exits), instead of logging a failed read every refresh for ever
+    assert isinstance(watcher.failure, DHTProcessExited)
+    assert "DHT process" in str(watcher.failure)
+    assert not watcher._thread.is_alive()
