@@ -368,14 +368,13 @@ class SwarmRecords:
 
     # ------------------------------------------------------------ peer status
 
-    def publish_peer(self, record: PeerRecord, ttl_s: Optional[float] = None,
-                     round_: Optional[int] = None) -> bool:
+    def publish_peer(self, record: PeerRecord, round_: Optional[int] = None) -> bool:
         """Store our record; with a split table, in the buckets of the rounds round_ − 1 and
         round_ (`round_`: the schedule's current round): a node reads the bucket of the round
         it averages or verifies, which has just ended when it publishes that round's
         fingerprints, so a bucket holds about 2 × peers / buckets records."""
         from hivemind.utils.timed_storage import get_dht_time
-        expiration = get_dht_time() + (self.record_ttl_s if ttl_s is None else ttl_s)
+        expiration = get_dht_time() + self.record_ttl_s  # always the same lifetime: see record_ttl_s
         if self.buckets == 1:
             return self._store(peers_key(self.run_id), record.dict(), expiration)
         now = round_ or 0
