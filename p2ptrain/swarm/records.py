@@ -293,6 +293,8 @@ class SwarmRecords:
                 try:
                     return future.result(timeout=DHT_ALIVE_CHECK_S)
                 except TimeoutError:
+                    if future.done():  # the request itself timed out inside the DHT: that is its answer
+                        raise
                     if not self.dht.is_alive():
                         future.cancel()
                         break
