@@ -637,13 +637,16 @@ def _averager_class():
             self._admission = admission
             self._matchmaking._p2ptrain_admission = admission
 
-        def set_target_group_size(self, size: int) -> None:
+        def set_target_group_size(self, size: int, required: Optional[Sequence[str]] = None) -> None:
             """Assemble the group as soon as this many peers are in it (the module's live holders),
-            instead of waiting out the whole matchmaking window every round."""
-            self._outer_pipe.send(("_set_target_group_size", [int(size)], {}))
+            instead of waiting out the whole matchmaking window every round; with `required`
+            (peer ids), as soon as those are in it, up to `size` (hivemind_patches.py)."""
+            self._outer_pipe.send(("_set_target_group_size",
+                                   [int(size), None if required is None else sorted(required)], {}))
 
-        async def _set_target_group_size(self, size: int):
+        async def _set_target_group_size(self, size: int, required: Optional[list[str]] = None):
             self._matchmaking.target_group_size = size
+            self._matchmaking._p2ptrain_required = None if required is None else frozenset(required)
 
         def set_max_weight(self, weight: float) -> None:
             """The largest all-reduce weight a member may declare from now on (staged averaging's

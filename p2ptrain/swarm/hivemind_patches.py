@@ -19,6 +19,16 @@ leader at most that much later, which is small against a matchmaking window of s
 
 Admission: hivemind's matchmaking accepts any follower. A leader running p2ptrain also
 refuses followers its node does not admit (see swarm/admission.py).
+
+Groups that assemble once the holders we wait for are in: hivemind's leader assembles
+when its group reaches `target_group_size` (or its window ends), and refuses followers
+beyond it. A node does not wait for a holder that missed last round's group; sizing the
+group without that holder (as we once did) made the holder's arrival a race it could
+lose even when on time: as the first follower of a group sized 2 it completed the group
+and displaced a holder we did wait for, and once the group was full it was refused. A
+leader given `_p2ptrain_required` (peer ids) keeps its size cap, but counts the group as
+full as soon as every required peer is among its followers: an absent-last-round holder
+already in the group by then stays in it, one arriving later is not waited for.
 """
 
 from __future__ import annotations
@@ -87,6 +97,26 @@ def _joining_admitted_leaders_only(request_join_group):
     return join_admitted_leader
 
 
+def _target_group_size_property():
+    """Matchmaking.target_group_size as a property: the size cap we set, or the group as it
+    stands once every required follower is in it (see the module docstring)."""
+
+    def get(self):
+        cap = self.__dict__.get("_p2ptrain_target_group_size")
+        required = self.__dict__.get("_p2ptrain_required")
+        followers = self.__dict__.get("current_followers")
+        if cap is None or required is None or not followers:
+            return cap
+        if required <= {peer.to_base58() for peer in followers}:
+            return min(cap, len(followers) + 1)
+        return cap
+
+    def set(self, value):
+        self.__dict__["_p2ptrain_target_group_size"] = value
+
+    return property(get, set)
+
+
 def apply() -> None:
     global _APPLIED
     if _APPLIED:
@@ -105,4 +135,5 @@ def apply() -> None:
     from hivemind.averaging.matchmaking import Matchmaking
     Matchmaking._check_reasons_to_reject = _admitting(Matchmaking._check_reasons_to_reject)
     Matchmaking._request_join_group = _joining_admitted_leaders_only(Matchmaking._request_join_group)
+    Matchmaking.target_group_size = _target_group_size_property()
     _APPLIED = True

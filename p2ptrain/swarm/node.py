@@ -513,6 +513,7 @@ class SwarmNode:
         weight = int(min(max(tokens, 1), tokens_per_round(self.run_state)))  # a larger claim would be refused
         admission = self.admission(peers)
         own, results, plans = {}, {}, {}
+        required: dict[str, set[str]] = {}  # single-stage modules: the holders whose arrival assembles the group
         for module_id, slot in self.slots.items():
             if deltas is None:
                 delta = slot.outer.pseudo_gradient_flat(self.session.local_state(module_id))
@@ -540,14 +541,20 @@ class SwarmNode:
                 plans[module_id] = plan if plan.stages == 2 else StagePlan(1, avg_cfg.target_group_size)
             else:
                 # assemble as soon as every holder that showed up last round is in: one that did not
-                # (dead, slow, or a stranger that never joins) costs the window once, not every round
+                # (dead, slow, or a stranger that never joins) costs the window once, not every round.
+                # The group is still sized for every holder, so one of those that is in by then stays
                 expected = results[module_id].expected - self.absent.get(module_id, set())
                 plans[module_id] = plan_stages(len(expected) + 1, avg_cfg.target_group_size, avg_cfg.staged)
+                if plans[module_id].stages == 1:
+                    required[module_id] = expected
+                    plans[module_id] = plan_stages(len(results[module_id].expected) + 1,
+                                                   avg_cfg.target_group_size, staged=False)
             slot.averager.set_admission(admission)
 
         # stage 1: every module with live holders, all at once
         means = dict(own)
-        requests = {m: self._request_average(m, round_, 1, weight, plans[m].first_size) for m in plans}
+        requests = {m: self._request_average(m, round_, 1, weight, plans[m].first_size, required=required.get(m))
+                    for m in plans}
         second = {}
         for module_id in self.slots:
             if module_id not in requests:
@@ -604,10 +611,11 @@ class SwarmNode:
         return results
 
     def _request_average(self, module_id: str, round_: int, stage: int, weight: int, group_size: int,
-                         index: int = 0, weight_rounds: int = 1) -> tuple:
-        """Start one stage of a module's all-reduce in its averager's process; (control, asked at)."""
+                         index: int = 0, weight_rounds: int = 1, required: Optional[set[str]] = None) -> tuple:
+        """Start one stage of a module's all-reduce in its averager's process; (control, asked at).
+        required: the holders whose arrival assembles the group (default: group_size peers do)."""
         slot = self.slots[module_id]
-        slot.averager.set_target_group_size(group_size)
+        slot.averager.set_target_group_size(group_size, required)
         # the round (and stage) is part of the group key: a node late for round r never lands in
         # round r+1's group; a stage-2 key names the member's index in its stage-1 group
         slot.averager.set_group_bits(stage_group_bits(round_, stage, index))

@@ -4,6 +4,8 @@ grid is averaged with — and only with — the peers whose paths contain it."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -67,6 +69,47 @@ def test_two_peers_average_the_shared_module_to_the_closed_form(swarm):
     # training continues from the new global parameters
     for name, got in a.node.session.local_state(shared).items():
         assert torch.equal(got, a.node.slots[shared].outer.global_state()[name])
+
+
+def test_a_holder_absent_last_round_is_not_waited_for_but_stays_in_the_group_when_already_there(swarm):
+    # Prepare: three holders of one path, windows of 10 s; a and b counted c absent last round
+    # (so each waits only for the other), c counts nobody absent
+    config = swarm_config("absent-holder", levels=(1,))
+    config.averaging.matchmaking_time = 10.0
+    a = swarm.open(config, "0")
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
+    c = swarm.open(config, "0", initial_peers=a.maddrs)
+    modules = ("stem", "L0.M0")
+
+    def count_c_absent():
+        for node in (a.node, b.node):
+            node.absent = {m: {c.node.peer_id} for m in modules}
+
+    def after(seconds, node, round_):
+        def call():
+            time.sleep(seconds)
+            return node.outer_step(round_, tokens=100)
+        return call
+
+    # Execute: round 1 — a searches first (its group leads), c joins 2 s later, b 2 s after c;
+    # round 2 — c does not search at all
+    count_c_absent()
+    first = in_parallel(after(0.0, a.node, 1), after(2.0, c.node, 1), after(4.0, b.node, 1))
+    count_c_absent()
+    started = time.monotonic()
+    second = in_parallel(after(0.0, a.node, 2), after(0.0, b.node, 2))
+    seconds = time.monotonic() - started
+
+    # Assert: c, in a's group before b arrived, stayed in it (a group sized for a and b only
+    # was complete with c and left b alone); without c, a and b did not wait out the window
+    everyone = sorted(n.node.peer_id for n in (a, b, c))
+    for report in first:
+        for module_id in modules:
+            assert sorted(report[module_id].group) == everyone, (module_id, report[module_id])
+    for report in second:
+        for module_id in modules:
+            assert sorted(report[module_id].group) == sorted([a.node.peer_id, b.node.peer_id]), report[module_id]
+    assert seconds < config.averaging.matchmaking_time
 
 
 def test_four_peers_on_a_2x2_grid_agree_on_every_module_after_three_rounds(swarm):
