@@ -8,7 +8,8 @@ pages until either writes to one, and CPython's garbage collector writes to ever
 it scans (its bookkeeping lives in the object's header), so each child's first full
 collection copied most of the heap it inherited (torch's and hivemind's modules). Objects
 alive at the fork are frozen first (`gc.freeze`: collections in parent and child skip
-them). Measured on the demo's swarm (4 peers, after round 3, proportional set size):
+them; reference counting still frees them, only a reference cycle among them would stay,
+and a node forks its children once, at start). Measured on the demo's swarm (4 peers, after round 3, proportional set size):
 837 → 792 MB per peer, the DHT and averager processes' own pages 202 → 158 MB
 (benchmarks/bench_node_memory.py; README's "Memory per peer").
 """
