@@ -342,6 +342,15 @@ VALIDATION_H, VALIDATION_ROUNDS, VALIDATION_MATCHMAKING_S = 10, 5, 3.0
 # do not fit 2 cores, a machine out of CPU that the model (one machine a peer) does not describe.
 VALIDATION_ROUND_S = 15.0
 VALIDATION_SWARM_STEPS = 80
+# Beyond 8 peers the rounds are twice as long: in 15 s rounds 16 peers' averaging alone took
+# 13–16 s and peers skipped 39–48 rounds; in 30 s rounds (2026-12-05) none was skipped. The
+# model is given each run's own round length, so the comparison stays like for like.
+VALIDATION_ROUND_S_BEYOND_8 = 30.0
+
+
+def validation_round_s(n_peers: int) -> float:
+    """The round length (T) a validation swarm of this size runs: 15 s up to 8 peers, 30 s beyond."""
+    return VALIDATION_ROUND_S if n_peers <= 8 else VALIDATION_ROUND_S_BEYOND_8
 
 
 def validation_h(n_peers: int) -> int:
@@ -629,7 +638,7 @@ def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = 
         print(f"running a real loopback swarm: {n} peers, {'overlap' if overlap else 'plain'}, "
               f"{'fill' if fill else 'capped'} rounds"
               + (f", peers {list(slowed)} slowed to {quota:.3f} cores each" if slowed else ""), flush=True)
-        config = validation_config(n, overlap, VALIDATION_ROUND_S)
+        config = validation_config(n, overlap, validation_round_s(n))
         config.averaging.fill_round = fill
         config.run.id += ("-fill" if fill else "") + (f"-slow{len(slowed)}" if slowed else "")
         paths = [p for p in PATHS for _ in range(n // len(PATHS))]
@@ -743,7 +752,7 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
     print_header("Swarm simulator: validation against real loopback swarms", info, [
         f"real peers: `p2ptrain join` processes on 127.0.0.1 (started together with --wait-for-peers), default "
         f"preset, at most H={VALIDATION_H} steps (up to 8 peers; {VALIDATION_SWARM_STEPS} / peers beyond) in "
-        f"{VALIDATION_ROUND_S:.0f} s rounds on the aligned schedule, "
+        f"{VALIDATION_ROUND_S:.0f} s rounds ({VALIDATION_ROUND_S_BEYOND_8:.0f} s beyond 8 peers) on the aligned schedule, "
         f"matchmaking {VALIDATION_MATCHMAKING_S:.0f} s, {VALIDATION_ROUNDS} rounds (steady rounds 2–"
         f"{VALIDATION_ROUNDS}); measurements from {source}",
         "inputs per size: the measured step time (the peers share 2 cores, so it grows with the peer count) and "
