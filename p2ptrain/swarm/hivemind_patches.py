@@ -17,8 +17,8 @@ about 1 MB/s for a 4-peer swarm with three modules, 0.8x the all-reduce itself. 
 the reads of one group key by at least GROUP_KEY_POLL_S; a follower then learns of a new
 leader at most that much later. Holders reach a round's end together, so that delay is
 most of the time a group takes to form: 0.2 s apart, forming took 0.27-0.28 s a round
-against 0.53-0.56 s with 0.5 s (bench_utilization.py, four interleaved pairs), still a
-few reads a round rather than hundreds a second.
+against 0.53-0.56 s with 0.5 s (bench_utilization.py, four interleaved pairs), at most
+five reads a second per module rather than hundreds.
 
 Admission: hivemind's matchmaking accepts any follower. A leader running p2ptrain also
 refuses followers its node does not admit (see swarm/admission.py).
