@@ -16,9 +16,11 @@ returns. On loopback that is hundreds of DHT reads a second per averager: we mea
 about 1 MB/s for a 4-peer swarm with three modules, 0.8x the all-reduce itself. We space
 the reads of one group key by at least GROUP_KEY_POLL_S; a follower then learns of a new
 leader at most that much later. Holders reach a round's end together, so that delay is
-most of the time a group takes to form: 0.2 s apart, forming took 0.27-0.28 s a round
-against 0.53-0.56 s with 0.5 s (bench_utilization.py, four interleaved pairs), at most
-five reads a second per module rather than hundreds.
+most of the time a group takes to form (0.53-0.56 s a round). Reads 0.2 s apart halved it,
+but in 2 of 10 benchmark swarms a module's group then split: its leader counted a
+follower that believed it had found no group and waited 5-20 s for that follower's part,
+so that module's round was averaged late or not at all. Until that race in hivemind's
+matchmaking is found, 0.5 s.
 
 Admission: hivemind's matchmaking accepts any follower. A leader running p2ptrain also
 refuses followers its node does not admit (see swarm/admission.py).
@@ -48,7 +50,7 @@ import os
 import time
 
 _APPLIED = False
-GROUP_KEY_POLL_S = 0.2
+GROUP_KEY_POLL_S = 0.5
 
 
 class _BlockingReaderLoop:
