@@ -333,13 +333,14 @@ def comparison_table(rows: list[dict]) -> str:
 # --------------------------------------------------------------- validation
 
 VALIDATION_H, VALIDATION_ROUNDS, VALIDATION_MATCHMAKING_S = 10, 5, 3.0
-# One round length for every size. The peers share 2 cores, so a step slows down with their
+# 15 s rounds up to 8 peers (30 s beyond, below). The peers share 2 cores, so a step slows down with their
 # number: at 4 peers H = 10 steps take a third of the round, at 8 about two thirds. Beyond 8,
 # H shrinks so that the swarm's steps per round stay at 8 × 10 (validation_h) and training
 # leaves the cores as much time as at 8. With H = 10, 16 peers trained the whole round
 # (2026-12-04: outer phase 13 s, 39 rounds skipped, stem groups of 3.7 instead of 16); with
 # H = 5 it was no better (16 s, 48, 4.5): 16 peers' DHT, averager and p2pd processes alone
-# do not fit 2 cores, a machine out of CPU that the model (one machine a peer) does not describe.
+# do not fit 2 cores in 15 s rounds, a machine out of CPU that the model (one machine a peer)
+# does not describe.
 VALIDATION_ROUND_S = 15.0
 VALIDATION_SWARM_STEPS = 80
 # Beyond 8 peers the rounds are twice as long: in 15 s rounds 16 peers' averaging alone took
