@@ -629,6 +629,16 @@ def _averager_class():
                     self._state_updated.set()
             return runner
 
+        async def _shutdown(self, timeout: Optional[float]) -> None:
+            """As hivemind's, then this process's connection to the DHT's p2pd is closed.
+            hivemind never closes it, so every averager left its client socket
+            (/tmp/hivemind-p2pclient-*.sock) behind: one file per module each time a node
+            stopped, thousands on a volunteer's machine whose daemon pauses and resumes."""
+            try:
+                await super()._shutdown(timeout)
+            finally:
+                await self._p2p.shutdown()
+
         def set_admission(self, admission) -> None:
             """Who may be in this module's groups (swarm/admission.py); applied in the averager's process."""
             self._outer_pipe.send(("_set_admission", [admission], {}))

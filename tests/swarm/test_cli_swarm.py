@@ -84,7 +84,9 @@ def test_join_trains_lists_itself_in_peers_and_leaves_cleanly_on_ctrl_c(tmp_path
                                          "--host-maddrs", LOOPBACK, "--json"), 120)
         assert code == 0, err
         listing = json.loads(out)
-        daemons = [p for p in psutil.Process(node.pid).children(recursive=True) if p.name() == "p2pd"]
+        tree = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+        daemons = [p for p in tree if p.name() == "p2pd"]
+        sockets = {c.laddr for p in tree for c in p.net_connections(kind="unix") if c.laddr.startswith("/tmp/")}
         node.send_signal(signal.SIGINT)
         code, out, err = finish(node, 120)
     finally:
@@ -98,6 +100,8 @@ def test_join_trains_lists_itself_in_peers_and_leaves_cleanly_on_ctrl_c(tmp_path
     assert json.loads(out.strip().splitlines()[-1])["event"] == "left"
     assert "Traceback" not in err
     assert daemons and not any(d.is_running() and d.status() != psutil.STATUS_ZOMBIE for d in daemons)
+    # the DHT's and every averager's connections to p2pd were sockets in /tmp: none is left there
+    assert len(sockets) >= 3 and not [s for s in sockets if os.path.exists(s)]
     assert list((tmp_path / "a/runs/cli-join/checkpoints/path-1-0").glob("round-*"))
 
 
