@@ -26,6 +26,7 @@ Whether holders still agree after a round is consistency.py's job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -170,21 +171,47 @@ def capped_shares(sizes: Sequence[int], client: Sequence[bool], cap: float = MAX
 SERVED_WAIT_S = 5.0
 
 
+# how long we keep the stream of a sender that is not in any group of ours open after
+# telling it so, for it to hang up first (it does at once; see rpc_aggregate_part)
+NOT_IN_GROUP_LINGER_S = 5.0
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
 class _CountingStub:
     """A reducer's stub whose reply stream counts the wire bytes of the averaged parts it
-    brings back (hivemind reads them inside `_communicate_with_peer`, past any hook)."""
+    brings back (hivemind reads them inside `_communicate_with_peer`, past any hook), and
+    tells the runner when that reducer is not in this group at all."""
 
-    def __init__(self, stub, runner):
-        self._stub, self._runner = stub, runner
+    def __init__(self, stub, runner, peer):
+        self._stub, self._runner, self._peer = stub, runner, peer
 
     async def rpc_aggregate_part(self, inputs):
         stream = await self._stub.rpc_aggregate_part(inputs)
         return self._counted(stream)
 
     async def _counted(self, stream):
-        async for msg in stream:
-            self._runner.bytes_received += len(msg.tensor_part.buffer)
-            yield msg
+        from hivemind.proto import averaging_pb2
+        replies = 0
+        try:
+            async for msg in stream:
+                if replies == 0 and msg.code == averaging_pb2.BAD_GROUP_ID:
+                    await self._runner.sender_not_in_group(self._peer)
+                replies += 1
+                self._runner.bytes_received += len(msg.tensor_part.buffer)
+                yield msg
+        except ConnectionError:  # a broken pipe: it hung up on us mid-write
+            if replies == 0:
+                await self._runner.sender_not_in_group(self._peer)
+            raise
+        if replies == 0:
+            # it closed our stream without a word: its BAD_GROUP_ID can be lost on the way
+            # (measured: about 1 stream in 10 ends empty, or broken, when the reducer answers
+            # and hangs up while our parts are still being written)
+            await self._runner.sender_not_in_group(self._peer)
 
     def __getattr__(self, name):
         return getattr(self._stub, name)
@@ -402,7 +429,21 @@ def _averager_class():
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART)
 
         def _get_peer_stub(self, peer):
-            return _CountingStub(super()._get_peer_stub(peer), self)
+            return _CountingStub(super()._get_peer_stub(peer), self, peer)
+
+        async def sender_not_in_group(self, peer) -> None:
+            """`peer` answered our parts with BAD_GROUP_ID, or hung up without a word: it runs
+            no all-reduce of this group (a follower that gave up its search as the leader
+            assembled the group counts in the leader's list but never got it; or it died), so
+            it will send our reducer nothing either.
+            Stop waiting for it now, as hivemind does for a sender silent for `sender_timeout`
+            (10 s with the default settings, each round). A sender whose parts have started
+            to arrive is left alone: the answer cannot be about this group then. So is a
+            reducer of nothing, whose empty answer means nothing."""
+            index = self.ordered_peer_ids.index(peer)
+            if (peer in self.sender_peer_ids and peer not in self.active_senders
+                    and self.tensor_part_container.num_parts_by_peer[index] > 0):
+                await self._ban_sender(peer)
 
         def _part_problem(self, sender: str, part_index: int, msg, tensor) -> str | None:
             shapes = self.tensor_part_reducer.part_shapes
@@ -608,6 +649,12 @@ def _averager_class():
             future = self._running_groups.get(request.group_id)
             if future is None:
                 yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+                # the sender hangs up first: hanging up ourselves while it still wrote its parts
+                # lost this answer on the way about half the time (measured on loopback), and
+                # now and then its end of the stream never closed, so it waited for us until
+                # its reducer timeout
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(_drain(stream), NOT_IN_GROUP_LINGER_S)
                 return
             group = await asyncio.shield(future)
             async for message in group.rpc_aggregate_part(achain(as_aiter(request), stream), context):
@@ -628,6 +675,19 @@ def _averager_class():
                     self.last_updated = get_dht_time()
                     self._state_updated.set()
             return runner
+
+        async def _step(self, *, step, future_for_init):
+            """As hivemind's, but once the step is over no group is pending any more. hivemind
+            clears `_pending_groups_registered` as a search starts and sets it only when a
+            group registers, so a step that ended without one (no group in time) left it
+            cleared: a member that counted us in a group we never joined (a follower giving up
+            its search as its leader assembled) then waited for our answer to its parts until
+            our next round's group registered, or its reducer timeout (20 s with the default
+            settings); with it set, we answer BAD_GROUP_ID at once (see sender_not_in_group)."""
+            try:
+                await super()._step(step=step, future_for_init=future_for_init)
+            finally:
+                self._pending_groups_registered.set()
 
         async def _shutdown(self, timeout: Optional[float]) -> None:
             """As hivemind's, then this process's connection to the DHT's p2pd is closed.

@@ -19,8 +19,10 @@ leader at most that much later. Holders reach a round's end together, so that de
 most of the time a group takes to form (0.53-0.56 s a round). Reads 0.2 s apart halved it,
 but in 2 of 10 benchmark swarms a module's group then split: its leader counted a
 follower that believed it had found no group and waited 5-20 s for that follower's part,
-so that module's round was averaged late or not at all. Until that race in hivemind's
-matchmaking is found, 0.5 s.
+so that module's round was averaged late or not at all. Most of that wait is gone (the
+follower now answers the members' parts at once and they drop it: see averaging.py's
+ModuleAverager._step and sender_not_in_group), but the split itself, a round averaged
+without that follower, is not, and 0.2 s has not been measured since: 0.5 s.
 
 Admission: hivemind's matchmaking accepts any follower. A leader running p2ptrain also
 refuses followers its node does not admit (see swarm/admission.py).

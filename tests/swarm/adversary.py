@@ -14,19 +14,24 @@ for it), steps its averager at the end of every round of the run's schedule, and
   * as a reducer, return the first averaged part of its slice to each sender and then
     raise, mid all-reduce (lie "raise_as_reducer": True): the way a buggy or crashing
     reducer fails, as opposed to one that dies (hivemind answers the sender with an
-    INTERNAL_ERROR message and the sender's stream ends there).
+    INTERNAL_ERROR message and the sender's stream ends there);
+  * walk away from every group it is counted in (lie "leave_group": True): it never runs
+    the all-reduce, and answers the members' parts with BAD_GROUP_ID, as a follower does
+    that gave up its search just as its leader assembled the group.
 Otherwise, as a reducer of its own slice it behaves (its own part counts with a tiny
 weight), so the tests measure what the honest reducers' checks do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import typing
 from typing import Any, Optional
 
 import torch
 
-from p2ptrain.swarm.averaging import averaging_part_bytes, make_compression
+from p2ptrain.swarm.averaging import averaging_part_bytes, make_compression, module_averager_class
 from p2ptrain.swarm.dht import start_dht
 from p2ptrain.swarm.identity import Identity
 from p2ptrain.swarm.staging import stage_group_bits
@@ -37,6 +42,7 @@ from p2ptrain.swarm.schedule import RoundSchedule
 def _evil_averager_class():
     from hivemind.averaging import DecentralizedAverager
     from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+    from hivemind.averaging.matchmaking import MatchmakingException
     from hivemind.compression import serialize_torch_tensor
     from hivemind.proto import averaging_pb2
     from hivemind.utils.asyncio import as_aiter, azip
@@ -74,6 +80,23 @@ def _evil_averager_class():
             self.lie = lie
             self.served_state = served_state
             super().__init__(*args, **kwargs)
+
+        @contextlib.contextmanager
+        def _register_allreduce_group(self, group_info):
+            if self.lie.get("leave_group"):
+                self._pending_groups_registered.set()  # no group pending: parts get BAD_GROUP_ID
+                raise MatchmakingException("adversary: leaves the group it is counted in")
+            with super()._register_allreduce_group(group_info):
+                yield
+
+        async def rpc_aggregate_part(self, stream, context):
+            # a walker answers as a p2ptrain node does that is not in the group
+            handler = module_averager_class().rpc_aggregate_part if self.lie.get("leave_group") \
+                else super().rpc_aggregate_part
+            async for message in handler(self, stream, context):
+                yield message
+
+        rpc_aggregate_part.__annotations__ = typing.get_type_hints(DecentralizedAverager.rpc_aggregate_part)
 
         async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
             group_id = group_info.group_id if group_id is None else group_id

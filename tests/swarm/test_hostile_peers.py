@@ -4,13 +4,16 @@ stay in agreement with each other, and report the sender. The stranger is a real
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from p2ptrain.errors import SwarmError
 from p2ptrain.swarm.averaging import fingerprint
 from p2ptrain.swarm.consistency import Vouch
-from p2ptrain.swarm.records import ModuleSync, RunRecord, run_key
+from p2ptrain.swarm.records import ModuleSync, RunRecord, averager_prefix, run_key
+from p2ptrain.swarm.staging import stage_group_bits
 from p2ptrain.swarm.state_transfer import fetch_verified_state
 from tests.swarm.adversary import Adversary
 from tests.swarm.conftest import in_parallel, max_difference, swarm_config
@@ -67,6 +70,92 @@ def test_a_lying_group_member_is_reported_and_the_honest_average_is_what_it_woul
         expected = g - 0.7 * 1.9 * mean
         torch.testing.assert_close(got_a, expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(got_b, expected, rtol=0, atol=1e-5)
+
+
+def test_a_member_that_walks_away_from_its_group_costs_the_others_no_wait(swarm, adversaries):
+    # Prepare: an honest pair whose all-reduce would wait 200 s for a member that sends
+    # nothing (hivemind's sender timeout: averaging_timeout / 6), and a stranger counted as a
+    # holder that leaves every group it is counted in, answering the members' parts with
+    # BAD_GROUP_ID: what a follower does that gave up its search as its leader assembled
+    config = swarm_config("walk-away", levels=(1,), round_seconds=6.0, averaging_timeout=1200.0)
+    silent_sender_wait = config.averaging.averaging_timeout / 6
+    a = swarm.open(config, "0")
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
+    adversary = Adversary(a, path=[0], module_id=MODULE, lie={"leave_group": True})
+    adversaries.append(adversary)
+    adversary.publish(round_=1)
+    for node in (a, b):
+        node.node.session.inner_steps(3)
+
+    # Execute: one outer step of the honest pair, the stranger stepping with them
+    reports_a, reports_b, joined = in_parallel(lambda: a.node.outer_step(1, tokens=100),
+                                               lambda: b.node.outer_step(1, tokens=300),
+                                               lambda: adversary.step(1))
+
+    # Assert: the stranger was counted in the group but ran no all-reduce; the honest members
+    # stopped waiting for its parts when it answered theirs, not after the sender timeout, and
+    # ended in agreement
+    assert joined is None
+    for reports in (reports_a, reports_b):
+        assert adversary.peer_id in reports[MODULE].group
+        assert reports[MODULE].seconds_allreduce < silent_sender_wait / 4
+    for module_id in ("stem", MODULE):
+        assert max_difference(a.node.slots[module_id].outer.global_params,
+                              b.node.slots[module_id].outer.global_params) < 1e-3, module_id
+
+
+async def _send_part_of_group(dht, node, peer: str, prefix: str, group_id: bytes):
+    """(In a DHT's process.) Send `peer`'s averager one all-reduce part for `group_id`, as a
+    member of that group would. Returns the name of its reply's code, "hung up" if it closed
+    the stream without one, or None if neither happened in 60 s."""
+    import asyncio
+    from hivemind.compression import serialize_torch_tensor
+    from hivemind.p2p import PeerID
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils.asyncio import as_aiter
+    from p2ptrain.swarm.averaging import module_averager_class
+    stub = module_averager_class().get_stub(node.p2p, PeerID.from_base58(peer), namespace=prefix)
+    part = averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=group_id, weight=1.0,
+                                       tensor_part=serialize_torch_tensor(torch.zeros(4)))
+
+    async def first_reply():
+        stream = await stub.rpc_aggregate_part(as_aiter(part))
+        try:
+            async for reply in stream:
+                return averaging_pb2.MessageCode.Name(reply.code)
+            return "hung up"
+        except ConnectionError:  # a broken pipe
+            return "hung up"
+        finally:
+            await stream.aclose()
+
+    try:
+        return await asyncio.wait_for(first_reply(), 60)
+    except asyncio.TimeoutError:
+        return None
+
+
+def test_a_node_whose_search_found_no_group_answers_a_members_parts_at_once(swarm, adversaries):
+    # Prepare: a node's module searches alone and gives up (no group in time), as a follower
+    # does that gave up just as its leader assembled a group counting it
+    config = swarm_config("gave-up", levels=(1,), round_seconds=6.0)
+    a = swarm.open(config, "0")
+    averager = a.node.slots[MODULE].averager
+    averager.set_group_bits(stage_group_bits(7, 1))
+    with pytest.raises(Exception, match="could not find a group"):
+        averager.step(weight=1.0, timeout=config.averaging.matchmaking_time + 2, allow_retries=False)
+    member = Adversary(a, path=[0], module_id=MODULE, lie={})  # a peer of that group, for its DHT
+    adversaries.append(member)
+
+    # Execute: a member of that group sends the node its part
+    reply = member.dht.run_coroutine(partial(_send_part_of_group, peer=a.node.peer_id,
+                                             prefix=averager_prefix(config.run.id, MODULE), group_id=b"gone"),
+                                     return_future=True).result(timeout=120)
+
+    # Assert: the node says at once that it is not in the group, so the member stops waiting
+    # for it, instead of leaving the part unanswered until its next group registers. (Its
+    # answer can be lost as it hangs up; a member takes a hang-up the same way.)
+    assert reply in ("BAD_GROUP_ID", "hung up")
 
 
 def test_records_claiming_a_round_that_has_not_happened_are_reported_and_change_nothing(swarm, adversaries):
