@@ -91,9 +91,9 @@ def _evil_averager_class():
 
         async def rpc_aggregate_part(self, stream, context):
             # a walker answers as a p2ptrain node does that is not in the group
-            handler = module_averager_class().rpc_aggregate_part if self.lie.get("leave_group") \
-                else super().rpc_aggregate_part
-            async for message in handler(self, stream, context):
+            answers = (module_averager_class().rpc_aggregate_part(self, stream, context)
+                       if self.lie.get("leave_group") else super().rpc_aggregate_part(stream, context))
+            async for message in answers:
                 yield message
 
         rpc_aggregate_part.__annotations__ = typing.get_type_hints(DecentralizedAverager.rpc_aggregate_part)
