@@ -71,13 +71,20 @@ SEARCH_WINDOWS = 3.0  # a module looks for its holders for up to this many match
 SEARCH_FLOOR = 1.1  # ... and, bounded, never less than this many (hivemind refuses a search shorter than one)
 
 
+def leader_answer_seconds(window: float) -> float:
+    """How long a follower waits for its leader's answer (hivemind's request_timeout), also
+    past the end of its search when a leader has accepted it (hivemind_patches.py)."""
+    return min(3.0, window / 2)
+
+
 def search_seconds(window: float, room: float | None) -> float:
     """How long a module may look for its holders after its round's end.
 
     Normally 3 windows: a slow peer delays fast ones by at most that, and a search whose
     first group fails (a dead leader, a peer that is not admitted) has time to retry.
     Bounded (room given: the seconds until the next round's end, less what the node needs
-    after the search to still enter that round), a search ends in time for that round.
+    after the search to still enter that round), a search ends in time for that round, even
+    when a leader that accepted it answers late (leader_answer_seconds).
     Unbounded, a lone search in rounds shorter than 3 windows makes the node skip the next
     round, and two holders that skip alternate rounds search for different round numbers,
     alone, for the rest of the run.
@@ -85,4 +92,4 @@ def search_seconds(window: float, room: float | None) -> float:
     full = SEARCH_WINDOWS * window
     if room is None:
         return full
-    return max(SEARCH_FLOOR * window, min(full, room))
+    return max(SEARCH_FLOOR * window, min(full, room - leader_answer_seconds(window)))

@@ -14,6 +14,7 @@ from p2ptrain.swarm.averaging import averaging_part_bytes, fingerprint, make_com
 from p2ptrain.swarm.consistency import Vouch, agree
 from p2ptrain.swarm.protocol import StateMetadata
 from p2ptrain.swarm.records import averager_prefix
+from p2ptrain.swarm.schedule import leader_answer_seconds
 from p2ptrain.swarm.signals import children_ignore_sigint
 from p2ptrain.train.outer import fragment_bounds
 from p2ptrain.train.session import PathSession
@@ -80,7 +81,7 @@ class ModuleSlot:
                 state_provider=self.current_state, max_weight=float(tokens_per_round(run_state)),
                 aggregation=cfg.aggregation, clip_radius=cfg.clip_radius, reducer_check=cfg.reducer_check,
                 target_group_size=cfg.target_group_size, min_group_size=2,
-                min_matchmaking_time=mm, request_timeout=min(3.0, mm / 2), allreduce_timeout=cfg.averaging_timeout,
+                min_matchmaking_time=mm, request_timeout=leader_answer_seconds(mm), allreduce_timeout=cfg.averaging_timeout,
                 # a peer that stops sending (or dies) mid all-reduce is excluded after this long instead
                 # of failing the whole round; the slice it was reducing is reported as un-averaged
                 next_chunk_timeout=max(2.0, cfg.averaging_timeout / 6),
