@@ -112,8 +112,8 @@ def _joining_admitted_leaders_only(request_join_group):
     return join_admitted_leader
 
 
-def _waiting_out_a_forming_group(look_for_group):
-    """Replace Matchmaking.look_for_group (hivemind 1.1.12's, with one change): when the
+def _waiting_out_a_forming_group():
+    """A replacement for Matchmaking.look_for_group (hivemind 1.1.12's, with one change): when the
     search's deadline comes while a leader has accepted us, or while we lead followers,
     wait up to `request_timeout` more for that group instead of giving up at once.
 
@@ -126,6 +126,7 @@ def _waiting_out_a_forming_group(look_for_group):
     split 3 of 3 such rounds; the fault suite's peer killed after matchmaking showed the
     same split on the CI machine). hivemind's own follower waits `request_timeout` past
     the leader's expiration for that answer; only the outer deadline cut it short."""
+    from hivemind.utils.asyncio import cancel_and_wait
 
     async def look_for_group(self, step):
         async with self.looking_for_group(step):
@@ -158,7 +159,6 @@ def _waiting_out_a_forming_group(look_for_group):
                 self.assembled_group = asyncio.Future()
                 self.was_accepted_to_group.clear()
 
-    from hivemind.utils.asyncio import cancel_and_wait
     return look_for_group
 
 
@@ -204,5 +204,5 @@ def apply() -> None:
     Matchmaking._check_reasons_to_reject = _admitting(Matchmaking._check_reasons_to_reject)
     Matchmaking._request_join_group = _joining_admitted_leaders_only(Matchmaking._request_join_group)
     Matchmaking.target_group_size = _target_group_size_property()
-    Matchmaking.look_for_group = _waiting_out_a_forming_group(Matchmaking.look_for_group)
+    Matchmaking.look_for_group = _waiting_out_a_forming_group()
     _APPLIED = True

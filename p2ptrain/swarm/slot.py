@@ -81,7 +81,8 @@ class ModuleSlot:
                 state_provider=self.current_state, max_weight=float(tokens_per_round(run_state)),
                 aggregation=cfg.aggregation, clip_radius=cfg.clip_radius, reducer_check=cfg.reducer_check,
                 target_group_size=cfg.target_group_size, min_group_size=2,
-                min_matchmaking_time=mm, request_timeout=leader_answer_seconds(mm), allreduce_timeout=cfg.averaging_timeout,
+                min_matchmaking_time=mm, request_timeout=leader_answer_seconds(mm),
+                allreduce_timeout=cfg.averaging_timeout,
                 # a peer that stops sending (or dies) mid all-reduce is excluded after this long instead
                 # of failing the whole round; the slice it was reducing is reported as un-averaged
                 next_chunk_timeout=max(2.0, cfg.averaging_timeout / 6),
