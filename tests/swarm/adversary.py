@@ -226,7 +226,6 @@ def _garbage_averager_class():
     """p2ptrain's ModuleAverager whose reducer answers every sender with random values of
     100× the honest aggregate's scale (the class keeps its name: RPCs are named after it)."""
     from hivemind.averaging.partition import TensorPartReducer
-    from p2ptrain.swarm.averaging import module_averager_class
 
     honest_class = module_averager_class()
 
@@ -288,7 +287,6 @@ def _hanging_up_averager_class():
     averaged part of its slice: what a member does that gives up waiting for a reducer's last
     parts (a stall on a loaded machine, a broken connection). It then skips that reducer's
     slice, as every honest member does with a reducer that failed it."""
-    from p2ptrain.swarm.averaging import module_averager_class
 
     honest_class = module_averager_class()
 
