@@ -28,7 +28,7 @@ the live holders, not the highest round claimed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 # Global copies drift apart by wire-compression error each round; tolerated up to this many
 # rounds' worth of it, plus fp32 round-off relative to the parameters.
@@ -85,6 +85,27 @@ def judge(mine: Vouch, others: Sequence[Vouch], codec_tolerance: float) -> Verdi
     if majority is not None and 2 * len(majority) > len(votes):
         return Verdict("minority", len(votes), sources=[v.peer_id for v in majority], reference=majority[0])
     return Verdict("tie", len(votes), tied=votes[1:])
+
+
+def voters_to_wait_for(own_peer_id: str, group: Sequence[str], listed_holders: Iterable[str],
+                       recent_partners: Iterable[str], silent: Iterable[str]) -> set[str]:
+    """Whose fingerprints for a round a node waits for before it judges a module: the other
+    members of its group; when it has none (the module found no group, or only members that
+    were silent last round), the holders the peer table listed at the round's start that it
+    averaged with lately (healing.RecentPartners). Peers silent last round are never waited for.
+
+    Why the partners. A split leaves holders apart that did not average together this round,
+    and a node that averaged alone once waited for nobody: it judged on the fingerprints it
+    happened to read at once, usually none, so only the side that read later saw the tie and
+    healed, and the gap halved a round instead of closing (a fault test in CI, 2026-12-05).
+    Only partners: they are the holders a tie may heal with, and a listed stranger that never
+    joins a group cannot make this node wait round after round.
+    """
+    quiet = set(silent) | {own_peer_id}
+    members = set(group) - quiet
+    if members:
+        return members
+    return (set(listed_holders) & set(recent_partners)) - quiet
 
 
 def choose_lineage(claims: Sequence[Vouch], max_round: int, codec_tolerance: float) -> Optional[list[Vouch]]:

@@ -40,7 +40,7 @@ from p2ptrain.model.grid import path_name
 from p2ptrain.run_state import RunState
 from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.averaging import sync_tolerance
-from p2ptrain.swarm.consistency import Vouch, choose_lineage, judge
+from p2ptrain.swarm.consistency import Vouch, choose_lineage, judge, voters_to_wait_for
 from p2ptrain.swarm.healing import RecentPartners, heal_tie
 from p2ptrain.swarm.membership import peers_holding
 from p2ptrain.swarm.overlap import Anchors, BackgroundRound
@@ -871,9 +871,11 @@ class SwarmNode:
         """The other holders' fingerprints for this round, per module.
 
         Waits (bounded by twice the matchmaking window) for the members of each module's
-        group, but not for members that were silent last round, and stops early once a
-        strict majority of the expected voters agrees with us: the remaining answers could
-        not change the verdict. One DHT read serves all modules; reads back off.
+        group, or, for a module that found no group, for the listed holders it averaged with
+        lately (consistency.voters_to_wait_for), but not for peers that were silent last
+        round, and stops early once a strict majority of the expected voters agrees with us:
+        the remaining answers could not change the verdict. One DHT read serves all modules;
+        reads back off.
 
         Never past the moment this node must enter the next round: a wait that ran over would
         make it skip that round and average out of phase with the holders it just averaged
@@ -881,7 +883,9 @@ class SwarmNode:
         was waited for 12 s, and two of four peers skipped a round, every module they share
         with the other two then averaged alone).
         """
-        expected = {m: {p for p in r.group if p != self.peer_id and not self.silent[p]} for m, r in results.items()}
+        was_silent, banned = {p for p, n in self.silent.items() if n}, self.banned()
+        expected = {m: voters_to_wait_for(self.peer_id, r.group, r.expected, self.partners.of(m) - banned, was_silent)
+                    for m, r in results.items()}
         avg_cfg = self.cfg.averaging
         room = self._seconds_to_spare(round_)
         bound = time.monotonic() + max(0.0, min(avg_cfg.averaging_timeout, 2 * avg_cfg.matchmaking_time, room))

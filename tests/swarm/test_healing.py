@@ -5,6 +5,9 @@ by no more than the bound. Real loopback peers, real downloads (healing.py)."""
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import pytest
 import torch
 
@@ -66,6 +69,72 @@ def test_two_holders_that_ended_a_round_apart_heal_the_tie_and_agree_the_next_ro
         assert max_difference(a.node.slots[module_id].outer.global_params,
                               b.node.slots[module_id].outer.global_params) < 1e-3, module_id
     last = [n.node.averagings()[-1][m].outcome for n in (a, b) for m in SHARED]
+    assert last == ["ok"] * 4, last
+
+
+STORE_DELAY_S = 2.0  # b's record reaches the DHT this late in the lone round: a slow store
+
+
+def search_under_another_key(node) -> Callable[[], None]:
+    """Make every module of this node look for its group under a group key nobody else uses,
+    so it finds nobody, as either side of a matchmaking race does; returns the undo."""
+    originals = {}
+    for module_id, slot in node.slots.items():
+        originals[module_id] = slot.averager.set_group_bits
+        slot.averager.set_group_bits = lambda bits, set_bits=originals[module_id]: set_bits(bits + "1")
+
+    def undo() -> None:
+        for module_id, set_bits in originals.items():
+            node.slots[module_id].averager.set_group_bits = set_bits
+    return undo
+
+
+def store_records_late(node, delay_s: float) -> Callable[[], None]:
+    """Make this node's peer records reach the DHT delay_s late, as from a loaded machine or
+    a slow DHT; returns the undo."""
+    publish = node.records.publish_peer
+
+    def publish_late(*args, **kwargs):
+        time.sleep(delay_s)
+        return publish(*args, **kwargs)
+
+    node.records.publish_peer = publish_late
+    return lambda: setattr(node.records, "publish_peer", publish)
+
+
+def test_two_holders_that_each_averaged_alone_both_see_the_tie_and_heal_in_that_same_round(swarm):
+    # Prepare: a and b hold the same path and average a round together (partners); then a
+    # round in which each finds no group (b searches under another key), so each applies
+    # only its own update and the two end that round apart, and b's record with that round's
+    # fingerprints lands 2 s after a's. Rounds long enough that a lone search (3 windows)
+    # leaves the check 8 s (twice the window) before the next round.
+    config = swarm_config("heal-alone", levels=(1,), round_seconds=24.0)
+    a = swarm.open(config, "0")
+    b = swarm.open(config, "0", initial_peers=a.maddrs)
+    in_parallel(lambda: a.node.run(max_rounds=1), lambda: b.node.run(max_rounds=1))
+    assert all(len(a.node.history[-1].modules[m].group) == 2 for m in SHARED)
+
+    # Execute: the lone round, then one more round together
+    undo = [search_under_another_key(b.node), store_records_late(b.node, STORE_DELAY_S)]
+    try:
+        in_parallel(lambda: a.node.run(max_rounds=1), lambda: b.node.run(max_rounds=1))
+    finally:
+        for restore in undo:
+            restore()
+    lone = {m: [n.node.history[-1].modules[m] for n in (a, b)] for m in SHARED}
+    apart_after_lone_round = {m: max_difference(a.node.slots[m].outer.global_params,
+                                                b.node.slots[m].outer.global_params) for m in SHARED}
+    in_parallel(lambda: a.node.run(max_rounds=1), lambda: b.node.run(max_rounds=1))
+
+    # Assert: in the lone round each averaged alone, and each, a too (whose only read would
+    # otherwise have come before b's fingerprints), waited for its partner's fingerprints,
+    # saw the tie and healed with it, so the two agree right after that round and average
+    # normally after it
+    for module_id, (of_a, of_b) in lone.items():
+        assert of_a.alone and of_b.alone, (of_a, of_b)
+        assert of_a.healed_with == [b.node.peer_id] and of_b.healed_with == [a.node.peer_id], (of_a, of_b)
+        assert apart_after_lone_round[module_id] < 1e-3, apart_after_lone_round
+    last = [n.node.history[-1].modules[m].outcome for n in (a, b) for m in SHARED]
     assert last == ["ok"] * 4, last
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from p2ptrain.swarm.consistency import Vouch, agree, choose_lineage, judge
+from p2ptrain.swarm.consistency import Vouch, agree, choose_lineage, judge, voters_to_wait_for
 from p2ptrain.swarm.healing import PARTNER_ROUNDS, RecentPartners, bounded_mean
 from p2ptrain.swarm.credentials import issue, parse_credential, parse_duration
 from p2ptrain.swarm.identity import Identity, owner_peer_id, peer_id_of_public_key
@@ -104,6 +104,17 @@ def test_one_against_one_is_a_tie_that_names_the_other_voter_and_a_lone_holder_i
     verdict = judge(vouch("me", 0.0), [vouch("stranger", 5.0)], TOL)
     assert verdict.outcome == "tie" and [v.peer_id for v in verdict.tied] == ["stranger"]
     assert judge(vouch("me", 0.0), [vouch("b", 0.0, round_=4)], TOL).outcome == "alone"  # other rounds don't vote
+
+
+def test_a_check_waits_for_its_group_and_after_a_lone_round_for_the_listed_holders_it_averaged_with():
+    listed, partners = {"b", "c", "stranger"}, {"b", "c", "gone"}
+    # in a group: its other members, never the peers silent last round
+    assert voters_to_wait_for("a", ["a", "b", "x"], listed, partners, silent={"x"}) == {"b"}
+    # no group (or only silent members): the listed holders among its recent partners, so
+    # both sides of a split see the tie; a listed stranger and a partner no longer listed are not waited for
+    assert voters_to_wait_for("a", [], listed, partners, silent=set()) == {"b", "c"}
+    assert voters_to_wait_for("a", ["a", "x"], listed, partners, silent={"x", "c"}) == {"b"}
+    assert voters_to_wait_for("a", [], listed, set(), silent=set()) == set()
 
 
 def test_a_newcomer_follows_the_majority_of_holders_not_the_highest_claim():
