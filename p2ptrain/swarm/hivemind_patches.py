@@ -23,8 +23,10 @@ so that module's round was averaged late or not at all. Most of that wait is gon
 follower now answers the members' parts at once and they drop it: see averaging.py's
 ModuleAverager._step and sender_not_in_group). One cause of the split itself is fixed (a
 follower whose search deadline cut short its wait for a late leader, see
-_waiting_out_a_forming_group). Since that fix, 8 benchmark swarms with 0.2 s kept every
-group whole (README, Utilization), too few to call the split gone: 0.5 s.
+_waiting_out_a_forming_group). Since that fix, 10 benchmark swarms with 0.2 s kept every
+group whole, and cut a plain round's outer phase by 0.24-0.30 s, but the utilization
+measured from outside did not follow (README, Utilization): not worth 2.5 times the
+group-key reads while searching, so 0.5 s.
 
 Admission: hivemind's matchmaking accepts any follower. A leader running p2ptrain also
 refuses followers its node does not admit (see swarm/admission.py).
