@@ -150,9 +150,15 @@ class SimulatedSwarm:
     """
 
     def __init__(self, sessions: Sequence[PathSession], sharing_scale: Callable[[str], float] | None = None,
-                 fragments: int | None = None):
+                 fragments: int | None = None,
+                 encode: Callable[[PathSession, str, torch.Tensor], torch.Tensor] | None = None):
         """fragments: None, the whole-module outer step below; N, the node's averaging.fragments
-        code path (SwarmNode.outer_step): round r averages only fragment_bounds(numel, N, r)."""
+        code path (SwarmNode.outer_step): round r averages only fragment_bounds(numel, N, r).
+        encode: with fragments, what a worker's (session, module id, flat pseudo-gradient
+        slice) reaches the average as, e.g. after a lossy codec's round trip; None: exact."""
+        if encode is not None and fragments is None:
+            raise ValueError("encode works on the flat pseudo-gradient: pass fragments (1 for whole modules)")
+        self.encode = encode
         self.sessions = list(sessions)
         self.sharing_scale = sharing_scale or (lambda module_id: 1.0)
         self.fragments = fragments
@@ -210,8 +216,10 @@ class SimulatedSwarm:
             start, end = fragment_bounds(sum(p.numel() for p in state.global_params), self.fragments, round_)
             mean = torch.zeros(end - start)
             for session in holders:
-                delta = state.pseudo_gradient_flat(session.local_state(module_id))
-                mean.add_(delta[start:end], alpha=weight[id(session)] / total)
+                delta = state.pseudo_gradient_flat(session.local_state(module_id))[start:end]
+                if self.encode is not None:
+                    delta = self.encode(session, module_id, delta)
+                mean.add_(delta, alpha=weight[id(session)] / total)
             state.apply_fragment(mean, start, self.sharing_scale(module_id))
             for session in holders:
                 session.adopt_global(module_id, None if self.fragments == 1 else (start, end))

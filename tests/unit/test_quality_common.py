@@ -82,3 +82,29 @@ def test_two_fragments_step_and_adopt_only_the_rounds_fragment(tiny_run_state, s
                 local = local_flat(session, module_id)
                 assert torch.equal(local[start:end], after[start:end])
                 assert torch.equal(local[end:], before_local[(i, module_id)][end:])
+
+
+def test_an_encode_hook_changes_what_each_worker_contributes_and_nothing_else(tiny_run_state, stdlib_docs):
+    # Prepare: the same trained workers, averaged exactly and through a codec that halves every value
+    exact = trained_swarm(tiny_run_state, stdlib_docs, fragments=1)
+    seen = []
+
+    def halve(session, module_id, delta):
+        seen.append((id(session), module_id, delta.numel()))
+        return delta * 0.5
+
+    halved = trained_swarm(tiny_run_state, stdlib_docs, fragments=1)
+    halved.encode = halve
+    start = {m: flat(s.global_params).clone() for m, s in exact.globals.items()}
+
+    # Execute
+    exact.outer_step(TOKENS)
+    halved.outer_step(TOKENS)
+
+    # Assert: every holder's flat pseudo-gradient of every module went through the hook once,
+    # and the first outer step (momentum from zero) moved each module exactly half as far
+    assert sorted(seen) == sorted((id(s), m, start[m].numel()) for s in halved.sessions for m in s.module_ids)
+    for module_id in exact.globals:
+        moved_exact = flat(exact.globals[module_id].global_params) - start[module_id]
+        moved_halved = flat(halved.globals[module_id].global_params) - start[module_id]
+        assert torch.allclose(moved_halved, moved_exact * 0.5, atol=1e-7)
