@@ -46,7 +46,7 @@ from outer_codecs import (ErrorFeedback, HivemindCodec, NF4Codec, NoCodec, TopKC
                           relative_rms)
 from quality_common import (REPO, SPLITS, RunState, SimulatedSwarm, base_parser, fmt,  # noqa: E402
                             heldout_sequences, load_corpus, machine_info, make_session, markdown_table,
-                            plot_curves, print_header, run_jobs, score, small_config, write_json)
+                            print_header, run_jobs, score, small_config, write_json, write_plot)
 
 NAME = "bench_outer_codecs"
 K = 4
@@ -147,12 +147,7 @@ def main() -> None:
               + f" → {'holds' if held else 'does not hold'} loss (≤ {HOLDS_LOSS}) at "
               f"{next(r['bytes_per_value'] for r in results if r['codec'] == codec):.3f} bytes/value")
 
-    xs = by_job[(next(iter(SETUPS)), "none", seeds[0])]["curve"][0]
-    png = plot_curves(NAME, {f"{setup}, {codec}": (xs, [mean([by_job[(setup, codec, s)]["curve"][1][i] for s in seeds])
-                                                       for i in range(len(xs))])
-                             for setup in SETUPS for codec in p["codecs"]},
-                      "inner steps per worker", "TEST loss, global weights (a subset; nats/byte-token)",
-                      f"outer codecs: mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
+    png = plot_codec_curves({(setup, codec, s): out["curve"] for (setup, codec, s), out in by_job.items()})
     out = write_json(NAME, {
         "machine": info, "params": p, "K": K, "setups": SETUPS, "seeds": seeds, "holds_loss": HOLDS_LOSS,
         "outer": {"lr": cfg.outer.lr, "momentum": cfg.outer.momentum}, "results": results,
@@ -160,6 +155,33 @@ def main() -> None:
         "elapsed_s": time.perf_counter() - t_start})
     written = " and ".join(str(f.relative_to(REPO)) for f in (out, png) if f)
     print(f"\nwrote {written} in {time.perf_counter() - t_start:.0f} s")
+
+
+def plot_codec_curves(curves: dict[tuple[str, str, int], tuple[list, list]]) -> Path | None:
+    """One panel per setup, one line per codec (mean over seeds), the same color for a codec
+    in both panels; into bench-out/bench_outer_codecs.png."""
+    setups = sorted({k[0] for k in curves}, key=list(SETUPS).index)
+    codecs = [c for c in CODECS if any(k[1] == c for k in curves)]
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, len(setups), figsize=(6 * len(setups), 4.5), sharey=True, squeeze=False)
+        colors = plt.get_cmap("tab10")
+        for ax, setup in zip(axes[0], setups):
+            for i, codec in enumerate(codecs):
+                runs = [v for k, v in curves.items() if k[0] == setup and k[1] == codec]
+                xs = runs[0][0]
+                ys = [mean([r[1][j] for r in runs]) for j in range(len(xs))]
+                ax.plot(xs, ys, marker="o", markersize=2, color=colors(i % 10),
+                        linestyle="--" if "sparseloco" in codec else "-", label=codec)
+            ax.set_title(f"{setup}: mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}")
+            ax.set_xlabel("inner steps per worker")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("TEST loss, global weights (a subset; nats/byte-token)")
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    return write_plot(NAME, draw)
 
 
 def mean(values) -> float:
