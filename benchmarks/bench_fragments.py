@@ -30,7 +30,6 @@ Run: python benchmarks/bench_fragments.py [--quick] [--seeds 1 2] [--fragments 1
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import sys
@@ -40,8 +39,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_common import (REPO, SPLITS, RunState, SimulatedSwarm, base_parser, fmt,  # noqa: E402
-                            heldout_sequences, load_corpus, machine_info, make_session, markdown_table,
-                            param_count, plot_curves, print_header, run_jobs, score, small_config, write_json)
+                            heldout_sequences, load_corpus, machine_info, markdown_table,
+                            param_count, plot_curves, print_header, routed_loss, run_jobs, score, small_config,
+                            train_with_curve, workers_of, write_json)
 
 from p2ptrain.train.outer import fragment_bounds  # noqa: E402
 
@@ -196,26 +196,8 @@ def train_and_score(p: dict, seed: int, setup: str, fragments: int) -> dict:
     state = RunState.create(small_config(seed, **model_kwargs(p, SETUPS[setup])), docs)
     held = {split: heldout_sequences(state, docs, p["eval_tokens"], split) for split in SPLITS}
     curve_held = heldout_sequences(state, docs, p["curve_tokens"], "test")
-    if setup == "DiLoCo":
-        sessions = [make_session(state, (0,) * len(SETUPS[setup]), docs, data_seed=k) for k in range(K)]
-    else:
-        sessions = [make_session(state, path, docs) for path in state.grid.paths()]
+    sessions = workers_of(state, docs, K if setup == "DiLoCo" else None)
     swarm = SimulatedSwarm(sessions, fragments=fragments)
-
-    def global_models() -> dict:
-        """Each path's model with its modules' global weights (what a checkpoint holds)."""
-        models = {}
-        for session in sessions:
-            if session.path not in models:
-                models[session.path] = copy.deepcopy(session.model)
-                for module_id in session.module_ids:
-                    models[session.path].load_module_state(module_id, swarm.globals[module_id].global_state())
-        return models
-
-    def routed(models: dict, sequences: dict) -> tuple[float, int]:
-        """(loss, tokens scored): each path's docs scored by its path's model."""
-        scored = [score(models[path], seqs, context) for path, seqs in sequences.items()]
-        return sum(t for t, _ in scored) / sum(c for _, c in scored), sum(c for _, c in scored)
 
     def own_loss(sequences: dict) -> float:
         """Each path's docs scored by each of its workers' own weights, averaged over them."""
@@ -226,12 +208,8 @@ def train_and_score(p: dict, seed: int, setup: str, fragments: int) -> dict:
             count += scored[0][1]
         return total / count
 
-    xs, ys = [], []
-    for r in range(p["rounds"]):
-        swarm.round(H)
-        xs.append(H * (r + 1))
-        ys.append(routed(global_models(), curve_held)[0])
-    final = {split: routed(global_models(), held[split]) for split in SPLITS}
+    xs, ys = train_with_curve(swarm, p["rounds"], H, curve_held, context)
+    final = {split: routed_loss(swarm.global_models(), held[split], context) for split in SPLITS}
     modules = {}
     for module_id, outer in sorted(swarm.globals.items(), key=lambda kv: (kv[0] != "stem", kv[0])):
         modules[module_id] = {"numel": sum(g.numel() for g in outer.global_params),

@@ -33,7 +33,6 @@ Run: python benchmarks/bench_outer_codecs.py [--quick] [--seeds 1 2] [--codecs n
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import sys
@@ -45,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from outer_codecs import (ErrorFeedback, HivemindCodec, NF4Codec, NoCodec, TopKCodec,  # noqa: E402
                           relative_rms)
 from quality_common import (REPO, SPLITS, RunState, SimulatedSwarm, base_parser, fmt,  # noqa: E402
-                            heldout_sequences, load_corpus, machine_info, make_session, markdown_table,
-                            print_header, run_jobs, score, small_config, write_json, write_plot)
+                            heldout_sequences, load_corpus, machine_info, markdown_table,
+                            print_header, routed_loss, run_jobs, small_config, train_with_curve, workers_of,
+                            write_json, write_plot)
 
 NAME = "bench_outer_codecs"
 K = 4
@@ -204,10 +204,7 @@ def train_and_score(p: dict, seed: int, setup: str, codec_id: str) -> dict:
     state = RunState.create(small_config(seed, **model_kwargs(p, SETUPS[setup], outer)), docs)
     held = {split: heldout_sequences(state, docs, p["eval_tokens"], split) for split in SPLITS}
     curve_held = heldout_sequences(state, docs, p["curve_tokens"], "test")
-    if setup == "DiLoCo":
-        sessions = [make_session(state, (0,) * len(SETUPS[setup]), docs, data_seed=k) for k in range(K)]
-    else:
-        sessions = [make_session(state, path, docs) for path in state.grid.paths()]
+    sessions = workers_of(state, docs, K if setup == "DiLoCo" else None)
     codec = ErrorFeedback(factory(), outer["decay"]) if feedback else factory()
     errors: list[float] = []  # the codec's own error on the vector it encoded
     lag: list[float] = []  # what was sent against this round's Δ (differs only with error feedback)
@@ -228,26 +225,8 @@ def train_and_score(p: dict, seed: int, setup: str, codec_id: str) -> dict:
         return decoded
 
     swarm = SimulatedSwarm(sessions, fragments=1, encode=encode)
-
-    def global_models() -> dict:
-        models = {}
-        for session in sessions:
-            if session.path not in models:
-                models[session.path] = copy.deepcopy(session.model)
-                for module_id in session.module_ids:
-                    models[session.path].load_module_state(module_id, swarm.globals[module_id].global_state())
-        return models
-
-    def routed(models: dict, sequences: dict) -> tuple[float, int]:
-        scored = [score(models[path], seqs, context) for path, seqs in sequences.items()]
-        return sum(t for t, _ in scored) / sum(c for _, c in scored), sum(c for _, c in scored)
-
-    xs, ys = [], []
-    for r in range(p["rounds"]):
-        swarm.round(H)
-        xs.append(H * (r + 1))
-        ys.append(routed(global_models(), curve_held)[0])
-    final = {split: routed(global_models(), held[split]) for split in SPLITS}
+    xs, ys = train_with_curve(swarm, p["rounds"], H, curve_held, context)
+    final = {split: routed_loss(swarm.global_models(), held[split], context) for split in SPLITS}
     return {"loss": {split: final[split][0] for split in SPLITS},
             "heldout_tokens": {split: final[split][1] for split in SPLITS},
             "codec_name": codec.name + ("" if outer is DILOCO else

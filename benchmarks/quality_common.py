@@ -176,6 +176,16 @@ class SimulatedSwarm:
     def holders(self, module_id: str) -> list[PathSession]:
         return [s for s in self.sessions if module_id in s.module_ids]
 
+    def global_models(self) -> dict[PathIndex, torch.nn.Module]:
+        """Each path's model with its modules' global weights (what a checkpoint holds)."""
+        models = {}
+        for session in self.sessions:
+            if session.path not in models:
+                models[session.path] = copy.deepcopy(session.model)
+                for module_id in session.module_ids:
+                    models[session.path].load_module_state(module_id, self.globals[module_id].global_state())
+        return models
+
     def round(self, steps: int) -> float:
         """H inner steps on every worker, then the outer step; returns the mean inner loss."""
         tokens, losses = [], []
@@ -232,6 +242,15 @@ def make_session(state: RunState, path: PathIndex, docs: Sequence[Document], dat
     return PathSession(state, path, docs, DEVICE, home, data_seed=data_seed)
 
 
+def workers_of(state: RunState, docs: Sequence[Document], workers_on_one_path: int | None) -> list[PathSession]:
+    """DiLoCo (workers_on_one_path = K): K workers on the grid's first path, each with its
+    own data stream 0..K-1; DiPaCo (None): one worker per path of the grid."""
+    if workers_on_one_path:
+        first = next(iter(state.grid.paths()))
+        return [make_session(state, first, docs, data_seed=k) for k in range(workers_on_one_path)]
+    return [make_session(state, path, docs) for path in state.grid.paths()]
+
+
 # ------------------------------------------------------------------ evaluation
 
 SPLITS = ("validation", "test")
@@ -276,6 +295,24 @@ def score(model: torch.nn.Module, sequences: Sequence[torch.Tensor], context: in
         total, count = total + t, count + c
     model.train()
     return total, count
+
+
+def routed_loss(models: dict[PathIndex, torch.nn.Module], sequences: dict, context: int) -> tuple[float, int]:
+    """(loss, tokens scored): each path's held-out docs scored by its path's model."""
+    scored = [score(models[path], seqs, context) for path, seqs in sequences.items()]
+    return sum(t for t, _ in scored) / sum(c for _, c in scored), sum(c for _, c in scored)
+
+
+def train_with_curve(swarm: SimulatedSwarm, rounds: int, steps: int, curve_sequences: dict,
+                     context: int) -> tuple[list[int], list[float]]:
+    """`rounds` rounds of `steps` inner steps and an outer step; after each, the global
+    weights' routed loss on curve_sequences: (inner steps per worker, loss) per round."""
+    xs, ys = [], []
+    for r in range(rounds):
+        swarm.round(steps)
+        xs.append(steps * (r + 1))
+        ys.append(routed_loss(swarm.global_models(), curve_sequences, context)[0])
+    return xs, ys
 
 
 def param_count(module: torch.nn.Module) -> int:

@@ -30,7 +30,7 @@ from common import OUT_DIR, machine_info, markdown_table, print_header
 from p2ptrain.config import RunConfig
 from p2ptrain.model.grid import Grid
 from p2ptrain.swarm.averaging import sync_tolerance
-from swarm_model import DHT_REPLICAS, Levers, Overheads, Volunteers, Workload, simulate
+from swarm_model import DHT_REPLICAS, NF4_BYTES_PER_VALUE, Levers, Overheads, Volunteers, Workload, simulate
 
 MEASURED_FILE = OUT_DIR / "simulate_loopback.json"
 CALIBRATION_FILE = OUT_DIR / "simulate_calibration.json"
@@ -219,6 +219,16 @@ LEVER_SETS = (
                                                          table="sampled", table_contention=True)),
     ("all, sampled table (assembled groups)", Levers(fill=True, staged=True, coords="assembled", balanced=True,
                                                      fragments=4, table="sampled", table_contention=True)),
+    ("4-bit (NF4)", Levers(wire_bytes_per_value=NF4_BYTES_PER_VALUE)),
+    ("all (assembled), 4-bit instead of fragments", Levers(fill=True, staged=True, coords="assembled", balanced=True,
+                                                           table="sampled", table_contention=True,
+                                                           wire_bytes_per_value=NF4_BYTES_PER_VALUE)),
+    ("all (assembled), 4-bit, 1/2 fragments", Levers(fill=True, staged=True, coords="assembled", balanced=True,
+                                                     fragments=2, table="sampled", table_contention=True,
+                                                     wire_bytes_per_value=NF4_BYTES_PER_VALUE)),
+    ("all (assembled) + 4-bit", Levers(fill=True, staged=True, coords="assembled", balanced=True, fragments=4,
+                                       table="sampled", table_contention=True,
+                                       wire_bytes_per_value=NF4_BYTES_PER_VALUE)),
 )
 AFTER_ASSEMBLED = "all, sampled table (assembled groups)"
 AFTER = "all, sampled table (hashed coordinates)"  # the configuration p2ptrain can implement without a full table
@@ -247,6 +257,41 @@ def lever_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick:
         r["scaling_vs_100"] = (r["effective_tokens_per_s"] / (r["peers"] / 100 * base["effective_tokens_per_s"])
                                if base and base["effective_tokens_per_s"] > 0 else math.nan)
     return rows
+
+
+ROUND_LENGTHS = (30.0, 40.0, 60.0)
+
+
+def round_length_study(rounds: float, calibration: dict, sizes: tuple[int, int] = (100, 10_000)) -> list[dict]:
+    """The default preset with every lever (assembled groups) at set round lengths, with and
+    without crashes: how much of the 10,000-peer figure depends on T."""
+    config = RunConfig.load("default")
+    config.averaging.overlap = True
+    work = workload(config, "default")
+    vol = preset_volunteers(config, work, calibration, "default")
+    over = volunteer_overheads(calibration, work)
+    levers = dict(LEVER_SETS)[AFTER_ASSEMBLED]
+    rows = []
+    for T in ROUND_LENGTHS:
+        for crashes in (True, False):
+            v = vol if crashes else dataclasses.replace(vol, crash_fraction=0.0)
+            small, large = (simulate(dataclasses.replace(work, round_seconds=T), v, over, n, rounds=rounds, seed=n,
+                                     levers=levers) for n in sizes)
+            rows.append({"T": T, "crashes": crashes, "peers": sizes, "step_s": vol.step_s,
+                         "preset_round_seconds": work.round_seconds, "utilization": large["utilization"],
+                         "outer_s": large["outer_s"], "lineage_share": large["lineage_share"],
+                         "scaling_vs_100": large["effective_tokens_per_s"]
+                         / (sizes[1] / sizes[0] * small["effective_tokens_per_s"])})
+    return rows
+
+
+def round_length_table(rows: list[dict]) -> str:
+    n = f"{rows[0]['peers'][1]:,}"
+    return markdown_table(["T", "crashes", f"utilization at {n}", f"outer phase at {n}", f"lineage share at {n}",
+                           f"÷ (peers/100 × own {rows[0]['peers'][0]}-peer)"],
+                          [[f"{r['T']:.0f} s", "30 % of departures" if r["crashes"] else "none",
+                            f"{r['utilization']:.2f}", f"{r['outer_s']:.1f} s", f"{r['lineage_share']:.3f}",
+                            f"{r['scaling_vs_100']:.2f}"] for r in rows])
 
 
 def lever_table(rows: list[dict]) -> str:
@@ -830,15 +875,25 @@ def projection_report(args: argparse.Namespace, info: dict) -> dict:
           f"{DHT_REPLICAS} nodes storing a key serve every reader at the round's end); ÷ column: effective tokens/s "
           "over peers/100 × the same configuration's 100-peer figure (goal ≥ 0.7 at 10,000); time to target: 20 "
           "tokens per parameter at the steady effective rate (no critical-batch limit modelled). 1/4 fragments: "
-          "bytes and time only, its effect on loss is not modelled. Not modelled: 4-bit or top-k compression "
-          "(4-bit would halve the 8-bit bytes per round, as 1/2 fragments does here).\n")
+          "bytes and time only, its effect on loss is not modelled. 4-bit: NF4's 0.5625 bytes a value on the "
+          "wire, bytes and time only (its loss: bench_outer_codecs); top-k is not modelled.\n")
     print(lever_table(levers))
     print()
+    lengths = [] if args.quick else round_length_study(rounds, calibration)
+    if lengths:
+        print(f"Round length, default preset, '{AFTER_ASSEMBLED}': the lever table's T for this preset is "
+              f"max(its {lengths[0]['preset_round_seconds']:.0f} s, 2 × H × median step); here T is set, with "
+              "the volunteers' crashes (30 % of departures) and without. A crash during an all-reduce costs its "
+              "group hivemind's next_chunk_timeout (max(2 s, averaging_timeout / 6)); with staged averaging a "
+              "late first-stage group delays every second-stage group it feeds.\n")
+        print(round_length_table(lengths))
+        print()
     # --quick: smaller sizes, so its plot goes to bench-out/, not over the committed one
     png = plot_scaling(levers, OUT_DIR / "simulate_scaling.png" if args.quick else SCALING_PLOT)
     if png:
         print(f"wrote {png.relative_to(REPO_ROOT)}")
-    return {"projection": projection, "comparison": comparison, "levers": levers, "calibration": calibration,
+    return {"projection": projection, "comparison": comparison, "levers": levers, "round_lengths": lengths,
+            "calibration": calibration,
             "assumptions": dict(NETWORK, **CHURN, gpu_flops=GPU_FLOPS, machine_sigma=MACHINE_SIGMA,
                                 round_jitter=ROUND_JITTER, join_s=JOIN_S)}
 

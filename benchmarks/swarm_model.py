@@ -68,6 +68,7 @@ import numpy as np
 
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 STATE_BYTES_PER_PARAM = 8.0  # a downloaded module state: fp32 global params + fp32 outer momentum
+NF4_BYTES_PER_VALUE = 0.5 + 4 / 64  # bench_outer_codecs' 4-bit codec: 4 bits a value, a float32 scale per 64
 ALLREDUCE_RTTS = 4  # matchmaking handshake + the butterfly's two phases
 RECORD_TTL_S = 60.0  # records.PEER_RECORD_TTL_S
 ENTER_MIN_STEPS = 1.5  # a peer enters the round in progress if this many steps of it are left
@@ -182,6 +183,10 @@ class Levers:
     table_contention: also charge the full table's reads to the replicas that store it
         (hivemind stores a key on num_replicas = 5 nodes; every peer reads it at the
         round's end, so the replicas' uplinks serve N × table bytes at once).
+    wire_bytes_per_value: the codec's bytes per value instead of the workload's (e.g.
+        NF4_BYTES_PER_VALUE, 4-bit with error feedback). Bytes and time only: the copies'
+        agreement keeps the workload's sync tolerance, and the codec's effect on loss is
+        bench_outer_codecs' to measure.
     """
 
     fill: bool = False
@@ -193,6 +198,7 @@ class Levers:
     sample_records: int = 128
     table_contention: bool = False
     fragments: int = 1
+    wire_bytes_per_value: float | None = None
 
     # fragments: streaming sync (Streaming DiLoCo): each round averages 1/fragments of every
     # module (a different fragment each round), so an all-reduce moves payload / fragments.
@@ -593,7 +599,8 @@ class AlignedSwarm:
         self.holds_by_path = np.zeros((len(work.paths), len(self.modules)), bool)
         for p, path in enumerate(work.paths):
             self.holds_by_path[p, [self.modules.index(m) for m in path]] = True
-        self.payload = np.array([work.module_params[m] * work.bytes_per_value for m in self.modules])
+        bytes_per_value = levers.wire_bytes_per_value or work.bytes_per_value
+        self.payload = np.array([work.module_params[m] * bytes_per_value for m in self.modules])
         self.params = np.array([work.module_params[m] for m in self.modules], float)
         self.peers = new_peers(self.rng, vol, len(work.paths), n_peers)
         self.holds = self.holds_by_path[self.peers.path].T.copy()  # (modules, peers); slots keep their path

@@ -102,3 +102,25 @@ def test_assembled_groups_with_double_duty_give_the_exact_mean(n):
     y, _, _ = staged_mix(x[owner], np.where(real, w[owner], 0.0), keys)
     # Assert: every row, the members' own and their double duties, holds the weighted mean
     np.testing.assert_allclose(y, np.broadcast_to(weighted_mean(x, w), y.shape), atol=1e-12)
+
+
+def test_a_smaller_wire_codec_moves_proportionally_fewer_bytes_and_leaves_training_alone():
+    # Prepare: 8 peers on a 2x2 grid, 8-bit wire, no churn; the 4-bit lever swaps only the codec
+    work = swarm_model.Workload(
+        name="tiny", steps_per_round=10, tokens_per_step=1024,
+        module_params={"stem": 400_000, "L0.M0": 200_000, "L0.M1": 200_000},
+        paths=[["stem", "L0.M0"], ["stem", "L0.M1"]], bytes_per_value=1.0 + 4 / 4096,
+        matchmaking_time=5.0, averaging_timeout=60.0, target_group_size=8, overlap=True, round_seconds=30.0)
+    vol = swarm_model.Volunteers(step_s=1.0, step_sigma_peer=0.0, step_sigma_round=0.0, up_mbps=25.0,
+                                 up_sigma=0.0, down_mbps=100.0, down_sigma=0.0, rtt_ms=60.0, rtt_sigma=0.0)
+    over = swarm_model.Overheads(outer_fixed_s=0.5, foreground_fixed_s=0.1, join_s=30.0)
+
+    # Execute
+    eight_bit = swarm_model.simulate(work, vol, over, 8, rounds=4, seed=1)
+    four_bit = swarm_model.simulate(work, vol, over, 8, rounds=4, seed=1,
+                                    levers=swarm_model.Levers(wire_bytes_per_value=swarm_model.NF4_BYTES_PER_VALUE))
+
+    # Assert
+    ratio = swarm_model.NF4_BYTES_PER_VALUE / work.bytes_per_value
+    assert four_bit["mb_sent_per_peer_round"] == pytest.approx(ratio * eight_bit["mb_sent_per_peer_round"], rel=1e-6)
+    assert four_bit["steps_per_round_median"] == eight_bit["steps_per_round_median"]
