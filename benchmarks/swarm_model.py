@@ -183,6 +183,9 @@ class Levers:
     table_contention: also charge the full table's reads to the replicas that store it
         (hivemind stores a key on num_replicas = 5 nodes; every peer reads it at the
         round's end, so the replicas' uplinks serve N × table bytes at once).
+    chunk_timeout_s: what a member crashing mid all-reduce costs its group (survivors wait
+        this long for its next chunk, then skip its slice); None: hivemind's
+        next_chunk_timeout as p2ptrain sets it, max(2 s, averaging_timeout / 6).
     wire_bytes_per_value: the codec's bytes per value instead of the workload's (e.g.
         NF4_BYTES_PER_VALUE, 4-bit with error feedback). Bytes and time only: the copies'
         agreement keeps the workload's sync tolerance, and the codec's effect on loss is
@@ -199,6 +202,7 @@ class Levers:
     table_contention: bool = False
     fragments: int = 1
     wire_bytes_per_value: float | None = None
+    chunk_timeout_s: float | None = None
 
     # fragments: streaming sync (Streaming DiLoCo): each round averages 1/fragments of every
     # module (a different fragment each round), so an all-reduce moves payload / fragments.
@@ -600,6 +604,7 @@ class AlignedSwarm:
         for p, path in enumerate(work.paths):
             self.holds_by_path[p, [self.modules.index(m) for m in path]] = True
         bytes_per_value = levers.wire_bytes_per_value or work.bytes_per_value
+        self.chunk_timeout_s = levers.chunk_timeout_s or max(2.0, work.averaging_timeout / 6)
         self.payload = np.array([work.module_params[m] * bytes_per_value for m in self.modules])
         self.params = np.array([work.module_params[m] for m in self.modules], float)
         self.peers = new_peers(self.rng, vol, len(work.paths), n_peers)
@@ -848,7 +853,7 @@ class AlignedSwarm:
         np.logical_or.at(partial, group_of, crashing[local])
         partial &= sizes > 1
         # a crashed member: survivors wait hivemind's next_chunk_timeout and skip its slice
-        penalty = partial * max(2.0, work.averaging_timeout / 6)
+        penalty = partial * self.chunk_timeout_s
         base = self.n_groups
         self.n_groups += n_groups
         self.group_module.append(np.full(n_groups, j))
@@ -944,7 +949,7 @@ class AlignedSwarm:
             transfer = self.group_transfer_s(j, sizes, gi, link[alive], rtt[alive])
             partial = np.zeros(ng, bool)
             np.logical_or.at(partial, gi, crash_stage[alive] == s)
-            penalty = (partial & (sizes > 1)) * max(2.0, work.averaging_timeout / 6)
+            penalty = (partial & (sizes > 1)) * self.chunk_timeout_s
             done = (start + transfer + penalty)
             riding = np.flatnonzero((gid >= 0) & ~moving)
             t[alive] = done[gi]

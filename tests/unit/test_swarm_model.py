@@ -3,6 +3,7 @@ bandwidth-balanced all-reduce time, as specifications with exact expected number
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -104,8 +105,8 @@ def test_assembled_groups_with_double_duty_give_the_exact_mean(n):
     np.testing.assert_allclose(y, np.broadcast_to(weighted_mean(x, w), y.shape), atol=1e-12)
 
 
-def test_a_smaller_wire_codec_moves_proportionally_fewer_bytes_and_leaves_training_alone():
-    # Prepare: 8 peers on a 2x2 grid, 8-bit wire, no churn; the 4-bit lever swaps only the codec
+def tiny_swarm_inputs():
+    """8-bit wire, a 2x2 grid's stem and first level, equal volunteers who never leave."""
     work = swarm_model.Workload(
         name="tiny", steps_per_round=10, tokens_per_step=1024,
         module_params={"stem": 400_000, "L0.M0": 200_000, "L0.M1": 200_000},
@@ -114,6 +115,12 @@ def test_a_smaller_wire_codec_moves_proportionally_fewer_bytes_and_leaves_traini
     vol = swarm_model.Volunteers(step_s=1.0, step_sigma_peer=0.0, step_sigma_round=0.0, up_mbps=25.0,
                                  up_sigma=0.0, down_mbps=100.0, down_sigma=0.0, rtt_ms=60.0, rtt_sigma=0.0)
     over = swarm_model.Overheads(outer_fixed_s=0.5, foreground_fixed_s=0.1, join_s=30.0)
+    return work, vol, over
+
+
+def test_a_smaller_wire_codec_moves_proportionally_fewer_bytes_and_leaves_training_alone():
+    # Prepare: 8 peers; the 4-bit lever swaps only the codec
+    work, vol, over = tiny_swarm_inputs()
 
     # Execute
     eight_bit = swarm_model.simulate(work, vol, over, 8, rounds=4, seed=1)
@@ -124,3 +131,19 @@ def test_a_smaller_wire_codec_moves_proportionally_fewer_bytes_and_leaves_traini
     ratio = swarm_model.NF4_BYTES_PER_VALUE / work.bytes_per_value
     assert four_bit["mb_sent_per_peer_round"] == pytest.approx(ratio * eight_bit["mb_sent_per_peer_round"], rel=1e-6)
     assert four_bit["steps_per_round_median"] == eight_bit["steps_per_round_median"]
+
+
+def test_a_crash_mid_all_reduce_costs_hiveminds_chunk_timeout_unless_a_lever_sets_another():
+    # Prepare: plain averaging (the outer phase is the all-reduce itself) and volunteers who
+    # all leave by crashing, after 6 minutes on average
+    work, vol, over = tiny_swarm_inputs()
+    work = dataclasses.replace(work, overlap=False)
+    vol = dataclasses.replace(vol, mean_session_h=0.1, crash_fraction=1.0)
+
+    # Execute
+    default = swarm_model.simulate(work, vol, over, 8, rounds=8, seed=3)
+    short = swarm_model.simulate(work, vol, over, 8, rounds=8, seed=3, levers=swarm_model.Levers(chunk_timeout_s=2.0))
+
+    # Assert: p2ptrain's next_chunk_timeout is max(2 s, averaging_timeout / 6) = 10 s here
+    assert swarm_model.AlignedSwarm(work, vol, over, 8).chunk_timeout_s == 10.0
+    assert short["outer_s"] < default["outer_s"]
