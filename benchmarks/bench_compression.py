@@ -16,6 +16,11 @@ exact weighted mean, and of a single encode → decode of Δ (one crossing). The
 `ModuleOuterState.apply` takes each peer's outer step with the exact and with each codec's
 result, and each path is scored on its routed held-out documents.
 
+Beside them, 4-bit NF4 (outer_codecs.NF4Codec), which hivemind's wire cannot carry: its
+all-reduce is replayed by hand with the same scheme (replay_allreduce_off_wire). For every
+codec the table also gives how far the two peers' results lie apart: what the fingerprint
+check (`averaging.sync_tolerance`) sees between two holders after one round.
+
     python benchmarks/bench_compression.py [--quick] [--steps 50]
 """
 
@@ -33,12 +38,16 @@ import torch  # noqa: E402
 
 from common import (Stopwatch, apply_threads, base_parser, corpus_note, default_run, machine_info,  # noqa: E402
                     markdown_table, open_session, parse_path, print_header, write_outputs)
+from outer_codecs import NF4Codec  # noqa: E402
 from p2ptrain.data.tokenizer import load_tokenizer  # noqa: E402
 from p2ptrain.model.grid import path_name  # noqa: E402
 from p2ptrain.swarm.averaging import make_compression  # noqa: E402
 from p2ptrain.train.evaluate import document_loss, heldout_by_path  # noqa: E402
 
 CODECS = ("none", "fp16", "8bit")
+# measured beside them, not on the swarm's wire (hivemind's codec enum is closed): the
+# all-reduce is replayed by hand with the same scheme (replay_allreduce_off_wire)
+OFF_WIRE = {"nf4": NF4Codec}
 PATHS = ("0,0", "0,1")  # two peers whose paths share the stem and L0.M0
 
 
@@ -99,6 +108,34 @@ def replay_allreduce(deltas: list[list[torch.Tensor]], weights: list[float], cod
                 out[s][offset:offset + size] = raw[s][offset:offset + size] + deserialize_torch_tensor(reply)
             offset += size
     assert offset == raw[0].numel()
+    return out, wire
+
+
+def replay_allreduce_off_wire(deltas: list[list[torch.Tensor]], weights: list[float], codec) -> tuple[list, int]:
+    """replay_allreduce's scheme for a codec hivemind cannot carry (outer_codecs'
+    `roundtrip`): peer r reduces the r-th of n equal consecutive slices of the flat vector;
+    senders' slices cross encoded, the reducer's own raw; each sender gets back
+    encode(average − decoded slice) and adds it to its raw slice. Payload bytes, both ways."""
+    n = len(deltas)
+    raw = [flat(d) for d in deltas]
+    out = [torch.empty_like(r) for r in raw]
+    size, wire = math.ceil(raw[0].numel() / n), 0
+    for reducer in range(n):
+        lo, hi = reducer * size, min((reducer + 1) * size, raw[0].numel())
+        received = {}
+        for s in range(n):
+            if s == reducer:
+                received[s] = raw[s][lo:hi]
+            else:
+                received[s], payload = codec.roundtrip(raw[s][lo:hi].contiguous())
+                wire += payload
+        average = sum(weights[s] * received[s] for s in range(n)) / sum(weights)
+        out[reducer][lo:hi] = average
+        for s in range(n):
+            if s != reducer:
+                reply, payload = codec.roundtrip((average - received[s]).contiguous())
+                wire += payload
+                out[s][lo:hi] = raw[s][lo:hi] + reply
     return out, wire
 
 
@@ -177,7 +214,7 @@ def draw(errors: list[dict], losses: dict):
         left.set_title("Wire codec error on real pseudo-gradients")
         left.legend()
         for peer, by_model in losses.items():
-            codecs = [c for c in CODECS if f"outer step, {c}" in by_model]
+            codecs = [c for c in (*CODECS, *OFF_WIRE) if f"outer step, {c}" in by_model]
             left_out = [by_model[f"outer step, {c}"] - by_model["outer step, exact mean"] for c in codecs]
             right.plot(codecs, left_out, "o-", label=f"path {peer}")
         right.axhline(0.0, color="gray", linewidth=0.8)
@@ -211,29 +248,36 @@ def main() -> None:
 
         # --- every codec on every shared module
         exact = {m: sum(w * flat(r["deltas"][m]) for w, r in zip(weights, rounds)) / sum(weights) for m in shared}
-        errors, applied, failures = [], {c: [{}, {}] for c in CODECS}, {}
-        for name in CODECS:
-            codec = make_compression(name)
+        errors, applied, failures = [], {c: [{}, {}] for c in (*CODECS, *OFF_WIRE)}, {}
+        for name in (*CODECS, *OFF_WIRE):
             try:
                 per_module = []
                 for m in shared:
-                    crossed, crossing_wire = one_crossing(rounds[0]["deltas"][m], codec)
-                    results, wire = replay_allreduce([r["deltas"][m] for r in rounds], weights, codec)
+                    if name in OFF_WIRE:
+                        codec = OFF_WIRE[name]()
+                        crossed, crossing_wire = codec.roundtrip(flat(rounds[0]["deltas"][m]))
+                        results, wire = replay_allreduce_off_wire([r["deltas"][m] for r in rounds], weights, codec)
+                    else:
+                        codec = make_compression(name)
+                        crossed, crossing_wire = one_crossing(rounds[0]["deltas"][m], codec)
+                        results, wire = replay_allreduce([r["deltas"][m] for r in rounds], weights, codec)
                     for peer, result in enumerate(results):
                         applied[name][peer][m] = unflatten(result, rounds[peer]["deltas"][m])
                     per_module.append((m, flat(rounds[0]["deltas"][m]), crossed, crossing_wire,
-                                       exact[m], results[0], wire))
+                                       exact[m], results[0], wire, results[1]))
             except Exception as e:  # report a broken codec (e.g. a numpy/bitsandbytes mismatch), go on
                 failures[name] = f"{type(e).__name__}: {e}"
                 applied.pop(name)
                 continue
             everything = [("all shared", *[torch.cat([row[i] for row in per_module]) if torch.is_tensor(per_module[0][i])
-                                           else sum(row[i] for row in per_module) for i in range(1, 7)])]
-            for m, delta, crossed, crossing_wire, mean, result, wire in per_module + everything:
+                                           else sum(row[i] for row in per_module) for i in range(1, 8)])]
+            for m, delta, crossed, crossing_wire, mean, result, wire, other in per_module + everything:
                 errors.append({"codec": name, "module": m, "values": delta.numel(),
                                "crossing_wire_bytes": crossing_wire, "allreduce_wire_bytes": wire,
                                "mean_abs_delta": float(delta.abs().mean()), "max_abs_delta": float(delta.abs().max()),
-                               "crossing": error_stats(delta, crossed), "allreduce": error_stats(mean, result)})
+                               "crossing": error_stats(delta, crossed), "allreduce": error_stats(mean, result),
+                               # how far the two holders' results lie apart, relative to the mean
+                               "copies_apart_rel_rms": error_stats(mean, mean + result - other)["rel_rms_err"]})
 
         # --- the outer step with the exact mean and with each codec's result, scored
         losses = {}
@@ -267,18 +311,23 @@ def main() -> None:
         "which never crosses the wire); errors are absolute, in parameter units; rel RMS = ‖error‖ / ‖reference‖; "
         "wire = protobuf bytes (headers, absmax and codebook included) per value of the module; the group's wire "
         "counts both peers, both directions",
+        "nf4 (bitsandbytes 4-bit NormalFloat, absmax per 64 values) cannot ride hivemind's wire (a closed codec "
+        "enum): its all-reduce is replayed by hand with the same scheme over two equal slices, bytes = payload "
+        "(4 bits a value + the absmax), no framing; peers' results apart = ‖peer 0's result − peer 1's‖ / ‖exact "
+        "mean‖, what the fingerprint check sees between two holders after one round",
         f"outer step: `ModuleOuterState.apply` (lr {cfg.outer.lr}, Nesterov momentum {cfg.outer.momentum}) from the "
         "initial global state; loss in nats/token on the path's routed held-out documents",
     ])
     print(markdown_table(
         ["codec", "module", "values", "mean |Δ|", "max |Δ|", "one crossing: B/value", "max abs err",
          "mean abs err", "rel RMS err", "all-reduce: group's wire B/value", "max abs err", "mean abs err",
-         "rel RMS err"],
+         "rel RMS err", "peers' results apart (rel RMS)"],
         [[e["codec"], e["module"], f"{e['values']:,}", f"{e['mean_abs_delta']:.2e}", f"{e['max_abs_delta']:.2e}",
           f"{e['crossing_wire_bytes'] / e['values']:.3f}", f"{e['crossing']['max_abs_err']:.2e}",
           f"{e['crossing']['mean_abs_err']:.2e}", f"{e['crossing']['rel_rms_err']:.2e}",
           f"{e['allreduce_wire_bytes'] / e['values']:.3f}", f"{e['allreduce']['max_abs_err']:.2e}",
-          f"{e['allreduce']['mean_abs_err']:.2e}", f"{e['allreduce']['rel_rms_err']:.2e}"] for e in errors]))
+          f"{e['allreduce']['mean_abs_err']:.2e}", f"{e['allreduce']['rel_rms_err']:.2e}",
+          f"{e['copies_apart_rel_rms']:.2e}"] for e in errors]))
     for name, why in failures.items():
         print(f"\n{name}: FAILED — {why}")
     print()

@@ -82,3 +82,21 @@ def test_decayed_error_feedback_keeps_one_residual_per_worker_and_module_and_dec
     assert torch.equal(sent, torch.full((4,), 0.5))  # exact codec: the decayed residual goes out whole
     assert torch.equal(other, torch.full((4,), 2.0))  # another worker's residual is its own
     assert torch.equal(codec.residuals[("a", "stem")], torch.zeros(4))
+
+
+def test_the_by_hand_all_reduce_replay_gives_the_weighted_mean_and_a_lossy_codec_leaves_peers_apart():
+    # Prepare: two peers' pseudo-gradients of one module (two tensors), unequal token weights
+    from bench_compression import flat, replay_allreduce_off_wire
+    deltas = [[pseudo_gradient(640, seed=2 * s), pseudo_gradient(64, seed=2 * s + 1)] for s in range(2)]
+    weights = [100.0, 300.0]
+    exact = (weights[0] * flat(deltas[0]) + weights[1] * flat(deltas[1])) / sum(weights)
+
+    # Execute
+    exact_results, exact_wire = replay_allreduce_off_wire(deltas, weights, NoCodec())
+    nf4_results, nf4_wire = replay_allreduce_off_wire(deltas, weights, NF4Codec(blocksize=64))
+
+    # Assert: each peer's slice crosses once each way
+    assert all(torch.allclose(r, exact, atol=1e-9) for r in exact_results)
+    assert exact_wire == 2 * 4 * exact.numel()
+    assert nf4_wire < exact_wire / 6
+    assert 0.01 < relative_rms(nf4_results[0], nf4_results[1]) < 0.5
