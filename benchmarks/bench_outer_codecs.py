@@ -15,9 +15,10 @@ init, router and data order):
   8-bit: 8-bit's error over both legs is 7.8e-3 relative RMS);
 - error feedback keeps one residual per (worker, module) (outer_codecs.ErrorFeedback);
 - the outer step is the preset's (Nesterov, lr 0.7, momentum 0.9) for every codec, not
-  retuned, except the *sparseloco* rows: SparseLoCo's published recipe (error feedback
-  decayed by 0.95 standing in for outer momentum, plain descent with outer lr 1; its 2-bit
-  quantization of the kept values is not applied: they go as float16). Nothing is tuned;
+  retuned, except the *sparseloco* rows: SparseLoCo's recipe (error feedback decayed by
+  β = 0.95 standing in for outer momentum, plain descent with outer lr 1, values set without
+  checking the paper's; its 2-bit quantization of the kept values is not applied: they go
+  as float16). Nothing is tuned;
 - reported: the TEST half of the held-out documents, scored with the modules' global
   weights after the last round; the codec's relative RMS error on each vector it encoded
   (‖decoded − x‖ / ‖x‖, x the pseudo-gradient, with error feedback plus the carried
@@ -53,8 +54,9 @@ K = 4
 SETUPS = {"DiLoCo": [1, 1], "DiPaCo": [2, 2]}
 HOLDS_LOSS = 1.01  # fixed before the first run: the cost accepted for averaging.fragments = 4
 
-# SparseLoCo's published outer settings (arXiv 2508.15706): error feedback decayed by 0.95
-# in place of outer momentum, plain averaged descent with outer lr 1; taken as published
+# SparseLoCo's recipe (arXiv 2508.15706): error feedback decayed by β in place of outer
+# momentum, plain averaged descent with outer lr α; β = 0.95 and α = 1 were set without
+# checking them against the paper's own settings, and not tuned
 SPARSELOCO = dict(decay=0.95, outer_lr=1.0, outer_momentum=0.0)
 DILOCO = dict(decay=1.0, outer_lr=None, outer_momentum=None)  # the preset's outer step
 

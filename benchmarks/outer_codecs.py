@@ -16,7 +16,7 @@ needs (values, indices, per-block scales), without hivemind's message framing.
 - `ErrorFeedback`: wraps any codec with one residual per (worker, module): a worker sends
   C(βe + Δ) and keeps e ← βe + Δ − C(βe + Δ), so what a round leaves out is sent later
   (Seide et al. 2014; Karimireddy et al. 2019). β = 1 is classic error feedback; SparseLoCo
-  (Sarfi et al. 2025, arXiv 2508.15706) decays it (β = 0.95) and drops the outer momentum,
+  (Sarfi et al. 2025, arXiv 2508.15706) decays it (β < 1) and drops the outer momentum,
   the residual standing in for it.
 """
 
