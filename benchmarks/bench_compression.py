@@ -277,7 +277,8 @@ def main() -> None:
                                "mean_abs_delta": float(delta.abs().mean()), "max_abs_delta": float(delta.abs().max()),
                                "crossing": error_stats(delta, crossed), "allreduce": error_stats(mean, result),
                                # how far the two holders' results lie apart, relative to the mean
-                               "copies_apart_rel_rms": error_stats(mean, mean + result - other)["rel_rms_err"]})
+                               "copies_apart_rel_rms": float((result - other).double().norm()
+                                                             / mean.double().norm().clamp_min(1e-30))})
 
         # --- the outer step with the exact mean and with each codec's result, scored
         losses = {}

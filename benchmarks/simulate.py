@@ -30,7 +30,8 @@ from common import OUT_DIR, machine_info, markdown_table, print_header
 from p2ptrain.config import RunConfig
 from p2ptrain.model.grid import Grid
 from p2ptrain.swarm.averaging import sync_tolerance
-from swarm_model import DHT_REPLICAS, NF4_BYTES_PER_VALUE, Levers, Overheads, Volunteers, Workload, simulate
+from swarm_model import (DHT_REPLICAS, NF4_BYTES_PER_VALUE, Levers, Overheads, Volunteers, Workload,
+                         chunk_timeout_s, simulate)
 
 MEASURED_FILE = OUT_DIR / "simulate_loopback.json"
 CALIBRATION_FILE = OUT_DIR / "simulate_calibration.json"
@@ -281,8 +282,9 @@ def round_length_study(rounds: float, calibration: dict, sizes: tuple[int, int] 
         lev = dataclasses.replace(levers, chunk_timeout_s=chunk_timeout)
         small, large = (simulate(dataclasses.replace(work, round_seconds=T), v, over, n, rounds=rounds, seed=n,
                                  levers=lev) for n in sizes)
-        rows.append({"T": T, "crashes": crashes, "chunk_timeout_s": chunk_timeout or max(2.0, work.averaging_timeout / 6),
-                     "peers": sizes, "step_s": vol.step_s, "preset_round_seconds": work.round_seconds,
+        rows.append({"T": T, "crashes": crashes,
+                     "chunk_timeout_s": chunk_timeout or chunk_timeout_s(work.averaging_timeout), "peers": sizes,
+                     "step_s": vol.step_s, "preset_round_seconds": work.round_seconds,
                      "utilization": large["utilization"], "outer_s": large["outer_s"],
                      "lineage_share": large["lineage_share"],
                      "scaling_vs_100": large["effective_tokens_per_s"]

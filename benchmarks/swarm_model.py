@@ -69,6 +69,12 @@ import numpy as np
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 STATE_BYTES_PER_PARAM = 8.0  # a downloaded module state: fp32 global params + fp32 outer momentum
 NF4_BYTES_PER_VALUE = 0.5 + 4 / 64  # bench_outer_codecs' 4-bit codec: 4 bits a value, a float32 scale per 64
+
+
+def chunk_timeout_s(averaging_timeout: float) -> float:
+    """hivemind's next_chunk_timeout as p2ptrain sets it (swarm/slot.py): what a member
+    crashing mid all-reduce costs its group before the survivors skip its slice."""
+    return max(2.0, averaging_timeout / 6)
 ALLREDUCE_RTTS = 4  # matchmaking handshake + the butterfly's two phases
 RECORD_TTL_S = 60.0  # records.PEER_RECORD_TTL_S
 ENTER_MIN_STEPS = 1.5  # a peer enters the round in progress if this many steps of it are left
@@ -184,8 +190,8 @@ class Levers:
         (hivemind stores a key on num_replicas = 5 nodes; every peer reads it at the
         round's end, so the replicas' uplinks serve N × table bytes at once).
     chunk_timeout_s: what a member crashing mid all-reduce costs its group (survivors wait
-        this long for its next chunk, then skip its slice); None: hivemind's
-        next_chunk_timeout as p2ptrain sets it, max(2 s, averaging_timeout / 6).
+        this long for its next chunk, then skip its slice); None: chunk_timeout_s(), as
+        p2ptrain sets it.
     wire_bytes_per_value: the codec's bytes per value instead of the workload's (e.g.
         NF4_BYTES_PER_VALUE, 4-bit with error feedback). Bytes and time only: the copies'
         agreement keeps the workload's sync tolerance, and the codec's effect on loss is
@@ -564,7 +570,7 @@ class Swarm:
         partial = np.zeros(n_groups, bool)
         np.logical_or.at(partial, group_of, self.crashing[members])
         # a crashed member: survivors wait hivemind's next_chunk_timeout and skip its slice
-        penalty = partial * max(2.0, work.averaging_timeout / 6)
+        penalty = partial * chunk_timeout_s(work.averaging_timeout)
         self.record_groups(j, members, group_of, group_start, partial)
         return (group_start + transfer + penalty)[group_of]
 
@@ -604,7 +610,7 @@ class AlignedSwarm:
         for p, path in enumerate(work.paths):
             self.holds_by_path[p, [self.modules.index(m) for m in path]] = True
         bytes_per_value = levers.wire_bytes_per_value or work.bytes_per_value
-        self.chunk_timeout_s = levers.chunk_timeout_s or max(2.0, work.averaging_timeout / 6)
+        self.chunk_timeout_s = levers.chunk_timeout_s or chunk_timeout_s(work.averaging_timeout)
         self.payload = np.array([work.module_params[m] * bytes_per_value for m in self.modules])
         self.params = np.array([work.module_params[m] for m in self.modules], float)
         self.peers = new_peers(self.rng, vol, len(work.paths), n_peers)
