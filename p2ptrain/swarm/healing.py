@@ -16,18 +16,26 @@ So at a tie each holder, on its own and without a coordinator:
      checked all-reduce), those whose state differs from ours first, keeping only a
      download that matches that voter's fingerprint; when none of them differs from ours
      (every voter of the other side is a stranger to us) it does not move;
-  3. moves its parameters and outer momentum toward the mean of its own and the
-     downloaded states, by at most HEAL_STEPS of its own last outer updates lr·‖Δ‖
-     (parameters) and HEAL_STEPS of its last averaged pseudo-gradient ‖Δ‖ (momentum), one
-     fraction for both. Δ comes from the all-reduce, not from a heal, so a heal cannot
-     widen the next heal's bound. The mean is summed in fp64 in peer-id order, so
-     holders that got each other's states compute the same bits.
+  3. moves its parameters and outer momentum toward the mean of the tie's sides, by at
+     most HEAL_STEPS of its own last outer updates lr·‖Δ‖ (parameters) and HEAL_STEPS of
+     its last averaged pseudo-gradient ‖Δ‖ (momentum), one fraction for both. Δ comes
+     from the all-reduce, not from a heal, so a heal cannot widen the next heal's bound.
 
-When every tied holder got every other's state and nobody's move was cut short, they now
-hold the same state and the next round agrees; otherwise the gap shrinks and the next
-round's tie heals the rest. A stranger in a group gains at most HEAL_STEPS outer updates
-of pull on an honest holder per round — the order of what its pseudo-gradient already
-moves a two-member group — and never the module wholesale.
+A side is the voters whose fingerprints agree (`tie_sides`), and every side weighs the
+same however many of its holders a healer reached. Weighed per holder, healers that reach
+different holders of one side move to different means and never meet: two honest peers
+that banned a liar (which the third honest peer still averaged with, its ban not being
+theirs) leave the liar out, the third counts it on its own side, and after each heal the
+third sits a sixth of the gap from the other two (our reading of a fault test whose honest
+peers ended 0.034 apart, 2026-12-05). The mean is summed in fp64 in peer-id order, so holders that downloaded the
+same states compute the same bits.
+
+When every tied holder reached a holder of every side and nobody's move was cut short,
+they now hold the same state (up to the drift within a side) and the next round agrees;
+otherwise the gap shrinks and the next round's tie heals the rest. A stranger in a group
+gains at most HEAL_STEPS outer updates of pull on an honest holder per round — the order
+of what its pseudo-gradient already moves a two-member group — and never the module
+wholesale; that bound, not its weight in the mean, is what limits it.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -92,25 +100,48 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1).double() for t in tensors])
 
 
-def _mean_in_peer_order(states: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
-    """The element-wise mean of the states, summed in fp64 in peer-id order: any holder with
-    the same set of states gets the same bits."""
-    order = sorted(states)
+def _mean_in_peer_order(states: dict[str, list[torch.Tensor]], peers: Sequence[str]) -> list[torch.Tensor]:
+    """The element-wise mean of the states of `peers`, summed in fp64 in peer-id order: any
+    holder with the same states gets the same bits."""
+    order = sorted(peers)
     total = [t.double().clone() for t in states[order[0]]]
     for peer in order[1:]:
         for acc, t in zip(total, states[peer]):
             acc.add_(t.double())
-    return [(acc / len(order)).to(torch.float32) for acc in total]
+    return [acc / len(order) for acc in total]
+
+
+def tie_sides(claims: dict[str, Vouch], codec_tolerance: float) -> list[list[str]]:
+    """The voters of a tie grouped by state: in peer-id order, each joins the first side
+    whose first member's fingerprint it agrees with, or opens a side of its own."""
+    sides: list[list[str]] = []
+    for peer in sorted(claims):
+        for side in sides:
+            if agree(claims[side[0]], claims[peer], codec_tolerance):
+                side.append(peer)
+                break
+        else:
+            sides.append([peer])
+    return sides
+
+
+def mean_of_sides(states: dict[str, list[torch.Tensor]], sides: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    """Each side's mean state, then the mean of those, every side weighing the same (fp64,
+    in peer-id order; float32 out)."""
+    side_means = {min(side): _mean_in_peer_order(states, side) for side in sides}
+    return [t.to(torch.float32) for t in _mean_in_peer_order(side_means, list(side_means))]
 
 
 def bounded_mean(states: dict[str, list[torch.Tensor]], own_peer_id: str, n_params: int, param_radius: float,
-                 momentum_radius: float) -> tuple[list[torch.Tensor], float, float]:
+                 momentum_radius: float, sides: Optional[Sequence[Sequence[str]]] = None,
+                 ) -> tuple[list[torch.Tensor], float, float]:
     """Our state (parameters, then momentum) moved toward the mean of `states` (ours
     included) by one fraction for both, the largest that keeps the parameters' move within
     param_radius and the momentum's within momentum_radius; returns (state, fraction,
-    parameters' move). At fraction 1 the state is the mean itself, bit for bit."""
+    parameters' move). `sides` groups the states' holders (every side weighs the same);
+    None: every holder its own side. At fraction 1 the state is the mean itself, bit for bit."""
     own = states[own_peer_id]
-    mean = _mean_in_peer_order(states)
+    mean = mean_of_sides(states, sides if sides is not None else [[peer] for peer in states])
     param_move = float((_flat(mean[:n_params]) - _flat(own[:n_params])).norm())
     momentum_move = float((_flat(mean[n_params:]) - _flat(own[n_params:])).norm())
     fraction = min(1.0, param_radius / param_move if param_move > 0 else math.inf,
@@ -142,10 +173,12 @@ def heal_tie(slot: ModuleSlot, own_peer_id: str, tied: Sequence[Vouch], recent_p
     if not any(v.peer_id in states for v in apart):
         return Heal()  # nobody of the other side reached: moving toward our own side is no heal
     partners = sorted(p for p in states if p != own_peer_id)
+    claims = {v.peer_id: v for v in eligible if v.peer_id in states} | {own_peer_id: mine}
     # ‖Δ‖ of our last outer step (from the all-reduce, never from a heal) bounds both moves
     target, fraction, moved = bounded_mean(states, own_peer_id, len(slot.outer.global_params),
                                            param_radius=HEAL_STEPS * mine.step,
-                                           momentum_radius=HEAL_STEPS * mine.step / slot.outer.cfg.lr)
+                                           momentum_radius=HEAL_STEPS * mine.step / slot.outer.cfg.lr,
+                                           sides=tie_sides(claims, codec_tolerance))
     slot.heal_to(target)
     logger.warning("module %s: round %d tie healed with %d holder(s): moved %.0f%% of the way to their mean "
                    "(%.3g, at most %.0f outer updates)", slot.module_id, mine.round, len(partners),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from p2ptrain.swarm.consistency import Vouch, agree, choose_lineage, judge, voters_to_wait_for
-from p2ptrain.swarm.healing import PARTNER_ROUNDS, RecentPartners, bounded_mean
+from p2ptrain.swarm.healing import PARTNER_ROUNDS, RecentPartners, bounded_mean, tie_sides
 from p2ptrain.swarm.credentials import issue, parse_credential, parse_duration
 from p2ptrain.swarm.identity import Identity, owner_peer_id, peer_id_of_public_key
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, StateMetadata, parse
@@ -150,6 +150,31 @@ def test_two_tied_holders_that_got_each_others_state_heal_to_the_same_bits():
     assert fraction_a == fraction_b == 1.0
     assert all(torch.equal(x, y) for x, y in zip(healed_a, healed_b))
     assert all(torch.allclose(x, (s + t) / 2) for x, s, t in zip(healed_a, a, b))
+
+
+def test_healers_that_reached_different_holders_of_one_side_heal_to_the_same_state():
+    # a 2|2 tie: a and b on one side, c and d (a near copy of c) on the other; a has banned
+    # d, so it reaches only a, b, c, while c reaches all four
+    a = module_state(1)
+    b = [t + 1e-4 * n for t, n in zip(a, module_state(3))]
+    c = module_state(2)
+    d = [t + 1e-4 * n for t, n in zip(c, module_state(4))]
+    claims = {"a": vouch("a", 0.0), "b": vouch("b", 0.001), "c": vouch("c", 5.0), "d": vouch("d", 5.001)}
+    seen_by_a = {"a": a, "b": b, "c": c}
+    seen_by_c = {"a": a, "b": b, "c": c, "d": d}
+    sides_a = tie_sides({p: claims[p] for p in seen_by_a}, TOL)
+    sides_c = tie_sides(claims, TOL)
+    assert sides_a == [["a", "b"], ["c"]] and sides_c == [["a", "b"], ["c", "d"]]
+    healed_a, fraction_a, _ = bounded_mean(seen_by_a, "a", 2, 100.0, 100.0, sides=sides_a)
+    healed_c, fraction_c, _ = bounded_mean(seen_by_c, "c", 2, 100.0, 100.0, sides=sides_c)
+    assert fraction_a == fraction_c == 1.0
+    gap = norm_of([x - y for x, y in zip(a, c)])
+    # the same state up to the drift within a side (d's 1e-4 noise), not a sixth of the gap
+    assert norm_of([x - y for x, y in zip(healed_a, healed_c)]) < 1e-3 * gap
+    # weighed per holder (no sides) they would stay apart by about a sixth of the gap
+    per_holder_a, _, _ = bounded_mean(seen_by_a, "a", 2, 100.0, 100.0)
+    per_holder_c, _, _ = bounded_mean(seen_by_c, "c", 2, 100.0, 100.0)
+    assert norm_of([x - y for x, y in zip(per_holder_a, per_holder_c)]) == pytest.approx(gap / 6, rel=0.01)
 
 
 def test_a_far_state_moves_a_holder_by_at_most_the_heal_bound_in_parameters_and_momentum():
