@@ -63,13 +63,15 @@ def module_sizes(config: RunConfig) -> dict[str, int]:
 
 
 def run_swarm(config: RunConfig, rounds: int, workdir: Path, paths: list[str] = PATHS,
-              on_launch=None) -> dict:
-    """Train `rounds` rounds with one peer per entry of `paths`; collect round events and loopback bytes.
+              on_launch=None, network=None) -> dict:
+    """Train `rounds` rounds with one peer per entry of `paths`; collect round events and the
+    bytes sent (on loopback, or over `network`'s links: shaped_links.ShapedNetwork).
     on_launch(peers), if given, runs once every process is started (e.g. to slow some of them)."""
     config_file = workdir / f"{config.run.id}.toml"
     config_file.write_text(config.to_toml())
     events: queue.Queue = queue.Queue()
-    peers = launch_swarm(workdir / config.run.id, config_file, rounds, paths, events)
+    sent_bytes = network.sent_bytes if network is not None else loopback_tx_bytes
+    peers = launch_swarm(workdir / config.run.id, config_file, rounds, paths, events, network=network)
     rounds_by_peer: dict[int, list[dict]] = {i: [] for i in range(len(peers))}
     start_bytes, start_time, finished = None, None, 0
     try:
@@ -78,7 +80,7 @@ def run_swarm(config: RunConfig, rounds: int, workdir: Path, paths: list[str] = 
         while finished < len(peers):
             index, event = events.get(timeout=900)
             if event.get("event") == "peers" and start_bytes is None:
-                start_bytes, start_time = loopback_tx_bytes(), time.monotonic()
+                start_bytes, start_time = sent_bytes(), time.monotonic()
             elif event.get("event") == "round":
                 rounds_by_peer[index].append(event)
             elif event.get("event") == "exit":
@@ -88,7 +90,7 @@ def run_swarm(config: RunConfig, rounds: int, workdir: Path, paths: list[str] = 
             peer.stop()
     if any(p.proc.returncode for p in peers):
         raise SystemExit(f"a peer failed; see {workdir / config.run.id}/peer*/peer.log")
-    return {"rounds": rounds_by_peer, "bytes": loopback_tx_bytes() - start_bytes,
+    return {"rounds": rounds_by_peer, "bytes": sent_bytes() - start_bytes,
             "seconds": time.monotonic() - start_time}
 
 

@@ -34,6 +34,7 @@ from swarm_model import (DHT_REPLICAS, NF4_BYTES_PER_VALUE, Levers, Overheads, V
                          chunk_timeout_s, simulate)
 
 MEASURED_FILE = OUT_DIR / "simulate_loopback.json"
+MEASURED_SHAPED_FILE = OUT_DIR / "simulate_shaped.json"
 CALIBRATION_FILE = OUT_DIR / "simulate_calibration.json"
 SIZES = (100, 1000, 10000)
 VALIDATION_RUNS = ((4, False), (8, False), (16, False), (32, False), (4, True), (8, True), (16, True))
@@ -47,6 +48,14 @@ HETERO_RUNS = ((4, False, False, (3,)), (8, False, False, (1, 3, 5, 7)),
 # trains (k slowed of n on 2 cores: quota q with (2 − k·q) / (n − k) = SLOW_FACTOR · q)
 SLOW_FACTOR = 2.5
 LOOPBACK_CORES = 2
+# --shaped: (peers, overlap, fill_round, slowed, links): every peer in its own network
+# namespace (shaped_links.py), its link limited to the given Mbit/s each way (None: not
+# limited). All unlimited first (the fixed cost is fitted on it), then every link at 8 Mbit/s,
+# then one peer of four (path 1,1) at 2 Mbit/s; plain and overlap. At 8 Mbit/s a peer's
+# all-reduces of a round (1.7 MB sent) take about 1.7 s, at 2 Mbit/s about 7 s.
+SHAPED_RUNS = tuple((4, overlap, False, (), links) for overlap in (False, True)
+                    for links in ((None,) * 4, (8.0,) * 4, (None, None, None, 2.0)))
+UNSHAPED_MBPS = 10_000.0  # what the model gets for a link nothing limits (loopback, a bare veth)
 
 # Used until `--validate` has written bench-out/simulate_calibration.json: the fit to the
 # 4-peer plain and overlap loopback runs of 2026-11-24 (default preset, H=10, 3 s windows).
@@ -424,6 +433,10 @@ def loopback_volunteers(measured: dict) -> Volunteers:
     the step times measured at this very swarm size, since the peers share 2 cores.
     Heterogeneous runs (some peers slowed): every slot gets its own real peer's measured
     median step time, and the round-to-round jitter is the spread around each peer's own median."""
+    links = None
+    if is_shaped(measured):  # every slot gets its own real peer's link
+        links = tuple((x or UNSHAPED_MBPS, x or UNSHAPED_MBPS)
+                      for x in (measured["links_mbps"][i] for i in slot_peers(measured["peers"])))
     if measured.get("slowed"):
         own = [[math.log(s) - math.log(statistics.median(steps)) for s in steps]
                for steps in measured["step_s_by_peer_rounds"]]
@@ -431,13 +444,14 @@ def loopback_volunteers(measured: dict) -> Volunteers:
         each = tuple(measured["step_s_per_peer"][i] for i in slot_peers(measured["peers"]))
         return Volunteers(step_s=measured["step_s_median"], step_sigma_peer=0.0, step_sigma_round=jitter,
                           up_mbps=10_000.0, up_sigma=0.0, down_mbps=10_000.0, down_sigma=0.0, rtt_ms=0.05,
-                          rtt_sigma=0.0, step_s_each=each)
+                          rtt_sigma=0.0, step_s_each=each, links_each=links)
     per_peer = np.log(measured["step_s_per_peer"])
     residuals = [math.log(s) - math.log(statistics.median(measured["step_s_all"]))
                  for s in measured["step_s_all"]]
     return Volunteers(step_s=measured["step_s_median"], step_sigma_peer=float(np.std(per_peer)),
                       step_sigma_round=max(float(np.std(residuals)) ** 2 - float(np.var(per_peer)), 0.0) ** 0.5,
-                      up_mbps=10_000.0, up_sigma=0.0, down_mbps=10_000.0, down_sigma=0.0, rtt_ms=0.05, rtt_sigma=0.0)
+                      up_mbps=UNSHAPED_MBPS, up_sigma=0.0, down_mbps=UNSHAPED_MBPS, down_sigma=0.0, rtt_ms=0.05,
+                      rtt_sigma=0.0, links_each=links)
 
 
 def validation_config(n_peers: int, overlap: bool, round_seconds: float) -> RunConfig:
@@ -520,8 +534,8 @@ def contention_step_s(measured: dict) -> float:
 
 
 def is_reference_kind(m: dict) -> bool:
-    """Runs the fixed cost may be fitted on: homogeneous peers, capped rounds (the default set)."""
-    return not m.get("slowed") and not m.get("fill_round", False)
+    """Runs the fixed cost may be fitted on: homogeneous peers, capped rounds, no limited link."""
+    return not m.get("slowed") and not m.get("fill_round", False) and not is_shaped(m)
 
 
 def fit_fixed_cost(measured: dict) -> float:
@@ -562,8 +576,15 @@ def rel_error(predicted: float, measured: float) -> str:
     return f"{(predicted - measured) / measured:+.0%}" if measured else "-"
 
 
+def links_label(links) -> str:
+    """(8, 8, None, 2) → '8/8/-/2'."""
+    return "/".join("-" if x is None else f"{x:g}" for x in links)
+
+
 def run_label(m: dict) -> str:
     label = ("overlap" if m["overlap"] else "plain") + (", fill" if m.get("fill_round") else ", capped")
+    if m.get("links_mbps"):
+        label += f", links {links_label(m['links_mbps'])} Mbit/s"
     if m.get("slowed"):
         label += f", {len(m['slowed'])}/{m['peers']} slowed"
         if m.get("slowed_part") == "training":
@@ -576,6 +597,17 @@ def slowed_split(values_by_peer: list[float], slowed: list[int]) -> tuple[float,
     slow = [v for i, v in enumerate(values_by_peer) if i in slowed]
     rest = [v for i, v in enumerate(values_by_peer) if i not in slowed]
     return statistics.median(slow), statistics.median(rest)
+
+
+def marked_peers(m: dict) -> tuple[list[int], str]:
+    """The peers a heterogeneous run set apart, and how: the slowed ones, or those on the
+    slowest link when the links differ; ([], '') for a homogeneous run."""
+    if m.get("slowed"):
+        return list(m["slowed"]), "slowed"
+    rates = [UNSHAPED_MBPS if x is None else x for x in m.get("links_mbps") or ()]
+    if len(set(rates)) > 1:
+        return [i for i, x in enumerate(rates) if x == min(rates)], "slow-link"
+    return [], ""
 
 
 def predicted_by_real_peer(m: dict, p: dict, key: str) -> list[float]:
@@ -592,12 +624,13 @@ def validation_table(rows: list[dict]) -> str:
         m, p = r["measured"], r["predicted"]
         label = run_label(m) + (" (calibration)" if r["fitted_here"] else "")
         extra = []
-        if m.get("slowed"):
+        marked, kind = marked_peers(m)
+        if marked:
             for name, key, fmt in (("steps per round", "steps_per_round", "{:.0f}"),
                                    ("utilization", "utilization", "{:.3f}"), ("outer phase (s)", "outer_s", "{:.2f}")):
-                ps, po = slowed_split(predicted_by_real_peer(m, p, key), m["slowed"])
-                ms, mo = slowed_split(m["by_peer"][key], m["slowed"])
-                extra += [(f"{name}, slowed peers", ps, ms, fmt), (f"{name}, other peers", po, mo, fmt)]
+                ps, po = slowed_split(predicted_by_real_peer(m, p, key), marked)
+                ms, mo = slowed_split(m["by_peer"][key], marked)
+                extra += [(f"{name}, {kind} peers", ps, ms, fmt), (f"{name}, other peers", po, mo, fmt)]
         for name, pv, mv, fmt in (
                 ("wall per round (s)", p["wall_per_round_s"], m["wall_per_round_s"], "{:.1f}"),
                 ("outer phase (s)", p["outer_s"], m["outer_s"], "{:.2f}"),
@@ -615,24 +648,29 @@ def validation_table(rows: list[dict]) -> str:
 
 
 def per_peer_table(rows: list[dict]) -> str:
-    """Heterogeneous runs peer by peer: the measured step time fed in, and steps and tokens per
-    round (median over steady rounds) predicted vs measured."""
+    """Heterogeneous runs (slowed peers, or links that differ) peer by peer: the measured step
+    time fed in, and steps and tokens per round, utilization and outer phase (medians over
+    steady rounds) predicted vs measured."""
     out = []
     for r in rows:
         m, p = r["measured"], r["predicted"]
-        if not m.get("slowed"):
+        marked, kind = marked_peers(m)
+        if not marked:
             continue
         steps = predicted_by_real_peer(m, p, "steps_per_round")
         util = predicted_by_real_peer(m, p, "utilization")
+        outer = predicted_by_real_peer(m, p, "outer_s")
         for i in range(m["peers"]):
             ms, mt = m["by_peer"]["steps_per_round"][i], m["by_peer"]["tokens_per_round"][i]
-            out.append([run_label(m), i, m["paths"][i], "yes" if i in m["slowed"] else "", f"{m['step_s_per_peer'][i]:.2f}",
+            mu, mo = m["by_peer"]["utilization"][i], m["by_peer"]["outer_s"][i]
+            out.append([run_label(m), i, m["paths"][i], kind if i in marked else "", f"{m['step_s_per_peer'][i]:.2f}",
                         f"{steps[i]:.0f}", f"{ms:.0f}", rel_error(steps[i], ms),
                         f"{steps[i] * m['tokens_per_step']:,.0f}", f"{mt:,.0f}",
-                        f"{util[i]:.3f}", f"{m['by_peer']['utilization'][i]:.3f}", rel_error(util[i], m["by_peer"]["utilization"][i])])
-    return markdown_table(["run", "peer", "path", "slowed", "measured s/step (input)", "steps/round predicted",
+                        f"{util[i]:.3f}", f"{mu:.3f}", rel_error(util[i], mu),
+                        f"{outer[i]:.2f}", f"{mo:.2f}", rel_error(outer[i], mo)])
+    return markdown_table(["run", "peer", "path", "set apart", "measured s/step (input)", "steps/round predicted",
                            "measured", "error", "tokens/round predicted", "measured", "utilization predicted",
-                           "measured", "error"], out)
+                           "measured", "error", "outer phase (s) predicted", "measured", "error"], out)
 
 
 def slow_quota_cores(n_peers: int, slowed: int) -> float:
@@ -643,7 +681,12 @@ def slow_quota_cores(n_peers: int, slowed: int) -> float:
 def run_key(m: dict) -> tuple:
     slowed = tuple(m.get("slowed") or ())
     return (m["peers"], m["overlap"], bool(m.get("fill_round")), slowed,
-            m.get("slowed_part", "tree") if slowed else "")
+            m.get("slowed_part", "tree") if slowed else "", tuple(m.get("links_mbps") or ()))
+
+
+def is_shaped(m: dict) -> bool:
+    """A run whose peers had links of their own (--shaped), some of them limited."""
+    return any(x is not None for x in m.get("links_mbps") or ())
 
 
 def release_hivemind_processes(limits, main_pids: list[int], stop) -> None:
@@ -657,12 +700,15 @@ def release_hivemind_processes(limits, main_pids: list[int], stop) -> None:
             limits.release(loopback_runs.process_tree(pid)[1:])
 
 
-def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = "tree") -> list[dict]:
+def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = "tree",
+                          measured_file: Path = MEASURED_FILE) -> list[dict]:
     """Real loopback swarms (`p2ptrain join` processes, bench_swarm.run_swarm) on the aligned
     schedule, one path per peer in turn. A run is (peers, overlap) or (peers, overlap,
-    fill_round, slowed peer indices): the slowed peers' process trees get a CPU quota
+    fill_round, slowed peer indices[, links]): the slowed peers' process trees get a CPU quota
     (loopback_runs.CpuLimits, a cgroup) as soon as they are started; with slowed_part
-    "training" only their `p2ptrain join` process (release_hivemind_processes)."""
+    "training" only their `p2ptrain join` process (release_hivemind_processes). With links
+    (one Mbit/s figure or None per peer) every peer runs in a network namespace of its own
+    (shaped_links.ShapedNetwork), its link limited to that rate each way."""
     import tempfile
     import threading
     import time
@@ -671,30 +717,38 @@ def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = 
     import loopback_runs
     from p2ptrain.demo import PATHS
     import shutil
+    from shaped_links import Link, ShapedNetwork
+
+    def unpack(run) -> tuple:
+        return (*run, False, (), ())[:5]
+
     def key(run) -> tuple:
-        n, overlap, fill, slowed = (*run, False, ())[:4]
-        return (n, overlap, fill, tuple(slowed), slowed_part if slowed else "")
+        n, overlap, fill, slowed, links = unpack(run)
+        return (n, overlap, fill, tuple(slowed), slowed_part if slowed else "", tuple(links))
 
     measured, others = [], []  # others: stored runs of other kinds, kept in the file
     wanted = {key(r) for r in runs}
-    if MEASURED_FILE.exists():
-        stored = json.loads(MEASURED_FILE.read_text())
+    if measured_file.exists():
+        stored = json.loads(measured_file.read_text())
         others = [m for m in stored if run_key(m) not in wanted]
         if resume:  # keep the runs already measured (an interrupted --validate)
             measured = [m for m in stored if run_key(m) in wanted]
-            print(f"resuming: {len(measured)} runs from {MEASURED_FILE.name}", flush=True)
+            print(f"resuming: {len(measured)} runs from {measured_file.name}", flush=True)
     done = {run_key(m) for m in measured}
     for run in runs:
-        n, overlap, fill, slowed = (*run, False, ())[:4]
+        n, overlap, fill, slowed, links = unpack(run)
         if key(run) in done:
             continue
         quota = slow_quota_cores(n, len(slowed)) if slowed else None
         print(f"running a real loopback swarm: {n} peers, {'overlap' if overlap else 'plain'}, "
               f"{'fill' if fill else 'capped'} rounds"
-              + (f", peers {list(slowed)} slowed to {quota:.3f} cores each" if slowed else ""), flush=True)
+              + (f", peers {list(slowed)} slowed to {quota:.3f} cores each" if slowed else "")
+              + (f", links {links_label(links)} Mbit/s (one network namespace per peer)" if links else ""),
+              flush=True)
         config = validation_config(n, overlap, validation_round_s(n))
         config.averaging.fill_round = fill
-        config.run.id += ("-fill" if fill else "") + (f"-slow{len(slowed)}" if slowed else "")
+        config.run.id += (("-fill" if fill else "") + (f"-slow{len(slowed)}" if slowed else "")
+                          + ("-links-" + links_label(links).replace("/", "-") if links else ""))
         paths = [p for p in PATHS for _ in range(n // len(PATHS))]
         tmp = Path(tempfile.mkdtemp(prefix="p2ptrain-sim-"))
         limits = loopback_runs.CpuLimits() if slowed else None
@@ -708,13 +762,18 @@ def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = 
                                  args=(limits, [peers[i].proc.pid for i in slowed], stop_releasing)).start()
 
         t0 = time.monotonic()
+        network = ShapedNetwork([Link.symmetric(x) for x in links]) if links else None
         try:
+            if network is not None:
+                network.__enter__()
             result = bench_swarm.run_swarm(config, VALIDATION_ROUNDS, tmp, paths,
-                                           on_launch=slow_down if slowed else None)
+                                           on_launch=slow_down if slowed else None, network=network)
         except SystemExit as e:  # a peer failed: keep its logs, go on with the other sizes
             print(f"  {e} (logs kept)", flush=True)
             continue
         finally:
+            if network is not None:
+                network.close()
             stop_releasing.set()
             throttled = limits.throttled_s() if limits else []
             if limits:
@@ -723,10 +782,11 @@ def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = 
         shutil.rmtree(tmp, ignore_errors=True)
         summary = summarize_loopback(result, config, n)
         summary.update(slowed=list(slowed), slow_quota_cores=quota, throttled_s=throttled, paths=paths,
-                       swarm_wall_s=time.monotonic() - t0, slowed_part=slowed_part if slowed else None)
+                       swarm_wall_s=time.monotonic() - t0, slowed_part=slowed_part if slowed else None,
+                       links_mbps=list(links))
         measured.append(summary)
         OUT_DIR.mkdir(exist_ok=True)
-        MEASURED_FILE.write_text(json.dumps(others + measured, indent=1))
+        measured_file.write_text(json.dumps(others + measured, indent=1))
     return measured
 
 
@@ -787,9 +847,13 @@ def plot(projection: list[dict] | None, validation: list[dict] | None, path: Pat
 
 
 def validation_report(args: argparse.Namespace, info: dict) -> dict:
-    """Run (or reuse) the loopback swarms, fit, predict, print; stores the calibration."""
+    """Run (or reuse) the loopback swarms, fit, predict, print; stores the calibration (not
+    from --shaped runs: the projection stays calibrated on the loopback swarms)."""
     if args.measured:
         measured, source = json.loads(args.measured.read_text()), str(args.measured)
+    elif args.shaped:
+        measured = run_validation_swarms(SHAPED_RUNS, args.resume, measured_file=MEASURED_SHAPED_FILE)
+        source = "this run"
     else:
         runs = tuple(r for r in VALIDATION_RUNS if r[0] <= 8) if args.quick else VALIDATION_RUNS
         if args.hetero:
@@ -798,7 +862,8 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
             runs, args.resume, "training" if args.slow_training_only else "tree"), "this run"
     validation, calibration = validate(measured)
     OUT_DIR.mkdir(exist_ok=True)
-    CALIBRATION_FILE.write_text(json.dumps(calibration, indent=1))
+    if not any(is_shaped(m) for m in measured):
+        CALIBRATION_FILE.write_text(json.dumps(calibration, indent=1))
     link_shaping = None
     if args.hetero:  # links: can this machine shape one peer's link (netns + veth + tc)?
         import loopback_runs
@@ -822,10 +887,15 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
         "simulated slot gets its own real peer's measured median s/step (same path), the jitter is the "
         "spread around each peer's own median; the fixed cost fitted on the homogeneous capped run, scaled by "
         "the unslowed peers' contention; fill: averaging.fill_round on (train until the round's end, real cap "
-        "4 × H, none in the model) and Levers(fill=True) in the model"])
+        "4 × H, none in the model) and Levers(fill=True) in the model",
+        "links (runs marked 'links a/b/c/d Mbit/s', --shaped): every peer in a network namespace of its own, "
+        "the namespaces joined by a bridge (benchmarks/shaped_links.py); peer i's link limited to its rate each "
+        "way by tc tbf ('-': not limited); the model gets the same rate for that peer's slot, up and down, and "
+        f"{UNSHAPED_MBPS:,.0f} Mbit/s for a link not limited; rate only (no netem here: no added delay); the "
+        "fixed cost fitted on the run whose links are all unlimited; not written to the calibration file"])
     print(validation_table(validation))
     print()
-    if any(r["measured"].get("slowed") for r in validation):
+    if any(marked_peers(r["measured"])[0] for r in validation):
         print("Heterogeneous runs peer by peer (steady rounds 2–5, medians; the simulator's slot for each real "
               "peer is the same path's):\n")
         print(per_peer_table(validation))
@@ -834,9 +904,9 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
         print("Link shaping (one peer's link in a network namespace, shaped with tc): what this machine allows\n")
         print(markdown_table(["step", "command", "exit", "error"],
                              [[x["what"], f"`{x['command']}`", x["rc"], x["error"] or "-"] for x in link_shaping]))
-        print("\nThe runs above shape no link: netem (delay, loss) is not in this kernel, and rate limits alone on "
-              "a namespaced peer would need it to listen off 127.0.0.1 (launch_swarm binds every peer to "
-              "loopback); loopback links stay unshaped, the simulator gets 10 Gbit/s, 0.05 ms links.\n")
+        print("\nnetem (delay, loss) is not in this kernel, so no run adds delay; `--validate --shaped` runs peers "
+              "in network namespaces with rate-limited links (tbf). The runs above are on loopback, unshaped: the "
+              "simulator gets 10 Gbit/s, 0.05 ms links.\n")
     return {"validation": validation, "calibration": calibration, "measured_source": source,
             "link_shaping": link_shaping}
 
@@ -930,6 +1000,10 @@ def main() -> None:
     parser.add_argument("--slow-training-only", action="store_true",
                         help="with --hetero: the quota slows only a slowed peer's `p2ptrain join` process, not "
                              "its DHT, averager and p2pd processes (a slower GPU, not a slower machine)")
+    parser.add_argument("--shaped", action="store_true",
+                        help="with --validate: instead, 4-peer swarms with one network namespace per peer and their "
+                             "links rate-limited with tc (all unlimited, all 8 Mbit/s, one of four at 2 Mbit/s; plain "
+                             "and overlap; needs root and iproute2; about 15 minutes)")
     parser.add_argument("--resume", action="store_true",
                         help="with --validate: keep the runs bench-out/simulate_loopback.json already holds, run the rest")
     parser.add_argument("--measured", type=Path, default=None,
@@ -938,7 +1012,8 @@ def main() -> None:
     args = parser.parse_args()
     info = machine_info()
     if args.validate:
-        write_results("simulate_validation", {"machine": info, **validation_report(args, info)})
+        write_results("simulate_validation_shaped" if args.shaped else "simulate_validation",
+                      {"machine": info, **validation_report(args, info)})
     else:
         write_results("simulate", {"machine": info, **projection_report(args, info)})
 

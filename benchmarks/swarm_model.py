@@ -129,6 +129,9 @@ class Volunteers:
     # the initial peers' own seconds per step, slot by slot (validation against a real swarm
     # whose peers' step times were measured one by one); replacements still draw from step_s
     step_s_each: tuple[float, ...] | None = None
+    # the initial peers' own links (Mbit/s up, down), slot by slot (validation against a swarm
+    # whose links were shaped one by one); replacements still draw from up/down_mbps
+    links_each: tuple[tuple[float, float], ...] | None = None
 
 
 @dataclass
@@ -357,6 +360,9 @@ def new_peers(rng: np.random.Generator, vol: Volunteers, n_paths: int, n: int) -
     machines = draw_machines(rng, vol, n, 0.0)
     if vol.step_s_each is not None:  # drawn anyway, so the other draws stay the same
         machines["step_s"] = np.resize(np.asarray(vol.step_s_each, float), n)
+    if vol.links_each is not None:
+        up, down = np.asarray(vol.links_each, float).T
+        machines["up"], machines["down"] = np.resize(up, n) * MBIT, np.resize(down, n) * MBIT
     return Peers(path=np.arange(n) % n_paths, **machines)
 
 

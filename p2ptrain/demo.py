@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import click
 
@@ -43,13 +44,15 @@ def demo_config(rounds: int, steps_per_round: int) -> str:
 class Peer:
     """One `p2ptrain join --json` process; its JSON events go to a shared queue."""
 
-    def __init__(self, index: int, path: str, home: Path, args: list[str], events: "queue.Queue"):
+    def __init__(self, index: int, path: str, home: Path, args: list[str], events: "queue.Queue",
+                 command_prefix: Sequence[str] = ()):
         self.index = index
         self.path = path
         self.home = home
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", P2PTRAIN_LOGLEVEL="ERROR")
         self.log = open(home / "peer.log", "w")
-        cmd = [sys.executable, "-m", "p2ptrain.cli", "join", "--home", str(home), "--json", *args]
+        # command_prefix: e.g. `ip netns exec NS` (benchmarks/shaped_links.py), which execs the rest
+        cmd = [*command_prefix, sys.executable, "-m", "p2ptrain.cli", "join", "--home", str(home), "--json", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
                                      start_new_session=True)
         self.reader = threading.Thread(target=self._read, args=(events,), daemon=True)
@@ -74,10 +77,11 @@ class Peer:
 
 
 def launch_swarm(root: Path, config_file: Path, rounds: int, paths: list[str], events: "queue.Queue",
-                 device: str = "cpu") -> list[Peer]:
+                 device: str = "cpu", network=None) -> list[Peer]:
     """Start one `p2ptrain join` process per path on loopback; the first starts the swarm,
-    and all wait for each other before round 1."""
-    common = ["--run-config", str(config_file), "--host-maddrs", LOOPBACK, "--no-identity", "--device", device,
+    and all wait for each other before round 1. `network` (benchmarks/shaped_links.py's
+    ShapedNetwork) instead puts peer i in its own network namespace, listening on its address."""
+    common = ["--run-config", str(config_file), "--no-identity", "--device", device,
               "--max-rounds", str(rounds), "--wait-for-peers", str(len(paths))]
     peers: list[Peer] = []
     first_addr = run_pin = None
@@ -87,7 +91,10 @@ def launch_swarm(root: Path, config_file: Path, rounds: int, paths: list[str], e
             home.mkdir(parents=True, exist_ok=True)
             # joiners pin the run to its creator, so no other run record could ever be used
             swarm = ["--new-swarm"] if i == 0 else ["--initial-peers", first_addr, "--run-id", run_pin]
-            peers.append(Peer(i, path, home, [*common, *swarm, "--path", path], events))
+            listen = network.host_maddr(i) if network is not None else LOOPBACK
+            prefix = network.command_prefix(i) if network is not None else ()
+            peers.append(Peer(i, path, home, [*common, "--host-maddrs", listen, *swarm, "--path", path], events,
+                              command_prefix=prefix))
             if i == 0:
                 first_addr, run_pin = _wait_for_join(events, peers[0])
     except BaseException:

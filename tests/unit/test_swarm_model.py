@@ -147,3 +147,25 @@ def test_a_crash_mid_all_reduce_costs_hiveminds_chunk_timeout_unless_a_lever_set
     # Assert: p2ptrain's next_chunk_timeout is max(2 s, averaging_timeout / 6) = 10 s here
     assert swarm_model.AlignedSwarm(work, vol, over, 8).chunk_timeout_s == 10.0
     assert short["outer_s"] < default["outer_s"]
+
+
+def test_a_peer_given_a_slow_link_of_its_own_slows_every_group_it_averages_in():
+    # Prepare: 4 plain peers on two paths (slots 0 and 2 train path 0, 1 and 3 path 1);
+    # links slot by slot, as `simulate.py --validate --shaped` gives the model a shaped swarm
+    work, vol, over = tiny_swarm_inputs()
+    work = dataclasses.replace(work, overlap=False)
+    same = dataclasses.replace(vol, links_each=((25.0, 100.0),) * 4)
+    slow_slot_3 = dataclasses.replace(vol, links_each=((25.0, 100.0),) * 3 + ((1.0, 1.0),))
+
+    # Execute
+    drawn = swarm_model.simulate(work, vol, over, 4, rounds=4, seed=2)
+    given = swarm_model.simulate(work, same, over, 4, rounds=4, seed=2)
+    slowed = swarm_model.simulate(work, slow_slot_3, over, 4, rounds=4, seed=2)
+
+    # Assert: links given slot by slot at the drawn rates change nothing
+    assert given["by_peer"]["outer_s"] == drawn["by_peer"]["outer_s"]
+    # every slot averages the stem with slot 3, so every outer phase waits for its 1 Mbit/s
+    # link (0.4 MB of stem at 8-bit: over 3 s), slot 3's own the longest
+    outer = slowed["by_peer"]["outer_s"]
+    assert min(outer) > max(given["by_peer"]["outer_s"]) + 3.0
+    assert outer[3] == max(outer)
