@@ -143,7 +143,8 @@ class AveragingConfig:
                                  "their coordinate-wise median)", lo=0.0, hi=1e6)
     reducer_check: float = _f(4.0, "A robust rule's reducer must return a slice within this many times the "
                                    "norm of a peer's own part of it (the peer's whole-vector RMS as a floor): "
-                                   "further, the peer keeps its own values, reports and bans the reducer "
+                                   "further, the peer keeps its own values and reports the reducer, banning it if the "
+                                   "slice was more than 4× past the bound or at the third refusal "
                                    "(0: no check; the mean rule is never checked)", lo=0.0, hi=1e6)
     ban_seconds: float = _f(600.0, "How long a peer whose parts were refused, or whose reduced slice was "
                                    "rejected, is refused in this node's matchmaking", unit="s", lo=0.0, hi=1e7)

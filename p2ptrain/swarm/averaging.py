@@ -16,7 +16,8 @@ survivor's own values. Our averager (ModuleAverager, with CheckedAllReduceRunner
   * with a robust rule, checks every slice a reducer returns against our own part of it:
     one further than averaging.reducer_check × our part's norm (or non-finite) is not used
     — we keep our own values there, exactly like a failed reducer's slice — and the
-    reducer is reported (the node bans it from matchmaking for averaging.ban_seconds);
+    reducer is reported with how far past the bound the slice was (the node bans it from
+    matchmaking for averaging.ban_seconds when that is far, or at its third refused slice);
   * serves its module's global state with a fingerprint, and downloads a peer's state
     with a byte cap known from the module's own size;
   * assembles its group as soon as all live holders of the module are in it.
@@ -322,7 +323,9 @@ def _averager_class():
             self.rule = rule
             self.rejected: dict[str, str] = {}  # sender → why its parts were refused
             self.failed_ranges: list[tuple[int, int]] = []  # (offset, length) of un-averaged values
-            self.lying_reducers: dict[str, str] = {}  # reducer → why the slice it returned was rejected
+            # reducer → (why the slice it returned was refused, how many times past the check's
+            # bound it was: inf for non-finite values)
+            self.lying_reducers: dict[str, tuple[str, float]] = {}
             self.outliers: dict[str, str] = {}  # sender → why our robust rule dropped some of its parts
             # wire bytes of tensor parts, both ways: our parts out and their averages back, and as
             # a reducer, the senders' parts in and our deltas out (metrics: bytes per module)
@@ -367,7 +370,7 @@ def _averager_class():
                         if self._results_from[peer_index] == container.num_parts_by_peer[peer_index]:
                             self._all_results_from[peer_index].set()
                     own = container._input_parts_by_peer[peer_index][part_index][0]
-                    why = None
+                    why, excess = None, math.inf
                     if not torch.isfinite(delta).all():
                         why = "non-finite values in the slice it reduced"
                     elif reducer_check > 0 and rule != "mean" and rms > 0:
@@ -375,9 +378,10 @@ def _averager_class():
                         gap = float(delta.double().norm())
                         if gap > bound:
                             why = f"returned a slice {gap:.3g} from our part, more than the rule allows ({bound:.3g})"
+                            excess = gap / bound
                     if why is not None:
                         peer = self.ordered_peer_ids[peer_index].to_base58()
-                        self.lying_reducers.setdefault(peer, why)
+                        self.lying_reducers.setdefault(peer, (why, excess))
                         self.failed_ranges.append((own.storage_offset(), own.numel()))
                         delta = torch.zeros_like(own)
                 register_processed(peer_index, part_index, delta)
