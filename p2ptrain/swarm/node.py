@@ -139,6 +139,13 @@ class Landing:
 GROSS_LIE = 4.0
 LIE_STRIKES = 3
 
+
+def bans_lying_reducer(excess: float, refused: int) -> bool:
+    """Whether to ban a reducer whose slice we refused: `excess` is how many times past the
+    reducer check's bound the slice was (inf: non-finite), `refused` how many of its slices
+    we have refused so far, this one included."""
+    return excess >= GROSS_LIE or refused >= LIE_STRIKES
+
 LAST_STEP_MARGIN = 0.8
 LAST_STEP_MIN_FRACTION = 0.25
 LAST_STEP_FIXED_GUESS = 0.25
@@ -725,7 +732,7 @@ class SwarmNode:
             self.rejections.add(peer_id, "reduced slice refused (lying reducer)", why)
             result.lying_reducers.append(peer_id)
             self.refused_slices[peer_id] += 1
-            if excess >= GROSS_LIE or self.refused_slices[peer_id] >= LIE_STRIKES:
+            if bans_lying_reducer(excess, self.refused_slices[peer_id]):
                 self.ban(peer_id)
             else:
                 logger.warning("refused a slice from reducer …%s, not banned (%d of %d strikes): a slice "

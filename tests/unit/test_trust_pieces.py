@@ -192,6 +192,17 @@ def test_a_far_state_moves_a_holder_by_at_most_the_heal_bound_in_parameters_and_
     assert fraction < 1.0 and norm_of([h - m for h, m in zip(healed[2:], mine[2:])]) <= 2.0 * (1 + 1e-5)
 
 
+# ------------------------------------------------------------------ lying reducers
+
+def test_a_reducer_far_past_the_check_is_banned_at_once_and_one_just_past_it_at_its_third_refusal():
+    from p2ptrain.swarm.node import bans_lying_reducer
+    assert bans_lying_reducer(float("inf"), 1)  # NaN in the slice
+    assert bans_lying_reducer(16.0, 1)  # a garbage reducer's slices were 16-24x past the bound
+    # an honest reducer whose aggregate missed our late part can land just past it
+    assert not bans_lying_reducer(1.08, 1) and not bans_lying_reducer(3.9, 2)
+    assert bans_lying_reducer(1.08, 3)
+
+
 # ------------------------------------------------------------------ identities and invites
 
 def test_the_peer_id_derived_from_a_record_key_is_the_libp2p_peer_id(tmp_path):
