@@ -27,6 +27,7 @@ MAX_PEERS = 250
 # home router's (a shorter one drops bursts of all-reduce parts and TCP backs off far below the rate)
 TBF_LATENCY = "100ms"
 MIN_BURST_BYTES = 4096
+UNLIMITED_MBPS = 10_000.0  # what a peer on a link nothing limits declares (and the model assumes)
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ class ShapedNetwork:
     """`links[i]` is peer i's link. Use as a context manager: it builds the namespaces on
     entry and deletes them on exit (the peers inside must have stopped)."""
 
-    def __init__(self, links: Sequence[Link], prefix: Optional[str] = None):
+    def __init__(self, links: Sequence[Link], prefix: Optional[str] = None, declared: bool = False):
         if not 1 <= len(links) <= MAX_PEERS:
             raise ValueError(f"1 to {MAX_PEERS} peers, not {len(links)}")
         self.links = list(links)
+        self.declared = declared  # peers tell the swarm their upload rate (join_args)
         self.prefix = prefix or f"p2pt{os.getpid()}"
         self.switch = f"{self.prefix}sw"
         self._made: list[str] = []  # namespaces created so far, deleted by close()
@@ -71,6 +73,15 @@ class ShapedNetwork:
     def command_prefix(self, i: int) -> list[str]:
         """Run a command inside peer i's namespace (ip execs it: the process keeps its pid)."""
         return ["ip", "netns", "exec", self.namespace(i)]
+
+    def join_args(self, i: int) -> list[str]:
+        """Extra `p2ptrain join` options for peer i: with `declared`, its upload rate as
+        --upload-mbps (a link nothing limits: UNLIMITED_MBPS), so that each all-reduce gives
+        it reducing work in proportion (averaging.balanced_bandwidths)."""
+        if not self.declared:
+            return []
+        up = self.links[i].up_mbps
+        return ["--upload-mbps", f"{UNLIMITED_MBPS if up is None else up:g}"]
 
     def __enter__(self) -> "ShapedNetwork":
         try:

@@ -30,6 +30,7 @@ from common import OUT_DIR, machine_info, markdown_table, print_header
 from p2ptrain.config import RunConfig
 from p2ptrain.model.grid import Grid
 from p2ptrain.swarm.averaging import sync_tolerance
+from shaped_links import UNLIMITED_MBPS
 from swarm_model import (DHT_REPLICAS, NF4_BYTES_PER_VALUE, Levers, Overheads, Volunteers, Workload,
                          chunk_timeout_s, simulate)
 
@@ -48,14 +49,19 @@ HETERO_RUNS = ((4, False, False, (3,)), (8, False, False, (1, 3, 5, 7)),
 # trains (k slowed of n on 2 cores: quota q with (2 − k·q) / (n − k) = SLOW_FACTOR · q)
 SLOW_FACTOR = 2.5
 LOOPBACK_CORES = 2
-# --shaped: (peers, overlap, fill_round, slowed, links): every peer in its own network
-# namespace (shaped_links.py), its link limited to the given Mbit/s each way (None: not
-# limited). All unlimited first (the fixed cost is fitted on it), then every link at 8 Mbit/s,
-# then one peer of four (path 1,1) at 2 Mbit/s; plain and overlap. At 8 Mbit/s a peer's
-# all-reduces of a round (1.7 MB sent) take about 1.7 s, at 2 Mbit/s about 7 s.
-SHAPED_RUNS = tuple((4, overlap, False, (), links) for overlap in (False, True)
-                    for links in ((None,) * 4, (8.0,) * 4, (None, None, None, 2.0)))
-UNSHAPED_MBPS = 10_000.0  # what the model gets for a link nothing limits (loopback, a bare veth)
+# --shaped: (peers, overlap, fill_round, slowed, links, declared): every peer in its own
+# network namespace (shaped_links.py), its link limited to the given Mbit/s each way (None:
+# not limited). At 4 peers: all unlimited first (the fixed cost is fitted on it), then every
+# link at 8 Mbit/s, then one peer of four (path 1,1) at 2 Mbit/s; plain and overlap. At
+# 8 Mbit/s a peer's all-reduces of a round (1.7 MB sent) take about 1.7 s, at 2 Mbit/s about
+# 7 s. At 8 peers (level groups of 4), peers 3 and 5 at 4 Mbit/s, one in each level group,
+# without and with every peer declaring its upload (--upload-mbps: hivemind's
+# bandwidth-weighted shares, the model's Levers(balanced=True)); plain. (At 2 Mbit/s their
+# all-reduces, 2.4 MB a round, overran the 15 s rounds and peers skipped rounds.)
+SHAPED_RUNS = (tuple((4, overlap, False, (), links, False) for overlap in (False, True)
+                     for links in ((None,) * 4, (8.0,) * 4, (None, None, None, 2.0)))
+               + tuple((8, False, False, (), (None, None, None, 4.0, None, 4.0, None, None), declared)
+                       for declared in (False, True)))
 
 # Used until `--validate` has written bench-out/simulate_calibration.json: the fit to the
 # 4-peer plain and overlap loopback runs of 2026-11-24 (default preset, H=10, 3 s windows).
@@ -435,7 +441,7 @@ def loopback_volunteers(measured: dict) -> Volunteers:
     median step time, and the round-to-round jitter is the spread around each peer's own median."""
     links = None
     if is_shaped(measured):  # every slot gets its own real peer's link
-        links = tuple((x or UNSHAPED_MBPS, x or UNSHAPED_MBPS)
+        links = tuple((x or UNLIMITED_MBPS, x or UNLIMITED_MBPS)
                       for x in (measured["links_mbps"][i] for i in slot_peers(measured["peers"])))
     if measured.get("slowed"):
         own = [[math.log(s) - math.log(statistics.median(steps)) for s in steps]
@@ -450,7 +456,7 @@ def loopback_volunteers(measured: dict) -> Volunteers:
                  for s in measured["step_s_all"]]
     return Volunteers(step_s=measured["step_s_median"], step_sigma_peer=float(np.std(per_peer)),
                       step_sigma_round=max(float(np.std(residuals)) ** 2 - float(np.var(per_peer)), 0.0) ** 0.5,
-                      up_mbps=UNSHAPED_MBPS, up_sigma=0.0, down_mbps=UNSHAPED_MBPS, down_sigma=0.0, rtt_ms=0.05,
+                      up_mbps=UNLIMITED_MBPS, up_sigma=0.0, down_mbps=UNLIMITED_MBPS, down_sigma=0.0, rtt_ms=0.05,
                       rtt_sigma=0.0, links_each=links)
 
 
@@ -521,7 +527,8 @@ def predict(measured: dict, fixed_s: float, reference: dict) -> dict:
     over = Overheads(outer_fixed_s=fixed_s * contention * (not work.overlap),
                      foreground_fixed_s=fixed_s * contention * work.overlap, join_s=0.0, record_bytes=1500)
     return simulate(work, loopback_volunteers(measured), over, measured["peers"], rounds=8, seed=1,
-                    join_spread_rounds=0.05, levers=Levers(fill=bool(measured.get("fill_round", False))))
+                    join_spread_rounds=0.05, levers=Levers(fill=bool(measured.get("fill_round", False)),
+                                                           balanced=bool(measured.get("declared_bandwidth"))))
 
 
 def contention_step_s(measured: dict) -> float:
@@ -585,6 +592,8 @@ def run_label(m: dict) -> str:
     label = ("overlap" if m["overlap"] else "plain") + (", fill" if m.get("fill_round") else ", capped")
     if m.get("links_mbps"):
         label += f", links {links_label(m['links_mbps'])} Mbit/s"
+    if m.get("declared_bandwidth"):
+        label += ", declared (balanced)"
     if m.get("slowed"):
         label += f", {len(m['slowed'])}/{m['peers']} slowed"
         if m.get("slowed_part") == "training":
@@ -604,7 +613,7 @@ def marked_peers(m: dict) -> tuple[list[int], str]:
     slowest link when the links differ; ([], '') for a homogeneous run."""
     if m.get("slowed"):
         return list(m["slowed"]), "slowed"
-    rates = [UNSHAPED_MBPS if x is None else x for x in m.get("links_mbps") or ()]
+    rates = [UNLIMITED_MBPS if x is None else x for x in m.get("links_mbps") or ()]
     if len(set(rates)) > 1:
         return [i for i, x in enumerate(rates) if x == min(rates)], "slow-link"
     return [], ""
@@ -681,7 +690,8 @@ def slow_quota_cores(n_peers: int, slowed: int) -> float:
 def run_key(m: dict) -> tuple:
     slowed = tuple(m.get("slowed") or ())
     return (m["peers"], m["overlap"], bool(m.get("fill_round")), slowed,
-            m.get("slowed_part", "tree") if slowed else "", tuple(m.get("links_mbps") or ()))
+            m.get("slowed_part", "tree") if slowed else "", tuple(m.get("links_mbps") or ()),
+            bool(m.get("declared_bandwidth")))
 
 
 def is_shaped(m: dict) -> bool:
@@ -720,11 +730,11 @@ def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = 
     from shaped_links import Link, ShapedNetwork
 
     def unpack(run) -> tuple:
-        return (*run, False, (), ())[:5]
+        return (*run[:2], *(*run[2:], False, (), (), False)[:4])
 
     def key(run) -> tuple:
-        n, overlap, fill, slowed, links = unpack(run)
-        return (n, overlap, fill, tuple(slowed), slowed_part if slowed else "", tuple(links))
+        n, overlap, fill, slowed, links, declared = unpack(run)
+        return (n, overlap, fill, tuple(slowed), slowed_part if slowed else "", tuple(links), declared)
 
     measured, others = [], []  # others: stored runs of other kinds, kept in the file
     wanted = {key(r) for r in runs}
@@ -736,19 +746,21 @@ def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = 
             print(f"resuming: {len(measured)} runs from {measured_file.name}", flush=True)
     done = {run_key(m) for m in measured}
     for run in runs:
-        n, overlap, fill, slowed, links = unpack(run)
+        n, overlap, fill, slowed, links, declared = unpack(run)
         if key(run) in done:
             continue
         quota = slow_quota_cores(n, len(slowed)) if slowed else None
         print(f"running a real loopback swarm: {n} peers, {'overlap' if overlap else 'plain'}, "
               f"{'fill' if fill else 'capped'} rounds"
               + (f", peers {list(slowed)} slowed to {quota:.3f} cores each" if slowed else "")
-              + (f", links {links_label(links)} Mbit/s (one network namespace per peer)" if links else ""),
+              + (f", links {links_label(links)} Mbit/s (one network namespace per peer)" if links else "")
+              + (", every peer declaring its upload" if declared else ""),
               flush=True)
         config = validation_config(n, overlap, validation_round_s(n))
         config.averaging.fill_round = fill
         config.run.id += (("-fill" if fill else "") + (f"-slow{len(slowed)}" if slowed else "")
-                          + ("-links-" + links_label(links).replace("/", "-") if links else ""))
+                          + ("-links-" + links_label(links).replace("/", "-") if links else "")
+                          + ("-declared" if declared else ""))
         paths = [p for p in PATHS for _ in range(n // len(PATHS))]
         tmp = Path(tempfile.mkdtemp(prefix="p2ptrain-sim-"))
         limits = loopback_runs.CpuLimits() if slowed else None
@@ -762,7 +774,7 @@ def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = 
                                  args=(limits, [peers[i].proc.pid for i in slowed], stop_releasing)).start()
 
         t0 = time.monotonic()
-        network = ShapedNetwork([Link.symmetric(x) for x in links]) if links else None
+        network = ShapedNetwork([Link.symmetric(x) for x in links], declared=declared) if links else None
         try:
             if network is not None:
                 network.__enter__()
@@ -783,7 +795,7 @@ def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = 
         summary = summarize_loopback(result, config, n)
         summary.update(slowed=list(slowed), slow_quota_cores=quota, throttled_s=throttled, paths=paths,
                        swarm_wall_s=time.monotonic() - t0, slowed_part=slowed_part if slowed else None,
-                       links_mbps=list(links))
+                       links_mbps=list(links), declared_bandwidth=declared)
         measured.append(summary)
         OUT_DIR.mkdir(exist_ok=True)
         measured_file.write_text(json.dumps(others + measured, indent=1))
@@ -891,7 +903,7 @@ def validation_report(args: argparse.Namespace, info: dict) -> dict:
         "links (runs marked 'links a/b/c/d Mbit/s', --shaped): every peer in a network namespace of its own, "
         "the namespaces joined by a bridge (benchmarks/shaped_links.py); peer i's link limited to its rate each "
         "way by tc tbf ('-': not limited); the model gets the same rate for that peer's slot, up and down, and "
-        f"{UNSHAPED_MBPS:,.0f} Mbit/s for a link not limited; rate only (no netem here: no added delay); the "
+        f"{UNLIMITED_MBPS:,.0f} Mbit/s for a link not limited; rate only (no netem here: no added delay); the "
         "fixed cost fitted on the run whose links are all unlimited; not written to the calibration file"])
     print(validation_table(validation))
     print()
@@ -1001,9 +1013,10 @@ def main() -> None:
                         help="with --hetero: the quota slows only a slowed peer's `p2ptrain join` process, not "
                              "its DHT, averager and p2pd processes (a slower GPU, not a slower machine)")
     parser.add_argument("--shaped", action="store_true",
-                        help="with --validate: instead, 4-peer swarms with one network namespace per peer and their "
-                             "links rate-limited with tc (all unlimited, all 8 Mbit/s, one of four at 2 Mbit/s; plain "
-                             "and overlap; needs root and iproute2; about 15 minutes)")
+                        help="with --validate: instead, swarms with one network namespace per peer, links "
+                             "rate-limited with tc: 4 peers all unlimited, all at 8 Mbit/s, one at 2 Mbit/s (plain "
+                             "and overlap); 8 peers with two at 4 Mbit/s, without and with --upload-mbps declared "
+                             "(plain); needs root and iproute2; about 20 minutes")
     parser.add_argument("--resume", action="store_true",
                         help="with --validate: keep the runs bench-out/simulate_loopback.json already holds, run the rest")
     parser.add_argument("--measured", type=Path, default=None,

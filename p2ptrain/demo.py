@@ -93,8 +93,9 @@ def launch_swarm(root: Path, config_file: Path, rounds: int, paths: list[str], e
             swarm = ["--new-swarm"] if i == 0 else ["--initial-peers", first_addr, "--run-id", run_pin]
             listen = network.host_maddr(i) if network is not None else LOOPBACK
             prefix = network.command_prefix(i) if network is not None else ()
-            peers.append(Peer(i, path, home, [*common, "--host-maddrs", listen, *swarm, "--path", path], events,
-                              command_prefix=prefix))
+            extra = network.join_args(i) if network is not None else []
+            peers.append(Peer(i, path, home, [*common, "--host-maddrs", listen, *extra, *swarm, "--path", path],
+                              events, command_prefix=prefix))
             if i == 0:
                 first_addr, run_pin = _wait_for_join(events, peers[0])
     except BaseException:
