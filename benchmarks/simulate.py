@@ -56,12 +56,14 @@ LOOPBACK_CORES = 2
 # 8 Mbit/s a peer's all-reduces of a round (1.7 MB sent) take about 1.7 s, at 2 Mbit/s about
 # 7 s. At 8 peers (level groups of 4), peers 3 and 5 at 4 Mbit/s, one in each level group,
 # without and with every peer declaring its upload (--upload-mbps: hivemind's
-# bandwidth-weighted shares, the model's Levers(balanced=True)); plain. (At 2 Mbit/s their
-# all-reduces, 2.4 MB a round, overran the 15 s rounds and peers skipped rounds.)
+# bandwidth-weighted shares, the model's Levers(balanced=True)); plain, in 30 s rounds: in
+# 15 s rounds (2026-12-05) 8 peers training on 2 cores with two such links missed groups
+# (stem groups of 5.0 of 8) and skipped rounds.
 SHAPED_RUNS = (tuple((4, overlap, False, (), links, False) for overlap in (False, True)
                      for links in ((None,) * 4, (8.0,) * 4, (None, None, None, 2.0)))
                + tuple((8, False, False, (), (None, None, None, 4.0, None, 4.0, None, None), declared)
                        for declared in (False, True)))
+SHAPED_ROUND_S = {8: 30.0}  # --shaped: round length by swarm size (validation_round_s otherwise)
 
 # Used until `--validate` has written bench-out/simulate_calibration.json: the fit to the
 # 4-peer plain and overlap loopback runs of 2026-11-24 (default preset, H=10, 3 s windows).
@@ -756,7 +758,8 @@ def run_validation_swarms(runs: tuple, resume: bool = False, slowed_part: str = 
               + (f", links {links_label(links)} Mbit/s (one network namespace per peer)" if links else "")
               + (", every peer declaring its upload" if declared else ""),
               flush=True)
-        config = validation_config(n, overlap, validation_round_s(n))
+        config = validation_config(n, overlap, SHAPED_ROUND_S.get(n, validation_round_s(n)) if links
+                                   else validation_round_s(n))
         config.averaging.fill_round = fill
         config.run.id += (("-fill" if fill else "") + (f"-slow{len(slowed)}" if slowed else "")
                           + ("-links-" + links_label(links).replace("/", "-") if links else "")
