@@ -57,7 +57,10 @@ def test_one_liar_of_four_does_not_stop_or_poison_the_honest_peers(tmp_path, cor
     lost = sum(done < rounds for done in result.rounds_completed) + (0 if result.finite else 3)
     tally.lost(fault, lost)
     assert lost == 0
-    assert result.honest_spread < 1e-2  # honest peers agree up to fp16 wire error
+    # honest peers agree up to fp16 wire error, compared at the round most of them ended at
+    # (one that skipped a round under load ends one outer step off, whatever the liar does)
+    assert 2 * result.honest_at_final_round > len(result.final_rounds), result.final_rounds
+    assert result.honest_spread < 1e-2, result.final_rounds
     # still learning: most of the way from the untrained loss (≈ 5.5) to the control's (≈ 3.3)
     assert result.heldout_loss < untrained_loss - 1.0, (result.heldout_loss, untrained_loss)
     if attack in REFUSED:

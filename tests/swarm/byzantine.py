@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -49,8 +50,13 @@ class AttackRun:
     liars: int
     rounds: int
     heldout_loss: float  # mean over honest peers of their global model's held-out loss
-    honest_spread: float  # largest relative parameter difference between honest peers
+    # largest relative parameter difference between the honest peers whose last outer step
+    # was of the round most of them ended at (honest_at_final_round): a peer that skipped a
+    # round under load ends a round off, and two rounds' states differ by an outer step
+    honest_spread: float
     rounds_completed: list[int] = field(default_factory=list)  # per honest peer
+    final_rounds: list[int] = field(default_factory=list)  # per honest peer: the schedule round of its last outer step
+    honest_at_final_round: int = 0  # honest peers that ended at the round most of them ended at
     seconds_outer: float = 0.0  # mean over honest peers and rounds (averaging stall)
     cpu_seconds_per_round: float = 0.0  # this process and its children (averagers, DHTs, p2pd)
     bans_issued: int = 0  # by honest peers
@@ -118,11 +124,14 @@ def run_attack(tmp_path: Path, corpus, *, rule: str, attack: Optional[str], hone
         honest_only = [o.node for o in honest_nodes]
         liar_ids = {o.node.peer_id for o in liar_nodes}
         losses = [global_heldout_loss(n, sequences) for n in honest_only]
-        reference = honest_only[0]
+        final_rounds = [max(s.round for s in n.slots.values()) for n in honest_only]
+        final = Counter(final_rounds).most_common(1)[0][0]
+        at_final = [n for n, r in zip(honest_only, final_rounds) if r == final]
+        reference = at_final[0]
         spread = 0.0
         for module_id, slot in reference.slots.items():
             ref = torch.cat([p.reshape(-1) for p in slot.outer.global_params])
-            for other in honest_only[1:]:
+            for other in at_final[1:]:
                 got = torch.cat([p.reshape(-1) for p in other.slots[module_id].outer.global_params])
                 spread = max(spread, float((ref - got).norm() / ref.norm().clamp_min(1e-12)))
         reports = [r for n in honest_only for r in n.history]
@@ -130,6 +139,7 @@ def run_attack(tmp_path: Path, corpus, *, rule: str, attack: Optional[str], hone
             rule=rule, attack=attack, honest=honest, liars=liars, rounds=rounds,
             heldout_loss=sum(losses) / len(losses), honest_spread=spread,
             rounds_completed=[len(n.history) for n in honest_only],
+            final_rounds=final_rounds, honest_at_final_round=len(at_final),
             seconds_outer=sum(r.seconds_outer for r in reports) / max(len(reports), 1),
             cpu_seconds_per_round=cpu / rounds,
             bans_issued=sum(sum(n.bans_issued.values()) for n in honest_only),
