@@ -11,6 +11,8 @@ together and draws docs/performance/simulate_scaling.png (effective tokens/s vs 
     flock /tmp/p2ptrain-loopback.lock python benchmarks/simulate.py --validate   # minutes
     flock /tmp/p2ptrain-loopback.lock python benchmarks/simulate.py --validate --quick --hetero
         # 4 and 8 peers, plus heterogeneous swarms: some peers slowed by a CPU cgroup quota (root)
+    flock /tmp/p2ptrain-loopback.lock python benchmarks/simulate.py --validate --shaped
+        # every peer in its own network namespace, links rate-limited with tc (root, iproute2)
     python benchmarks/simulate.py --validate --measured bench-out/simulate_loopback.json  # re-fit, no swarms
 """
 
