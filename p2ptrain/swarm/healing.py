@@ -27,8 +27,8 @@ different holders of one side move to different means and never meet: two honest
 that banned a liar (which the third honest peer still averaged with, its ban not being
 theirs) leave the liar out, the third counts it on its own side, and after each heal the
 third sits a sixth of the gap from the other two (our reading of a fault test whose honest
-peers ended 0.034 apart, 2026-12-05). The mean is summed in fp64 in peer-id order, so holders that downloaded the
-same states compute the same bits.
+peers ended 0.034 apart, 2026-12-05). The mean is summed in fp64 in peer-id order, so
+holders that downloaded the same states compute the same bits.
 
 When every tied holder reached a holder of every side and nobody's move was cut short,
 they now hold the same state (up to the drift within a side) and the next round agrees;

@@ -122,20 +122,13 @@ class Landing:
     modules: dict[str, ModuleRound] = field(default_factory=dict)
 
 
-# A round's last step, when a whole one would end after the round's end: a shorter batch
-# sized to the time left (whole steps left ~0.3 s of each 16 s demo round unused, measured).
-# A step of a fraction f of the batch is taken to last (a + (1 - a) f) whole steps: a is the
-# part that does not shrink with the batch (the optimizer update, launches; near 1 on a GPU
-# that a small batch leaves idle), learnt from the node's own shorter steps, starting from a
-# cautious guess. The step must fit in LAST_STEP_MARGIN of the time left, and take at least a
-# quarter of the batch (a smaller one buys little for a whole optimizer update).
 # A reducer whose slice we refuse is banned at once only when the slice is far past the
-# reducer check's bound (a garbage reducer's was 16–24× past it, NaN is infinitely); a slice just
-# past it can come from an honest reducer: one whose aggregate missed our late part and kept
-# an attacker's, which then weighs 1/3 instead of 1/4. Banning that honest reducer split the
-# honest peers' groups for the 600 s ban, and they ended a fault test 0.22 apart (the slice
-# was 1.08× the bound, 2026-12-05). Refused slices are still never used; a reducer refused
-# LIE_STRIKES times is banned whatever the margin.
+# reducer check's bound (a garbage reducer's were 16–24× past it, NaN is infinitely). A
+# slice just past it can come from an honest reducer: in a fault test one returned a slice
+# 1.08× the bound (its aggregate, by our reading of the log, had missed a late part and
+# kept the liar's). Banning it split the honest peers' groups for the 600 s ban, and they
+# ended 0.22 apart (2026-12-05). Refused slices are still never used, and a reducer
+# refused LIE_STRIKES times is banned whatever the margin.
 GROSS_LIE = 4.0
 LIE_STRIKES = 3
 
@@ -146,6 +139,14 @@ def bans_lying_reducer(excess: float, refused: int) -> bool:
     we have refused so far, this one included."""
     return excess >= GROSS_LIE or refused >= LIE_STRIKES
 
+
+# A round's last step, when a whole one would end after the round's end: a shorter batch
+# sized to the time left (whole steps left ~0.3 s of each 16 s demo round unused, measured).
+# A step of a fraction f of the batch is taken to last (a + (1 - a) f) whole steps: a is the
+# part that does not shrink with the batch (the optimizer update, launches; near 1 on a GPU
+# that a small batch leaves idle), learnt from the node's own shorter steps, starting from a
+# cautious guess. The step must fit in LAST_STEP_MARGIN of the time left, and take at least a
+# quarter of the batch (a smaller one buys little for a whole optimizer update).
 LAST_STEP_MARGIN = 0.8
 LAST_STEP_MIN_FRACTION = 0.25
 LAST_STEP_FIXED_GUESS = 0.25
