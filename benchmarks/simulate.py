@@ -453,8 +453,8 @@ def loopback_volunteers(measured: dict) -> Volunteers:
         jitter = float(np.std([x for xs in own for x in xs]))
         each = tuple(measured["step_s_per_peer"][i] for i in slot_peers(measured["peers"]))
         return Volunteers(step_s=measured["step_s_median"], step_sigma_peer=0.0, step_sigma_round=jitter,
-                          up_mbps=10_000.0, up_sigma=0.0, down_mbps=10_000.0, down_sigma=0.0, rtt_ms=0.05,
-                          rtt_sigma=0.0, step_s_each=each, links_each=links)
+                          up_mbps=UNLIMITED_MBPS, up_sigma=0.0, down_mbps=UNLIMITED_MBPS, down_sigma=0.0,
+                          rtt_ms=0.05, rtt_sigma=0.0, step_s_each=each, links_each=links)
     per_peer = np.log(measured["step_s_per_peer"])
     residuals = [math.log(s) - math.log(statistics.median(measured["step_s_all"]))
                  for s in measured["step_s_all"]]
