@@ -280,13 +280,14 @@ def lever_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick:
 
 
 ROUND_LENGTHS = (30.0, 40.0, 60.0)
-SHORT_CHUNK_TIMEOUT_S = 2.0  # hivemind's floor as p2ptrain sets next_chunk_timeout
 
 
 def round_length_study(rounds: float, calibration: dict, sizes: tuple[int, int] = (100, 10_000)) -> list[dict]:
     """The default preset with every lever (assembled groups) at set round lengths, with and
-    without crashes, and once with the shortest chunk timeout: how much of the 10,000-peer
-    figure depends on T, and on what a crash costs a group."""
+    without crashes, the chunk timeout sized to each group's declared links (as p2ptrain
+    sets it when links are declared, which the balanced lever needs); once more at the
+    shortest T with the timeout of undeclared links (averaging_timeout / 6): how much of
+    the 10,000-peer figure depends on T, and on what a crash costs a group."""
     config = RunConfig.load("default")
     config.averaging.overlap = True
     work = workload(config, "default")
@@ -295,14 +296,14 @@ def round_length_study(rounds: float, calibration: dict, sizes: tuple[int, int] 
     levers = dict(LEVER_SETS)[AFTER_ASSEMBLED]
     rows = []
     cases = [(T, crashes, None) for T in ROUND_LENGTHS for crashes in (True, False)]
-    cases += [(ROUND_LENGTHS[0], True, SHORT_CHUNK_TIMEOUT_S)]
+    cases += [(ROUND_LENGTHS[0], True, chunk_timeout_s(work.averaging_timeout))]
     for T, crashes, chunk_timeout in cases:
         v = vol if crashes else dataclasses.replace(vol, crash_fraction=0.0)
         lev = dataclasses.replace(levers, chunk_timeout_s=chunk_timeout)
         small, large = (simulate(dataclasses.replace(work, round_seconds=T), v, over, n, rounds=rounds, seed=n,
                                  levers=lev) for n in sizes)
         rows.append({"T": T, "crashes": crashes,
-                     "chunk_timeout_s": chunk_timeout or chunk_timeout_s(work.averaging_timeout), "peers": sizes,
+                     "chunk_timeout_s": chunk_timeout, "peers": sizes,
                      "step_s": vol.step_s, "preset_round_seconds": work.round_seconds,
                      "utilization": large["utilization"], "outer_s": large["outer_s"],
                      "lineage_share": large["lineage_share"],
@@ -316,7 +317,8 @@ def round_length_table(rows: list[dict]) -> str:
     return markdown_table(["T", "crashes", "chunk timeout", f"utilization at {n}", f"outer phase at {n}",
                            f"lineage share at {n}", f"÷ (peers/100 × own {rows[0]['peers'][0]}-peer)"],
                           [[f"{r['T']:.0f} s", "30 % of departures" if r["crashes"] else "none",
-                            f"{r['chunk_timeout_s']:.0f} s",
+                            f"{r['chunk_timeout_s']:.0f} s (links unknown)" if r["chunk_timeout_s"]
+                            else "sized to links",
                             f"{r['utilization']:.2f}", f"{r['outer_s']:.1f} s", f"{r['lineage_share']:.3f}",
                             f"{r['scaling_vs_100']:.2f}"] for r in rows])
 
@@ -978,10 +980,11 @@ def projection_report(args: argparse.Namespace, info: dict) -> dict:
     if lengths:
         print(f"Round length, default preset, '{AFTER_ASSEMBLED}': the lever table's T for this preset is "
               f"max(its {lengths[0]['preset_round_seconds']:.0f} s, 2 × H × median step); here T is set, with "
-              "the volunteers' crashes (30 % of departures) and without. A crash during an all-reduce costs its "
-              "group hivemind's next_chunk_timeout (p2ptrain: max(2 s, averaging_timeout / 6); the last row "
-              f"models {SHORT_CHUNK_TIMEOUT_S:g} s, which p2ptrain does not set); with staged averaging a late "
-              "first-stage group delays every second-stage group it feeds.\n")
+              "the volunteers' crashes (30 % of departures) and without. A member vanishing during an all-reduce "
+              "costs its group its slice's reducer timeout, twice the chunk timeout: sized to the group's slowest "
+              "declared link (3 × a part's time on it, at least 2 s), or in the last row averaging_timeout / 6 "
+              "as when links are not declared; with staged averaging a late first-stage group delays every "
+              "second-stage group it feeds.\n")
         print(round_length_table(lengths))
         print()
     # --quick: smaller sizes, so its plot goes to bench-out/, not over the committed one

@@ -66,15 +66,35 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from p2ptrain.swarm.averaging import CHUNK_TIMEOUT_FLOOR_S, CHUNK_WAIT_MARGIN
+
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 STATE_BYTES_PER_PARAM = 8.0  # a downloaded module state: fp32 global params + fp32 outer momentum
 NF4_BYTES_PER_VALUE = 0.5 + 4 / 64  # bench_outer_codecs' 4-bit codec: 4 bits a value, a float32 scale per 64
 
 
 def chunk_timeout_s(averaging_timeout: float) -> float:
-    """hivemind's next_chunk_timeout as p2ptrain sets it (swarm/slot.py): what a member
-    crashing mid all-reduce costs its group before the survivors skip its slice."""
+    """hivemind's next_chunk_timeout as p2ptrain sets it (swarm/slot.py) for a group with a
+    member whose link is unknown: how long survivors wait for a silent sender's next part."""
     return max(2.0, averaging_timeout / 6)
+
+
+# A member that vanishes mid all-reduce (its sockets left open) is waited for twice: as a
+# sender for one chunk timeout, and as a reducer for hivemind's reducer timeout, twice that
+# (its slice's averages never come). A killed process's sockets close at once and cost nothing.
+REDUCER_TIMEOUT_FACTOR = 2.0
+
+
+def declared_link_chunk_timeout_s(path_bytes: np.ndarray, sizes: np.ndarray, slowest_link: np.ndarray,
+                                  averaging_timeout: float) -> np.ndarray:
+    """p2ptrain's chunk timeout for groups whose members all declared their links
+    (averaging.chunk_timeout_seconds, per group): the margin × the slowest member's upload
+    of its round, 2 (n − 1) / n × `path_bytes` (the bytes of all its modules) over its link
+    (bytes/s), within [floor, averaging_timeout]."""
+    upload = path_bytes * 2 * np.maximum(sizes - 1, 0) / np.maximum(sizes, 1) / slowest_link
+    return np.clip(CHUNK_WAIT_MARGIN * upload, CHUNK_TIMEOUT_FLOOR_S, max(averaging_timeout, CHUNK_TIMEOUT_FLOOR_S))
+
+
 ALLREDUCE_RTTS = 4  # matchmaking handshake + the butterfly's two phases
 RECORD_TTL_S = 60.0  # records.PEER_RECORD_TTL_S
 ENTER_MIN_STEPS = 1.5  # a peer enters the round in progress if this many steps of it are left
@@ -192,9 +212,11 @@ class Levers:
     table_contention: also charge the full table's reads to the replicas that store it
         (hivemind stores a key on num_replicas = 5 nodes; every peer reads it at the
         round's end, so the replicas' uplinks serve N × table bytes at once).
-    chunk_timeout_s: what a member crashing mid all-reduce costs its group (survivors wait
-        this long for its next chunk, then skip its slice); None: chunk_timeout_s(), as
-        p2ptrain sets it.
+    chunk_timeout_s: the sender timeout a group waits for a member that vanished mid
+        all-reduce (its slice's reducer timeout, REDUCER_TIMEOUT_FACTOR × this, is what the
+        crash costs the group); None: as p2ptrain sets it — sized to the group's slowest
+        link when links are declared (with `balanced`: declared_link_chunk_timeout_s), else
+        chunk_timeout_s().
     wire_bytes_per_value: the codec's bytes per value instead of the workload's (e.g.
         NF4_BYTES_PER_VALUE, 4-bit with error feedback). Bytes and time only: the copies'
         agreement keeps the workload's sync tolerance, and the codec's effect on loss is
@@ -575,8 +597,8 @@ class Swarm:
         transfer = 2 * (sizes - 1) / sizes * self.payload[j] / slowest + ALLREDUCE_RTTS * rtt
         partial = np.zeros(n_groups, bool)
         np.logical_or.at(partial, group_of, self.crashing[members])
-        # a crashed member: survivors wait hivemind's next_chunk_timeout and skip its slice
-        penalty = partial * chunk_timeout_s(work.averaging_timeout)
+        # a crashed member: survivors wait out its parts and its slice's averages, then skip its slice
+        penalty = partial * REDUCER_TIMEOUT_FACTOR * chunk_timeout_s(work.averaging_timeout)
         self.record_groups(j, members, group_of, group_start, partial)
         return (group_start + transfer + penalty)[group_of]
 
@@ -617,6 +639,8 @@ class AlignedSwarm:
             self.holds_by_path[p, [self.modules.index(m) for m in path]] = True
         bytes_per_value = levers.wire_bytes_per_value or work.bytes_per_value
         self.chunk_timeout_s = levers.chunk_timeout_s or chunk_timeout_s(work.averaging_timeout)
+        # declared links (the balanced lever needs them): the timeout follows each group's slowest link
+        self.links_declared = levers.balanced and levers.chunk_timeout_s is None
         self.payload = np.array([work.module_params[m] * bytes_per_value for m in self.modules])
         self.params = np.array([work.module_params[m] for m in self.modules], float)
         self.peers = new_peers(self.rng, vol, len(work.paths), n_peers)
@@ -864,8 +888,8 @@ class AlignedSwarm:
         partial = np.zeros(n_groups, bool)
         np.logical_or.at(partial, group_of, crashing[local])
         partial &= sizes > 1
-        # a crashed member: survivors wait hivemind's next_chunk_timeout and skip its slice
-        penalty = partial * self.chunk_timeout_s
+        # a crashed member: survivors wait out its parts and its slice's averages, then skip its slice
+        penalty = partial * self.crash_cost_s(j, sizes, group_of, share)
         base = self.n_groups
         self.n_groups += n_groups
         self.group_module.append(np.full(n_groups, j))
@@ -877,6 +901,19 @@ class AlignedSwarm:
         self.member_size.append(sizes[group_of].astype(float))
         self.member_sent.append(2 * (sizes[group_of] - 1) / sizes[group_of])
         return (start + transfer + penalty)[group_of], base + group_of
+
+    def crash_cost_s(self, j: int, sizes: np.ndarray, group_of: np.ndarray, link: np.ndarray) -> np.ndarray:
+        """What a member vanishing mid all-reduce adds to each group's all-reduce of module j:
+        the reducer timeout of its slice (`link`: each member's share of its link for j, in
+        proportion to j's bytes in its path, so that module j's bytes over it are the path's
+        bytes over the whole link)."""
+        if not self.links_declared:
+            return np.full(len(sizes), REDUCER_TIMEOUT_FACTOR * self.chunk_timeout_s)
+        slowest = np.full(len(sizes), np.inf)
+        np.minimum.at(slowest, group_of, link)
+        payload = self.payload[j] / self.levers.fragments
+        return REDUCER_TIMEOUT_FACTOR * declared_link_chunk_timeout_s(payload, sizes, slowest,
+                                                                      self.work.averaging_timeout)
 
     def group_transfer_s(self, j: int, sizes: np.ndarray, group_of: np.ndarray, link: np.ndarray,
                          rtt: np.ndarray) -> np.ndarray:
@@ -961,7 +998,7 @@ class AlignedSwarm:
             transfer = self.group_transfer_s(j, sizes, gi, link[alive], rtt[alive])
             partial = np.zeros(ng, bool)
             np.logical_or.at(partial, gi, crash_stage[alive] == s)
-            penalty = (partial & (sizes > 1)) * self.chunk_timeout_s
+            penalty = (partial & (sizes > 1)) * self.crash_cost_s(j, sizes, gi, link[alive])
             done = (start + transfer + penalty)
             riding = np.flatnonzero((gid >= 0) & ~moving)
             t[alive] = done[gi]

@@ -135,6 +135,44 @@ def balanced_bandwidths(claims: Sequence[Any], client: Sequence[bool]) -> list[O
     return [v if not v else min(max(v, lo), hi) for v in valid]
 
 
+CHUNK_TIMEOUT_FLOOR_S = 2.0  # never shorter: a loaded machine stalls its averager for about this long
+CHUNK_WAIT_MARGIN = 2.0  # times the slowest member's whole upload of the round (fixed before measuring)
+
+
+def _declared_link(claim: Any) -> Optional[float]:
+    """A member's declared upload in Mbit/s, or None if it declared nothing usable."""
+    ok = isinstance(claim, (int, float)) and not isinstance(claim, bool) and math.isfinite(claim) and claim > 0
+    return float(claim) if ok else None
+
+
+def chunk_timeout_seconds(path_bytes: float, claims: Sequence[Any], fallback: float, ceiling: float) -> float:
+    """How long a member may keep us waiting for its next chunk before hivemind leaves its
+    slice un-averaged (the sender timeout; a reducer gets twice this).
+
+    A chunk can wait for more than its own bytes: streams between two peers share one
+    connection, so a small module's part queues behind a big module's parts in the
+    sender's socket (measured with a 1 Mbit/s member: 7.8 s for a 4 kB part's average).
+    What bounds the wait is the slowest member's whole upload of the round: each of the node's modules
+    moves 2 (n − 1) / n of its bytes out (its values to the reducers, its slice's averages
+    back), `path_bytes` in all at most. The timeout is CHUNK_WAIT_MARGIN × that upload over
+    the slowest declared link (`join --upload-mbps`), within [CHUNK_TIMEOUT_FLOOR_S,
+    ceiling]: a member that vanishes mid all-reduce costs a group of fast links seconds,
+    not the fixed `fallback`, and a slow honest link is not cut off while it keeps the pace
+    it declared. If any member declared nothing usable (or our own path's size is not
+    known), its link is unknown and `fallback` stands.
+
+    A claim is a stranger's word: one that claims a crawl stretches the timeout, up to
+    `ceiling` (the all-reduce's own timeout), which is what it could do anyway by sending
+    each part just in time; it cannot shorten anyone's wait below what the slowest honest
+    claim needs."""
+    links = [_declared_link(claim) for claim in claims]
+    if len(links) < 2 or None in links or not path_bytes > 0:
+        return fallback
+    n = len(links)
+    upload_s = path_bytes * 2 * (n - 1) / n / (min(links) * 1e6 / 8)
+    return min(max(CHUNK_WAIT_MARGIN * upload_s, CHUNK_TIMEOUT_FLOOR_S), max(ceiling, CHUNK_TIMEOUT_FLOOR_S))
+
+
 MAX_SHARE_OF_EQUAL = 2.0  # no member reduces more than twice an equal share of a module
 
 
@@ -177,6 +215,24 @@ SERVED_WAIT_S = 5.0
 NOT_IN_GROUP_LINGER_S = 5.0
 
 
+async def _timed(stream, note: Callable[[float], None]):
+    """`stream`'s messages, each one's wait noted: the time from asking for it to its
+    arrival (or to the timeout or error that ended the wait), which is what hivemind's
+    sender and reducer timeouts bound."""
+    iterator = stream.__aiter__()
+    while True:
+        asked = time.monotonic()
+        try:
+            msg = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        except BaseException:
+            note(time.monotonic() - asked)
+            raise
+        note(time.monotonic() - asked)
+        yield msg
+
+
 async def _drain(stream) -> None:
     async for _ in stream:
         pass
@@ -198,7 +254,7 @@ class _CountingStub:
         from hivemind.proto import averaging_pb2
         replies = 0
         try:
-            async for msg in stream:
+            async for msg in _timed(stream, self._runner.note_reducer_wait):
                 if replies == 0 and msg.code == averaging_pb2.BAD_GROUP_ID:
                     await self._runner.sender_not_in_group(self._peer)
                 replies += 1
@@ -331,6 +387,10 @@ def _averager_class():
             # a reducer, the senders' parts in and our deltas out (metrics: bytes per module)
             self.bytes_sent = 0
             self.bytes_received = 0
+            # the longest wait for a sender's next part (at our reducer) and for a reducer's next
+            # average (at our sender): how close this all-reduce came to its chunk timeouts
+            self.longest_sender_wait = 0.0
+            self.longest_reducer_wait = 0.0
             # our reducer's replies to senders can still be on their way when our own parts are
             # all back: `served` is set once every sender's stream has ended (bytes are final)
             self._serving: set[str] = set()  # senders whose stream our reducer is still answering
@@ -433,6 +493,12 @@ def _averager_class():
             if peer_index not in self._failed_reducers:
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART)
 
+        def note_sender_wait(self, seconds: float) -> None:
+            self.longest_sender_wait = max(self.longest_sender_wait, seconds)
+
+        def note_reducer_wait(self, seconds: float) -> None:
+            self.longest_reducer_wait = max(self.longest_reducer_wait, seconds)
+
         def _get_peer_stub(self, peer):
             return _CountingStub(super()._get_peer_stub(peer), self, peer)
 
@@ -488,7 +554,7 @@ def _averager_class():
             self.served.clear()
             receipt: list[bool] = []
             try:
-                async for msg in self._reduce_stream(stream, sender_index, receipt):
+                async for msg in self._reduce_stream(_timed(stream, self.note_sender_wait), sender_index, receipt):
                     yield msg
             finally:
                 if not receipt:
@@ -563,8 +629,10 @@ def _averager_class():
 
         def __init__(self, averaged_tensors, dht, *, state_provider: Callable[[], tuple[Any, list]],
                      max_weight: float, aggregation: str = "mean", clip_radius: float = 0.0,
-                     reducer_check: float = 0.0, **kwargs):
+                     reducer_check: float = 0.0, path_bytes: float = 0.0, **kwargs):
             self._state_provider = state_provider
+            # wire bytes of one all-reduce of every module of the node's path: what sizes the chunk timeout
+            self._path_bytes = path_bytes
             self._max_weight = max_weight
             self._robust = dict(rule=aggregation, tau=clip_radius, reducer_check=reducer_check)
             super().__init__(averaged_tensors, dht, **kwargs)
@@ -605,6 +673,11 @@ def _averager_class():
                 peer_fractions = await asyncio.get_event_loop().run_in_executor(
                     None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size)
                 peer_fractions = capped_shares(peer_fractions, is_client)
+                if kwargs.get("sender_timeout") is not None:  # hivemind's own: next_chunk_timeout
+                    sender_timeout = chunk_timeout_seconds(
+                        self._path_bytes, bandwidths, fallback=kwargs["sender_timeout"],
+                        ceiling=self._allreduce_timeout or kwargs["sender_timeout"])
+                    kwargs.update(sender_timeout=sender_timeout, reducer_timeout=2 * sender_timeout)
                 claimed_weights = self._claimed_weights(user_gathered)
                 async with enter_asynchronously(self.get_tensors()) as local_tensors:
                     runner = await self._run_allreduce_inplace_(local_tensors, group_info,
@@ -622,7 +695,9 @@ def _averager_class():
                             "failed": list(runner.failed_ranges), "lying": dict(runner.lying_reducers),
                             "outliers": dict(runner.outliers), "group_formed_at": formed_at,
                             "seconds_allreduce": seconds_allreduce,
-                            "bytes_sent": runner.bytes_sent, "bytes_received": runner.bytes_received}
+                            "bytes_sent": runner.bytes_sent, "bytes_received": runner.bytes_received,
+                            "chunk_timeout": runner.sender_timeout, "longest_sender_wait": runner.longest_sender_wait,
+                            "longest_reducer_wait": runner.longest_reducer_wait}
             except BaseException as e:
                 if isinstance(e, Exception):
                     logger.debug("all-reduce failed: %r", e)

@@ -28,4 +28,10 @@ def averaging_fields(modules: dict) -> dict:
                                            if r.seconds_matchmaking is not None},
         "seconds_allreduce_per_module": {m: r.seconds_allreduce for m, r in modules.items()
                                          if r.seconds_allreduce is not None},
+        # the all-reduce's chunk timeout (a sender silent this long is left out; a reducer gets
+        # twice it) and the longest wait this node had for a sender's next part and for a
+        # reducer's next average: how close the round came to leaving someone out
+        "chunk_waits_per_module": {m: {"timeout_s": r.chunk_timeout, "sender_s": r.longest_sender_wait,
+                                       "reducer_s": r.longest_reducer_wait}
+                                   for m, r in modules.items() if r.chunk_timeout is not None},
     }

@@ -86,6 +86,11 @@ class ModuleRound:
     seconds_allreduce: float | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
+    # the all-reduce's chunk timeout and the longest waits for a sender's next part and a
+    # reducer's next average (None: the module did not average this round)
+    chunk_timeout: float | None = None
+    longest_sender_wait: float | None = None
+    longest_reducer_wait: float | None = None
     expected: set[str] = field(default_factory=set, repr=False)  # live holders when the round began
     stage_groups: list[int] = field(default_factory=list)  # staged averaging: each stage's group size
 
@@ -138,6 +143,11 @@ def bans_lying_reducer(excess: float, refused: int) -> bool:
     reducer check's bound the slice was (inf: non-finite), `refused` how many of its slices
     we have refused so far, this one included."""
     return excess >= GROSS_LIE or refused >= LIE_STRIKES
+
+
+def max_known(a: float | None, b: float | None) -> float | None:
+    """The larger of two measurements, either of which may be missing (None)."""
+    return b if a is None else a if b is None else max(a, b)
 
 
 # A round's last step, when a whole one would end after the round's end: a shorter batch
@@ -216,7 +226,8 @@ class SwarmNode:
         self.since_install: dict | None = None  # the ledger's totals, published in our record
         self._read_since_install()
         self.credential: str | None = None  # closed runs: the creator's invite, shown in our record
-        self.slots = {m: ModuleSlot(m, session, dht, run_state, client_mode, upload_mbps)
+        path_values = sum(p.numel() for m in session.module_ids for p in session.outer[m].global_params)
+        self.slots = {m: ModuleSlot(m, session, dht, run_state, client_mode, upload_mbps, path_values)
                       for m in session.module_ids}
         self.codec_tolerance = sync_tolerance(self.cfg.averaging.compression, self.cfg.averaging.sync_tolerance)
         self.history: list[RoundReport] = []
@@ -605,7 +616,9 @@ class SwarmNode:
             result = results[module_id]
             first = ModuleRound(group=list(result.group), seconds_matchmaking=result.seconds_matchmaking,
                                 seconds_allreduce=result.seconds_allreduce, bytes_sent=result.bytes_sent,
-                                bytes_received=result.bytes_received)
+                                bytes_received=result.bytes_received, chunk_timeout=result.chunk_timeout,
+                                longest_sender_wait=result.longest_sender_wait,
+                                longest_reducer_wait=result.longest_reducer_wait)
             result.group, result.bytes_sent, result.bytes_received = [], 0, 0
             result.seconds_matchmaking = result.seconds_allreduce = None
             outcome = self._finish_average(module_id, round_, request, result, means[module_id], stage=2)
@@ -618,6 +631,8 @@ class SwarmNode:
             result.seconds_allreduce = (first.seconds_allreduce or 0.0) + (result.seconds_allreduce or 0.0)
             result.bytes_sent += first.bytes_sent
             result.bytes_received += first.bytes_received
+            for field_name in ("chunk_timeout", "longest_sender_wait", "longest_reducer_wait"):
+                setattr(result, field_name, max_known(getattr(first, field_name), getattr(result, field_name)))
 
         for module_id, slot in self.slots.items():
             mean = means[module_id]
@@ -708,6 +723,9 @@ class SwarmNode:
             result.seconds_allreduce = float(outcome.get("seconds_allreduce", 0.0))
         result.bytes_sent = int(outcome.get("bytes_sent", 0))
         result.bytes_received = int(outcome.get("bytes_received", 0))
+        for field_name in ("chunk_timeout", "longest_sender_wait", "longest_reducer_wait"):
+            value = outcome.get(field_name)  # from our own averager process, a float or absent
+            setattr(result, field_name, float(value) if isinstance(value, (int, float)) else None)
         for peer, claim in gathered.items():
             peer_id = peer.to_base58()
             if peer_id == self.peer_id:

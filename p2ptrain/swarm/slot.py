@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from p2ptrain.run_state import RunState
-from p2ptrain.swarm.averaging import averaging_part_bytes, fingerprint, make_compression, module_averager_class
+from p2ptrain.swarm.averaging import (WIRE_BYTES_PER_VALUE, averaging_part_bytes, fingerprint, make_compression,
+                                      module_averager_class)
 from p2ptrain.swarm.consistency import Vouch, agree
 from p2ptrain.swarm.protocol import StateMetadata
 from p2ptrain.swarm.records import averager_prefix
@@ -50,7 +51,7 @@ class ModuleSlot:
     """
 
     def __init__(self, module_id: str, session: PathSession, dht, run_state: RunState, client_mode: bool,
-                 upload_mbps: float | None = None):
+                 upload_mbps: float | None = None, path_values: int = 0):
         cfg = run_state.config.averaging
         self.module_id = module_id
         self.outer = session.outer[module_id]
@@ -84,8 +85,11 @@ class ModuleSlot:
                 min_matchmaking_time=mm, request_timeout=leader_answer_seconds(mm),
                 allreduce_timeout=cfg.averaging_timeout,
                 # a peer that stops sending (or dies) mid all-reduce is excluded after this long instead
-                # of failing the whole round; the slice it was reducing is reported as un-averaged
+                # of failing the whole round; the slice it was reducing is reported as un-averaged.
+                # A group whose members all declared their links waits as long as its slowest link
+                # needs instead (averaging.chunk_timeout_seconds, from the bytes of all our modules)
                 next_chunk_timeout=max(2.0, cfg.averaging_timeout / 6),
+                path_bytes=path_values / self.fragments * WIRE_BYTES_PER_VALUE[cfg.compression],
                 compression=make_compression(cfg.compression), part_size_bytes=part_bytes, client_mode=client_mode,
                 # our share of the reducing follows our upload link (others' claims are clamped:
                 # averaging.balanced_bandwidths); None: the group's mean

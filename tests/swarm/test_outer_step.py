@@ -12,6 +12,7 @@ import torch
 from prometheus_client import generate_latest
 
 from p2ptrain.monitor.metrics import NodeMetrics
+from p2ptrain.swarm.averaging import CHUNK_TIMEOUT_FLOOR_S
 from p2ptrain.swarm.node import RoundReport
 from tests.swarm.conftest import in_parallel, swarm_config
 from tests.swarm.prometheus_rules import parse
@@ -203,6 +204,9 @@ def test_a_peer_on_a_fast_link_reduces_more_of_a_module_and_the_average_is_uncha
     assert all(len(r[module].group) == 3 for r in reports)
     assert sum(r[module].bytes_received for r in reports) == 4 * payload  # Σ(1 + f) over three members
     assert 0.6 < shares[0] < 2 / 3 + 1 / 16 and min(shares[1:]) > 0
+    # every member declared its link, and these need far less than the floor for a part: the
+    # group's chunk timeout is the floor, not the configured averaging_timeout / 6 (5 s)
+    assert all(r[module].chunk_timeout == CHUNK_TIMEOUT_FLOOR_S for r in reports)
     for other in (b.node, c.node):
         for x, y in zip(a.node.slots[module].outer.global_params, other.slots[module].outer.global_params):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-6)

@@ -149,6 +149,31 @@ def test_a_crash_mid_all_reduce_costs_hiveminds_chunk_timeout_unless_a_lever_set
     assert short["outer_s"] < default["outer_s"]
 
 
+def test_with_declared_links_a_crash_costs_the_timeout_the_groups_slowest_link_needs():
+    # Prepare: as above, every volunteer declaring its 25 Mbit/s link (the balanced lever)
+    work, vol, over = tiny_swarm_inputs()
+    work = dataclasses.replace(work, overlap=False)
+    vol = dataclasses.replace(vol, mean_session_h=0.1, crash_fraction=1.0)
+
+    # Execute
+    sized = swarm_model.simulate(work, vol, over, 8, rounds=8, seed=3, levers=swarm_model.Levers(balanced=True))
+    fixed = swarm_model.simulate(work, vol, over, 8, rounds=8, seed=3,
+                                 levers=swarm_model.Levers(balanced=True, chunk_timeout_s=10.0))
+
+    # Assert: a member's path moves 800 kB a round; over 25 Mbit/s a group of 8 uploads
+    # 2 × 7/8 of it in 0.45 s, twice that is under the 2 s floor; a crash costs the reducer
+    # timeout, twice the floor. The stem's bytes over its 1/2 share of the link say the same
+    stem_bytes, sizes = 400_000 * work.bytes_per_value, np.array([8])
+    share = np.array([25e6 / 8 / 2])
+    assert swarm_model.declared_link_chunk_timeout_s(stem_bytes, sizes, share, 60.0).tolist() == [2.0]
+    swarm = swarm_model.AlignedSwarm(work, vol, over, 8, levers=swarm_model.Levers(balanced=True))
+    assert swarm.crash_cost_s(0, sizes, np.zeros(8, int), np.full(8, share[0])).tolist() == [4.0]
+    # a member on 1 Mbit/s: 2 × 7/8 × 800 kB / 125 kB/s = 11.2 s, twice that
+    slow = swarm_model.declared_link_chunk_timeout_s(stem_bytes, sizes, np.array([1e6 / 8 / 2]), 60.0)
+    assert slow[0] == pytest.approx(2 * stem_bytes * 2 * 7 / 8 / (1e6 / 8 / 2))
+    assert sized["outer_s"] < fixed["outer_s"]
+
+
 def test_a_peer_given_a_slow_link_of_its_own_slows_every_group_it_averages_in():
     # Prepare: 4 plain peers on two paths (slots 0 and 2 train path 0, 1 and 3 path 1);
     # links slot by slot, as `simulate.py --validate --shaped` gives the model a shaped swarm

@@ -13,7 +13,8 @@ from p2ptrain.errors import SwarmError
 from p2ptrain.model.grid import Grid
 from hivemind.averaging.load_balancing import load_balance_peers
 
-from p2ptrain.swarm.averaging import (averaging_part_bytes, balanced_bandwidths, capped_shares, fingerprint,
+from p2ptrain.swarm.averaging import (CHUNK_TIMEOUT_FLOOR_S, CHUNK_WAIT_MARGIN, averaging_part_bytes,
+                                      balanced_bandwidths, capped_shares, chunk_timeout_seconds, fingerprint,
                                       fingerprint_distance, sync_tolerance)
 from p2ptrain.swarm.dht import check_maddrs, parse_bootstrap_text
 from p2ptrain.swarm.membership import least_covered_path, module_coverage
@@ -114,6 +115,20 @@ def test_reduce_shares_follow_claimed_links_but_no_claim_takes_over_a_module():
     assert capped_shares((500, 500, 0), [False, False, True]) == (500, 500, 0)
     # nobody claims anything: equal shares, as before bandwidths existed
     assert load_balance_peers(999, balanced_bandwidths([None] * 3, [False] * 3)) == (333, 333, 333)
+
+
+def test_a_group_waits_for_a_chunk_as_long_as_its_slowest_declared_link_needs_for_its_round():
+    path = 1_600_000  # wire bytes of one all-reduce of each of the node's modules
+    # 4 members, the slowest at 1 Mbit/s (125,000 B/s): it uploads 2 × 3/4 of 1.6 MB in 19.2 s
+    timeout = chunk_timeout_seconds(path, [8.0, 8.0, 8.0, 1.0], fallback=10.0, ceiling=60.0)
+    assert timeout == pytest.approx(CHUNK_WAIT_MARGIN * path * 1.5 / 125_000)
+    # fast links: the floor, not the configured fallback (a vanished member costs 2 s, not 10 s)
+    assert chunk_timeout_seconds(path, [100.0] * 4, fallback=10.0, ceiling=60.0) == CHUNK_TIMEOUT_FLOOR_S
+    # never past the all-reduce's own timeout, however slow a link someone claims
+    assert chunk_timeout_seconds(path, [1e-9, 8.0], fallback=10.0, ceiling=60.0) == 60.0
+    # a member that declared nothing (or nonsense): its link is unknown, the fallback stands
+    for unknown in (None, float("nan"), 0.0, -1.0, "fast", True):
+        assert chunk_timeout_seconds(path, [8.0, unknown, 8.0], fallback=10.0, ceiling=60.0) == 10.0
 
 
 @pytest.mark.parametrize("holders, target, staged, expected", [
