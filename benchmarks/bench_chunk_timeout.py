@@ -4,8 +4,8 @@ hivemind leaves a member's slice un-averaged when its next chunk does not come w
 sender timeout (twice that for a reducer's averages). p2ptrain sizes that timeout to the
 group's slowest declared link (`join --upload-mbps`; averaging.chunk_timeout_seconds):
 2 × that member's upload of its whole round (2 (n − 1) / n × its path's wire bytes over
-its link), at least 2 s. Without declared links it stays averaging_timeout / 6 (10 s in
-the default preset).
+its link), at least 2 s and at most averaging_timeout / 6 (10 s in the default preset),
+which is also the timeout without declared links.
 
 Real `p2ptrain join` processes of the default preset (fp16, plain averaging), four on the
 2×2 grid, each in a network namespace of its own with a tbf-shaped link
@@ -15,11 +15,12 @@ Real `p2ptrain join` processes of the default preset (fp16, plain averaging), fo
             its holders: the slowest member's upload of its round (the rule's bound before
             its margin), the longest time any peer waited for a sender's next part and for
             a reducer's next average, the timeout, and whether anybody's slice was left out
-            (partial). Does the bound hold, and does the slow honest link fit inside the
-            timeout sized to it?
+            (partial). Does the bound hold, and does the slow honest link fit inside its
+            group's timeout?
   vanished  links 8 Mbit/s each. Peer 1 is frozen (SIGSTOP on all its processes: sockets
-            stay open, as when a machine loses power or its network) just after its
-            second all-reduce burst begins, then killed 45 s later. The three survivors'
+            stay open, as when a machine loses power or its network) once its round-3
+            all-reduce is under way (its uplink busy after the round's deadline), then
+            killed 45 s later. The three survivors'
             all-reduce in that round, links declared (timeout sized to them) against
             undeclared (10 s), in interleaved pairs.
 
@@ -56,7 +57,7 @@ EVEN_LINKS = (8.0,) * 4
 VICTIM = 1
 BURST_BYTES = 64 << 10  # sent within BURST_WINDOW_S: the peer is in an all-reduce
 BURST_WINDOW_S = 0.5
-FREEZE_AT_BURST = 2  # the first burst is round 1's all-reduce
+ARMED_BY_ROUND = 2  # the peer is frozen in the averaging of the round after this one
 FROZEN_S = 45.0
 
 
@@ -69,43 +70,52 @@ def bench_config(name: str, rounds: int, round_seconds: float) -> RunConfig:
 
 
 class Freezer:
-    """Watches one peer's uplink (eth0 in its namespace) and freezes every process
-    of that peer once its FREEZE_AT_BURST-th all-reduce burst begins; kills them FROZEN_S later."""
+    """Freezes every process of one peer mid all-reduce, kills them FROZEN_S later.
 
-    def __init__(self, index: int):
-        self.index = index
+    Armed from the peer's round events: when its round ARMED_BY_ROUND event arrives, the
+    next round's deadline on the swarm clock is that round's end (the event's arrival less
+    its outer phase) plus the round length. From just before that deadline it watches the
+    peer's uplink (eth0 in its namespace) and freezes the peer once it sends BURST_BYTES
+    within BURST_WINDOW_S: its next averaging's all-reduce is under way."""
+
+    def __init__(self, index: int, round_seconds: float):
+        self.index, self.round_seconds = index, round_seconds
+        self.armed_at: float | None = None  # monotonic: watch from then on
         self.frozen_at: float | None = None
         self.stop = threading.Event()
+        self.armed = threading.Event()
         self.thread: threading.Thread | None = None
 
     def start(self, peers) -> None:
         self.thread = threading.Thread(target=self._watch, args=(peers[self.index],), daemon=True)
         self.thread.start()
 
+    def on_round(self, event: dict) -> None:
+        """The peer's round event, as it arrives."""
+        if event["round"] == ARMED_BY_ROUND and not self.armed.is_set():
+            self.armed_at = time.monotonic() - event["seconds_outer"] + self.round_seconds - 1.0
+            self.armed.set()
+
     def _watch(self, peer) -> None:
+        while not self.armed.wait(0.5):
+            if self.stop.is_set() or peer.proc.poll() is not None:
+                return
+        self.stop.wait(max(0.0, self.armed_at - time.monotonic()))
         history: list[tuple[float, int]] = []
-        bursts, in_burst, quiet_since = 0, False, time.monotonic()
         while not self.stop.is_set() and peer.proc.poll() is None:
             now, sent = time.monotonic(), _eth0_sent_bytes(peer.proc.pid)
             history.append((now, sent))
             while history and history[0][0] < now - BURST_WINDOW_S:
                 history.pop(0)
-            busy = sent - history[0][1] >= BURST_BYTES
-            if busy and not in_burst:
-                bursts, in_burst = bursts + 1, True
-                if bursts == FREEZE_AT_BURST:
-                    pids = process_tree(peer.proc.pid)
-                    for pid in pids:
-                        _signal(pid, signal.SIGSTOP)
-                    self.frozen_at = time.time()
-                    self.stop.wait(FROZEN_S)
-                    for pid in pids:
-                        _signal(pid, signal.SIGKILL)
-                    return
-            if busy:
-                quiet_since = now
-            elif in_burst and now - quiet_since > 2.0:
-                in_burst = False
+            if sent - history[0][1] >= BURST_BYTES:
+                pids = process_tree(peer.proc.pid)
+                for pid in pids:
+                    _signal(pid, signal.SIGSTOP)
+                self.frozen_at = time.time()
+                self.stop.wait(FROZEN_S)
+                for pid in pids:
+                    _signal(pid, signal.SIGKILL)
+                return
             time.sleep(0.05)
 
 
@@ -138,7 +148,7 @@ def run_shaped(config: RunConfig, links, declared: bool, freeze: int | None = No
         config_file.write_text(config.to_toml())
         peers = launch_swarm(Path(tmp) / "swarm", config_file, config.inner.total_rounds, PATHS, events,
                              network=network)
-        freezer = Freezer(freeze) if freeze is not None else None
+        freezer = Freezer(freeze, config.averaging.round_seconds) if freeze is not None else None
         rounds: dict[int, list[dict]] = {i: [] for i in range(len(peers))}
         try:
             if freezer is not None:
@@ -148,6 +158,8 @@ def run_shaped(config: RunConfig, links, declared: bool, freeze: int | None = No
                 index, event = events.get(timeout=900)
                 if event.get("event") == "round":
                     rounds[index].append(event)
+                    if freezer is not None and index == freeze:
+                        freezer.on_round(event)
                 elif event.get("event") == "exit":
                     finished += 1
         finally:
@@ -215,7 +227,7 @@ def vanished_summary(result: dict, declared: bool) -> dict:
                 partial.append(bool(event["partial"]))
     steady = [max(e["seconds_allreduce_per_module"].values(), default=0.0)
               for i, events in result["rounds"].items() if i != VICTIM
-              for e in events[1:] if e["round"] < frozen_round]
+              for e in events[1:] if e["round"] != frozen_round]
     return {"declared": declared, "frozen_round": frozen_round, "survivors_seen": len(allreduce),
             "allreduce_s": statistics.median(allreduce) if allreduce else None,
             "outer_s": statistics.median(outer) if outer else None,
@@ -226,6 +238,7 @@ def vanished_summary(result: dict, declared: bool) -> dict:
 def main() -> None:
     parser = base_parser(__doc__.split("\n")[0], quick_help="the waits run only, 3 rounds", threads=False)
     parser.add_argument("--pairs", type=int, default=2, help="declared/undeclared pairs of the vanished run")
+    parser.add_argument("--only", choices=("waits", "vanished"), default=None, help="run one part only")
     args = parser.parse_args()
     failed_steps = [s for s in probe_link_shaping() if s["rc"] != 0 and "netem" not in s["command"]]
     if failed_steps:
@@ -235,12 +248,12 @@ def main() -> None:
     info = machine_info()
     sizes = module_sizes(bench_config("sizes", 1, 45.0))
     waits_by = {}
-    for declared in ((True,) if args.quick else (True, False)):
+    for declared in (() if args.only == "vanished" else (True,) if args.quick else (True, False)):
         config = bench_config(f"waits-{int(declared)}", 3 if args.quick else 6, 45.0)
         waits_by[declared] = wait_rows(run_shaped(config, SLOW_LINKS, declared=declared), config, SLOW_LINKS, sizes)
-    waits = waits_by[True]
+    waits = waits_by.get(True, [])
     vanished = []
-    for pair in range(0 if args.quick else args.pairs):
+    for pair in range(0 if args.quick or args.only == "waits" else args.pairs):
         for declared in (True, False):
             result = run_shaped(bench_config(f"vanished-{pair}-{int(declared)}", 5, 30.0), EVEN_LINKS, declared,
                                 freeze=VICTIM)
@@ -250,19 +263,20 @@ def main() -> None:
         "4 `p2ptrain join` processes, default preset (fp16, plain averaging), one per path of the 2×2 grid, "
         "each in its own network namespace with a tbf-shaped link (benchmarks/shaped_links.py)",
         "slowest upload: the group's slowest member's upload of its round, 2 (n − 1) / n × its path's wire "
-        f"bytes over its link; the chunk timeout is {CHUNK_WAIT_MARGIN:g}× that, at least 2 s (a reducer's: "
-        "twice the chunk timeout)",
+        f"bytes over its link; the chunk timeout is {CHUNK_WAIT_MARGIN:g}× that, at least 2 s and at most "
+        "averaging_timeout / 6 (a reducer's: twice the chunk timeout)",
         "waits: every module-round from round 2 that all the module's holders averaged together; the longest "
         "wait any holder had for a sender's next part / a reducer's next average (a wait a timeout ended "
         "counts until then)"])
-    print(f"Waits, links {' / '.join(f'{x:g}' for x in SLOW_LINKS)} Mbit/s, declared:\n")
-    print(markdown_table(
-        ["module", "round", "group", "slowest link", "part", "slowest upload", "longest sender wait",
-         "longest reducer wait", "chunk timeout", "someone left out"],
-        [[r["module"], r["round"], r["group"], f"{r['slowest_mbps']:g} Mbit/s", f"{r['part_bytes'] / 1e3:.1f} kB",
-          f"{r['slowest_upload_s']:.1f} s", f"{r['sender_wait_s']:.2f} s", f"{r['reducer_wait_s']:.2f} s",
-          f"{r['timeout_s']:.1f} s", "yes" if r["partial"] else "no"] for r in waits]))
     if waits:
+        print(f"Waits, links {' / '.join(f'{x:g}' for x in SLOW_LINKS)} Mbit/s, declared:\n")
+        print(markdown_table(
+            ["module", "round", "group", "slowest link", "part", "slowest upload", "longest sender wait",
+             "longest reducer wait", "chunk timeout", "someone left out"],
+            [[r["module"], r["round"], r["group"], f"{r['slowest_mbps']:g} Mbit/s",
+              f"{r['part_bytes'] / 1e3:.1f} kB", f"{r['slowest_upload_s']:.1f} s", f"{r['sender_wait_s']:.2f} s",
+              f"{r['reducer_wait_s']:.2f} s", f"{r['timeout_s']:.1f} s", "yes" if r["partial"] else "no"]
+             for r in waits]))
         sender = [r["sender_wait_s"] / r["slowest_upload_s"] for r in waits]
         reducer = [r["reducer_wait_s"] / r["slowest_upload_s"] for r in waits]
         print(f"\nlongest wait ÷ slowest upload, max over module-rounds: sender {max(sender):.2f}, reducer "
@@ -283,7 +297,7 @@ def main() -> None:
               f"killed {FROZEN_S:.0f} s later): the survivors' round\n")
         print(markdown_table(
             ["pair", "links", "chunk timeout", "all-reduce that round (median survivor)", "outer phase that round",
-             "all-reduce in earlier rounds", "survivors with a partial module"],
+             "all-reduce in the other rounds (median)", "survivors with a partial module"],
             [[v["pair"], "declared" if v["declared"] else "not declared",
               f"{v['timeout_s']:.1f} s" if v["timeout_s"] is not None else "—",
               f"{v['allreduce_s']:.1f} s" if v["allreduce_s"] is not None else "—",

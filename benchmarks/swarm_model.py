@@ -90,9 +90,10 @@ def declared_link_chunk_timeout_s(path_bytes: np.ndarray, sizes: np.ndarray, slo
     """p2ptrain's chunk timeout for groups whose members all declared their links
     (averaging.chunk_timeout_seconds, per group): the margin × the slowest member's upload
     of its round, 2 (n − 1) / n × `path_bytes` (the bytes of all its modules) over its link
-    (bytes/s), within [floor, averaging_timeout]."""
+    (bytes/s), within [floor, chunk_timeout_s(averaging_timeout)]."""
     upload = path_bytes * 2 * np.maximum(sizes - 1, 0) / np.maximum(sizes, 1) / slowest_link
-    return np.clip(CHUNK_WAIT_MARGIN * upload, CHUNK_TIMEOUT_FLOOR_S, max(averaging_timeout, CHUNK_TIMEOUT_FLOOR_S))
+    return np.clip(CHUNK_WAIT_MARGIN * upload, CHUNK_TIMEOUT_FLOOR_S,
+                   max(chunk_timeout_s(averaging_timeout), CHUNK_TIMEOUT_FLOOR_S))
 
 
 ALLREDUCE_RTTS = 4  # matchmaking handshake + the butterfly's two phases

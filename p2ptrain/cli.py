@@ -304,7 +304,8 @@ def _install_stop_handlers(stop_event) -> None:
               help="Your invite to a closed run (a file printed by `p2ptrain invite` on the creator's machine).")
 @click.option("--upload-mbps", default=None, type=click.FloatRange(0, min_open=True),
               help="Your upload bandwidth in Mbit/s: each all-reduce gives peers reducing work in proportion to "
-                   "their links (within 4x of the group's median), so a slow link carries less. [default: "
+                   "their links (within 4x of the group's median), so a slow link carries less, and a group whose "
+                   "members all declared fast links waits less for a member that stopped sending. [default: "
                    "unknown, counted as the group's mean]")
 # --- monitoring (issue 13)
 @click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),

@@ -18,7 +18,8 @@ from p2ptrain.swarm.averaging import (CHUNK_TIMEOUT_FLOOR_S, CHUNK_WAIT_MARGIN, 
                                       fingerprint_distance, sync_tolerance)
 from p2ptrain.swarm.dht import check_maddrs, parse_bootstrap_text
 from p2ptrain.swarm.membership import least_covered_path, module_coverage
-from p2ptrain.swarm.node import StepDeadline
+from p2ptrain.swarm.events import averaging_fields
+from p2ptrain.swarm.node import ModuleRound, StepDeadline, max_known
 from p2ptrain.swarm.schedule import RoundSchedule
 from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits, stage_two_weight_rounds
 from p2ptrain.swarm.suspension import Suspension
@@ -117,18 +118,27 @@ def test_reduce_shares_follow_claimed_links_but_no_claim_takes_over_a_module():
     assert load_balance_peers(999, balanced_bandwidths([None] * 3, [False] * 3)) == (333, 333, 333)
 
 
-def test_a_group_waits_for_a_chunk_as_long_as_its_slowest_declared_link_needs_for_its_round():
+def test_a_group_of_declared_fast_links_waits_for_a_chunk_only_as_long_as_its_slowest_link_needs():
     path = 1_600_000  # wire bytes of one all-reduce of each of the node's modules
-    # 4 members, the slowest at 1 Mbit/s (125,000 B/s): it uploads 2 × 3/4 of 1.6 MB in 19.2 s
-    timeout = chunk_timeout_seconds(path, [8.0, 8.0, 8.0, 1.0], fallback=10.0, ceiling=60.0)
-    assert timeout == pytest.approx(CHUNK_WAIT_MARGIN * path * 1.5 / 125_000)
-    # fast links: the floor, not the configured fallback (a vanished member costs 2 s, not 10 s)
-    assert chunk_timeout_seconds(path, [100.0] * 4, fallback=10.0, ceiling=60.0) == CHUNK_TIMEOUT_FLOOR_S
-    # never past the all-reduce's own timeout, however slow a link someone claims
-    assert chunk_timeout_seconds(path, [1e-9, 8.0], fallback=10.0, ceiling=60.0) == 60.0
+    # a pair, the slower at 8 Mbit/s (1 MB/s): it uploads 2 × 1/2 of 1.6 MB in 1.6 s; twice that
+    assert chunk_timeout_seconds(path, [8.0, 40.0], fallback=10.0) == pytest.approx(CHUNK_WAIT_MARGIN * 1.6)
+    # fast links: the floor (a vanished member costs 2 s, not 10 s)
+    assert chunk_timeout_seconds(path, [100.0] * 4, fallback=10.0) == CHUNK_TIMEOUT_FLOOR_S
+    # a slow link never stretches the wait past the fallback (its whole upload would take 19 s
+    # here, and a vanished member would cost 4x that); nor does a stranger claiming a crawl
+    assert chunk_timeout_seconds(path, [8.0, 8.0, 8.0, 1.0], fallback=10.0) == 10.0
+    assert chunk_timeout_seconds(path, [1e-9, 8.0], fallback=10.0) == 10.0
     # a member that declared nothing (or nonsense): its link is unknown, the fallback stands
     for unknown in (None, float("nan"), 0.0, -1.0, "fast", True):
-        assert chunk_timeout_seconds(path, [8.0, unknown, 8.0], fallback=10.0, ceiling=60.0) == 10.0
+        assert chunk_timeout_seconds(path, [100.0, unknown, 100.0], fallback=10.0) == 10.0
+
+
+def test_round_events_show_each_averaged_modules_chunk_timeout_and_longest_waits():
+    averaged = ModuleRound(group=["a", "b"], chunk_timeout=3.3, longest_sender_wait=0.4, longest_reducer_wait=1.2)
+    fields = averaging_fields({"stem": averaged, "L0.M0": ModuleRound(alone=True)})
+    assert fields["chunk_waits_per_module"] == {"stem": {"timeout_s": 3.3, "sender_s": 0.4, "reducer_s": 1.2}}
+    # two stages: the longer of each, whichever stage measured it
+    assert max_known(None, 2.0) == 2.0 and max_known(3.0, 2.0) == 3.0 and max_known(None, None) is None
 
 
 @pytest.mark.parametrize("holders, target, staged, expected", [
