@@ -218,6 +218,11 @@ class Levers:
         crash costs the group); None: as p2ptrain sets it — sized to the group's slowest
         link when links are declared (with `balanced`: declared_link_chunk_timeout_s), else
         chunk_timeout_s().
+    stage_window_rounds: how long (a fraction of the round) a staged module's later stages
+        wait for members still busy with the previous stage, instead of one matchmaking
+        window: a group late for its stage (a slow link, a member that vanished) then still
+        meets the others, instead of averaging alone and re-syncing. Modelled only: p2ptrain
+        searches every stage with one matchmaking window.
     wire_bytes_per_value: the codec's bytes per value instead of the workload's (e.g.
         NF4_BYTES_PER_VALUE, 4-bit with error feedback). Bytes and time only: the copies'
         agreement keeps the workload's sync tolerance, and the codec's effect on loss is
@@ -235,6 +240,7 @@ class Levers:
     fragments: int = 1
     wire_bytes_per_value: float | None = None
     chunk_timeout_s: float | None = None
+    stage_window_rounds: float | None = None
 
     # fragments: streaming sync (Streaming DiLoCo): each round averages 1/fragments of every
     # module (a different fragment each round), so an all-reduce moves payload / fragments.
@@ -886,8 +892,11 @@ class AlignedSwarm:
         link = np.minimum(self.peers.up[members], self.peers.down[members])
         share = link * self.stage_bytes[j] / self.path_bytes[members]  # a link is shared by the path's modules
         transfer = self.group_transfer_s(j, sizes, group_of, share, self.peers.rtt[members])
+        # a crash costs the group only while its all-reduce runs: a member that vanishes after
+        # the group is done (while the next round trains) is only missing from the next round
+        died = crashing[local] & (self.peers.session_end[members] < (start + transfer)[group_of])
         partial = np.zeros(n_groups, bool)
-        np.logical_or.at(partial, group_of, crashing[local])
+        np.logical_or.at(partial, group_of, died)
         partial &= sizes > 1
         # a crashed member: survivors wait out its parts and its slice's averages, then skip its slice
         penalty = partial * self.crash_cost_s(j, sizes, group_of, share)
@@ -936,6 +945,66 @@ class AlignedSwarm:
         payload = self.payload[j] / self.levers.fragments
         return np.where(sizes > 1, payload * per_byte + ALLREDUCE_RTTS * worst_rtt, 0.0)
 
+    def staged_timing(self, j: int, keys: list[np.ndarray], crash_stage: np.ndarray, owner: np.ndarray,
+                      real: np.ndarray, coverage: np.ndarray, arrive_rows: np.ndarray, link: np.ndarray,
+                      rtt: np.ndarray, expected_size: list[np.ndarray]
+                      ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+        """Stage by stage, the groups matchmaking assembles and when each row is done. Rows
+        sharing a stage's key meet as hivemind's matchmaking meets them (average_module's
+        rule): the first to be ready opens a window of matchmaking_time; those ready within
+        it join, and the group starts when it holds every row the key expects, else when the
+        window closes; rows ready later form the next group the same way (late rows are not
+        waited for: they average among themselves, or alone after the 3-window search). A
+        member dying in a stage costs its group the crash cost. Returns per stage each row's
+        end time and its group key (the stage key split by window), each member's summed
+        group size (per row covered) and the share of its payload it sent."""
+        lev, work, mm = self.levers, self.work, self.work.matchmaking_time
+        n_rows, n = len(owner), len(coverage)
+        t = arrive_rows.astype(float).copy()
+        size_sum = np.zeros(n)
+        sent = np.zeros(n)
+        ends, split_keys = [], []
+        for s, key in enumerate(keys):
+            alive_rows = crash_stage >= s
+            # a double duty (weight 0) rides along in its owner's first-stage group: no extra bytes
+            moving = alive_rows & (real | (s > 0) | (lev.coords != "assembled"))
+            alive = np.flatnonzero(moving)
+            order = alive[np.lexsort((t[alive], key[alive]))]
+            gid = np.full(n_rows, -1)
+            starts = []
+            window = mm if s == 0 or lev.stage_window_rounds is None else max(mm, lev.stage_window_rounds * self.T)
+            bounds = np.flatnonzero(np.diff(key[order])) + 1
+            for block in np.split(order, bounds):
+                tb = t[block]
+                target = int(expected_size[s][block].max())
+                i = 0
+                while i < len(block):
+                    k = min(int(np.searchsorted(tb, tb[i] + window, side="right")), i + max(target, 1))
+                    size = k - i
+                    gid[block[i:k]] = len(starts)
+                    starts.append(tb[k - 1] if size >= target else tb[i] + (max(3 * mm, window) if size == 1
+                                                                           else window))
+                    i = k
+            start = np.array(starts)
+            gi = gid[alive]
+            ng = len(starts)
+            sizes = np.bincount(gi, minlength=ng)
+            transfer = self.group_transfer_s(j, sizes, gi, link[alive], rtt[alive])
+            partial = np.zeros(ng, bool)
+            np.logical_or.at(partial, gi, crash_stage[alive] == s)
+            penalty = (partial & (sizes > 1)) * self.crash_cost_s(j, sizes, gi, link[alive])
+            done = start + transfer + penalty
+            riding = np.flatnonzero(alive_rows & ~moving)
+            gid[riding] = gid[owner[riding]]
+            t = t.copy()
+            t[alive] = done[gi]
+            t[riding] = done[gid[riding]]
+            ends.append(t)
+            split_keys.append(np.where(gid >= 0, gid, ng + np.arange(n_rows)))  # gone rows: keys of their own
+            np.add.at(size_sum, owner[alive], sizes[gi] / coverage[owner[alive]])
+            np.add.at(sent, owner[alive], 2 * (sizes[gi] - 1) / sizes[gi])
+        return ends, split_keys, size_sum, sent
+
     def average_staged(self, j: int, r: int, slots: np.ndarray, local: np.ndarray, arrive: np.ndarray,
                        crashing: np.ndarray, ghosts: int, tgs: int, tokens: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -943,15 +1012,15 @@ class AlignedSwarm:
         arriving plus `ghosts`, listed but not coming: empty cells) get grid coordinates;
         stage s's group starts when its last member is done with stage s−1 (plus the
         matchmaking window if a listed member is missing) and takes one all-reduce. A
-        crashing member dies at a random stage. The copies' mixing is tracked on random
-        pseudo-gradients (staged_mix). Logs one accounting group for the module-round."""
+        crashing member dies in the stage its session ends in (timed as if nobody crashed),
+        or costs nothing if it ends after its last stage. The copies' mixing is tracked on
+        random pseudo-gradients (staged_mix). Logs one accounting group for the module-round."""
         lev, work = self.levers, self.work
         members = slots[local]
         n = len(members)
         listed = n + ghosts
         d, g = (2, 0) if lev.coords == "assembled" else grid_shape(listed, tgs)
         stages = d + lev.extra_stages
-        crash_member = np.where(crashing[local], self.rng.integers(0, stages, n), stages)
         if lev.coords == "assembled":
             owner, keys, expected_size = assembled_rows(n, stages)
         else:
@@ -970,42 +1039,28 @@ class AlignedSwarm:
                 expected_size.append(count[inv.reshape(-1)[:n]])
             keys = [k[:n] for k in keys]
         real = owner == np.arange(len(owner))  # a member's own row; others are its double duties
-        crash_stage = crash_member[owner]
         x = self.rng.standard_normal((n, MIX_PARTS))
         w = np.maximum(tokens.astype(float), 1.0)
-        y_rows, groups, _ = staged_mix(x[owner], np.where(real, w[owner], 0.0), keys, crash_stage)
-        y = y_rows[:n]
-        # timing, stage by stage, per row (a member covering c rows has 1/c of its link for each)
         coverage = np.bincount(owner, minlength=n)
-        t = arrive[local].astype(float)[owner]
+        # a member covering c rows has 1/c of its link for each
         link = (np.minimum(self.peers.up[members], self.peers.down[members]) * self.stage_bytes[j]
                 / self.path_bytes[members] / coverage)[owner]
         rtt = self.peers.rtt[members][owner]
-        size_sum = np.zeros(n)
-        sent = np.zeros(n)
-        for s in range(stages):
-            gid = groups[s]
-            # a double duty (weight 0) rides along in its owner's first-stage group: no extra bytes
-            moving = (gid >= 0) & (real | (s > 0) | (lev.coords != "assembled"))
-            alive = np.flatnonzero(moving)
-            gi = gid[alive]
-            ng = int(gid.max()) + 1
-            sizes = np.bincount(gi, minlength=ng)
-            expected = np.zeros(ng)
-            np.maximum.at(expected, gi, expected_size[s][alive])
-            start = np.full(ng, -np.inf)
-            np.maximum.at(start, gi, t[alive])
-            start += np.where(sizes < expected, work.matchmaking_time, 0.0)
-            transfer = self.group_transfer_s(j, sizes, gi, link[alive], rtt[alive])
-            partial = np.zeros(ng, bool)
-            np.logical_or.at(partial, gi, crash_stage[alive] == s)
-            penalty = (partial & (sizes > 1)) * self.crash_cost_s(j, sizes, gi, link[alive])
-            done = (start + transfer + penalty)
-            riding = np.flatnonzero((gid >= 0) & ~moving)
-            t[alive] = done[gi]
-            t[riding] = done[gid[riding]]
-            np.add.at(size_sum, owner[alive], sizes[gi] / coverage[owner[alive]])
-            np.add.at(sent, owner[alive], 2 * (sizes[gi] - 1) / sizes[gi])
+        arrive_rows = arrive[local].astype(float)[owner]
+        # in which stage does a crashing member's session end? timed as if nobody crashed
+        no_crash = np.full(len(owner), stages)
+        stage_ends, _, _, _ = self.staged_timing(j, keys, no_crash, owner, real, coverage, arrive_rows, link, rtt,
+                                                 expected_size)
+        session_end = self.peers.session_end[members]
+        crash_member = np.full(n, stages)
+        for s in reversed(range(stages)):
+            crash_member[crashing[local] & (session_end < stage_ends[s][:n])] = s
+        crash_stage = crash_member[owner]
+        stage_ends, met_keys, size_sum, sent = self.staged_timing(j, keys, crash_stage, owner, real, coverage,
+                                                                  arrive_rows, link, rtt, expected_size)
+        y_rows, groups, _ = staged_mix(x[owner], np.where(real, w[owner], 0.0), met_keys, crash_stage)
+        y = y_rows[:n]
+        t = stage_ends[-1]
         t_member = np.full(n, -np.inf)
         np.maximum.at(t_member, owner, t)
         t = t_member
@@ -1023,9 +1078,14 @@ class AlignedSwarm:
         near = np.sqrt(((y[None, survivors_] - centers[:, None]) ** 2).mean(axis=2)) / spread <= work.sync_tolerance
         best = int(np.argmax(near @ w[survivors_])) if len(survivors_) else 0
         agreed = bool(len(survivors_)) and 2 * int(near[best].sum()) > len(survivors_)
-        # agreed: the agreed copy carries every holder's tokens (a minority re-syncs to it);
-        # else, as for split groups today, only the largest agreeing cluster's own tokens count
-        share = 1.0 if agreed else (float(w[survivors_][near[best]].sum() / w.sum()) if len(survivors_) else 0.0)
+        # agreed: the agreed copy carries every holder's tokens but those of the surviving copies
+        # off it (a group late for a stage averaged without the rest: its tokens are not in the
+        # majority's copy), which re-sync to it, downloading the state; else, as for split groups
+        # today, only the largest agreeing cluster's own tokens count
+        off = survivors_[~near[best]] if agreed else np.zeros(0, int)
+        share = (1.0 - float(w[off].sum() / w.sum()) if agreed else
+                 (float(w[survivors_][near[best]].sum() / w.sum()) if len(survivors_) else 0.0))
+        t[off] += self.download_s(members[off])
         self.staged_stats.append((j, r, n, stages, agreed, float(np.median(deviation[survivors_]))
                                   if len(survivors_) else math.nan,
                                   float(deviation[survivors_].max()) if len(survivors_) else math.nan))

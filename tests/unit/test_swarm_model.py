@@ -134,11 +134,12 @@ def test_a_smaller_wire_codec_moves_proportionally_fewer_bytes_and_leaves_traini
 
 
 def test_a_crash_mid_all_reduce_costs_hiveminds_chunk_timeout_unless_a_lever_sets_another():
-    # Prepare: plain averaging (the outer phase is the all-reduce itself) and volunteers who
-    # all leave by crashing, after 6 minutes on average
+    # Prepare: plain averaging (the outer phase is the all-reduce itself) on slow links, so that
+    # a round's all-reduce takes a good part of it, and volunteers who all leave by crashing,
+    # after 6 minutes on average (a crash costs a group only while its all-reduce runs)
     work, vol, over = tiny_swarm_inputs()
     work = dataclasses.replace(work, overlap=False)
-    vol = dataclasses.replace(vol, mean_session_h=0.1, crash_fraction=1.0)
+    vol = dataclasses.replace(vol, mean_session_h=0.1, crash_fraction=1.0, up_mbps=0.5)
 
     # Execute
     default = swarm_model.simulate(work, vol, over, 8, rounds=8, seed=3)
@@ -150,14 +151,16 @@ def test_a_crash_mid_all_reduce_costs_hiveminds_chunk_timeout_unless_a_lever_set
 
 
 def test_with_declared_links_a_crash_costs_the_timeout_the_groups_slowest_link_needs():
-    # Prepare: as above, every volunteer declaring its 25 Mbit/s link (the balanced lever)
+    # Prepare: as above, every volunteer declaring its link (the balanced lever); the swarm
+    # runs on 2 Mbit/s links, with sessions of 72 s on average, so that crashes land in
+    # all-reduces
     work, vol, over = tiny_swarm_inputs()
     work = dataclasses.replace(work, overlap=False)
-    vol = dataclasses.replace(vol, mean_session_h=0.1, crash_fraction=1.0)
+    churning = dataclasses.replace(vol, mean_session_h=0.02, crash_fraction=1.0, up_mbps=2.0)
 
     # Execute
-    sized = swarm_model.simulate(work, vol, over, 8, rounds=8, seed=3, levers=swarm_model.Levers(balanced=True))
-    fixed = swarm_model.simulate(work, vol, over, 8, rounds=8, seed=3,
+    sized = swarm_model.simulate(work, churning, over, 8, rounds=30, seed=3, levers=swarm_model.Levers(balanced=True))
+    fixed = swarm_model.simulate(work, churning, over, 8, rounds=30, seed=3,
                                  levers=swarm_model.Levers(balanced=True, chunk_timeout_s=10.0))
 
     # Assert: a member's path moves 800 kB a round; over 25 Mbit/s a group of 8 uploads
@@ -195,3 +198,26 @@ def test_a_peer_given_a_slow_link_of_its_own_slows_every_group_it_averages_in():
     outer = slowed["by_peer"]["outer_s"]
     assert min(outer) > max(given["by_peer"]["outer_s"]) + 3.0
     assert outer[3] == max(outer)
+
+
+def test_a_stage_meets_as_matchmaking_does_so_groups_late_from_the_first_stage_miss_the_second():
+    # Prepare: 64 holders of each module in groups of 4, so staged averaging takes two stages;
+    # links spread widely (log-normal sigma 1), so first-stage groups end far apart
+    work, vol, over = tiny_swarm_inputs()
+    work = dataclasses.replace(work, target_group_size=4, round_seconds=120.0)
+    spread_links = dataclasses.replace(vol, up_mbps=4.0, up_sigma=1.0)
+    staged = swarm_model.Levers(staged=True, coords="assembled", fill=True)
+
+    # Execute
+    one_window = swarm_model.simulate(work, spread_links, over, 64, rounds=6, seed=1, levers=staged)
+    waiting = swarm_model.simulate(work, spread_links, over, 64, rounds=6, seed=1,
+                                   levers=dataclasses.replace(staged, stage_window_rounds=0.5))
+
+    # Assert: with one matchmaking window a second-stage group starts without the members still
+    # in slow first-stage groups, so copies end apart and their tokens are lost; waiting half a
+    # round for them, every module-round ends with every copy at the exact mean
+    assert one_window["staged"]["agreed_fraction"] < 1.0
+    assert one_window["lineage_share"] < 0.9
+    assert waiting["staged"]["agreed_fraction"] == 1.0
+    assert waiting["staged"]["deviation_max"] < 1e-9
+    assert waiting["lineage_share"] == pytest.approx(1.0)
