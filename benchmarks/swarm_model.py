@@ -221,8 +221,8 @@ class Levers:
     stage_window_rounds: how long (a fraction of the round) a staged module's later stages
         wait for members still busy with the previous stage, instead of one matchmaking
         window: a group late for its stage (a slow link, a member that vanished) then still
-        meets the others, instead of averaging alone and re-syncing. Modelled only: p2ptrain
-        searches every stage with one matchmaking window.
+        meets the others, instead of averaging alone and re-syncing. p2ptrain:
+        averaging.stage_wait (0.2 by default; before 2026-12-06 one window).
     wire_bytes_per_value: the codec's bytes per value instead of the workload's (e.g.
         NF4_BYTES_PER_VALUE, 4-bit with error feedback). Bytes and time only: the copies'
         agreement keeps the workload's sync tolerance, and the codec's effect on loss is
@@ -982,8 +982,9 @@ class AlignedSwarm:
                     k = min(int(np.searchsorted(tb, tb[i] + window, side="right")), i + max(target, 1))
                     size = k - i
                     gid[block[i:k]] = len(starts)
-                    starts.append(tb[k - 1] if size >= target else tb[i] + (max(3 * mm, window) if size == 1
-                                                                           else window))
+                    # a lone row searched max(3 windows, the wait and one window) in vain: it goes on alone
+                    starts.append(tb[k - 1] if size >= target else tb[i] + (max(3 * mm, window + mm if window > mm
+                                                                                else 0.0) if size == 1 else window))
                     i = k
             start = np.array(starts)
             gi = gid[alive]

@@ -115,6 +115,12 @@ class AveragingConfig:
                             "same mean; false: holders beyond target_group_size average in separate groups "
                             "that drift apart (each stage-2 weight is a group's total, which only its group "
                             "could check)")
+    stage_wait: float = _f(0.2, "With overlap: how long a staged module's second stage waits for the holders "
+                                "still busy with their first stage, as a fraction of round_seconds (at least "
+                                "one matchmaking_time): a first-stage group slowed by a slow link or a member "
+                                "that vanished still meets the others instead of averaging alone and "
+                                "re-syncing; a full group never waits. Plain averaging waits one "
+                                "matchmaking_time (the wait would stall training)", lo=0.0, hi=1.0)
     peer_buckets: int = _f(1, "Split the peer table into this many buckets: each round a node reads one bucket, "
                               "a random sample of about peers / peer_buckets records, instead of every live "
                               "peer's record; about peers / 64 for swarms past a few hundred peers (1: one "

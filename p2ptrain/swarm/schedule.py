@@ -93,3 +93,23 @@ def search_seconds(window: float, room: float | None) -> float:
     if room is None:
         return full
     return max(SEARCH_FLOOR * window, min(full, room - leader_answer_seconds(window)))
+
+
+def stage_wait_seconds(window: float, round_seconds: float, fraction: float, room: float | None) -> float:
+    """How long a staged module's second stage waits for the holders at its index that are
+    still busy with their first stage (hivemind's scheduled start: a leader assembles when
+    its group is full, else at this wait's end): `fraction` of the round, at least one
+    matchmaking window.
+
+    Why wait longer than a window. First-stage groups end apart: each moves the module over
+    its slowest member's link, and a member that vanishes mid all-reduce holds its group up
+    by the reducer timeout. With one window a second-stage group starts without the late
+    groups' members, who average alone and re-sync, their tokens lost (the simulator, gpu
+    preset at 10,000 peers: 15 % of the tokens; 4 % waiting a fifth of the round). A full
+    group never waits. Bounded by `room` (the seconds the round's outer phase may still
+    take, None: unbounded), the search still ends in time for the next round."""
+    wait = max(window, fraction * round_seconds)
+    if room is None:
+        return wait
+    return max(window, min(wait, room - leader_answer_seconds(window) - window))
+

@@ -315,6 +315,55 @@ def test_more_holders_than_one_group_holds_average_in_two_stages_to_the_exact_me
         assert len(module.group) == 3  # its pair in stage 1 and one member of the other pair in stage 2
 
 
+@pytest.mark.parametrize("stage_wait, overlap, meets", [(0.2, True, True), (0.0, True, False), (0.2, False, False)])
+def test_a_second_stage_waits_for_holders_whose_first_stage_ended_late(swarm, stage_wait, overlap, meets):
+    # Prepare: 4 holders of L0.M0 in groups of at most 2 (two stages) in rounds of 200 s; the
+    # second pair starts its outer step 24 s after the first, as a pair on a slow link, or
+    # one held up by a member that vanished, ends its first stage late. With overlap a
+    # second stage waits a fifth of a round (40 s); with stage_wait 0, or plain averaging
+    # (where the wait would stall training), it searches 3 matchmaking windows (12 s)
+    config = swarm_config("stage-wait", levels=(1, 4), stem="per_path", compression="none", round_seconds=200.0,
+                          overlap=overlap)
+    config.averaging.target_group_size = 2
+    config.averaging.stage_wait = stage_wait
+    nodes = swarm.open_all(config, ["0,0", "0,1", "0,2", "0,3"])
+    shared = "L0.M0"
+    start = [p.clone() for p in nodes[0].slots[shared].outer.global_params]
+    for node in nodes:
+        node.session.inner_steps(2)
+    locals_ = [[p.clone() for p in node.session.local_state(shared).values()] for node in nodes]
+    tokens = [100, 150, 250, 350]
+    round_ = nodes[0].schedule.current_round()
+
+    def step(node, t, delay):
+        time.sleep(delay)
+        return node.outer_step(round_, tokens=t)
+
+    # Execute
+    reports = in_parallel(*[lambda n=n, t=t, d=d: step(n, t, d)
+                            for n, t, d in zip(nodes, tokens, [0.0, 0.0, 24.0, 24.0])])
+
+    # Assert: waiting, the late pair still meets the early one in the second stage and every
+    # holder ends with one Nesterov step on the token-weighted mean of all four; searching
+    # 3 windows, the early pair's second stage ends before the late pair arrives, each pair
+    # keeps its own mean, and the copies stay apart until the post-round vote re-syncs them
+    stage_groups = [report[shared].stage_groups for report in reports]
+    finals = [torch.cat([p.reshape(-1) for p in n.slots[shared].outer.global_params]) for n in nodes]
+    if meets:
+        assert stage_groups == [[2, 2]] * 4
+        for g, *ls in zip(start, *locals_):
+            mean = sum(t * (g - l) for t, l in zip(tokens, ls)) / sum(tokens)
+            expected = g - 0.7 * 1.9 * mean
+            index = [p.data_ptr() for p in start].index(g.data_ptr())
+            for node in nodes:
+                torch.testing.assert_close(node.slots[shared].outer.global_params[index], expected, rtol=0, atol=1e-6)
+    else:
+        assert stage_groups == [[2, 1]] * 4
+        assert (finals[0] - finals[1]).abs().max().item() < 1e-6
+        assert (finals[2] - finals[3]).abs().max().item() < 1e-6
+        assert (finals[0] - finals[2]).abs().max().item() > 1e-4
+
+
 def test_staged_rounds_keep_every_holder_in_agreement_without_downloads(swarm):
     # Prepare: as above, 4 holders of L0.M0 in groups of at most 2, now over whole rounds
     # (fp16 wire, the post-round fingerprint vote decides whether anyone must re-sync)

@@ -13,7 +13,7 @@ from p2ptrain.swarm.healing import PARTNER_ROUNDS, RecentPartners, bounded_mean,
 from p2ptrain.swarm.credentials import issue, parse_credential, parse_duration
 from p2ptrain.swarm.identity import Identity, owner_peer_id, peer_id_of_public_key
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, StateMetadata, parse
-from p2ptrain.swarm.schedule import RoundSchedule, search_seconds
+from p2ptrain.swarm.schedule import RoundSchedule, search_seconds, stage_wait_seconds
 from p2ptrain.errors import SwarmError
 
 TOL = 5e-3  # fp16's codec tolerance
@@ -47,6 +47,18 @@ def test_a_search_gets_three_windows_unless_bounded_by_the_next_rounds_end_and_n
     assert search_seconds(window=4.0, room=8.0) == 6.0
     # never shorter than one window and a bit: hivemind refuses a search that ends before its window
     assert search_seconds(window=4.0, room=1.0) == pytest.approx(4.4)
+
+
+def test_a_second_stage_waits_a_fraction_of_the_round_for_late_holders_within_the_rounds_room():
+    # the gpu preset: 15 s windows, 600 s rounds, a fifth of the round
+    assert stage_wait_seconds(window=15.0, round_seconds=600.0, fraction=0.2, room=None) == 120.0
+    # never less than one window: rounds of 10 s, or no stage wait configured
+    assert stage_wait_seconds(window=4.0, round_seconds=10.0, fraction=0.2, room=None) == 4.0
+    assert stage_wait_seconds(window=4.0, round_seconds=200.0, fraction=0.0, room=None) == 4.0
+    # bounded so that the search (a window past the wait) and a leader's late answer (2 s)
+    # still end in the room left before the next round must be entered
+    assert stage_wait_seconds(window=4.0, round_seconds=200.0, fraction=0.2, room=30.0) == 24.0
+    assert stage_wait_seconds(window=4.0, round_seconds=200.0, fraction=0.2, room=3.0) == 4.0
 
 
 # ------------------------------------------------------------------ schemas
