@@ -267,41 +267,85 @@ def lever_seeds(n: int, count: int) -> list[int]:
     return [n + 100 + i for i in range(count)]
 
 
-def lever_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick: bool) -> list[dict]:
-    """Each lever set at each size on LEVER_SEEDS seeds; a row is the seed with the median
-    effective tokens/s, with every seed's figures alongside (*_seeds); its ÷ column pairs
-    seed i at n peers with seed i at 100."""
+def seeded_rows(work: Workload, vol: Volunteers, over: Overheads, sets, sizes: tuple[int, ...], rounds: float,
+                count: int, **fields) -> list[dict]:
+    """Each (label, levers) of `sets` at each size on `count` seeds; a row is the seed with the
+    median effective tokens/s, with every seed's figures alongside (*_seeds); its ÷ column
+    pairs seed i at n peers with seed i at 100."""
     rows = []
-    sets = [ls for ls in LEVER_SETS if not quick or ls[0] in ("baseline (today)", "fill", "staged", AFTER,
-                                                               AFTER_ASSEMBLED)]
-    count = 1 if quick else LEVER_SEEDS
-    for preset in ("gpu", "default"):
-        config = RunConfig.load(preset)
-        config.averaging.overlap = True
-        work = workload(config, preset)
-        vol = preset_volunteers(config, work, calibration, preset)
-        over = volunteer_overheads(calibration, work)
-        work = dataclasses.replace(work, round_seconds=max(work.round_seconds, fitted_round_seconds(work, vol)))
-        for label, levers in sets:
-            for n in sizes:
-                runs = [simulate(work, vol, over, n, rounds=rounds, seed=seed, levers=levers)
-                        for seed in lever_seeds(n, count)]
-                result = dict(sorted(runs, key=lambda r: r["effective_tokens_per_s"])[len(runs) // 2])
-                for key in ("effective_tokens_per_s", "utilization", "lineage_share", "outer_s"):
-                    result[f"{key}_seeds"] = [r[key] for r in runs]
-                result.update(preset=preset, label=label, step_s=vol.step_s, H=work.steps_per_round,
-                              seeds=lever_seeds(n, count), sync_tolerance=work.sync_tolerance,
-                              compression=config.averaging.compression)
-                rows.append(result)
-    by = {(r["preset"], r["label"], r["peers"]): r for r in rows}
+    for label, levers in sets:
+        for n in sizes:
+            runs = [simulate(work, vol, over, n, rounds=rounds, seed=seed, levers=levers)
+                    for seed in lever_seeds(n, count)]
+            result = dict(sorted(runs, key=lambda r: r["effective_tokens_per_s"])[len(runs) // 2])
+            for key in ("effective_tokens_per_s", "utilization", "lineage_share", "outer_s"):
+                result[f"{key}_seeds"] = [r[key] for r in runs]
+            result.update(label=label, step_s=vol.step_s, H=work.steps_per_round, seeds=lever_seeds(n, count),
+                          sync_tolerance=work.sync_tolerance, overlap=work.overlap, **fields)
+            rows.append(result)
+    by = {(r["label"], r["peers"]): r for r in rows}
     for r in rows:  # near-linear? effective tokens/s against peers/100 × its own 100-peer figure, seed by seed
-        base = by.get((r["preset"], r["label"], 100))
+        base = by.get((r["label"], 100))
         ratios = [e / (r["peers"] / 100 * b) if b > 0 else math.nan
                   for e, b in zip(r["effective_tokens_per_s_seeds"], base["effective_tokens_per_s_seeds"])] \
             if base else [math.nan]
         r["scaling_vs_100_seeds"] = ratios
         r["scaling_vs_100"] = float(np.median(ratios))
     return rows
+
+
+def preset_inputs(preset: str, calibration: dict, overlap: bool):
+    """The simulator's inputs for a preset: (work, volunteers, overheads, config), T the larger
+    of the preset's round_seconds and 2 × H × the median step."""
+    config = RunConfig.load(preset)
+    config.averaging.overlap = overlap
+    work = workload(config, preset)
+    vol = preset_volunteers(config, work, calibration, preset)
+    over = volunteer_overheads(calibration, work)
+    work = dataclasses.replace(work, round_seconds=max(work.round_seconds, fitted_round_seconds(work, vol)))
+    return work, vol, over, config
+
+
+def lever_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick: bool) -> list[dict]:
+    """Every lever set, overlap averaging, both presets (seeded_rows)."""
+    rows = []
+    sets = [ls for ls in LEVER_SETS if not quick or ls[0] in ("baseline (today)", "fill", "staged", AFTER,
+                                                               AFTER_ASSEMBLED)]
+    for preset in ("gpu", "default"):
+        work, vol, over, config = preset_inputs(preset, calibration, overlap=True)
+        rows += seeded_rows(work, vol, over, sets, sizes, rounds, 1 if quick else LEVER_SEEDS, preset=preset,
+                            compression=config.averaging.compression)
+    return rows
+
+
+# What p2ptrain can run (2026-12-06): averaging.fragments cannot be combined with overlap, and
+# averaging.stage_wait acts only with overlap. The lever table's "all" rows assume both.
+_BUILT = dict(fill=True, staged=True, coords="assembled", balanced=True, table="sampled", table_contention=True)
+RUNNABLE_SETS = (
+    ("plain, 1/4 fragments (stage_wait off in plain)", False, Levers(fragments=4, **_BUILT)),
+    ("overlap, whole modules, one window", True, Levers(**_BUILT)),
+    ("overlap, whole modules, stage_wait 0.2", True, Levers(stage_window_rounds=0.2, **_BUILT)),
+)
+
+
+def runnable_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick: bool) -> list[dict]:
+    """The configurations p2ptrain can run today (RUNNABLE_SETS), both presets."""
+    rows = []
+    for preset in ("gpu", "default"):
+        for label, overlap, levers in RUNNABLE_SETS:
+            work, vol, over, config = preset_inputs(preset, calibration, overlap=overlap)
+            rows += seeded_rows(work, vol, over, [(label, levers)], sizes, rounds, 1 if quick else LEVER_SEEDS,
+                                preset=preset, compression=config.averaging.compression)
+    return rows
+
+
+def runnable_table(rows: list[dict]) -> str:
+    return markdown_table(["preset", "configuration", "peers", "T", "utilization", "lineage share", "outer phase",
+                           "all-reduce MB per peer-round", "÷ (peers/100 × own 100-peer)"],
+                          [[r["preset"], r["label"], f"{r['peers']:,}", f"{r['round_seconds']:.0f} s",
+                            spread(r, "utilization", ".2f"), spread(r, "lineage_share", ".3f"),
+                            f"{r['outer_s']:.1f} s", f"{r['mb_sent_per_peer_round']:.0f}",
+                            spread(r, "scaling_vs_100", ".2f")] for r in rows])
 
 
 ROUND_LENGTHS = (30.0, 40.0, 60.0)
@@ -1011,6 +1055,8 @@ def projection_report(args: argparse.Namespace, info: dict) -> dict:
           "wire, bytes and time only (its loss: bench_outer_codecs); top-k is not modelled.\n")
     print(lever_table(levers))
     print()
+    runnable = runnable_study(sizes, rounds, calibration, args.quick)
+    print_runnable(runnable)
     lengths = [] if args.quick else round_length_study(rounds, calibration)
     if lengths:
         print(f"Round length, default preset, '{AFTER_ASSEMBLED}': the lever table's T for this preset is "
@@ -1028,9 +1074,19 @@ def projection_report(args: argparse.Namespace, info: dict) -> dict:
     if png:
         print(f"wrote {png.relative_to(REPO_ROOT)}")
     return {"projection": projection, "comparison": comparison, "levers": levers, "round_lengths": lengths,
+            "runnable": runnable,
             "calibration": calibration,
             "assumptions": dict(NETWORK, **CHURN, gpu_flops=GPU_FLOPS, machine_sigma=MACHINE_SIGMA,
                                 round_jitter=ROUND_JITTER, join_s=JOIN_S)}
+
+
+def print_runnable(rows: list[dict]) -> None:
+    print("As p2ptrain can run it: the built levers (fill, staged with assembled groups, balanced shares, the "
+          "sampled table), with 1/4 fragments and plain averaging, or with overlap and whole modules (p2ptrain "
+          "cannot combine fragments with overlap; stage_wait acts only with overlap). Same volunteers, seeds "
+          "and columns as the lever table.\n")
+    print(runnable_table(rows))
+    print()
 
 
 def write_results(name: str, payload: dict) -> None:
@@ -1066,9 +1122,16 @@ def main() -> None:
     parser.add_argument("--measured", type=Path, default=None,
                         help="with --validate: reuse these stored loopback measurements instead of running swarms")
     parser.add_argument("--rounds", type=float, default=12, help="simulated rounds per projection")
+    parser.add_argument("--runnable", action="store_true",
+                        help="only the configurations p2ptrain can run (bench-out/simulate_runnable.json)")
     args = parser.parse_args()
     info = machine_info()
-    if args.validate:
+    if args.runnable:
+        rows = runnable_study(SIZES[:2] if args.quick else SIZES, 6 if args.quick else args.rounds,
+                              load_calibration(), args.quick)
+        print_runnable(rows)
+        write_results("simulate_runnable", {"machine": info, "runnable": rows})
+    elif args.validate:
         write_results("simulate_validation_shaped" if args.shaped else "simulate_validation",
                       {"machine": info, **validation_report(args, info)})
     else:

@@ -222,9 +222,6 @@ class RunConfig:
         betas = self.inner.betas
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise ConfigError(f"{source}: inner.betas must be two numbers in [0, 1), got {betas}")
-        if self.averaging.fragments > 1 and self.averaging.overlap:
-            raise ConfigError(f"{source}: averaging.fragments > 1 cannot be combined with averaging.overlap "
-                              "(a fragment's average lands in its own round); set one of them off")
         if (any(c in self.run.id for c in ".@") or not self.run.id or len(self.run.id) > 64
                 or not self.run.id.isprintable()):
             raise ConfigError(f"{source}: run.id must be 1-64 printable characters without '.' or '@', "

@@ -43,7 +43,7 @@ from p2ptrain.swarm.averaging import sync_tolerance
 from p2ptrain.swarm.consistency import Vouch, choose_lineage, judge, voters_to_wait_for
 from p2ptrain.swarm.healing import RecentPartners, heal_tie
 from p2ptrain.swarm.membership import peers_holding
-from p2ptrain.swarm.overlap import Anchors, BackgroundRound
+from p2ptrain.swarm.overlap import Anchors, BackgroundRound, FragmentRebase
 from p2ptrain.swarm.protocol import Rejections, RoundClaim, parse
 from p2ptrain.swarm.records import (ModuleSync, PeerRecord, SwarmRecords, heartbeat_period, new_peer_record,
                                     peer_record_ttl, status_record_fields)
@@ -259,7 +259,8 @@ class SwarmNode:
         self._heartbeat_stop = threading.Event()
         self._published_at = -math.inf  # time.monotonic() of the last publish of our record
         self._background: BackgroundRound | None = None  # overlap: last round's averaging
-        self._anchors = Anchors()
+        # overlap: whole modules rebase on anchors, fragments one slice at a time (overlap.py)
+        self._anchors = FragmentRebase() if self.cfg.averaging.fragments > 1 else Anchors()
         for slot in self.slots.values():
             slot.round = session.round
         self._update_sync()
@@ -863,11 +864,11 @@ class SwarmNode:
     def _overlapped_outer_step(self, round_: int, tokens: int) -> tuple[int, dict[str, ModuleRound]]:
         """Land round k−1's average and start round k's in the background; (the round that
         landed, its outcomes)."""
-        deltas = self._anchors.progress(self.slots, self.session)
+        deltas = self._anchors.progress(self.slots, self.session, round_)
         finished = self._land_background()  # round k−1's average, applied to the globals
         # read before round k's averaging starts: its thread sets the round when it is done
         landed = self.session.round
-        self._anchors.rebase(self.slots, self.session, deltas)
+        self._anchors.rebase(self.slots, self.session, deltas, finished)
         # checkpoint now: the globals are consistent and no averaging thread is touching them
         self.session.save_checkpoint(background=True)
 

@@ -157,6 +157,19 @@ class PathSession:
                     local[lo - offset:hi - offset].copy_(g.view(-1)[lo - offset:hi - offset])
                 offset += g.numel()
 
+    def shift_local(self, module_id: str, start: int, shift: torch.Tensor) -> None:
+        """Add `shift` (flat) to the local parameters' values [start, start + len(shift)), the
+        parameters laid end to end (overlapped fragments rebase one slice this way)."""
+        params = dict(self.model.parts()[module_id].named_parameters())
+        offset, end = 0, start + shift.numel()
+        with torch.no_grad():
+            for name in self.outer[module_id].names:
+                local = params[name].view(-1)
+                lo, hi = max(start, offset), min(end, offset + local.numel())
+                if lo < hi:
+                    local[lo - offset:hi - offset] += shift[lo - start:hi - start].to(local.device, local.dtype)
+                offset += local.numel()
+
     def make_local_global(self) -> None:
         """Single-machine training has no outer step: the local weights are the global ones."""
         for module_id in self.module_ids:

@@ -26,8 +26,6 @@ from p2ptrain.errors import ConfigError
     ("[grid]\nlevels = []\n", "<config>: grid.levels must be a non-empty list"),
     ("[inner]\nbetas = [0.9]\n", "<config>: inner.betas must be two numbers in [0, 1), got [0.9]"),
     ("[run]\nid = \"a.b\"\n", "<config>: run.id must be 1-64 printable characters without '.'"),
-    ("[averaging]\nfragments = 4\noverlap = true\n",
-     "<config>: averaging.fragments > 1 cannot be combined with averaging.overlap"),
     ("[averaging]\nfragments = 17\n", "<config>: averaging.fragments: 17 is out of range; allowed [1, 16]"),
     ("model = 3\n", "<config>: [model] must be a table"),
     ("[model\n", "<config>: not valid TOML"),
