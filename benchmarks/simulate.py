@@ -254,6 +254,7 @@ LEVER_SETS = (
                                        wire_bytes_per_value=NF4_BYTES_PER_VALUE)),
 )
 AFTER_ASSEMBLED = "all, sampled table (assembled groups)"
+AFTER_WAIT = "all (assembled), later stages wait 1/5 round"  # p2ptrain's stage_wait default, with overlap
 AFTER = "all, sampled table (hashed coordinates)"  # the configuration p2ptrain can implement without a full table
 
 
@@ -310,7 +311,7 @@ def lever_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick:
     """Every lever set, overlap averaging, both presets (seeded_rows)."""
     rows = []
     sets = [ls for ls in LEVER_SETS if not quick or ls[0] in ("baseline (today)", "fill", "staged", AFTER,
-                                                               AFTER_ASSEMBLED)]
+                                                               AFTER_ASSEMBLED, AFTER_WAIT)]
     for preset in ("gpu", "default"):
         work, vol, over, config = preset_inputs(preset, calibration, overlap=True)
         rows += seeded_rows(work, vol, over, sets, sizes, rounds, 1 if quick else LEVER_SEEDS, preset=preset,
@@ -318,13 +319,17 @@ def lever_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick:
     return rows
 
 
-# What p2ptrain can run (2026-12-06): averaging.fragments cannot be combined with overlap, and
-# averaging.stage_wait acts only with overlap. The lever table's "all" rows assume both.
+# What p2ptrain can run: the built levers, plain or overlapped, whole modules or 1/4 fragments
+# (fragments with overlap since 2026-12-06), averaging.stage_wait (acts only with overlap) at 0
+# or its default 0.2. With overlap and fragments these are the lever table's "all (assembled)"
+# rows, on the same seeds.
 _BUILT = dict(fill=True, staged=True, coords="assembled", balanced=True, table="sampled", table_contention=True)
 RUNNABLE_SETS = (
-    ("plain, 1/4 fragments (stage_wait off in plain)", False, Levers(fragments=4, **_BUILT)),
+    ("plain, 1/4 fragments", False, Levers(fragments=4, **_BUILT)),
     ("overlap, whole modules, one window", True, Levers(**_BUILT)),
     ("overlap, whole modules, stage_wait 0.2", True, Levers(stage_window_rounds=0.2, **_BUILT)),
+    ("overlap, 1/4 fragments, one window", True, Levers(fragments=4, **_BUILT)),
+    ("overlap, 1/4 fragments, stage_wait 0.2", True, Levers(fragments=4, stage_window_rounds=0.2, **_BUILT)),
 )
 
 
@@ -428,14 +433,14 @@ def plot_scaling(rows: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = {"gpu": "tab:blue", "default": "tab:orange"}
     for preset in ("gpu", "default"):
-        for label, style in (("baseline (today)", "o--"), (AFTER, "s-"), (AFTER_ASSEMBLED, "^-")):
+        for label, style in (("baseline (today)", "o--"), (AFTER, "s-"), (AFTER_ASSEMBLED, "^-"), (AFTER_WAIT, "D-")):
             rs = sorted((r for r in rows if r["preset"] == preset and r["label"] == label), key=lambda r: r["peers"])
             if not rs:
                 continue
             peers = [r["peers"] for r in rs]
             ax.plot(peers, [r["effective_tokens_per_s"] for r in rs], style, color=colors[preset],
                     label=f"{preset}: {'before' if label.startswith('baseline') else 'after'} ({label})")
-            if label == AFTER_ASSEMBLED:
+            if label == AFTER_WAIT:
                 ideal = [rs[0]["effective_tokens_per_s"] * p / rs[0]["peers"] for p in peers]
                 ax.plot(peers, ideal, ":", color=colors[preset], label=f"{preset}: linear from its 100-peer 'after'")
     ax.set(xscale="log", yscale="log", xlabel="peers (volunteers)", ylabel="effective tokens/s",
@@ -1082,9 +1087,8 @@ def projection_report(args: argparse.Namespace, info: dict) -> dict:
 
 def print_runnable(rows: list[dict]) -> None:
     print("As p2ptrain can run it: the built levers (fill, staged with assembled groups, balanced shares, the "
-          "sampled table), with 1/4 fragments and plain averaging, or with overlap and whole modules (p2ptrain "
-          "cannot combine fragments with overlap; stage_wait acts only with overlap). Same volunteers, seeds "
-          "and columns as the lever table.\n")
+          "sampled table), plain or overlapped, whole modules or 1/4 fragments, averaging.stage_wait (only with "
+          "overlap) off or at its default. Same volunteers, seeds and columns as the lever table.\n")
     print(runnable_table(rows))
     print()
 
