@@ -313,6 +313,8 @@ class SwarmNode:
             self.session.round = max(slot.round for slot in self.slots.values())
             for module_id in got:
                 self.session.adopt_global(module_id)
+            # overlap: what the rebase kept was measured against the state just replaced
+            self._anchors.reset()
             self._update_sync()
         return got
 

@@ -264,13 +264,29 @@ def test_with_fragments_a_round_averages_one_slice_and_the_rest_keeps_its_local_
     assert got_a.bytes_sent == 4 * slot.buffer_numel
 
 
-def test_peers_averaging_fragments_in_turn_agree_and_every_value_moves_within_one_cycle(swarm):
-    # Prepare: 4 fragments, fp16; the two peers share the stem and L0.M0
-    config = swarm_config("fragment-cycle", levels=(1, 2))
+def open_fragment_pair(swarm, run_id: str, overlap: bool):
+    """Two peers on a [1, 2] grid (they share the stem and L0.M0) averaging 4 fragments, fp16;
+    (a, b, each module's starting globals laid end to end)."""
+    config = swarm_config(run_id, levels=(1, 2), overlap=overlap)
     config.averaging.fragments = 4
     a = swarm.open(config, "0,0")
     b = swarm.open(config, "0,1", initial_peers=a.maddrs)
     start = {m: torch.cat([p.reshape(-1) for p in s.outer.global_params]).clone() for m, s in a.node.slots.items()}
+    return a, b, start
+
+
+def assert_agree_and_every_fragment_moved(a, b, start: dict) -> None:
+    for module_id in ("stem", "L0.M0"):
+        assert copies_agree([a, b], module_id), f"{module_id} differs between peers"
+        x = torch.cat([p.reshape(-1) for p in a.slots[module_id].outer.global_params])
+        for round_ in range(4):
+            lo, hi = a.slots[module_id].fragment(round_)
+            assert (x[lo:hi] - start[module_id][lo:hi]).abs().max().item() > 0, f"{module_id} {lo}:{hi} never moved"
+
+
+def test_peers_averaging_fragments_in_turn_agree_and_every_value_moves_within_one_cycle(swarm):
+    # Prepare: 4 fragments, fp16; the two peers share the stem and L0.M0
+    a, b, start = open_fragment_pair(swarm, "fragment-cycle", overlap=False)
 
     # Execute: 4 rounds, one per fragment
     in_parallel(lambda: a.node.run(max_rounds=4), lambda: b.node.run(max_rounds=4))
@@ -280,15 +296,7 @@ def test_peers_averaging_fragments_in_turn_agree_and_every_value_moves_within_on
     for node in (a.node, b.node):
         assert all(len(r.modules[m].group) == 2 for r in node.history for m in ("stem", "L0.M0"))
         assert not node.state_downloads
-    for module_id in ("stem", "L0.M0"):
-        x = torch.cat([p.reshape(-1) for p in a.node.slots[module_id].outer.global_params])
-        y = torch.cat([p.reshape(-1) for p in b.node.slots[module_id].outer.global_params])
-        slot = a.node.slots[module_id]
-        for round_ in range(4):
-            lo, hi = slot.fragment(round_)
-            moved = (x[lo:hi] - start[module_id][lo:hi]).abs().max().item()
-            assert moved > 0, f"{module_id} fragment {lo}:{hi} never moved"
-        assert copies_agree([a.node, b.node], module_id), f"{module_id} differs between peers"
+    assert_agree_and_every_fragment_moved(a.node, b.node, start)
     sent = [r.modules["L0.M0"].bytes_sent for r in a.node.history]
     assert all(0 < s <= 2 * 2 * a.node.slots["L0.M0"].buffer_numel for s in sent)  # fp16: 2 B a value, both ways
 
@@ -296,11 +304,7 @@ def test_peers_averaging_fragments_in_turn_agree_and_every_value_moves_within_on
 def test_overlapped_fragments_land_one_round_late_and_peers_agree_with_every_value_moved(swarm):
     # Prepare: 4 fragments with overlap (each slice's average lands while the next round
     # trains, Streaming DiLoCo's overlapped fragments); the two peers share the stem and L0.M0
-    config = swarm_config("overlap-fragments", levels=(1, 2), overlap=True)
-    config.averaging.fragments = 4
-    a = swarm.open(config, "0,0")
-    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
-    start = {m: torch.cat([p.reshape(-1) for p in s.outer.global_params]).clone() for m, s in a.node.slots.items()}
+    a, b, start = open_fragment_pair(swarm, "overlap-fragments", overlap=True)
 
     # Execute: 5 rounds (the last one's average lands when run() stops)
     in_parallel(lambda: a.node.run(max_rounds=5), lambda: b.node.run(max_rounds=5))
@@ -319,37 +323,50 @@ def test_overlapped_fragments_land_one_round_late_and_peers_agree_with_every_val
             local = node.session.local_state(module_id)
             for name, g in zip(node.slots[module_id].outer.names, node.slots[module_id].outer.global_params):
                 torch.testing.assert_close(local[name].detach().float().cpu(), g, rtol=0, atol=0)
-    for module_id in ("stem", "L0.M0"):
-        assert copies_agree([a.node, b.node], module_id), f"{module_id} differs between peers"
-        x = torch.cat([p.reshape(-1) for p in a.node.slots[module_id].outer.global_params])
-        for round_ in range(4):
-            lo, hi = a.node.slots[module_id].fragment(round_)
-            assert (x[lo:hi] - start[module_id][lo:hi]).abs().max().item() > 0, f"{module_id} {lo}:{hi} never moved"
+    assert_agree_and_every_fragment_moved(a.node, b.node, start)
+
+
+SHARED = "L0.M0"  # the module the four holders of a [1, 4] grid with private stems share
+
+
+class FourStagedHolders:
+    """Four holders of L0.M0 in groups of at most 2, so that they average in two stages, each
+    after 2 inner steps, about to send 100 / 150 / 250 / 350 tokens' worth (a round's cap is 384)."""
+
+    tokens = [100, 150, 250, 350]
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+        self.start = [p.clone() for p in nodes[0].slots[SHARED].outer.global_params]
+        for node in nodes:
+            node.session.inner_steps(2)
+        self.locals = [[p.clone() for p in node.session.local_state(SHARED).values()] for node in nodes]
+
+    def assert_exact_mean(self) -> None:
+        """Every holder ends with one Nesterov step on the token-weighted mean of all four."""
+        for index, (g, *ls) in enumerate(zip(self.start, *self.locals)):
+            mean = sum(t * (g - l) for t, l in zip(self.tokens, ls)) / sum(self.tokens)
+            expected = g - 0.7 * 1.9 * mean
+            for node in self.nodes:
+                torch.testing.assert_close(node.slots[SHARED].outer.global_params[index], expected, rtol=0, atol=1e-6)
+
+
+def four_staged_holders(swarm, config) -> FourStagedHolders:
+    config.averaging.target_group_size = 2
+    return FourStagedHolders(swarm.open_all(config, ["0,0", "0,1", "0,2", "0,3"]))
 
 
 def test_more_holders_than_one_group_holds_average_in_two_stages_to_the_exact_mean(swarm):
     # Prepare: 4 holders of L0.M0 (grid [1, 4], private stems) but groups of at most 2:
     # stage 1 pairs them, stage 2 pairs the members at the same index of the two pairs
-    config = swarm_config("staged", levels=(1, 4), stem="per_path", compression="none")
-    config.averaging.target_group_size = 2
-    nodes = swarm.open_all(config, ["0,0", "0,1", "0,2", "0,3"])
-    shared = "L0.M0"
-    start = [p.clone() for p in nodes[0].slots[shared].outer.global_params]
-    for node in nodes:
-        node.session.inner_steps(2)
-    locals_ = [[p.clone() for p in node.session.local_state(shared).values()] for node in nodes]
-    tokens = [100, 150, 250, 350]  # a round's cap is 384
+    held = four_staged_holders(swarm, swarm_config("staged", levels=(1, 4), stem="per_path", compression="none"))
+    nodes, shared = held.nodes, SHARED
 
     # Execute
-    reports = in_parallel(*[lambda n=n, t=t: n.outer_step(1, tokens=t) for n, t in zip(nodes, tokens)])
+    reports = in_parallel(*[lambda n=n, t=t: n.outer_step(1, tokens=t) for n, t in zip(nodes, held.tokens)])
 
     # Assert: each holder ends with one Nesterov step on the token-weighted mean of all four
-    for g, *ls in zip(start, *locals_):
-        mean = sum(t * (g - l) for t, l in zip(tokens, ls)) / sum(tokens)
-        expected = g - 0.7 * 1.9 * mean
-        index = [p.data_ptr() for p in start].index(g.data_ptr())
-        for node in nodes:
-            torch.testing.assert_close(node.slots[shared].outer.global_params[index], expected, rtol=0, atol=1e-6)
+    held.assert_exact_mean()
     for report in reports:
         module = report[shared]
         assert module.stage_groups == [2, 2] and module.outcome == "ok"
@@ -365,15 +382,9 @@ def test_a_second_stage_waits_for_holders_whose_first_stage_ended_late(swarm, st
     # (where the wait would stall training), it searches 3 matchmaking windows (12 s)
     config = swarm_config("stage-wait", levels=(1, 4), stem="per_path", compression="none", round_seconds=200.0,
                           overlap=overlap)
-    config.averaging.target_group_size = 2
     config.averaging.stage_wait = stage_wait
-    nodes = swarm.open_all(config, ["0,0", "0,1", "0,2", "0,3"])
-    shared = "L0.M0"
-    start = [p.clone() for p in nodes[0].slots[shared].outer.global_params]
-    for node in nodes:
-        node.session.inner_steps(2)
-    locals_ = [[p.clone() for p in node.session.local_state(shared).values()] for node in nodes]
-    tokens = [100, 150, 250, 350]
+    held = four_staged_holders(swarm, config)
+    nodes, shared = held.nodes, SHARED
     round_ = nodes[0].schedule.current_round()
 
     def step(node, t, delay):
@@ -382,7 +393,7 @@ def test_a_second_stage_waits_for_holders_whose_first_stage_ended_late(swarm, st
 
     # Execute
     reports = in_parallel(*[lambda n=n, t=t, d=d: step(n, t, d)
-                            for n, t, d in zip(nodes, tokens, [0.0, 0.0, 24.0, 24.0])])
+                            for n, t, d in zip(nodes, held.tokens, [0.0, 0.0, 24.0, 24.0])])
 
     # Assert: waiting, the late pair still meets the early one in the second stage and every
     # holder ends with one Nesterov step on the token-weighted mean of all four; searching
@@ -392,12 +403,7 @@ def test_a_second_stage_waits_for_holders_whose_first_stage_ended_late(swarm, st
     finals = [torch.cat([p.reshape(-1) for p in n.slots[shared].outer.global_params]) for n in nodes]
     if meets:
         assert stage_groups == [[2, 2]] * 4
-        for g, *ls in zip(start, *locals_):
-            mean = sum(t * (g - l) for t, l in zip(tokens, ls)) / sum(tokens)
-            expected = g - 0.7 * 1.9 * mean
-            index = [p.data_ptr() for p in start].index(g.data_ptr())
-            for node in nodes:
-                torch.testing.assert_close(node.slots[shared].outer.global_params[index], expected, rtol=0, atol=1e-6)
+        held.assert_exact_mean()
     else:
         assert stage_groups == [[2, 1]] * 4
         assert (finals[0] - finals[1]).abs().max().item() < 1e-6

@@ -55,13 +55,17 @@ def land(slot: SlotView, start: int, end: int, update: torch.Tensor) -> None:
             offset += g.numel()
 
 
+def session_and_slots(run_state, docs, tmp_path, path: tuple[int, int], seed: int):
+    """A real PathSession on `path`, its modules' slot views, a seeded generator and a fresh rebase."""
+    session = PathSession(run_state, path, docs, torch.device("cpu"), tmp_path)
+    slots = {m: SlotView(session.outer[m], threading.Lock()) for m in session.module_ids}
+    return session, slots, torch.Generator().manual_seed(seed), FragmentRebase()
+
+
 def test_a_landed_slice_becomes_the_new_globals_plus_the_progress_made_since_it_went_out(
         tiny_run_state, stdlib_docs, tmp_path):
     # Prepare: a path's session; rounds 1 and 2 of 4 fragments send out slices 1 and 2
-    session = PathSession(tiny_run_state, (0, 0), stdlib_docs, torch.device("cpu"), tmp_path)
-    slots = {m: SlotView(session.outer[m], threading.Lock()) for m in session.module_ids}
-    gen = torch.Generator().manual_seed(0)
-    rebase = FragmentRebase()
+    session, slots, gen, rebase = session_and_slots(tiny_run_state, stdlib_docs, tmp_path, (0, 0), seed=0)
     train(session, gen)
     deltas_1 = rebase.progress(slots, session, 1)
     rebase.rebase(slots, session, deltas_1, landed={})  # nothing in flight before round 1
@@ -98,10 +102,7 @@ def test_a_lone_holder_whose_average_is_its_own_progress_keeps_its_model_unchang
         tiny_run_state, stdlib_docs, tmp_path):
     # Prepare: the average of a group of one is its own pseudo-gradient; with outer lr 1 and
     # no momentum the slice's globals become the local values that went out
-    session = PathSession(tiny_run_state, (1, 1), stdlib_docs, torch.device("cpu"), tmp_path)
-    slots = {m: SlotView(session.outer[m], threading.Lock()) for m in session.module_ids}
-    gen = torch.Generator().manual_seed(1)
-    rebase = FragmentRebase()
+    session, slots, gen, rebase = session_and_slots(tiny_run_state, stdlib_docs, tmp_path, (1, 1), seed=1)
 
     # Execute: 6 rounds, each landing the previous round's slice as G ← G − D
     for round_ in range(1, 7):
@@ -119,10 +120,7 @@ def test_a_lone_holder_whose_average_is_its_own_progress_keeps_its_model_unchang
 
 def test_a_module_whose_state_was_replaced_starts_again_from_its_globals(tiny_run_state, stdlib_docs, tmp_path):
     # Prepare: a slice in flight, then the landed round re-synced the module from the majority
-    session = PathSession(tiny_run_state, (0, 1), stdlib_docs, torch.device("cpu"), tmp_path)
-    slots = {m: SlotView(session.outer[m], threading.Lock()) for m in session.module_ids}
-    gen = torch.Generator().manual_seed(2)
-    rebase = FragmentRebase()
+    session, slots, gen, rebase = session_and_slots(tiny_run_state, stdlib_docs, tmp_path, (0, 1), seed=2)
     train(session, gen)
     rebase.rebase(slots, session, rebase.progress(slots, session, 1), landed={})
     train(session, gen)
