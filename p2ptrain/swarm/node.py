@@ -652,9 +652,9 @@ class SwarmNode:
                          index: int = 0, weight_rounds: int = 1, required: Optional[set[str]] = None,
                          wait: Optional[float] = None) -> tuple:
         """Start one stage of a module's all-reduce in its averager's process; (control, asked at,
-        wait). required: the holders whose arrival assembles the group (default: group_size
-        peers do). wait: a group we lead that is not full starts this many seconds from now
-        (default: one matchmaking window), and the search lasts a window longer."""
+        search seconds). required: the holders whose arrival assembles the group (default:
+        group_size peers do). wait: a group we lead that is not full starts this many seconds
+        from now (default: one matchmaking window), and the search lasts a window longer."""
         slot = self.slots[module_id]
         slot.averager.set_target_group_size(group_size, required)
         # the round (and stage) is part of the group key: a node late for round r never lands in

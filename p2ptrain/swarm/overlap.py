@@ -138,4 +138,3 @@ class FragmentRebase:
 
     def reset(self) -> None:
         self.in_flight, self._next = {}, {}
-

@@ -112,4 +112,3 @@ def stage_wait_seconds(window: float, round_seconds: float, fraction: float, roo
     if room is None:
         return wait
     return max(window, min(wait, room - leader_answer_seconds(window) - window))
-
