@@ -25,6 +25,11 @@ init, router and data order):
   rounds older than its last local progress), and, for reference, the workers' own
   weights (their local progress outside the last round's fragment).
 
+With overlap (averaging.overlap: each slice's average lands one round late while the next
+round trains; overlap.FragmentRebase, SimulatedSwarm(overlap=True)): the same N > 1 again,
+against the same plain N = 1 baseline; the last round's average lands at the end, as when
+run() stops.
+
 Run: python benchmarks/bench_fragments.py [--quick] [--seeds 1 2] [--fragments 1 2 4] [--rounds R] [--H H]
 """
 
@@ -91,38 +96,39 @@ def main() -> None:
           "SimulatedSwarm(fragments=N), the node's code path")
     print(f"- reported: TEST half of the held-out documents (nothing is tuned); seeds {seeds} "
           f"(run.seed: init, router, data order); corpus: {len(docs)} documents")
-    jobs = [(p, seed, setup, n) for setup in SETUPS for n in ns for seed in seeds]
+    variants = [(n, False) for n in ns] + [(n, True) for n in ns if n > 1]
+    jobs = [(p, seed, setup, n, overlap) for setup in SETUPS for n, overlap in variants for seed in seeds]
     print(f"- {len(jobs)} training runs in {min(args.jobs, len(jobs))} parallel processes\n", flush=True)
     outputs = run_jobs(train_and_score, jobs, args.jobs,
                        on_done=lambda job, out: print(
-                           f"({job[2]}, N = {job[3]}, seed {job[1]}: test {out['loss']['test']:.4f}, own weights "
-                           f"{out['own_loss']['test']:.4f}, done at {time.perf_counter() - t_start:.0f} s)",
-                           flush=True))
-    by_job = {(setup, n, seed): out for (_, seed, setup, n), out in zip(jobs, outputs)}
+                           f"({job[2]}, N = {job[3]}{' overlapped' if job[4] else ''}, seed {job[1]}: test "
+                           f"{out['loss']['test']:.4f}, own weights {out['own_loss']['test']:.4f}, done at "
+                           f"{time.perf_counter() - t_start:.0f} s)", flush=True))
+    by_job = {(setup, n, overlap, seed): out for (_, seed, setup, n, overlap), out in zip(jobs, outputs)}
 
     # ------------------------------------------------------------------ report
     rows, results = [], []
     for setup in SETUPS:
-        base = [by_job[(setup, 1, s)]["loss"]["test"] for s in seeds]
-        numels = by_job[(setup, 1, seeds[0])]["modules"]
-        for n in ns:
-            test = [by_job[(setup, n, s)]["loss"]["test"] for s in seeds]
-            own = [by_job[(setup, n, s)]["own_loss"]["test"] for s in seeds]
+        base = [by_job[(setup, 1, False, s)]["loss"]["test"] for s in seeds]
+        numels = by_job[(setup, 1, False, seeds[0])]["modules"]
+        for n, overlap in variants:
+            test = [by_job[(setup, n, overlap, s)]["loss"]["test"] for s in seeds]
+            own = [by_job[(setup, n, overlap, s)]["own_loss"]["test"] for s in seeds]
             ratios = [a / b for a, b in zip(test, base)]
             ppl_ratios = [math.exp(a - b) for a, b in zip(test, base)]
-            held = by_job[(setup, 1, seeds[0])]["worker_modules"]  # the same for every worker
+            held = by_job[(setup, 1, False, seeds[0])]["worker_modules"]  # the same for every worker
             per_round = sum(buffer_numel(numels[m]["numel"], n) for m in held)
             total = sum(numels[m]["numel"] for m in held)
-            results.append({"setup": setup, "fragments": n, "test": test, "own_test": own, "ratios": ratios,
-                            "ppl_ratios": ppl_ratios, "mean_test": mean(test), "mean_ratio": mean(ratios),
-                            "mean_ppl_ratio": mean(ppl_ratios), "values_per_round": per_round,
-                            "byte_fraction": per_round / total})
-            rows.append((setup, n, f"{per_round:,} ({per_round / total:.3f})",
+            results.append({"setup": setup, "fragments": n, "overlap": overlap, "test": test, "own_test": own,
+                            "ratios": ratios, "ppl_ratios": ppl_ratios, "mean_test": mean(test),
+                            "mean_ratio": mean(ratios), "mean_ppl_ratio": mean(ppl_ratios),
+                            "values_per_round": per_round, "byte_fraction": per_round / total})
+            rows.append((setup, f"{n}{', overlapped' if overlap else ''}", f"{per_round:,} ({per_round / total:.3f})",
                          " / ".join(fmt(x) for x in test), f"**{fmt(mean(test))}**", fmt(math.exp(mean(test)), 3),
                          " / ".join(fmt(x, 3) for x in ratios), f"**{fmt(mean(ratios), 3)}**",
                          fmt(mean(ppl_ratios), 3), fmt(mean(own))))
     seed_list = ", ".join(str(s) for s in seeds)
-    first = {setup: by_job[(setup, 1, seeds[0])] for setup in SETUPS}
+    first = {setup: by_job[(setup, 1, False, seeds[0])] for setup in SETUPS}
     print(f"\n- one path: {first['DiPaCo']['path_params']:,} parameters (d_model {p['d_model']}, context "
           f"{p['context']}); TEST tokens scored (seed {seeds[0]}): "
           + ", ".join(f"{setup} {out['heldout_tokens']['test']:,}" for setup, out in first.items()))
@@ -141,7 +147,7 @@ def main() -> None:
     print(f"\n### All-reduce size per round, per module ({rounds} rounds; every worker, every round)\n")
     module_rows = []
     for setup in SETUPS:
-        for module_id, m in by_job[(setup, 1, seeds[0])]["modules"].items():
+        for module_id, m in by_job[(setup, 1, False, seeds[0])]["modules"].items():
             module_rows.append((setup, module_id, m["holders"], f"{m['numel']:,}",
                                 *[f"{buffer_numel(m['numel'], n):,} ({buffer_numel(m['numel'], n) / m['numel']:.3f})"
                                   for n in ns]))
@@ -152,22 +158,23 @@ def main() -> None:
 
     print()
     for setup in SETUPS:
-        line = ", ".join(f"N = {r['fragments']}: {r['mean_ratio']:.3f} (per seed "
+        line = ", ".join(f"N = {r['fragments']}{' overlapped' if r['overlap'] else ''}: {r['mean_ratio']:.3f} (per seed "
                          f"{' / '.join(f'{x:.3f}' for x in r['ratios'])}) for {r['byte_fraction']:.2f} of the bytes"
                          for r in results if r["setup"] == setup and r["fragments"] != 1)
         print(f"Result, {setup}: TEST loss vs N = 1, equal tokens and rounds, outer step not retuned: {line}.")
 
     # ------------------------------------------------------------------ files
-    xs = by_job[(next(iter(SETUPS)), 1, seeds[0])]["curve"][0]
-    png = plot_curves(NAME, {f"{setup}, N = {n}": (xs, [mean([by_job[(setup, n, s)]["curve"][1][i] for s in seeds])
-                                                      for i in range(len(xs))])
-                             for setup in SETUPS for n in ns},
+    xs = by_job[(next(iter(SETUPS)), 1, False, seeds[0])]["curve"][0]
+    png = plot_curves(NAME, {f"{setup}, N = {n}{' overlapped' if o else ''}":
+                             (xs, [mean([by_job[(setup, n, o, s)]["curve"][1][i] for s in seeds]) for i in range(len(xs))])
+                             for setup in SETUPS for n, o in variants},
                       "inner steps per worker", "TEST loss, global weights (a subset; nats/byte-token)",
                       f"fragments: mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
     out = write_json(NAME, {
         "machine": info, "params": p, "K": K, "setups": SETUPS, "seeds": seeds,
         "outer": {"lr": cfg.outer.lr, "momentum": cfg.outer.momentum}, "results": results,
-        "runs": [{"setup": setup, "fragments": n, "seed": s, **o} for (setup, n, s), o in by_job.items()],
+        "runs": [{"setup": setup, "fragments": n, "overlap": ov, "seed": s, **o}
+                 for (setup, n, ov, s), o in by_job.items()],
         "elapsed_s": time.perf_counter() - t_start})
     written = " and ".join(str(f.relative_to(REPO)) for f in (out, png) if f)
     print(f"\nwrote {written} in {time.perf_counter() - t_start:.0f} s")
@@ -189,7 +196,7 @@ def model_kwargs(p: dict, levels: list[int]) -> dict:
             "steps_per_round": p["H"], "rounds": p["rounds"]}
 
 
-def train_and_score(p: dict, seed: int, setup: str, fragments: int) -> dict:
+def train_and_score(p: dict, seed: int, setup: str, fragments: int, overlap: bool = False) -> dict:
     """One run: final validation and test losses (global and own weights) and a test curve."""
     docs = load_corpus()
     H, context = p["H"], p["context"]
@@ -197,7 +204,7 @@ def train_and_score(p: dict, seed: int, setup: str, fragments: int) -> dict:
     held = {split: heldout_sequences(state, docs, p["eval_tokens"], split) for split in SPLITS}
     curve_held = heldout_sequences(state, docs, p["curve_tokens"], "test")
     sessions = workers_of(state, docs, K if setup == "DiLoCo" else None)
-    swarm = SimulatedSwarm(sessions, fragments=fragments)
+    swarm = SimulatedSwarm(sessions, fragments=fragments, overlap=overlap)
 
     def own_loss(sequences: dict) -> float:
         """Each path's docs scored by each of its workers' own weights, averaged over them."""

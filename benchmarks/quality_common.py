@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +29,7 @@ from p2ptrain.data.corpus import Document, load_documents
 from p2ptrain.data.tokenizer import load_tokenizer
 from p2ptrain.model.grid import PathIndex
 from p2ptrain.run_state import RunState
+from p2ptrain.swarm.overlap import FragmentRebase
 from p2ptrain.train.evaluate import document_loss, heldout_by_path
 from p2ptrain.train.outer import ModuleOuterState, fragment_bounds
 from p2ptrain.train.session import PathSession
@@ -151,14 +153,22 @@ class SimulatedSwarm:
 
     def __init__(self, sessions: Sequence[PathSession], sharing_scale: Callable[[str], float] | None = None,
                  fragments: int | None = None,
-                 encode: Callable[[PathSession, str, torch.Tensor], torch.Tensor] | None = None):
+                 encode: Callable[[PathSession, str, torch.Tensor], torch.Tensor] | None = None,
+                 overlap: bool = False):
         """fragments: None, the whole-module outer step below; N, the node's averaging.fragments
         code path (SwarmNode.outer_step): round r averages only fragment_bounds(numel, N, r).
         encode: with fragments, what a worker's (session, module id, flat pseudo-gradient
-        slice) reaches the average as, e.g. after a lossy codec's round trip; None: exact."""
+        slice) reaches the average as, e.g. after a lossy codec's round trip; None: exact.
+        overlap: with fragments > 1, the node's overlapped path (overlap.FragmentRebase): round
+        r's slice average lands at round r + 1's end; finish() lands the last one."""
         if encode is not None and fragments is None:
             raise ValueError("encode works on the flat pseudo-gradient: pass fragments (1 for whole modules)")
+        if overlap and not (fragments or 0) > 1:
+            raise ValueError("overlap is simulated for fragments > 1 only (FragmentRebase)")
         self.encode = encode
+        self.overlap = overlap
+        self._rebase = {id(s): FragmentRebase() for s in sessions} if overlap else {}
+        self._in_flight: tuple[int, dict] | None = None  # overlap: (round, each session's weight and deltas)
         self.sessions = list(sessions)
         self.sharing_scale = sharing_scale or (lambda module_id: 1.0)
         self.fragments = fragments
@@ -200,6 +210,8 @@ class SimulatedSwarm:
         """Per module: Δ̄ = Σ tokens_i·Δ_i / Σ tokens_i over its holders, Nesterov step, adopt."""
         weight = {id(s): float(max(t, 1)) for s, t in zip(self.sessions, tokens)}
         self.rounds_done += 1
+        if self.overlap:
+            return self._overlapped_fragment_step(weight, self.rounds_done - 1)
         if self.fragments is not None:
             return self._fragment_outer_step(weight, self.rounds_done - 1)
         for module_id, state in self.globals.items():
@@ -233,6 +245,56 @@ class SimulatedSwarm:
             state.apply_fragment(mean, start, self.sharing_scale(module_id))
             for session in holders:
                 session.adopt_global(module_id, None if self.fragments == 1 else (start, end))
+
+
+    def _slots(self, session: PathSession) -> dict:
+        return {m: _FragmentSlot(self.globals[m], self.fragments) for m in session.module_ids}
+
+    def _overlapped_fragment_step(self, weight: dict[int, float], round_: int) -> None:
+        """As SwarmNode._overlapped_outer_step with fragments: each worker's D = G − local
+        (round_'s slice goes out), round_ − 1's slice average lands, each worker rebases it."""
+        deltas = {id(s): self._rebase[id(s)].progress(self._slots(s), s, round_) for s in self.sessions}
+        self._land()
+        for session in self.sessions:
+            self._rebase[id(session)].rebase(self._slots(session), session, deltas[id(session)], landed={})
+        self._in_flight = (round_, {id(s): (weight[id(s)], deltas[id(s)]) for s in self.sessions})
+
+    def _land(self) -> None:
+        """The slice average in flight: token-weighted mean of its holders' D, the outer step."""
+        if self._in_flight is None:
+            return
+        round_, sent = self._in_flight
+        self._in_flight = None
+        for module_id, state in self.globals.items():
+            holders = self.holders(module_id)
+            total = sum(sent[id(s)][0] for s in holders)
+            start, end = fragment_bounds(sum(p.numel() for p in state.global_params), self.fragments, round_)
+            mean = torch.zeros(end - start)
+            for session in holders:
+                flat = torch.cat([d.reshape(-1) for d in sent[id(session)][1][module_id]])
+                mean.add_(flat[start:end], alpha=sent[id(session)][0] / total)
+            state.apply_fragment(mean, start, self.sharing_scale(module_id))
+
+    def finish(self) -> None:
+        """Overlap: land the last round's average and adopt the globals, as run() does at a stop."""
+        if not self.overlap:
+            return
+        self._land()
+        for session in self.sessions:
+            self._rebase[id(session)].reset()
+            for module_id in session.module_ids:
+                session.adopt_global(module_id)
+
+
+class _FragmentSlot:
+    """What FragmentRebase reads of a node's ModuleSlot: the module's (shared) outer state,
+    a lock and the round's fragment."""
+
+    def __init__(self, outer: ModuleOuterState, fragments: int):
+        self.outer, self.fragments, self.lock = outer, fragments, threading.Lock()
+
+    def fragment(self, round_: int) -> tuple[int, int]:
+        return fragment_bounds(sum(p.numel() for p in self.outer.global_params), self.fragments, round_)
 
 
 def make_session(state: RunState, path: PathIndex, docs: Sequence[Document], data_seed: int = 0) -> PathSession:
@@ -310,6 +372,8 @@ def train_with_curve(swarm: SimulatedSwarm, rounds: int, steps: int, curve_seque
     xs, ys = [], []
     for r in range(rounds):
         swarm.round(steps)
+        if r == rounds - 1:
+            swarm.finish()  # overlap: the last round's average lands at the stop
         xs.append(steps * (r + 1))
         ys.append(routed_loss(swarm.global_models(), curve_sequences, context)[0])
     return xs, ys
