@@ -222,7 +222,7 @@ class Levers:
         wait for members still busy with the previous stage, instead of one matchmaking
         window: a group late for its stage (a slow link, a member that vanished) then still
         meets the others, instead of averaging alone and re-syncing. p2ptrain:
-        averaging.stage_wait (0.2 by default; before 2026-12-06 one window).
+        averaging.stage_wait (0.2 by default, with overlap only; before 2026-12-06 one window).
     wire_bytes_per_value: the codec's bytes per value instead of the workload's (e.g.
         NF4_BYTES_PER_VALUE, 4-bit with error feedback). Bytes and time only: the copies'
         agreement keeps the workload's sync tolerance, and the codec's effect on loss is
