@@ -165,17 +165,26 @@ def fitted_round_seconds(work: Workload, vol: Volunteers) -> float:
     return float(math.ceil(2 * work.steps_per_round * vol.step_s / 10) * 10)
 
 
+def preset_inputs(preset: str, calibration: dict, overlap: bool = False, fit_round: bool = True):
+    """The simulator's inputs for a preset: (work, volunteers, overheads, config); with
+    fit_round, T the larger of the preset's round_seconds and 2 × H × the median step."""
+    config = RunConfig.load(preset)
+    config.averaging.overlap = overlap
+    work = workload(config, preset)
+    vol = preset_volunteers(config, work, calibration, preset)
+    over = volunteer_overheads(calibration, work)
+    if fit_round:
+        work = dataclasses.replace(work, round_seconds=max(work.round_seconds, fitted_round_seconds(work, vol)))
+    return work, vol, over, config
+
+
 def project(sizes: tuple[int, ...], rounds: float, calibration: dict) -> list[dict]:
     """The aligned model for both presets, plain and overlap; for a preset whose round
     length is the config default, also at fitted_round_seconds."""
     rows = []
     for preset in ("default", "gpu"):
         for overlap in (False, True):
-            config = RunConfig.load(preset)
-            config.averaging.overlap = overlap
-            work = workload(config, preset)
-            vol = preset_volunteers(config, work, calibration, preset)
-            over = volunteer_overheads(calibration, work)
+            work, vol, over, _ = preset_inputs(preset, calibration, overlap, fit_round=False)
             variants = [(work, "preset")]
             fitted = fitted_round_seconds(work, vol)
             if fitted > work.round_seconds:  # the preset's rounds cannot hold its H steps
@@ -199,10 +208,7 @@ def compare_models(sizes: tuple[int, ...], rounds: float, calibration: dict) -> 
     assumed before issue 10, and at random phases) next to the aligned rule, same volunteers."""
     rows = []
     for preset in ("default", "gpu"):
-        config = RunConfig.load(preset)
-        work = workload(config, preset)
-        vol = preset_volunteers(config, work, calibration, preset)
-        over = volunteer_overheads(calibration, work)
+        work, vol, over, _ = preset_inputs(preset, calibration, fit_round=False)
         fitted = dataclasses.replace(work, round_seconds=max(work.round_seconds, fitted_round_seconds(work, vol)))
         for n in sizes:
             for label, kwargs, w in (("steps, in phase", dict(model="steps", random_phase=False), work),
@@ -295,18 +301,6 @@ def seeded_rows(work: Workload, vol: Volunteers, over: Overheads, sets, sizes: t
     return rows
 
 
-def preset_inputs(preset: str, calibration: dict, overlap: bool):
-    """The simulator's inputs for a preset: (work, volunteers, overheads, config), T the larger
-    of the preset's round_seconds and 2 × H × the median step."""
-    config = RunConfig.load(preset)
-    config.averaging.overlap = overlap
-    work = workload(config, preset)
-    vol = preset_volunteers(config, work, calibration, preset)
-    over = volunteer_overheads(calibration, work)
-    work = dataclasses.replace(work, round_seconds=max(work.round_seconds, fitted_round_seconds(work, vol)))
-    return work, vol, over, config
-
-
 def lever_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick: bool) -> list[dict]:
     """Every lever set, overlap averaging, both presets (seeded_rows)."""
     rows = []
@@ -362,11 +356,7 @@ def round_length_study(rounds: float, calibration: dict, sizes: tuple[int, int] 
     sets it when links are declared, which the balanced lever needs); once more at the
     shortest T with the timeout of undeclared links (averaging_timeout / 6): how much of
     the 10,000-peer figure depends on T, and on what a crash costs a group."""
-    config = RunConfig.load("default")
-    config.averaging.overlap = True
-    work = workload(config, "default")
-    vol = preset_volunteers(config, work, calibration, "default")
-    over = volunteer_overheads(calibration, work)
+    work, vol, over, _ = preset_inputs("default", calibration, overlap=True, fit_round=False)
     levers = dict(LEVER_SETS)[AFTER_ASSEMBLED]
     rows = []
     cases = [(T, crashes, None) for T in ROUND_LENGTHS for crashes in (True, False)]
