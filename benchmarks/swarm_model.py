@@ -348,6 +348,25 @@ def assembled_rows(n: int, stages: int = 2) -> tuple[np.ndarray, list[np.ndarray
     return owner, keys[:stages], [expect[i % 2] for i in range(stages)]
 
 
+def window_groups(t: np.ndarray, window: float, target: int, cap: int, lone_wait: float
+                  ) -> tuple[np.ndarray, list[float]]:
+    """Groups as hivemind's matchmaking assembles them from ready times `t` (sorted): the first
+    ready opens a window, those ready within it join (at most `cap`); a group holding `target`
+    starts at its last arrival, a smaller one when its window closes, a lone one after
+    `lone_wait` (its search, in vain: it goes on alone). Each row's group (0, 1, …) and each
+    group's start."""
+    group = np.empty(len(t), int)
+    starts: list[float] = []
+    i = 0
+    while i < len(t):
+        k = min(int(np.searchsorted(t, t[i] + window, side="right")), i + cap)
+        size = k - i
+        group[i:k] = len(starts)
+        starts.append(t[k - 1] if size >= target else t[i] + (lone_wait if size == 1 else window))
+        i = k
+    return group, starts
+
+
 def grid_keys(coords: np.ndarray, dims: int) -> list[np.ndarray]:
     """Per stage s: the group key of each holder, its coordinates with the s-th left out."""
     n, d = coords.shape
@@ -871,21 +890,7 @@ class AlignedSwarm:
         n = len(members)
         expected = n + ghosts
         target = min(expected, tgs)
-        group_of = np.empty(n, int)
-        starts = []
-        i = 0
-        while i < n:
-            k = min(int(np.searchsorted(t, t[i] + mm, side="right")), i + tgs)
-            size = k - i
-            if size >= target:
-                start = t[k - 1]
-            elif size == 1:
-                start = t[i] + 3 * mm
-            else:
-                start = t[i] + mm
-            group_of[i:k] = len(starts)
-            starts.append(start)
-            i = k
+        group_of, starts = window_groups(t, mm, target, tgs, lone_wait=3 * mm)
         n_groups = len(starts)
         start = np.array(starts)
         sizes = np.bincount(group_of, minlength=n_groups)
@@ -974,18 +979,13 @@ class AlignedSwarm:
             starts = []
             window = mm if s == 0 or lev.stage_window_rounds is None else max(mm, lev.stage_window_rounds * self.T)
             bounds = np.flatnonzero(np.diff(key[order])) + 1
+            # a lone row searched max(3 windows, the wait and one window) in vain: it goes on alone
+            lone_wait = max(3 * mm, window + mm if window > mm else 0.0)
             for block in np.split(order, bounds):
-                tb = t[block]
                 target = int(expected_size[s][block].max())
-                i = 0
-                while i < len(block):
-                    k = min(int(np.searchsorted(tb, tb[i] + window, side="right")), i + max(target, 1))
-                    size = k - i
-                    gid[block[i:k]] = len(starts)
-                    # a lone row searched max(3 windows, the wait and one window) in vain: it goes on alone
-                    starts.append(tb[k - 1] if size >= target else tb[i] + (max(3 * mm, window + mm if window > mm
-                                                                                else 0.0) if size == 1 else window))
-                    i = k
+                block_group, block_starts = window_groups(t[block], window, target, max(target, 1), lone_wait)
+                gid[block] = len(starts) + block_group
+                starts += block_starts
             start = np.array(starts)
             gi = gid[alive]
             ng = len(starts)
