@@ -22,7 +22,8 @@ its turn (FragmentRebase). At the end of round k:
 
 so a slice's local values always equal its latest agreed global plus its progress not yet
 averaged. A module whose landed round replaced its whole state (a re-sync from the majority,
-a tie healed) starts again from it, as in plain averaging.
+a tie healed) starts again from it, as in plain averaging, and the slice then going out
+lands on that state (it was cut from the replaced one).
 
 Shared state: the background thread owns the module globals (under each slot's lock)
 from `start` until `finish` returns; the driver touches them only after `finish`. An
@@ -127,10 +128,19 @@ class FragmentRebase:
         slice is the one in flight."""
         for module_id, (start, end, kept, delta) in self.in_flight.items():
             result = (landed or {}).get(module_id)
+            slot = slots[module_id]
             if result is not None and (result.resynced_from or result.healed_with):
                 session.adopt_global(module_id)
+                # the slice going out now was cut from the replaced copy: when it lands, the
+                # model is the new globals plus the progress made since this re-sync, so it is
+                # rebased from the replaced state with no progress of its own (what it sent
+                # still counts in the others' average)
+                if module_id in self._next:
+                    s, e, _kept, delta = self._next[module_id]
+                    with slot.lock:
+                        now = _flat(slot.outer.global_params)[s:e].clone()
+                    self._next[module_id] = (s, e, now, torch.zeros_like(delta))
                 continue
-            slot = slots[module_id]
             with slot.lock:
                 now = _flat(slot.outer.global_params)[start:end]
             session.shift_local(module_id, start, now - kept + delta)

@@ -132,3 +132,33 @@ def test_a_module_whose_state_was_replaced_starts_again_from_its_globals(tiny_ru
 
     # Assert: as in plain averaging, the re-synced module continues from the agreed state
     torch.testing.assert_close(local_flat(session, module), flat(slots[module].outer.global_params), rtol=0, atol=0)
+
+
+def test_the_slice_that_went_out_before_a_re_sync_lands_on_the_re_synced_state(
+        tiny_run_state, stdlib_docs, tmp_path):
+    # Prepare: slice 1 in flight; round 2's slice goes out, cut from this copy; then round 1's
+    # landing re-syncs the module from the majority, whose state is far from this copy's
+    session, slots, gen, rebase = session_and_slots(tiny_run_state, stdlib_docs, tmp_path, (1, 0), seed=3)
+    train(session, gen)
+    rebase.rebase(slots, session, rebase.progress(slots, session, 1), landed={})
+    train(session, gen)
+    deltas = rebase.progress(slots, session, 2)
+    module = next(iter(slots))
+    slot = slots[module]
+    numel = flat(slot.outer.global_params).numel()
+    land(slot, 0, numel, torch.full((numel,), 5.0))  # the majority's state replaces this copy's
+    rebase.rebase(slots, session, deltas, landed={module: ModuleRound(resynced_from="12D3KooWmajority")})
+    resynced = local_flat(session, module)
+    train(session, gen)  # round 3's progress, on the re-synced state
+    progress_since = local_flat(session, module) - resynced
+
+    # Execute: round 2's slice lands (its globals move by a chosen update), then the rebase
+    start, end = slot.fragment(2)
+    land(slot, start, end, torch.linspace(-1.0, 1.0, end - start))
+    rebase.rebase(slots, session, rebase.progress(slots, session, 3), landed={module: ModuleRound()})
+
+    # Assert: that slice is the new globals plus the progress made since the re-sync; neither
+    # the re-sync's jump nor the progress the re-sync dropped comes back into the model
+    g = flat(slot.outer.global_params)
+    after = local_flat(session, module)
+    torch.testing.assert_close(after[start:end], g[start:end] + progress_since[start:end], rtol=0, atol=1e-5)
