@@ -2,8 +2,9 @@
 hold (Moshpit SGD's grid, with groups as matchmaking assembles them).
 
 Stage 1: every holder meets under the round's stage-1 key; matchmaking assembles groups
-of about ⌈n / ⌈√n⌉⌉ (⌈√n⌉ groups, so both stages' groups grow as √n: the simulator's
-"assembled" coordinates), each averages, token-weighted.
+of about √n (about √n groups, so both stages' groups grow as √n: the simulator's
+"assembled" coordinates; plan_stages picks the shape that leaves the fewest columns short),
+each averages, token-weighted.
 Stage 2: the member at index i of its stage-1 group (group sorted by peer id) meets the
 members at index i of the other groups, under a key that names i, and they average their
 groups' means weighted by each group's total tokens. When every stage-1 group has a
@@ -33,11 +34,32 @@ class StagePlan:
 
 
 def plan_stages(holders: int, target_group_size: int, staged: bool) -> StagePlan:
-    """The stages for a module with `holders` live holders (this node included)."""
+    """The stages for a module with `holders` live holders (this node included): about √n
+    groups of about √n, each stage's groups within max(target_group_size, ⌈√n⌉) and at most
+    twice ⌈√n⌉ (a bigger group waits on its slowest member, and among many holders a short
+    column's mean stays within the sync tolerance anyway); of those shapes, the one whose
+    grid leaves the fewest copies off the majority (columns_off), then the smallest groups,
+    then the fewer stage-1 groups. 8 holders: 2 groups of 4, not 3, 3 and 2."""
     if not staged or holders <= target_group_size:
         return StagePlan(1, max(2, min(holders, target_group_size)))
-    groups = math.ceil(math.sqrt(holders))
-    return StagePlan(2, math.ceil(holders / groups), groups)
+    balanced = math.ceil(math.sqrt(holders))
+    cap = min(max(target_group_size, balanced), 2 * balanced)
+    # (stage-1 size, the groups matchmaking fills with it); ⌈n / ⌈√n⌉⌉ is always among them
+    shapes = [(first, math.ceil(holders / first)) for first in range(2, cap + 1)]
+    first, groups = min(((f, g) for f, g in shapes if 2 <= g <= cap),
+                        key=lambda fg: (columns_off(holders, fg[0]), max(fg), fg[1]))
+    return StagePlan(2, first, groups)
+
+
+def columns_off(holders: int, first_size: int) -> int:
+    """Holders that end a round off the majority's copy when matchmaking fills stage-1 groups
+    of first_size in turn and the last is short by some members: the columns it lacks
+    average the other groups' means only, the rest every group's, so the smaller of the two
+    sets re-syncs."""
+    full, short = divmod(holders, first_size)
+    if not short:
+        return 0
+    return min(short * (full + 1), (first_size - short) * full)
 
 
 def stage_two_weight_rounds(plan: StagePlan, target_group_size: int) -> int:

@@ -21,7 +21,8 @@ from p2ptrain.swarm.membership import least_covered_path, module_coverage
 from p2ptrain.swarm.events import averaging_fields
 from p2ptrain.swarm.node import ModuleRound, StepDeadline, max_known
 from p2ptrain.swarm.schedule import RoundSchedule
-from p2ptrain.swarm.staging import StagePlan, plan_stages, stage_group_bits, stage_two_weight_rounds
+from p2ptrain.swarm.staging import (StagePlan, columns_off, plan_stages, stage_group_bits,
+                                    stage_two_weight_rounds)
 from p2ptrain.swarm.suspension import Suspension
 from p2ptrain.swarm.records import (averager_prefix, heartbeat_period, new_peer_record, peer_record_ttl, peers_key,
                                     run_key)
@@ -148,11 +149,23 @@ def test_round_events_show_each_averaged_modules_chunk_timeout_and_longest_waits
     (4, 2, True, StagePlan(2, 2, 2)),
     (100, 64, True, StagePlan(2, 10, 10)),  # √n groups of √n: both stages grow as √n
     (10_000, 64, True, StagePlan(2, 100, 100)),
-    (130, 64, True, StagePlan(2, 11, 12)),
+    (130, 64, True, StagePlan(2, 13, 10)),  # 10 × 13 fills every column; 12 groups of 11 leave two short
+    (8, 4, True, StagePlan(2, 4, 2)),  # 2 groups of 4, not 3 + 3 + 2 (two holders' column short)
+    (7, 4, True, StagePlan(2, 4, 2)),  # 4 + 3: one holder off the majority, against 3 for 3 + 3 + 1
+    (10_007, 64, True, StagePlan(2, 100, 101)),  # a prime: no shape near √n × √n fills every column
 ])
 def test_modules_with_more_holders_than_a_group_holds_are_planned_in_two_stages(holders, target, staged, expected):
     # Execute / Assert
     assert plan_stages(holders, target, staged) == expected
+
+
+@pytest.mark.parametrize("holders, first_size, off", [
+    (8, 4, 0), (8, 3, 2), (7, 4, 1), (7, 3, 3), (130, 11, 22), (130, 13, 0),
+])
+def test_a_short_last_group_leaves_the_smaller_side_of_the_grid_off_the_majority(holders, first_size, off):
+    # 8 in groups of 3: columns 0-1 hold every group's mean (6 holders), column 2 the first
+    # two groups' only (2 holders), which re-sync
+    assert columns_off(holders, first_size) == off
 
 
 def test_every_stage_and_index_meets_under_its_own_group_key():
