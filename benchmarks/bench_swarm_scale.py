@@ -17,6 +17,13 @@ peers' global parameters of the module after the last round, and the rounds' out
 (re-syncs and splits the post-round fingerprint check reported).
 
     python benchmarks/bench_swarm_scale.py --staging 4 [--sizes 8 16] [--rounds 3]
+
+--overlap-fragments N (with --staging): the configuration the simulator's scaling
+projection runs on, on real peers: averaging.overlap = true, averaging.fragments = N and
+the second stage's wait (averaging.stage_wait, its default), so each round averages one
+slice of each module in the background and lands it a round later.
+
+    python benchmarks/bench_swarm_scale.py --staging 4 --overlap-fragments 4 --sizes 16 --rounds 6
 """
 
 from __future__ import annotations
@@ -56,14 +63,20 @@ def tiny_config(run_id: str) -> RunConfig:
 
 
 def measure(size: int, rounds: int, docs, workdir: Path, buckets: int = 1,
-            staging: tuple[int, bool] | None = None) -> dict:
+            staging: tuple[int, bool] | None = None, overlap_fragments: int | None = None) -> dict:
     """One swarm of `size` peers; with buckets > 1 the peer table is split
     (averaging.peer_buckets) and a lookup is what a node reads each round: its bucket.
-    staging: (target_group_size, staged) for the --staging comparison."""
-    config = tiny_config(f"scale{size}b{buckets}" + (f"g{staging[0]}{'s' if staging[1] else 'u'}" if staging else ""))
+    staging: (target_group_size, staged) for the --staging comparison; overlap_fragments:
+    that many fragments, averaged with overlap."""
+    config = tiny_config(f"scale{size}b{buckets}" + (f"g{staging[0]}{'s' if staging[1] else 'u'}" if staging else "")
+                         + (f"of{overlap_fragments}" if overlap_fragments else ""))
     config.averaging.peer_buckets = buckets
     if staging is not None:
         config.averaging.target_group_size, config.averaging.staged = staging
+    if overlap_fragments is not None:
+        config.averaging.overlap, config.averaging.fragments = True, overlap_fragments
+    # the nodes' warnings (re-syncs, refused slices) go to stderr: say which swarm they are from
+    print(f"--- swarm {config.run.id}: {size} peers", file=sys.stderr, flush=True)
     opened, join_seconds = [], []
     try:
         for i in range(size):
@@ -95,7 +108,8 @@ def measure(size: int, rounds: int, docs, workdir: Path, buckets: int = 1,
                "lookup_median_ms": 1000 * statistics.median(lookups), "round_s": round_seconds,
                "largest_stem_group": max(stem_groups, default=0)}
         if staging is not None:
-            row.update(agreement(opened, rounds), target_group_size=staging[0], staged=staging[1])
+            row.update(agreement(opened, rounds), target_group_size=staging[0], staged=staging[1],
+                       overlap_fragments=overlap_fragments)
         return row
     finally:
         for o in reversed(opened):
@@ -154,6 +168,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 and 8 peers, 1 round")
     parser.add_argument("--staging", type=int, default=None, metavar="G",
                         help="compare staged and unstaged averaging at target_group_size G (see the docstring)")
+    parser.add_argument("--overlap-fragments", type=int, default=None, metavar="N",
+                        help="with --staging: average N fragments with overlap (see the docstring)")
     parser.add_argument("--records-per-bucket", type=int, default=8,
                         help="each size also runs with its peer table split into size / this many buckets")
     args = parser.parse_args()
@@ -166,7 +182,8 @@ def main() -> None:
         for size in args.sizes:  # the whole table, then split: side by side at each size
             if args.staging is not None:
                 for staged in (True, False):
-                    rows.append(measure(size, args.rounds, docs, Path(tmp), staging=(args.staging, staged)))
+                    rows.append(measure(size, args.rounds, docs, Path(tmp), staging=(args.staging, staged),
+                                        overlap_fragments=args.overlap_fragments))
                 continue
             rows.append(measure(size, args.rounds, docs, Path(tmp)))
             buckets = size // args.records_per_bucket
@@ -176,7 +193,9 @@ def main() -> None:
         print(f"# bench_swarm_scale --staging {args.staging} — {datetime.date.today()} — {platform.platform()}")
         print(f"command: {' '.join(sys.argv)}")
         print(f"real peers in one process on 127.0.0.1, 2x2 grid (the stem is held by every peer, each level "
-              f"module by half), tiny model, {args.rounds} rounds, fp16 wire\n")
+              f"module by half), tiny model, {args.rounds} rounds, fp16 wire"
+              + (f", overlap with {args.overlap_fragments} fragments and the second stage's wait"
+                 if args.overlap_fragments else "") + "\n")
         print_staging(rows)
         OUT.mkdir(exist_ok=True)
         (OUT / "bench_swarm_scale_staging.json").write_text(json.dumps(rows, indent=1))

@@ -316,8 +316,10 @@ def lever_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick:
 # What p2ptrain can run: the built levers, plain or overlapped, whole modules or 1/4 fragments
 # (fragments with overlap since 2026-12-06), averaging.stage_wait (acts only with overlap) at 0
 # or its default 0.2. With overlap and fragments these are the lever table's "all (assembled)"
-# rows, on the same seeds.
-_BUILT = dict(fill=True, staged=True, coords="assembled", balanced=True, table="sampled", table_contention=True)
+# rows, on the same seeds, but for column filling: p2ptrain's stages have no double duties
+# (Levers.column_fill), so a column that a short or late group lacks re-syncs.
+_BUILT = dict(fill=True, staged=True, coords="assembled", column_fill=False, balanced=True, table="sampled",
+              table_contention=True)
 RUNNABLE_SETS = (
     ("plain, 1/4 fragments", False, Levers(fragments=4, **_BUILT)),
     ("overlap, whole modules, one window", True, Levers(**_BUILT)),

@@ -36,7 +36,9 @@ swarm's clock (T = averaging.round_seconds) for every peer.
    check re-syncs a minority from a strict majority and moves nobody on a tie. So per
    module and round only the largest group's update survives: its members keep their
    tokens for that module ((n−1)/n of them in a partial group), every other group's are
-   lost. A peer
+   lost, and when that group is a strict majority the others download the module's state
+   (fp32 params + momentum) before their next round (overlap: before the next landing).
+   A peer
    that skipped rounds trains on a stale copy: its update is lost and it re-downloads the
    module. Module-rounds whose largest group is no strict majority of the round's holders
    are counted (`no_majority`): those splits do not heal by the rule above at all.
@@ -67,6 +69,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from p2ptrain.swarm.averaging import CHUNK_TIMEOUT_FLOOR_S, CHUNK_WAIT_MARGIN
+from p2ptrain.swarm.staging import plan_stages
 
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 STATE_BYTES_PER_PARAM = 8.0  # a downloaded module state: fp32 global params + fp32 outer momentum
@@ -223,6 +226,13 @@ class Levers:
         window: a group late for its stage (a slow link, a member that vanished) then still
         meets the others, instead of averaging alone and re-syncing. p2ptrain:
         averaging.stage_wait (0.2 by default, with overlap only; before 2026-12-06 one window).
+    column_fill: with coords "assembled", a short first-stage group's member 0 also takes
+        the column the group lacks (double duty, assembled_rows), so every second-stage
+        group meets every first-stage group. False: as p2ptrain builds it (staging.py), no
+        double duty: all holders search under one first-stage key with a target of
+        ceil(n / ceil(sqrt(n))) and matchmaking fills groups in arrival order (the last
+        short); a member's second-stage column is its index in the group it actually got,
+        so a column that a short or late group lacks ends with another mean and re-syncs.
     wire_bytes_per_value: the codec's bytes per value instead of the workload's (e.g.
         NF4_BYTES_PER_VALUE, 4-bit with error feedback). Bytes and time only: the copies'
         agreement keeps the workload's sync tolerance, and the codec's effect on loss is
@@ -241,6 +251,7 @@ class Levers:
     wire_bytes_per_value: float | None = None
     chunk_timeout_s: float | None = None
     stage_window_rounds: float | None = None
+    column_fill: bool = True
 
     # fragments: streaming sync (Streaming DiLoCo): each round averages 1/fragments of every
     # module (a different fragment each round), so an all-reduce moves payload / fragments.
@@ -254,7 +265,9 @@ class Levers:
                                                               self.staged),
                                        ("balanced", self.balanced), ("sampled table", self.table == "sampled"),
                                        (f"1/{self.fragments} fragments", self.fragments > 1),
-                                       ("table contention", self.table_contention)) if on]
+                                       ("table contention", self.table_contention),
+                                       ("no column fill", self.staged and self.coords == "assembled"
+                                        and not self.column_fill)) if on]
         return " + ".join(parts) if parts else "baseline (today)"
 
 
@@ -346,6 +359,32 @@ def assembled_rows(n: int, stages: int = 2) -> tuple[np.ndarray, list[np.ndarray
     expect = (np.full(len(owner), int(sizes.max())), np.full(len(owner), n_groups))
     keys = [first, second] * ((stages + 1) // 2)
     return owner, keys[:stages], [expect[i % 2] for i in range(stages)]
+
+
+def built_rows(n: int, target_group_size: int, listed: int | None = None
+               ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Coordinates as p2ptrain's staging.py assigns them (Levers.column_fill = False): one
+    first-stage key for every holder, groups of plan_stages' first size (planned for the
+    `listed` holders the peer table shows, n by default) as matchmaking fills them with the
+    n that come; the second stage's key, a member's index in its first-stage group, is
+    known only once that group has met (staged_timing sets it). Same returns as
+    assembled_rows."""
+    plan = plan_stages(listed or n, target_group_size, staged=True)
+    first, n_groups = (plan.first_size, plan.second_size) if plan.stages == 2 else (n, 1)
+    keys = [np.zeros(n, int), np.zeros(n, int)]
+    return np.arange(n), keys, [np.full(n, first), np.full(n, n_groups)]
+
+
+def index_in_group(group: np.ndarray, peer_id: np.ndarray) -> np.ndarray:
+    """Each row's index in its group, members sorted by peer id; rows with group −1 (gone)
+    get −1."""
+    order = np.lexsort((peer_id, group))
+    index = np.full(len(group), -1)
+    g = group[order]
+    start = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
+    rank = np.arange(len(g)) - np.repeat(start, np.diff(np.r_[start, len(g)]))
+    index[order] = rank
+    return np.where(group >= 0, index, -1)
 
 
 def window_groups(t: np.ndarray, window: float, target: int, cap: int, lone_wait: float
@@ -734,10 +773,11 @@ class AlignedSwarm:
         client = read / self.peers.down[slots] + self.peers.rtt[slots] * hops
         return np.maximum(client, serve) if lev.table_contention else client
 
-    def download_s(self, slots: np.ndarray) -> np.ndarray:
-        """Downloading a path's state (fp32 params + momentum) from peers."""
-        return STATE_BYTES_PER_PARAM * self.path_params[slots] / np.minimum(self.peers.down[slots],
-                                                                              np.median(self.peers.up))
+    def download_s(self, slots: np.ndarray, module: int | None = None) -> np.ndarray:
+        """Downloading a path's state (fp32 params + momentum) from peers, or one module's
+        (a re-sync after the post-round check)."""
+        params = self.path_params[slots] if module is None else self.params[module]
+        return STATE_BYTES_PER_PARAM * params / np.minimum(self.peers.down[slots], np.median(self.peers.up))
 
     def add_row(self, slots: np.ndarray, r: int, wall, compute, tokens, potential, stale, skipped,
                 outer=0.0) -> np.ndarray:
@@ -915,7 +955,13 @@ class AlignedSwarm:
         self.group_agreed.append(np.full(n_groups, np.nan))
         self.member_size.append(sizes[group_of].astype(float))
         self.member_sent.append(2 * (sizes[group_of] - 1) / sizes[group_of])
-        return (start + transfer + penalty)[group_of], base + group_of
+        ends = (start + transfer + penalty)[group_of]
+        # copies off a strict majority's group: the post-round check re-syncs them from it,
+        # downloading the state (their tokens are lost, see survivors); no strict majority: nobody moves
+        if n_groups > 1 and 2 * sizes.max() > n:
+            off = group_of != int(np.argmax(sizes))
+            ends[off] += self.download_s(members[off], j)
+        return ends, base + group_of
 
     def crash_cost_s(self, j: int, sizes: np.ndarray, group_of: np.ndarray, link: np.ndarray) -> np.ndarray:
         """What a member vanishing mid all-reduce adds to each group's all-reduce of module j:
@@ -952,7 +998,7 @@ class AlignedSwarm:
 
     def staged_timing(self, j: int, keys: list[np.ndarray], crash_stage: np.ndarray, owner: np.ndarray,
                       real: np.ndarray, coverage: np.ndarray, arrive_rows: np.ndarray, link: np.ndarray,
-                      rtt: np.ndarray, expected_size: list[np.ndarray]
+                      rtt: np.ndarray, expected_size: list[np.ndarray], peer_id: np.ndarray
                       ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
         """Stage by stage, the groups matchmaking assembles and when each row is done. Rows
         sharing a stage's key meet as hivemind's matchmaking meets them (average_module's
@@ -962,14 +1008,18 @@ class AlignedSwarm:
         waited for: they average among themselves, or alone after the 3-window search). A
         member dying in a stage costs its group the crash cost. Returns per stage each row's
         end time and its group key (the stage key split by window), each member's summed
-        group size (per row covered) and the share of its payload it sent."""
+        group size (per row covered) and the share of its payload it sent. peer_id: each
+        row's peer id, as an integer (the order within a group, for Levers.column_fill)."""
         lev, work, mm = self.levers, self.work, self.work.matchmaking_time
         n_rows, n = len(owner), len(coverage)
         t = arrive_rows.astype(float).copy()
         size_sum = np.zeros(n)
         sent = np.zeros(n)
         ends, split_keys = [], []
+        as_built = lev.coords == "assembled" and not lev.column_fill
         for s, key in enumerate(keys):
+            if as_built and s == 1:  # the column: the index in the first-stage group it got
+                key = index_in_group(gid, peer_id)
             alive_rows = crash_stage >= s
             # a double duty (weight 0) rides along in its owner's first-stage group: no extra bytes
             moving = alive_rows & (real | (s > 0) | (lev.coords != "assembled"))
@@ -1023,7 +1073,9 @@ class AlignedSwarm:
         d, g = (2, 0) if lev.coords == "assembled" else grid_shape(listed, tgs)
         stages = d + lev.extra_stages
         if lev.coords == "assembled":
-            owner, keys, expected_size = assembled_rows(n, stages)
+            if not lev.column_fill and stages != 2:
+                raise ValueError("p2ptrain's staging (column_fill = False) has two stages: no extra_stages")
+            owner, keys, expected_size = assembled_rows(n, stages) if lev.column_fill else built_rows(n, tgs, listed)
         else:
             owner = np.arange(n)
             keys = []
@@ -1050,15 +1102,16 @@ class AlignedSwarm:
         arrive_rows = arrive[local].astype(float)[owner]
         # in which stage does a crashing member's session end? timed as if nobody crashed
         no_crash = np.full(len(owner), stages)
+        peer_id = members[owner]  # any fixed order stands in for peer ids
         stage_ends, _, _, _ = self.staged_timing(j, keys, no_crash, owner, real, coverage, arrive_rows, link, rtt,
-                                                 expected_size)
+                                                 expected_size, peer_id)
         session_end = self.peers.session_end[members]
         crash_member = np.full(n, stages)
         for s in reversed(range(stages)):
             crash_member[crashing[local] & (session_end < stage_ends[s][:n])] = s
         crash_stage = crash_member[owner]
         stage_ends, met_keys, size_sum, sent = self.staged_timing(j, keys, crash_stage, owner, real, coverage,
-                                                                  arrive_rows, link, rtt, expected_size)
+                                                                  arrive_rows, link, rtt, expected_size, peer_id)
         y_rows, groups, _ = staged_mix(x[owner], np.where(real, w[owner], 0.0), met_keys, crash_stage)
         y = y_rows[:n]
         t = stage_ends[-1]
@@ -1086,7 +1139,7 @@ class AlignedSwarm:
         off = survivors_[~near[best]] if agreed else np.zeros(0, int)
         share = (1.0 - float(w[off].sum() / w.sum()) if agreed else
                  (float(w[survivors_][near[best]].sum() / w.sum()) if len(survivors_) else 0.0))
-        t[off] += self.download_s(members[off])
+        t[off] += self.download_s(members[off], j)
         self.staged_stats.append((j, r, n, stages, agreed, float(np.median(deviation[survivors_]))
                                   if len(survivors_) else math.nan,
                                   float(deviation[survivors_].max()) if len(survivors_) else math.nan))

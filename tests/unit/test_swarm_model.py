@@ -221,3 +221,61 @@ def test_a_stage_meets_as_matchmaking_does_so_groups_late_from_the_first_stage_m
     assert waiting["staged"]["agreed_fraction"] == 1.0
     assert waiting["staged"]["deviation_max"] < 1e-9
     assert waiting["lineage_share"] == pytest.approx(1.0)
+
+
+def late_lone_holder_end(arrivals: list[float]) -> tuple[float, swarm_model.AlignedSwarm]:
+    """Module 0 (the stem) averaged by holders arriving at these times, unstaged; the end
+    time of the last one, which arrives alone, far behind the others."""
+    work, vol, over = tiny_swarm_inputs()
+    swarm = swarm_model.AlignedSwarm(work, vol, over, len(arrivals))
+    swarm.stage_bytes = swarm.payload
+    swarm.path_bytes = swarm.holds.T @ swarm.stage_bytes
+    everyone = np.arange(len(arrivals))
+    ends, _ = swarm.average_module(0, 1, everyone, everyone, np.array(arrivals), np.zeros(len(arrivals), bool),
+                                   ghosts=0, tgs=8)
+    return float(ends[-1]), swarm
+
+
+def test_a_copy_off_the_majority_pays_for_downloading_the_module_and_a_tie_moves_nobody():
+    # Prepare: four holders meet at once and a fifth arrives alone 100 s later (its group
+    # is a minority of one); against one early and one late holder (a tie: nobody re-syncs)
+    # Execute
+    outvoted, swarm = late_lone_holder_end([0.0, 0.1, 0.2, 0.3, 100.0])
+    tied, _ = late_lone_holder_end([0.0, 100.0])
+
+    # Assert: the minority's member ends later by the stem's state (fp32 params + momentum)
+    # over its download link, not its whole path's
+    download = swarm.download_s(np.array([4]), 0)[0]
+    assert download == pytest.approx(8.0 * 400_000 / (25e6 / 8))  # down 100 Mbit/s, the median uplink 25
+    assert outvoted - tied == pytest.approx(download)
+
+
+def test_without_column_filling_a_member_s_column_is_its_index_in_the_group_it_got():
+    # Prepare: 10 holders as p2ptrain stages them in groups of 4: 3 groups of at most 4
+    owner, keys, expected = swarm_model.built_rows(10, target_group_size=4)
+
+    # Execute: the groups matchmaking formed (the last holder alone), and one that vanished
+    columns = swarm_model.index_in_group(np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, -1]),
+                                         peer_id=np.array([7, 3, 5, 1, 2, 0, 9, 8, 6, 4, 11]))
+
+    # Assert: no double duties; targets 4 and 3; columns by peer id within each group
+    assert owner.tolist() == list(range(10)) and len(keys) == 2
+    assert expected[0].tolist() == [4] * 10 and expected[1].tolist() == [3] * 10
+    assert columns.tolist() == [2, 0, 1, 1, 2, 0, 2, 1, 0, 0, -1]
+
+
+def test_staging_as_p2ptrain_builds_it_keeps_the_holders_copies_together():
+    # Prepare: 64 peers on the tiny grid's two paths, groups of 4: every module is staged
+    work, vol, over = tiny_swarm_inputs()
+    work = dataclasses.replace(work, target_group_size=4)
+    built = swarm_model.Levers(staged=True, coords="assembled", fill=True, column_fill=False)
+
+    # Execute
+    result = swarm_model.simulate(work, vol, over, 64, rounds=6, seed=1, levers=built)
+
+    # Assert: equal volunteers arrive together, so the groups are whole and every copy agrees
+    assert result["staged"]["agreed_fraction"] == 1.0
+    assert result["lineage_share"] > 0.95
+    with pytest.raises(ValueError, match="two stages"):
+        swarm_model.simulate(work, vol, over, 64, rounds=2, seed=1,
+                             levers=dataclasses.replace(built, extra_stages=1))
