@@ -116,6 +116,13 @@ def make_compression(name: str):
 BANDWIDTH_CLAIM_RANGE = 4.0  # a peer's reduce share follows its claimed bandwidth within 4x of the group's median
 
 
+def claimed_rate(claim: Any) -> Optional[float]:
+    """A rate a group member claimed in its gather data (a stranger's word): a finite number
+    ≥ 0, or None for anything else (a string, a bool, NaN, a negative number)."""
+    ok = isinstance(claim, (int, float)) and not isinstance(claim, bool) and math.isfinite(claim) and claim >= 0
+    return float(claim) if ok else None
+
+
 def balanced_bandwidths(claims: Sequence[Any], client: Sequence[bool]) -> list[Optional[float]]:
     """The bandwidths the all-reduce's load balancing may use, from what each group member
     claimed in its gather data (a stranger's word): a claim that is not a finite number ≥ 0
@@ -123,10 +130,7 @@ def balanced_bandwidths(claims: Sequence[Any], client: Sequence[bool]) -> list[O
     every positive claim is clamped to [median / 4, median × 4] of the positive claims, so
     a peer that claims a huge link takes at most 4× a median member's share of the reducing,
     not the whole module (a reducer sees, and returns, the slices it reduces)."""
-    valid: list[Optional[float]] = []
-    for claim, is_client in zip(claims, client):
-        ok = isinstance(claim, (int, float)) and not isinstance(claim, bool) and math.isfinite(claim) and claim >= 0
-        valid.append(0.0 if is_client else (float(claim) if ok else None))
+    valid = [0.0 if is_client else claimed_rate(claim) for claim, is_client in zip(claims, client)]
     positive = sorted(v for v in valid if v)
     if not positive:
         return [None if v is None or v > 0 else 0.0 for v in valid]
@@ -137,12 +141,6 @@ def balanced_bandwidths(claims: Sequence[Any], client: Sequence[bool]) -> list[O
 
 CHUNK_TIMEOUT_FLOOR_S = 2.0  # never shorter: a loaded machine stalls its averager for about this long
 CHUNK_WAIT_MARGIN = 2.0  # times the slowest member's whole upload of the round (fixed before measuring)
-
-
-def _declared_link(claim: Any) -> Optional[float]:
-    """A member's declared upload in Mbit/s, or None if it declared nothing usable."""
-    ok = isinstance(claim, (int, float)) and not isinstance(claim, bool) and math.isfinite(claim) and claim > 0
-    return float(claim) if ok else None
 
 
 def chunk_timeout_seconds(path_bytes: float, claims: Sequence[Any], fallback: float) -> float:
@@ -165,7 +163,7 @@ def chunk_timeout_seconds(path_bytes: float, claims: Sequence[Any], fallback: fl
     member declared nothing usable (or our path's size is unknown), `fallback` stands.
 
     A claim is a stranger's word: one that claims a crawl only brings back `fallback`."""
-    links = [_declared_link(claim) for claim in claims]
+    links = [claimed_rate(claim) or None for claim in claims]  # a link of 0 Mbit/s declares nothing
     if len(links) < 2 or None in links or not path_bytes > 0:
         return fallback
     n = len(links)
