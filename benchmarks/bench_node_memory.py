@@ -12,9 +12,12 @@ by kind: the training process (`p2ptrain join`: model, AdamW8bit state, data), i
 process, its averager processes (one per module of the path, forked), p2pd (libp2p, a Go
 binary) and torch's shared-memory manager (only with the "file_system" sharing strategy).
 Variants, side by side in one run: p2ptrain's own settings, and hivemind's sharing
-strategy ("file_system", HIVEMIND_MEMORY_SHARING_STRATEGY) instead of file descriptors.
+strategy ("file_system", HIVEMIND_MEMORY_SHARING_STRATEGY) instead of file descriptors;
+with --averaging, instead: the demo's plain averaging, overlap (the round's pseudo-gradient
+is kept while its average is in flight) and overlap with 4 fragments (that plus the slice's
+globals and pseudo-gradient as it went out).
 
-    python benchmarks/bench_node_memory.py [--quick]
+    python benchmarks/bench_node_memory.py [--quick] [--averaging]
 """
 
 from __future__ import annotations
@@ -29,10 +32,14 @@ from pathlib import Path
 import psutil
 
 from common import base_parser, machine_info, markdown_table, print_header, write_outputs
+from p2ptrain.config import RunConfig
 from p2ptrain.demo import PATHS, demo_config, launch_swarm
 
 KINDS = ("training process", "DHT process", "averager processes", "p2pd", "torch shared-memory manager")
-VARIANTS = [("p2ptrain (file descriptors)", None), ("hivemind's file_system strategy", "file_system")]
+# (name, hivemind's sharing strategy, averaging settings over the demo's)
+VARIANTS = [("p2ptrain (file descriptors)", None, {}), ("hivemind's file_system strategy", "file_system", {})]
+AVERAGING_VARIANTS = [("plain (the demo's)", None, {}), ("overlap", None, {"overlap": True}),
+                      ("overlap, 1/4 fragments", None, {"overlap": True, "fragments": 4})]
 
 
 def classify(root: psutil.Process) -> dict[str, list[psutil.Process]]:
@@ -69,13 +76,18 @@ def sample(root: psutil.Process) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_variant(strategy: str | None, rounds: int, sample_after: int, root: Path) -> list[dict]:
-    """One demo swarm; every peer's processes sampled once all peers reported `sample_after` rounds."""
+def run_variant(strategy: str | None, averaging: dict, rounds: int, sample_after: int, root: Path) -> list[dict]:
+    """One demo swarm (`averaging`: settings over the demo's); every peer's processes sampled
+    once all peers reported `sample_after` rounds."""
     saved = os.environ.get("HIVEMIND_MEMORY_SHARING_STRATEGY")
     if strategy is not None:
         os.environ["HIVEMIND_MEMORY_SHARING_STRATEGY"] = strategy
     config_file = root / "run.toml"
-    config_file.write_text(demo_config(rounds, 25))
+    config = RunConfig.from_toml_text(demo_config(rounds, 25))
+    for key, value in averaging.items():
+        setattr(config.averaging, key, value)
+    config.validate("bench_node_memory")
+    config_file.write_text(config.to_toml())
     events: queue.Queue = queue.Queue()
     try:
         peers = launch_swarm(root, config_file, rounds, PATHS, events)
@@ -100,14 +112,16 @@ def run_variant(strategy: str | None, rounds: int, sample_after: int, root: Path
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0], quick_help="sample after round 2", threads=False)
+    parser.add_argument("--averaging", action="store_true",
+                        help="compare plain averaging, overlap and overlapped fragments instead of sharing strategies")
     args = parser.parse_args()
     rounds, sample_after = (3, 2) if args.quick else (4, 3)
     info = machine_info()
     results = {}
-    for name, strategy in VARIANTS:
+    for name, strategy, averaging in AVERAGING_VARIANTS if args.averaging else VARIANTS:
         root = Path(tempfile.mkdtemp(prefix="p2ptrain-memory-"))
         try:
-            results[name] = run_variant(strategy, rounds, sample_after, root)
+            results[name] = run_variant(strategy, averaging, rounds, sample_after, root)
         finally:
             shutil.rmtree(root, ignore_errors=True)
     print_header("bench_node_memory", info, [
