@@ -329,21 +329,19 @@ def test_overlapped_fragments_land_one_round_late_and_peers_agree_with_every_val
 SHARED = "L0.M0"  # the module the four holders of a [1, 4] grid with private stems share
 
 
-class FourStagedHolders:
-    """Four holders of L0.M0 in groups of at most 2, so that they average in two stages, each
-    after 2 inner steps, about to send 100 / 150 / 250 / 350 tokens' worth (a round's cap is 384)."""
+class StagedHolders:
+    """Holders of L0.M0 in groups too small for all of them, so that they average in two
+    stages, each after 2 inner steps, about to send the given tokens' worth (a round's cap is 384)."""
 
-    tokens = [100, 150, 250, 350]
-
-    def __init__(self, nodes):
-        self.nodes = nodes
+    def __init__(self, nodes, tokens: list[int]):
+        self.nodes, self.tokens = nodes, tokens
         self.start = [p.clone() for p in nodes[0].slots[SHARED].outer.global_params]
         for node in nodes:
             node.session.inner_steps(2)
         self.locals = [[p.clone() for p in node.session.local_state(SHARED).values()] for node in nodes]
 
     def assert_exact_mean(self) -> None:
-        """Every holder ends with one Nesterov step on the token-weighted mean of all four."""
+        """Every holder ends with one Nesterov step on the token-weighted mean of all of them."""
         for index, (g, *ls) in enumerate(zip(self.start, *self.locals)):
             mean = sum(t * (g - l) for t, l in zip(self.tokens, ls)) / sum(self.tokens)
             expected = g - 0.7 * 1.9 * mean
@@ -351,9 +349,10 @@ class FourStagedHolders:
                 torch.testing.assert_close(node.slots[SHARED].outer.global_params[index], expected, rtol=0, atol=1e-6)
 
 
-def four_staged_holders(swarm, config) -> FourStagedHolders:
+def four_staged_holders(swarm, config) -> StagedHolders:
+    """Four holders in groups of at most 2, about to send 100 / 150 / 250 / 350 tokens' worth."""
     config.averaging.target_group_size = 2
-    return FourStagedHolders(swarm.open_all(config, ["0,0", "0,1", "0,2", "0,3"]))
+    return StagedHolders(swarm.open_all(config, ["0,0", "0,1", "0,2", "0,3"]), [100, 150, 250, 350])
 
 
 def test_more_holders_than_one_group_holds_average_in_two_stages_to_the_exact_mean(swarm):
@@ -371,6 +370,23 @@ def test_more_holders_than_one_group_holds_average_in_two_stages_to_the_exact_me
         module = report[shared]
         assert module.stage_groups == [2, 2] and module.outcome == "ok"
         assert len(module.group) == 3  # its pair in stage 1 and one member of the other pair in stage 2
+
+
+def test_eight_holders_in_groups_of_four_fill_every_column_and_reach_the_exact_mean(swarm):
+    # Prepare: 8 holders of L0.M0 (grid [1, 8], private stems) in groups of at most 4: two
+    # stage-1 groups of 4, then 4 pairs across them (groups of 3, 3 and 2 would leave the
+    # short group's column with another mean, to be re-synced after every round)
+    config = swarm_config("staged-eight", levels=(1, 8), stem="per_path", compression="none")
+    config.averaging.target_group_size = 4
+    held = StagedHolders(swarm.open_all(config, [f"0,{i}" for i in range(8)]),
+                         [100, 150, 250, 350, 120, 180, 300, 200])
+
+    # Execute
+    reports = in_parallel(*[lambda n=n, t=t: n.outer_step(1, tokens=t) for n, t in zip(held.nodes, held.tokens)])
+
+    # Assert: each holder ends with one Nesterov step on the token-weighted mean of all eight
+    held.assert_exact_mean()
+    assert [(r[SHARED].stage_groups, r[SHARED].outcome) for r in reports] == [([4, 2], "ok")] * 8
 
 
 @pytest.mark.parametrize("stage_wait, overlap, meets", [(0.2, True, True), (0.0, True, False), (0.2, False, False)])
