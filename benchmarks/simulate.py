@@ -329,6 +329,9 @@ RUNNABLE_SETS = (
 )
 
 
+RUNNABLE_BEST = "overlap, 1/4 fragments, stage_wait 0.2"
+
+
 def runnable_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick: bool) -> list[dict]:
     """The configurations p2ptrain can run today (RUNNABLE_SETS), both presets."""
     rows = []
@@ -414,8 +417,9 @@ def spread(row: dict, key: str, fmt: str) -> str:
     return text if lo == hi else f"{text} ({lo}–{hi})"
 
 
-def plot_scaling(rows: list[dict], path: Path) -> Path | None:
-    """Effective tokens/s against peers, before and after, log-log, with the ideal line."""
+def plot_scaling(rows: list[dict], path: Path, runnable: list[dict] = ()) -> Path | None:
+    """Effective tokens/s against peers, before and after (lever rows; and p2ptrain's best
+    runnable configuration, RUNNABLE_BEST), log-log, with the ideal line from the latter."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -425,14 +429,17 @@ def plot_scaling(rows: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = {"gpu": "tab:blue", "default": "tab:orange"}
     for preset in ("gpu", "default"):
-        for label, style in (("baseline (today)", "o--"), (AFTER, "s-"), (AFTER_ASSEMBLED, "^-"), (AFTER_WAIT, "D-")):
-            rs = sorted((r for r in rows if r["preset"] == preset and r["label"] == label), key=lambda r: r["peers"])
+        for label, style in (("baseline (today)", "o--"), (AFTER, "s-"), (AFTER_WAIT, "^-"), (RUNNABLE_BEST, "D-")):
+            rs = sorted((r for r in [*rows, *runnable] if r["preset"] == preset and r["label"] == label),
+                        key=lambda r: r["peers"])
             if not rs:
                 continue
             peers = [r["peers"] for r in rs]
+            when = ("before" if label.startswith("baseline") else
+                    "after, p2ptrain as built" if label == RUNNABLE_BEST else "after, model")
             ax.plot(peers, [r["effective_tokens_per_s"] for r in rs], style, color=colors[preset],
-                    label=f"{preset}: {'before' if label.startswith('baseline') else 'after'} ({label})")
-            if label == AFTER_WAIT:
+                    label=f"{preset}: {when} ({label})")
+            if label == RUNNABLE_BEST:
                 ideal = [rs[0]["effective_tokens_per_s"] * p / rs[0]["peers"] for p in peers]
                 ax.plot(peers, ideal, ":", color=colors[preset], label=f"{preset}: linear from its 100-peer 'after'")
     ax.set(xscale="log", yscale="log", xlabel="peers (volunteers)", ylabel="effective tokens/s",
@@ -1067,7 +1074,7 @@ def projection_report(args: argparse.Namespace, info: dict) -> dict:
         print(round_length_table(lengths))
         print()
     # --quick: smaller sizes, so its plot goes to bench-out/, not over the committed one
-    png = plot_scaling(levers, OUT_DIR / "simulate_scaling.png" if args.quick else SCALING_PLOT)
+    png = plot_scaling(levers, OUT_DIR / "simulate_scaling.png" if args.quick else SCALING_PLOT, runnable)
     if png:
         print(f"wrote {png.relative_to(REPO_ROOT)}")
     return {"projection": projection, "comparison": comparison, "levers": levers, "round_lengths": lengths,
