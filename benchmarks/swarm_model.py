@@ -229,10 +229,11 @@ class Levers:
     column_fill: with coords "assembled", a short first-stage group's member 0 also takes
         the column the group lacks (double duty, assembled_rows), so every second-stage
         group meets every first-stage group. False: as p2ptrain builds it (staging.py), no
-        double duty: all holders search under one first-stage key with a target of
-        ceil(n / ceil(sqrt(n))) and matchmaking fills groups in arrival order (the last
-        short); a member's second-stage column is its index in the group it actually got,
-        so a column that a short or late group lacks ends with another mean and re-syncs.
+        double duty: all holders search under one first-stage key with plan_stages' target
+        and matchmaking fills groups in arrival order (the last short); a member's
+        second-stage column is its index in the group it actually got, so a column that a
+        short or late group lacks ends with another mean and re-syncs; a member whose first
+        stage found nobody skips the second.
     wire_bytes_per_value: the codec's bytes per value instead of the workload's (e.g.
         NF4_BYTES_PER_VALUE, 4-bit with error feedback). Bytes and time only: the copies'
         agreement keeps the workload's sync tolerance, and the codec's effect on loss is
@@ -1018,8 +1019,14 @@ class AlignedSwarm:
         ends, split_keys = [], []
         as_built = lev.coords == "assembled" and not lev.column_fill
         for s, key in enumerate(keys):
-            if as_built and s == 1:  # the column: the index in the first-stage group it got
-                key = index_in_group(gid, peer_id)
+            expected = expected_size[s]
+            if as_built and s == 1:
+                # the column: the index in the first-stage group it got; a member whose first
+                # stage found nobody does not search again (p2ptrain skips its second stage)
+                first_sizes = np.bincount(gid[gid >= 0])
+                lone = (gid >= 0) & (first_sizes[np.maximum(gid, 0)] == 1)
+                key = np.where(lone, -2 - np.arange(n_rows), index_in_group(gid, peer_id))
+                expected = np.where(lone, 1, expected)
             alive_rows = crash_stage >= s
             # a double duty (weight 0) rides along in its owner's first-stage group: no extra bytes
             moving = alive_rows & (real | (s > 0) | (lev.coords != "assembled"))
@@ -1032,7 +1039,7 @@ class AlignedSwarm:
             # a lone row searched max(3 windows, the wait and one window) in vain: it goes on alone
             lone_wait = max(3 * mm, window + mm if window > mm else 0.0)
             for block in np.split(order, bounds):
-                target = int(expected_size[s][block].max())
+                target = int(expected[block].max())
                 block_group, block_starts = window_groups(t[block], window, target, max(target, 1), lone_wait)
                 gid[block] = len(starts) + block_group
                 starts += block_starts

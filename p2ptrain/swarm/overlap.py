@@ -136,10 +136,10 @@ class FragmentRebase:
                 # rebased from the replaced state with no progress of its own (what it sent
                 # still counts in the others' average)
                 if module_id in self._next:
-                    s, e, _kept, delta = self._next[module_id]
+                    next_start, next_end, _, next_delta = self._next[module_id]
                     with slot.lock:
-                        now = _flat(slot.outer.global_params)[s:e].clone()
-                    self._next[module_id] = (s, e, now, torch.zeros_like(delta))
+                        now = _flat(slot.outer.global_params)[next_start:next_end].clone()
+                    self._next[module_id] = (next_start, next_end, now, torch.zeros_like(next_delta))
                 continue
             with slot.lock:
                 now = _flat(slot.outer.global_params)[start:end]
