@@ -62,6 +62,16 @@ def session_and_slots(run_state, docs, tmp_path, path: tuple[int, int], seed: in
     return session, slots, torch.Generator().manual_seed(seed), FragmentRebase()
 
 
+def two_slices_out(run_state, docs, tmp_path, path: tuple[int, int], seed: int):
+    """session_and_slots after rounds 1 and 2 trained: slice 1 in flight, round 2's progress
+    taken (its slice going out), nothing landed yet; and round 2's pseudo-gradients."""
+    session, slots, gen, rebase = session_and_slots(run_state, docs, tmp_path, path, seed)
+    train(session, gen)
+    rebase.rebase(slots, session, rebase.progress(slots, session, 1), landed={})
+    train(session, gen)
+    return session, slots, gen, rebase, rebase.progress(slots, session, 2)
+
+
 def test_a_landed_slice_becomes_the_new_globals_plus_the_progress_made_since_it_went_out(
         tiny_run_state, stdlib_docs, tmp_path):
     # Prepare: a path's session; rounds 1 and 2 of 4 fragments send out slices 1 and 2
@@ -120,11 +130,7 @@ def test_a_lone_holder_whose_average_is_its_own_progress_keeps_its_model_unchang
 
 def test_a_module_whose_state_was_replaced_starts_again_from_its_globals(tiny_run_state, stdlib_docs, tmp_path):
     # Prepare: a slice in flight, then the landed round re-synced the module from the majority
-    session, slots, gen, rebase = session_and_slots(tiny_run_state, stdlib_docs, tmp_path, (0, 1), seed=2)
-    train(session, gen)
-    rebase.rebase(slots, session, rebase.progress(slots, session, 1), landed={})
-    train(session, gen)
-    deltas = rebase.progress(slots, session, 2)
+    session, slots, gen, rebase, deltas = two_slices_out(tiny_run_state, stdlib_docs, tmp_path, (0, 1), seed=2)
     module = next(iter(slots))
 
     # Execute
@@ -138,11 +144,7 @@ def test_the_slice_that_went_out_before_a_re_sync_lands_on_the_re_synced_state(
         tiny_run_state, stdlib_docs, tmp_path):
     # Prepare: slice 1 in flight; round 2's slice goes out, cut from this copy; then round 1's
     # landing re-syncs the module from the majority, whose state is far from this copy's
-    session, slots, gen, rebase = session_and_slots(tiny_run_state, stdlib_docs, tmp_path, (1, 0), seed=3)
-    train(session, gen)
-    rebase.rebase(slots, session, rebase.progress(slots, session, 1), landed={})
-    train(session, gen)
-    deltas = rebase.progress(slots, session, 2)
+    session, slots, gen, rebase, deltas = two_slices_out(tiny_run_state, stdlib_docs, tmp_path, (1, 0), seed=3)
     module = next(iter(slots))
     slot = slots[module]
     numel = flat(slot.outer.global_params).numel()
