@@ -24,6 +24,7 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -320,16 +321,14 @@ def lever_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick:
 # (Levers.column_fill), so a column that a short or late group lacks re-syncs.
 _BUILT = dict(fill=True, staged=True, coords="assembled", column_fill=False, balanced=True, table="sampled",
               table_contention=True)
+RUNNABLE_BEST = "overlap, 1/4 fragments, stage_wait 0.2"  # the configuration the scaling plot draws
 RUNNABLE_SETS = (
     ("plain, 1/4 fragments", False, Levers(fragments=4, **_BUILT)),
     ("overlap, whole modules, one window", True, Levers(**_BUILT)),
     ("overlap, whole modules, stage_wait 0.2", True, Levers(stage_window_rounds=0.2, **_BUILT)),
     ("overlap, 1/4 fragments, one window", True, Levers(fragments=4, **_BUILT)),
-    ("overlap, 1/4 fragments, stage_wait 0.2", True, Levers(fragments=4, stage_window_rounds=0.2, **_BUILT)),
+    (RUNNABLE_BEST, True, Levers(fragments=4, stage_window_rounds=0.2, **_BUILT)),
 )
-
-
-RUNNABLE_BEST = "overlap, 1/4 fragments, stage_wait 0.2"
 
 
 def runnable_study(sizes: tuple[int, ...], rounds: float, calibration: dict, quick: bool) -> list[dict]:
@@ -417,7 +416,7 @@ def spread(row: dict, key: str, fmt: str) -> str:
     return text if lo == hi else f"{text} ({lo}–{hi})"
 
 
-def plot_scaling(rows: list[dict], path: Path, runnable: list[dict] = ()) -> Path | None:
+def plot_scaling(rows: list[dict], path: Path, runnable: Sequence[dict] = ()) -> Path | None:
     """Effective tokens/s against peers, before and after (lever rows; and p2ptrain's best
     runnable configuration, RUNNABLE_BEST), log-log, with the ideal line from the latter."""
     try:
