@@ -16,9 +16,9 @@ init, router and data order):
   (ModuleOuterState.apply_fragment) and the workers adopt the new globals only there
   (PathSession.adopt_global(module, fragment)) — SwarmNode.outer_step's code path
   (quality_common.SimulatedSwarm(fragments=N)); N = 1 goes through the same path;
-- the outer (lr, momentum) is the preset's (0.7, 0.9) for every N: nothing is retuned
-  per N (a per-fragment optimum may differ, e.g. since a slice's pseudo-gradient holds N
-  rounds of progress), and nothing is tuned at all;
+- by default the outer (lr, momentum) is the preset's (0.7, 0.9) for every N: nothing is
+  retuned per N (a per-fragment optimum may differ, e.g. since a slice's pseudo-gradient
+  holds N rounds of progress), and nothing is tuned at all (see Retuned below);
 - reported: the TEST half of the held-out documents (quality_common.heldout_split; each
   document scored by its routed path), scored with the modules' GLOBAL weights after the
   last round (what a checkpoint holds; with N > 1 a slice's globals are up to N - 1
@@ -30,11 +30,21 @@ round trains; overlap.FragmentRebase, SimulatedSwarm(overlap=True)): the same N 
 against the same plain N = 1 baseline; the last round's average lands at the end, as when
 run() stops.
 
+Retuned (--outer-grid LR,MOMENTUM ...): every variant, N = 1 included, runs at each outer
+(lr, momentum) of the grid; each variant's setting is the one with the lowest median
+VALIDATION loss over the seeds (quality_common.heldout_split: disjoint from the TEST half),
+and its TEST loss is reported against N = 1 at N = 1's own chosen setting, so a retuned
+variant is never compared with an untuned baseline. The preset's setting, when in the grid,
+is reported beside it (the untuned ratio, from the same run). --only-overlapped drops the
+plain N > 1 variants.
+
 Run: python benchmarks/bench_fragments.py [--quick] [--seeds 1 2] [--fragments 1 2 4] [--rounds R] [--H H]
+     [--outer-grid 0.7,0.9 0.5,0.9 ...] [--only-overlapped]
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import sys
@@ -68,6 +78,11 @@ def main() -> None:
     parser.add_argument("--fragments", type=int, nargs="+", help="the N to compare (must hold 1)")
     parser.add_argument("--rounds", type=int, help="outer rounds (overrides the preset)")
     parser.add_argument("--H", type=int, help="inner steps per round (overrides the preset)")
+    parser.add_argument("--outer-grid", nargs="+", metavar="LR,MOMENTUM", type=outer_setting,
+                        help="outer (lr, Nesterov momentum) settings to try for every variant; each "
+                             "variant's is chosen on the VALIDATION half (default: the preset's alone)")
+    parser.add_argument("--only-overlapped", action="store_true",
+                        help="compare N = 1 with the overlapped N > 1 only (no plain N > 1 runs)")
     args = parser.parse_args()
     p = dict(QUICK if args.quick else FULL)
     p["fragments"] = sorted(set(args.fragments or p["fragments"]))
@@ -84,70 +99,109 @@ def main() -> None:
     docs = load_corpus()
     H, rounds, ns = p["H"], p["rounds"], p["fragments"]
     cfg = small_config(0, **model_kwargs(p, SETUPS["DiPaCo"]))
+    preset = (cfg.outer.lr, cfg.outer.momentum)
+    grid = list(dict.fromkeys(args.outer_grid or [preset]))
+    tuned = len(grid) > 1
     steps = H * rounds
     print(f"- budget, every N: {rounds} rounds x H = {H} inner steps = {steps} steps of {p['batch_size']} x "
           f"{p['context']} tokens per worker, {K} workers ({K * steps * p['batch_size'] * p['context']:,} "
           f"tokens per run): equal tokens and equal rounds")
     print(f"- DiLoCo: {K} workers on one path (data streams 0..{K - 1}); DiPaCo: 2x2 grid, one worker per path")
     print(f"- inner: AdamW8bit, lr {cfg.inner.lr:g}, {cfg.inner.warmup_steps} warm-up steps, cosine to "
-          f"{cfg.inner.min_lr_ratio:g} x lr over the run; outer: Nesterov, lr {cfg.outer.lr:g}, momentum "
-          f"{cfg.outer.momentum:g} (the preset's) for every N, not retuned per N")
+          f"{cfg.inner.min_lr_ratio:g} x lr over the run; outer: Nesterov, (lr, momentum) "
+          + (f"chosen per variant from {grid} by the median VALIDATION loss over the seeds (the preset's: "
+             f"{preset})" if tuned else f"{preset} (the preset's) for every N, not retuned per N"))
     print(f"- N = {ns}: round r averages fragment_bounds(numel, N, r) of each module (r = 0, 1, ...); "
           "SimulatedSwarm(fragments=N), the node's code path")
-    print(f"- reported: TEST half of the held-out documents (nothing is tuned); seeds {seeds} "
+    tuning = "only the outer setting is tuned, on the VALIDATION half" if tuned else "nothing is tuned"
+    print(f"- reported: TEST half of the held-out documents ({tuning}); seeds {seeds} "
           f"(run.seed: init, router, data order); corpus: {len(docs)} documents")
-    variants = [(n, False) for n in ns] + [(n, True) for n in ns if n > 1]
-    jobs = [(p, seed, setup, n, overlap) for setup in SETUPS for n, overlap in variants for seed in seeds]
+    plain = [] if args.only_overlapped else [(n, False) for n in ns if n > 1]
+    variants = [(1, False)] + plain + [(n, True) for n in ns if n > 1]
+    jobs = [(p, seed, setup, n, overlap, outer) for setup in SETUPS for n, overlap in variants for outer in grid
+            for seed in seeds]
     print(f"- {len(jobs)} training runs in {min(args.jobs, len(jobs))} parallel processes\n", flush=True)
     outputs = run_jobs(train_and_score, jobs, args.jobs,
                        on_done=lambda job, out: print(
-                           f"({job[2]}, N = {job[3]}{' overlapped' if job[4] else ''}, seed {job[1]}: test "
-                           f"{out['loss']['test']:.4f}, own weights {out['own_loss']['test']:.4f}, done at "
-                           f"{time.perf_counter() - t_start:.0f} s)", flush=True))
-    by_job = {(setup, n, overlap, seed): out for (_, seed, setup, n, overlap), out in zip(jobs, outputs)}
+                           f"({job[2]}, N = {job[3]}{' overlapped' if job[4] else ''}, outer {job[5]}, "
+                           f"seed {job[1]}: "
+                           f"validation {out['loss']['validation']:.4f}, test {out['loss']['test']:.4f}, own weights "
+                           f"{out['own_loss']['test']:.4f}, done at {time.perf_counter() - t_start:.0f} s)", flush=True))
+    by_job = {(setup, n, overlap, outer, seed): out
+              for (_, seed, setup, n, overlap, outer), out in zip(jobs, outputs)}
+
+    # ------------------------------------------------------------ choose on validation
+    valid = {(setup, n, o, outer): statistics.median(by_job[(setup, n, o, outer, s)]["loss"]["validation"]
+                                                     for s in seeds)
+             for setup in SETUPS for n, o in variants for outer in grid}
+    chosen = {(setup, n, o): min(grid, key=lambda outer: valid[(setup, n, o, outer)])
+              for setup in SETUPS for n, o in variants}
+
+    def run_of(setup: str, n: int, o: bool, seed: int, outer: tuple | None = None) -> dict:
+        return by_job[(setup, n, o, outer or chosen[(setup, n, o)], seed)]
 
     # ------------------------------------------------------------------ report
     rows, results = [], []
     for setup in SETUPS:
-        base = [by_job[(setup, 1, False, s)]["loss"]["test"] for s in seeds]
-        numels = by_job[(setup, 1, False, seeds[0])]["modules"]
+        base = [run_of(setup, 1, False, s)["loss"]["test"] for s in seeds]
+        first = run_of(setup, 1, False, seeds[0])
+        numels, held = first["modules"], first["worker_modules"]  # the same modules for every worker
         for n, overlap in variants:
-            test = [by_job[(setup, n, overlap, s)]["loss"]["test"] for s in seeds]
-            own = [by_job[(setup, n, overlap, s)]["own_loss"]["test"] for s in seeds]
+            test = [run_of(setup, n, overlap, s)["loss"]["test"] for s in seeds]
+            own = [run_of(setup, n, overlap, s)["own_loss"]["test"] for s in seeds]
             ratios = [a / b for a, b in zip(test, base)]
             ppl_ratios = [math.exp(a - b) for a, b in zip(test, base)]
-            held = by_job[(setup, 1, False, seeds[0])]["worker_modules"]  # the same for every worker
             per_round = sum(buffer_numel(numels[m]["numel"], n) for m in held)
             total = sum(numels[m]["numel"] for m in held)
-            results.append({"setup": setup, "fragments": n, "overlap": overlap, "test": test, "own_test": own,
-                            "ratios": ratios, "ppl_ratios": ppl_ratios, "mean_test": mean(test),
-                            "mean_ratio": mean(ratios), "mean_ppl_ratio": mean(ppl_ratios),
-                            "values_per_round": per_round, "byte_fraction": per_round / total})
-            rows.append((setup, f"{n}{', overlapped' if overlap else ''}", f"{per_round:,} ({per_round / total:.3f})",
+            result = {"setup": setup, "fragments": n, "overlap": overlap, "outer": chosen[(setup, n, overlap)],
+                      "test": test, "own_test": own, "ratios": ratios, "ppl_ratios": ppl_ratios,
+                      "mean_test": mean(test), "mean_ratio": mean(ratios), "mean_ppl_ratio": mean(ppl_ratios),
+                      "values_per_round": per_round, "byte_fraction": per_round / total}
+            if tuned and preset in grid:
+                at_preset = [run_of(setup, n, overlap, s, preset)["loss"]["test"] / run_of(setup, 1, False, s, preset)
+                             ["loss"]["test"] for s in seeds]
+                result["preset_ratios"], result["preset_mean_ratio"] = at_preset, mean(at_preset)
+            results.append(result)
+            rows.append((setup, f"{n}{', overlapped' if overlap else ''}",
+                         *([describe_outer(result["outer"])] if tuned else []),
+                         f"{per_round:,} ({per_round / total:.3f})",
                          " / ".join(fmt(x) for x in test), f"**{fmt(mean(test))}**", fmt(math.exp(mean(test)), 3),
                          " / ".join(fmt(x, 3) for x in ratios), f"**{fmt(mean(ratios), 3)}**",
-                         fmt(mean(ppl_ratios), 3), fmt(mean(own))))
+                         fmt(mean(ppl_ratios), 3), fmt(mean(own)),
+                         *([fmt(result["preset_mean_ratio"], 3)] if "preset_mean_ratio" in result else [])))
     seed_list = ", ".join(str(s) for s in seeds)
-    first = {setup: by_job[(setup, 1, False, seeds[0])] for setup in SETUPS}
+    first = {setup: run_of(setup, 1, False, seeds[0]) for setup in SETUPS}
     print(f"\n- one path: {first['DiPaCo']['path_params']:,} parameters (d_model {p['d_model']}, context "
           f"{p['context']}); TEST tokens scored (seed {seeds[0]}): "
           + ", ".join(f"{setup} {out['heldout_tokens']['test']:,}" for setup, out in first.items()))
-    print("\n### TEST loss with N fragments, equal tokens and rounds\n")
-    print(f"Columns: *values/round* = pseudo-gradient values each worker all-reduces per round over the "
+    if tuned:
+        print("\n### Outer settings, chosen on the VALIDATION half\n")
+        print(f"Columns: *median validation loss* = median over seeds {seed_list} of the final VALIDATION loss "
+              f"(global weights); *taken* = the variant's lowest, the setting its TEST loss below is reported at.\n")
+        print(markdown_table(["setup", "N", "outer (lr, momentum)", "median validation loss", "taken"],
+                             [(setup, f"{n}{', overlapped' if o else ''}", describe_outer(outer),
+                               fmt(valid[(setup, n, o, outer)]), "**yes**" if outer == chosen[(setup, n, o)] else "")
+                              for setup in SETUPS for n, o in variants for outer in grid]))
+    print(f"\n### TEST loss with N fragments, equal tokens and rounds{', outer step retuned' if tuned else ''}\n")
+    print(f"Columns: {'*outer* = the (lr, momentum) chosen on validation; ' if tuned else ''}"
+          f"*values/round* = pseudo-gradient values each worker all-reduces per round over the "
           f"modules of its path (the averager's buffer, ⌈numel/N⌉ per module; in parentheses: the fraction of "
           f"N = 1, i.e. of the bytes); *test loss* = final TEST loss, nats per byte-token, of the modules' "
           f"global weights, seeds {seed_list}, and their mean; *ppl* = exp(mean loss); *loss ratio* = test "
-          f"loss / the same seed's N = 1 test loss, per seed and mean; *ppl ratio* = mean over seeds of "
-          f"exp(loss − N = 1 loss); "
-          f"*own weights* = mean TEST loss of the workers' own (local) weights after the last round.\n")
-    print(markdown_table(["setup", "N", "values/round (fraction)", f"test loss (seeds {seed_list})", "mean",
-                          "ppl", "loss ratio vs N=1 per seed", "mean loss ratio", "mean ppl ratio",
-                          "own weights, mean"], rows))
+          f"loss / the same seed's N = 1 test loss{' (N = 1 at its own chosen setting)' if tuned else ''}, per "
+          f"seed and mean; *ppl ratio* = mean over seeds of exp(loss − N = 1 loss); "
+          f"*own weights* = mean TEST loss of the workers' own (local) weights after the last round"
+          + ("; *at the preset* = the mean loss ratio when every variant, N = 1 too, keeps the preset's "
+             f"{preset}." if tuned and preset in grid else ".") + "\n")
+    print(markdown_table(["setup", "N", *(["outer"] if tuned else []), "values/round (fraction)",
+                          f"test loss (seeds {seed_list})", "mean", "ppl", "loss ratio vs N=1 per seed",
+                          "mean loss ratio", "mean ppl ratio", "own weights, mean",
+                          *(["at the preset"] if tuned and preset in grid else [])], rows))
 
     print(f"\n### All-reduce size per round, per module ({rounds} rounds; every worker, every round)\n")
     module_rows = []
     for setup in SETUPS:
-        for module_id, m in by_job[(setup, 1, False, seeds[0])]["modules"].items():
+        for module_id, m in first[setup]["modules"].items():
             module_rows.append((setup, module_id, m["holders"], f"{m['numel']:,}",
                                 *[f"{buffer_numel(m['numel'], n):,} ({buffer_numel(m['numel'], n) / m['numel']:.3f})"
                                   for n in ns]))
@@ -158,26 +212,49 @@ def main() -> None:
 
     print()
     for setup in SETUPS:
-        line = ", ".join(f"N = {r['fragments']}{' overlapped' if r['overlap'] else ''}: {r['mean_ratio']:.3f} (per seed "
+        line = ", ".join(f"N = {r['fragments']}{' overlapped' if r['overlap'] else ''}"
+                         f"{' at ' + describe_outer(r['outer']) if tuned else ''}: {r['mean_ratio']:.3f} (per seed "
                          f"{' / '.join(f'{x:.3f}' for x in r['ratios'])}) for {r['byte_fraction']:.2f} of the bytes"
                          for r in results if r["setup"] == setup and r["fragments"] != 1)
-        print(f"Result, {setup}: TEST loss vs N = 1, equal tokens and rounds, outer step not retuned: {line}.")
+        how = (f"every variant's outer step chosen on validation (N = 1 at {describe_outer(chosen[(setup, 1, False)])})"
+               if tuned else "outer step not retuned")
+        print(f"Result, {setup}: TEST loss vs N = 1, equal tokens and rounds, {how}: {line}.")
 
     # ------------------------------------------------------------------ files
-    xs = by_job[(next(iter(SETUPS)), 1, False, seeds[0])]["curve"][0]
+    xs = run_of(next(iter(SETUPS)), 1, False, seeds[0])["curve"][0]
     png = plot_curves(NAME, {f"{setup}, N = {n}{' overlapped' if o else ''}":
-                             (xs, [mean([by_job[(setup, n, o, s)]["curve"][1][i] for s in seeds]) for i in range(len(xs))])
+                             (xs, [mean([run_of(setup, n, o, s)["curve"][1][i] for s in seeds])
+                                   for i in range(len(xs))])
                              for setup in SETUPS for n, o in variants},
                       "inner steps per worker", "TEST loss, global weights (a subset; nats/byte-token)",
-                      f"fragments: mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
+                      f"fragments: mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+                      + (", outer step chosen on validation" if tuned else ""))
     out = write_json(NAME, {
         "machine": info, "params": p, "K": K, "setups": SETUPS, "seeds": seeds,
-        "outer": {"lr": cfg.outer.lr, "momentum": cfg.outer.momentum}, "results": results,
-        "runs": [{"setup": setup, "fragments": n, "overlap": ov, "seed": s, **o}
-                 for (setup, n, ov, s), o in by_job.items()],
+        "outer": {"preset": preset, "grid": grid,
+                  "chosen": [{"setup": setup, "fragments": n, "overlap": o, "outer": c}
+                             for (setup, n, o), c in chosen.items()]},
+        "results": results,
+        "runs": [{"setup": setup, "fragments": n, "overlap": ov, "outer": outer, "seed": s, **o}
+                 for (setup, n, ov, outer, s), o in by_job.items()],
         "elapsed_s": time.perf_counter() - t_start})
     written = " and ".join(str(f.relative_to(REPO)) for f in (out, png) if f)
     print(f"\nwrote {written} in {time.perf_counter() - t_start:.0f} s")
+
+
+def outer_setting(text: str) -> tuple[float, float]:
+    """'0.7,0.9' -> (0.7, 0.9): an outer (lr, Nesterov momentum) for --outer-grid."""
+    try:
+        lr, momentum = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LR,MOMENTUM (e.g. 0.7,0.9)") from None
+    if not (lr > 0 and 0 <= momentum < 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: the lr must be > 0 and the momentum in [0, 1)")
+    return lr, momentum
+
+
+def describe_outer(outer: tuple[float, float]) -> str:
+    return f"({outer[0]:g}, {outer[1]:g})"
 
 
 def mean(values) -> float:
@@ -196,11 +273,13 @@ def model_kwargs(p: dict, levels: list[int]) -> dict:
             "steps_per_round": p["H"], "rounds": p["rounds"]}
 
 
-def train_and_score(p: dict, seed: int, setup: str, fragments: int, overlap: bool = False) -> dict:
+def train_and_score(p: dict, seed: int, setup: str, fragments: int, overlap: bool,
+                    outer: tuple[float, float]) -> dict:
     """One run: final validation and test losses (global and own weights) and a test curve."""
     docs = load_corpus()
     H, context = p["H"], p["context"]
-    state = RunState.create(small_config(seed, **model_kwargs(p, SETUPS[setup])), docs)
+    config = small_config(seed, **model_kwargs(p, SETUPS[setup]), outer_lr=outer[0], outer_momentum=outer[1])
+    state = RunState.create(config, docs)
     held = {split: heldout_sequences(state, docs, p["eval_tokens"], split) for split in SPLITS}
     curve_held = heldout_sequences(state, docs, p["curve_tokens"], "test")
     sessions = workers_of(state, docs, K if setup == "DiLoCo" else None)

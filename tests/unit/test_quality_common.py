@@ -1,16 +1,20 @@
 """The quality benchmarks' simulated outer step with averaging.fragments (SimulatedSwarm's
 `fragments`): N = 1 through the fragment code path is bit-identical to the whole-module
-outer step, and N > 1 steps and adopts only the round's fragment."""
+outer step, and N > 1 steps and adopts only the round's fragment; bench_fragments'
+--outer-grid takes only a well-formed outer setting."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
+from bench_fragments import outer_setting  # noqa: E402
 from quality_common import SimulatedSwarm, make_session  # noqa: E402
 
 from p2ptrain.train.outer import fragment_bounds  # noqa: E402
@@ -108,3 +112,11 @@ def test_an_encode_hook_changes_what_each_worker_contributes_and_nothing_else(ti
         moved_exact = flat(exact.globals[module_id].global_params) - start[module_id]
         moved_halved = flat(halved.globals[module_id].global_params) - start[module_id]
         assert torch.allclose(moved_halved, moved_exact * 0.5, atol=1e-7)
+
+
+def test_an_outer_grid_setting_is_lr_comma_momentum_and_anything_else_is_refused():
+    assert outer_setting("0.7,0.9") == (0.7, 0.9)
+    assert outer_setting("1,0") == (1.0, 0.0)
+    for bad in ("0.7", "0.7,0.9,1", "lr,0.9", "0,0.9", "-1,0.9", "0.7,1", "0.7,-0.1", "nan,0.9"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            outer_setting(bad)
