@@ -56,12 +56,6 @@ def summarize(result: dict, config: RunConfig, n_peers: int) -> dict:
     step_s_per_peer = [statistics.median(e["seconds_inner"] / H for e in events) for events in per_peer]
     step_s_all = [e["seconds_inner"] / H for events in per_peer for e in events]
     wall_per_peer = [statistics.mean(e["seconds_wall"] for e in events) for events in per_peer]
-    groups = {"stem": [], "level": []}
-    for events in per_peer:
-        for e in events:
-            for module, n in e["peers_per_module"].items():
-                groups["stem" if module == "stem" else "level"].append(n)
-    module_rounds = sum(len(e["peers_per_module"]) for events in per_peer for e in events)
     return {
         "peers": n_peers, "overlap": config.averaging.overlap, "steps_per_round": H,
         "rounds": config.inner.total_rounds, "matchmaking_time": config.averaging.matchmaking_time,
@@ -70,14 +64,26 @@ def summarize(result: dict, config: RunConfig, n_peers: int) -> dict:
         "wall_per_round_s": statistics.median(wall_per_peer),
         "utilization": bench_swarm.training_thread_share(result),
         "outer_s": statistics.median(e["seconds_outer"] for events in per_peer for e in events),
-        "mean_group": {k: (statistics.mean(v) if v else 0.0) for k, v in groups.items()},
-        "resync_fraction": sum(len(e["resynced"]) for events in per_peer for e in events) / max(module_rounds, 1),
+        **group_outcomes(per_peer),
         "step_s_median": statistics.median(step_s_all),
         "step_s_per_peer": step_s_per_peer,
         "step_s_all": step_s_all,
         "loopback_bytes_per_peer_round": result["bytes"] / n_peers / config.inner.total_rounds,
         "rounds_by_peer": result["rounds"],
     }
+
+
+def group_outcomes(per_peer: list[list[dict]]) -> dict:
+    """From every peer's round events: the mean group size of the stem and of the level
+    modules ("mean_group"), and the share of module-rounds that ended in a re-sync."""
+    groups: dict[str, list[int]] = {"stem": [], "level": []}
+    for events in per_peer:
+        for e in events:
+            for module, n in e["peers_per_module"].items():
+                groups["stem" if module == "stem" else "level"].append(n)
+    module_rounds = sum(len(e["peers_per_module"]) for events in per_peer for e in events)
+    return {"mean_group": {k: (statistics.mean(v) if v else 0.0) for k, v in groups.items()},
+            "resync_fraction": sum(len(e["resynced"]) for events in per_peer for e in events) / max(module_rounds, 1)}
 
 
 # --------------------------------------------------------------- heterogeneous peers

@@ -565,18 +565,13 @@ def summarize_loopback(result: dict, config: RunConfig, n_peers: int) -> dict:
     simulator predicts and what calibrates it (seconds per step, read per round as inner
     seconds over the steps the round's tokens make: rounds end at the deadline, not at H)."""
     import bench_swarm
+    import loopback_runs
     tokens_per_step = config.inner.batch_size * config.model.context
     per_peer = [events[1:] or events for events in result["rounds"].values()]
     steps = [[max(e["tokens"] // tokens_per_step, 1) for e in events] for events in per_peer]
     step_s_per_peer = [statistics.median(e["seconds_inner"] / k for e, k in zip(events, ks))
                        for events, ks in zip(per_peer, steps)]
     step_s_all = [e["seconds_inner"] / k for events, ks in zip(per_peer, steps) for e, k in zip(events, ks)]
-    groups = {"stem": [], "level": []}
-    for events in per_peer:
-        for e in events:
-            for module, n in e["peers_per_module"].items():
-                groups["stem" if module == "stem" else "level"].append(n)
-    module_rounds = sum(len(e["peers_per_module"]) for events in per_peer for e in events)
     return {
         "peers": n_peers, "overlap": config.averaging.overlap, "steps_per_round": config.inner.steps_per_round,
         "fill_round": config.averaging.fill_round, "slowed": [],
@@ -596,8 +591,7 @@ def summarize_loopback(result: dict, config: RunConfig, n_peers: int) -> dict:
         "outer_s": statistics.median(e["seconds_outer"] for events in per_peer for e in events),
         "steps_per_round_median": statistics.median(k for ks in steps for k in ks),
         "skipped_rounds": sum(events[-1]["round"] - events[0]["round"] + 1 - len(events) for events in per_peer),
-        "mean_group": {k: (statistics.mean(v) if v else 0.0) for k, v in groups.items()},
-        "resync_fraction": sum(len(e["resynced"]) for events in per_peer for e in events) / max(module_rounds, 1),
+        **loopback_runs.group_outcomes(per_peer),
         "step_s_median": statistics.median(step_s_all), "step_s_per_peer": step_s_per_peer,
         "step_s_all": step_s_all,
         "loopback_bytes_per_peer_round": result["bytes"] / n_peers / config.inner.total_rounds,
