@@ -38,8 +38,14 @@ variant is never compared with an untuned baseline. The preset's setting, when i
 is reported beside it (the untuned ratio, from the same run). --only-overlapped drops the
 plain N > 1 variants.
 
+With a last whole average (--final-average): every N > 1 variant runs again with one more
+outer step after its last round, on whole modules, from every worker's latest weights
+(SimulatedSwarm(final_average=True)), so no slice's globals are rounds older than its
+workers' progress. This measures what such a closing round would recover; p2ptrain's node
+does not run one.
+
 Run: python benchmarks/bench_fragments.py [--quick] [--seeds 1 2] [--fragments 1 2 4] [--rounds R] [--H H]
-     [--outer-grid 0.7,0.9 0.5,0.9 ...] [--only-overlapped]
+     [--outer-grid 0.7,0.9 0.5,0.9 ...] [--only-overlapped] [--final-average]
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -62,6 +69,22 @@ from p2ptrain.train.outer import fragment_bounds  # noqa: E402
 
 NAME = "bench_fragments"
 K = 4  # DiLoCo's workers on the one path; DiPaCo: the 2x2 grid's 4 paths, one worker each
+
+
+class Variant(NamedTuple):
+    """How a run averages: N fragments, overlapped or not, and (final_average) one more outer
+    step on whole modules after the last round."""
+    fragments: int
+    overlap: bool = False
+    final_average: bool = False
+
+    @property
+    def label(self) -> str:
+        return (f"{self.fragments}{', overlapped' if self.overlap else ''}"
+                f"{', last round whole' if self.final_average else ''}")
+
+
+BASE = Variant(1)  # whole modules every round: every ratio's denominator
 SETUPS = {"DiLoCo": [1, 1], "DiPaCo": [2, 2]}  # grid levels
 
 # ~23 ms per inner step of 16 x 64 tokens at d_model 32 on one idle core: one run is
@@ -83,6 +106,9 @@ def main() -> None:
                              "variant's is chosen on the VALIDATION half (default: the preset's alone)")
     parser.add_argument("--only-overlapped", action="store_true",
                         help="compare N = 1 with the overlapped N > 1 only (no plain N > 1 runs)")
+    parser.add_argument("--final-average", action="store_true",
+                        help="also run every N > 1 variant with a last outer step on whole modules after its "
+                             "last round (what a full final average would recover)")
     args = parser.parse_args()
     p = dict(QUICK if args.quick else FULL)
     p["fragments"] = sorted(set(args.fragments or p["fragments"]))
@@ -116,53 +142,51 @@ def main() -> None:
     tuning = "only the outer setting is tuned, on the VALIDATION half" if tuned else "nothing is tuned"
     print(f"- reported: TEST half of the held-out documents ({tuning}); seeds {seeds} "
           f"(run.seed: init, router, data order); corpus: {len(docs)} documents")
-    plain = [] if args.only_overlapped else [(n, False) for n in ns if n > 1]
-    variants = [(1, False)] + plain + [(n, True) for n in ns if n > 1]
-    jobs = [(p, seed, setup, n, overlap, outer) for setup in SETUPS for n, overlap in variants for outer in grid
-            for seed in seeds]
+    plain = [] if args.only_overlapped else [Variant(n) for n in ns if n > 1]
+    variants = [BASE] + plain + [Variant(n, overlap=True) for n in ns if n > 1]
+    if args.final_average:
+        variants += [v._replace(final_average=True) for v in variants if v.fragments > 1]
+    jobs = [(p, seed, setup, v, outer) for setup in SETUPS for v in variants for outer in grid for seed in seeds]
     print(f"- {len(jobs)} training runs in {min(args.jobs, len(jobs))} parallel processes\n", flush=True)
     outputs = run_jobs(train_and_score, jobs, args.jobs,
                        on_done=lambda job, out: print(
-                           f"({job[2]}, N = {job[3]}{' overlapped' if job[4] else ''}, outer {job[5]}, "
-                           f"seed {job[1]}: "
-                           f"validation {out['loss']['validation']:.4f}, test {out['loss']['test']:.4f}, own weights "
-                           f"{out['own_loss']['test']:.4f}, done at {time.perf_counter() - t_start:.0f} s)", flush=True))
-    by_job = {(setup, n, overlap, outer, seed): out
-              for (_, seed, setup, n, overlap, outer), out in zip(jobs, outputs)}
+                           f"({job[2]}, N = {job[3].label}, outer {job[4]}, seed {job[1]}: "
+                           f"validation {out['loss']['validation']:.4f}, test {out['loss']['test']:.4f}, own "
+                           f"weights {out['own_loss']['test']:.4f}, done at {time.perf_counter() - t_start:.0f} s)",
+                           flush=True))
+    by_job = {(setup, v, outer, seed): out for (_, seed, setup, v, outer), out in zip(jobs, outputs)}
 
     # ------------------------------------------------------------ choose on validation
-    valid = {(setup, n, o, outer): statistics.median(by_job[(setup, n, o, outer, s)]["loss"]["validation"]
-                                                     for s in seeds)
-             for setup in SETUPS for n, o in variants for outer in grid}
-    chosen = {(setup, n, o): min(grid, key=lambda outer: valid[(setup, n, o, outer)])
-              for setup in SETUPS for n, o in variants}
+    valid = {(setup, v, outer): statistics.median(by_job[(setup, v, outer, s)]["loss"]["validation"] for s in seeds)
+             for setup in SETUPS for v in variants for outer in grid}
+    chosen = {(setup, v): min(grid, key=lambda outer: valid[(setup, v, outer)]) for setup in SETUPS for v in variants}
 
-    def run_of(setup: str, n: int, o: bool, seed: int, outer: tuple | None = None) -> dict:
-        return by_job[(setup, n, o, outer or chosen[(setup, n, o)], seed)]
+    def run_of(setup: str, v: Variant, seed: int, outer: tuple | None = None) -> dict:
+        return by_job[(setup, v, outer or chosen[(setup, v)], seed)]
 
     # ------------------------------------------------------------------ report
     rows, results = [], []
     for setup in SETUPS:
-        base = [run_of(setup, 1, False, s)["loss"]["test"] for s in seeds]
-        first = run_of(setup, 1, False, seeds[0])
+        base = [run_of(setup, BASE, s)["loss"]["test"] for s in seeds]
+        first = run_of(setup, BASE, seeds[0])
         numels, held = first["modules"], first["worker_modules"]  # the same modules for every worker
-        for n, overlap in variants:
-            test = [run_of(setup, n, overlap, s)["loss"]["test"] for s in seeds]
-            own = [run_of(setup, n, overlap, s)["own_loss"]["test"] for s in seeds]
+        for v in variants:
+            test = [run_of(setup, v, s)["loss"]["test"] for s in seeds]
+            own = [run_of(setup, v, s)["own_loss"]["test"] for s in seeds]
             ratios = [a / b for a, b in zip(test, base)]
             ppl_ratios = [math.exp(a - b) for a, b in zip(test, base)]
-            per_round = sum(buffer_numel(numels[m]["numel"], n) for m in held)
+            per_round = sum(buffer_numel(numels[m]["numel"], v.fragments) for m in held)
             total = sum(numels[m]["numel"] for m in held)
-            result = {"setup": setup, "fragments": n, "overlap": overlap, "outer": chosen[(setup, n, overlap)],
+            result = {"setup": setup, **v._asdict(), "outer": chosen[(setup, v)],
                       "test": test, "own_test": own, "ratios": ratios, "ppl_ratios": ppl_ratios,
                       "mean_test": mean(test), "mean_ratio": mean(ratios), "mean_ppl_ratio": mean(ppl_ratios),
                       "values_per_round": per_round, "byte_fraction": per_round / total}
             if tuned and preset in grid:
-                at_preset = [run_of(setup, n, overlap, s, preset)["loss"]["test"] / run_of(setup, 1, False, s, preset)
-                             ["loss"]["test"] for s in seeds]
+                at_preset = [run_of(setup, v, s, preset)["loss"]["test"]
+                             / run_of(setup, BASE, s, preset)["loss"]["test"] for s in seeds]
                 result["preset_ratios"], result["preset_mean_ratio"] = at_preset, mean(at_preset)
             results.append(result)
-            rows.append((setup, f"{n}{', overlapped' if overlap else ''}",
+            rows.append((setup, v.label,
                          *([describe_outer(result["outer"])] if tuned else []),
                          f"{per_round:,} ({per_round / total:.3f})",
                          " / ".join(fmt(x) for x in test), f"**{fmt(mean(test))}**", fmt(math.exp(mean(test)), 3),
@@ -170,7 +194,7 @@ def main() -> None:
                          fmt(mean(ppl_ratios), 3), fmt(mean(own)),
                          *([fmt(result["preset_mean_ratio"], 3)] if "preset_mean_ratio" in result else [])))
     seed_list = ", ".join(str(s) for s in seeds)
-    first = {setup: run_of(setup, 1, False, seeds[0]) for setup in SETUPS}
+    first = {setup: run_of(setup, BASE, seeds[0]) for setup in SETUPS}
     print(f"\n- one path: {first['DiPaCo']['path_params']:,} parameters (d_model {p['d_model']}, context "
           f"{p['context']}); TEST tokens scored (seed {seeds[0]}): "
           + ", ".join(f"{setup} {out['heldout_tokens']['test']:,}" for setup, out in first.items()))
@@ -179,9 +203,9 @@ def main() -> None:
         print(f"Columns: *median validation loss* = median over seeds {seed_list} of the final VALIDATION loss "
               f"(global weights); *taken* = the variant's lowest, the setting its TEST loss below is reported at.\n")
         print(markdown_table(["setup", "N", "outer (lr, momentum)", "median validation loss", "taken"],
-                             [(setup, f"{n}{', overlapped' if o else ''}", describe_outer(outer),
-                               fmt(valid[(setup, n, o, outer)]), "**yes**" if outer == chosen[(setup, n, o)] else "")
-                              for setup in SETUPS for n, o in variants for outer in grid]))
+                             [(setup, v.label, describe_outer(outer), fmt(valid[(setup, v, outer)]),
+                               "**yes**" if outer == chosen[(setup, v)] else "")
+                              for setup in SETUPS for v in variants for outer in grid]))
     print(f"\n### TEST loss with N fragments, equal tokens and rounds{', outer step retuned' if tuned else ''}\n")
     print(f"Columns: {'*outer* = the (lr, momentum) chosen on validation; ' if tuned else ''}"
           f"*values/round* = pseudo-gradient values each worker all-reduces per round over the "
@@ -212,31 +236,29 @@ def main() -> None:
 
     print()
     for setup in SETUPS:
-        line = ", ".join(f"N = {r['fragments']}{' overlapped' if r['overlap'] else ''}"
+        line = ", ".join(f"N = {Variant(r['fragments'], r['overlap'], r['final_average']).label}"
                          f"{' at ' + describe_outer(r['outer']) if tuned else ''}: {r['mean_ratio']:.3f} (per seed "
                          f"{' / '.join(f'{x:.3f}' for x in r['ratios'])}) for {r['byte_fraction']:.2f} of the bytes"
                          for r in results if r["setup"] == setup and r["fragments"] != 1)
-        how = (f"every variant's outer step chosen on validation (N = 1 at {describe_outer(chosen[(setup, 1, False)])})"
+        how = (f"every variant's outer step chosen on validation (N = 1 at {describe_outer(chosen[(setup, BASE)])})"
                if tuned else "outer step not retuned")
         print(f"Result, {setup}: TEST loss vs N = 1, equal tokens and rounds, {how}: {line}.")
 
     # ------------------------------------------------------------------ files
-    xs = run_of(next(iter(SETUPS)), 1, False, seeds[0])["curve"][0]
-    png = plot_curves(NAME, {f"{setup}, N = {n}{' overlapped' if o else ''}":
-                             (xs, [mean([run_of(setup, n, o, s)["curve"][1][i] for s in seeds])
-                                   for i in range(len(xs))])
-                             for setup in SETUPS for n, o in variants},
+    xs = run_of(next(iter(SETUPS)), BASE, seeds[0])["curve"][0]
+    png = plot_curves(NAME, {f"{setup}, N = {v.label}":
+                             (xs, [mean([run_of(setup, v, s)["curve"][1][i] for s in seeds]) for i in range(len(xs))])
+                             for setup in SETUPS for v in variants},
                       "inner steps per worker", "TEST loss, global weights (a subset; nats/byte-token)",
                       f"fragments: mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
                       + (", outer step chosen on validation" if tuned else ""))
     out = write_json(NAME, {
         "machine": info, "params": p, "K": K, "setups": SETUPS, "seeds": seeds,
         "outer": {"preset": preset, "grid": grid,
-                  "chosen": [{"setup": setup, "fragments": n, "overlap": o, "outer": c}
-                             for (setup, n, o), c in chosen.items()]},
+                  "chosen": [{"setup": setup, **v._asdict(), "outer": c} for (setup, v), c in chosen.items()]},
         "results": results,
-        "runs": [{"setup": setup, "fragments": n, "overlap": ov, "outer": outer, "seed": s, **o}
-                 for (setup, n, ov, outer, s), o in by_job.items()],
+        "runs": [{"setup": setup, **v._asdict(), "outer": outer, "seed": s, **o}
+                 for (setup, v, outer, s), o in by_job.items()],
         "elapsed_s": time.perf_counter() - t_start})
     written = " and ".join(str(f.relative_to(REPO)) for f in (out, png) if f)
     print(f"\nwrote {written} in {time.perf_counter() - t_start:.0f} s")
@@ -273,8 +295,7 @@ def model_kwargs(p: dict, levels: list[int]) -> dict:
             "steps_per_round": p["H"], "rounds": p["rounds"]}
 
 
-def train_and_score(p: dict, seed: int, setup: str, fragments: int, overlap: bool,
-                    outer: tuple[float, float]) -> dict:
+def train_and_score(p: dict, seed: int, setup: str, variant: Variant, outer: tuple[float, float]) -> dict:
     """One run: final validation and test losses (global and own weights) and a test curve."""
     docs = load_corpus()
     H, context = p["H"], p["context"]
@@ -283,7 +304,8 @@ def train_and_score(p: dict, seed: int, setup: str, fragments: int, overlap: boo
     held = {split: heldout_sequences(state, docs, p["eval_tokens"], split) for split in SPLITS}
     curve_held = heldout_sequences(state, docs, p["curve_tokens"], "test")
     sessions = workers_of(state, docs, K if setup == "DiLoCo" else None)
-    swarm = SimulatedSwarm(sessions, fragments=fragments, overlap=overlap)
+    swarm = SimulatedSwarm(sessions, fragments=variant.fragments, overlap=variant.overlap,
+                           final_average=variant.final_average)
 
     def own_loss(sequences: dict) -> float:
         """Each path's docs scored by each of its workers' own weights, averaged over them."""

@@ -154,19 +154,23 @@ class SimulatedSwarm:
     def __init__(self, sessions: Sequence[PathSession], sharing_scale: Callable[[str], float] | None = None,
                  fragments: int | None = None,
                  encode: Callable[[PathSession, str, torch.Tensor], torch.Tensor] | None = None,
-                 overlap: bool = False):
+                 overlap: bool = False, final_average: bool = False):
         """fragments: None, the whole-module outer step below; N, the node's averaging.fragments
         code path (SwarmNode.outer_step): round r averages only fragment_bounds(numel, N, r).
         encode: with fragments, what a worker's (session, module id, flat pseudo-gradient
         slice) reaches the average as, e.g. after a lossy codec's round trip; None: exact.
         overlap: with fragments > 1, the node's overlapped path (overlap.FragmentRebase): round
-        r's slice average lands at round r + 1's end; finish() lands the last one."""
+        r's slice average lands at round r + 1's end; finish() lands the last one.
+        final_average: finish() then takes one more outer step on whole modules from every
+        worker's latest weights (a closing round the node does not run)."""
         if encode is not None and fragments is None:
             raise ValueError("encode works on the flat pseudo-gradient: pass fragments (1 for whole modules)")
         if overlap and not (fragments or 0) > 1:
             raise ValueError("overlap is simulated for fragments > 1 only (FragmentRebase)")
         self.encode = encode
         self.overlap = overlap
+        self.final_average = final_average
+        self._last_weight: dict[int, float] = {}  # the last round's token weights
         self._rebase = {id(s): FragmentRebase() for s in sessions} if overlap else {}
         self._in_flight: tuple[int, dict] | None = None  # overlap: (round, each session's weight and deltas)
         self.sessions = list(sessions)
@@ -209,6 +213,7 @@ class SimulatedSwarm:
     def outer_step(self, tokens: Sequence[int]) -> None:
         """Per module: Δ̄ = Σ tokens_i·Δ_i / Σ tokens_i over its holders, Nesterov step, adopt."""
         weight = {id(s): float(max(t, 1)) for s, t in zip(self.sessions, tokens)}
+        self._last_weight = weight
         self.rounds_done += 1
         if self.overlap:
             return self._overlapped_fragment_step(weight, self.rounds_done - 1)
@@ -276,13 +281,32 @@ class SimulatedSwarm:
             state.apply_fragment(mean, start, self.sharing_scale(module_id))
 
     def finish(self) -> None:
-        """Overlap: land the last round's average and adopt the globals, as run() does at a stop."""
-        if not self.overlap:
-            return
-        self._land()
-        for session in self.sessions:
-            self._rebase[id(session)].reset()
-            for module_id in session.module_ids:
+        """Overlap: land the last round's average and adopt the globals, as run() does at a
+        stop. final_average: the landed slice is first rebased (its workers keep the progress
+        made since it went out), then one outer step on whole modules."""
+        if self.overlap:
+            self._land()
+            for session in self.sessions:
+                if self.final_average:
+                    self._rebase[id(session)].rebase(self._slots(session), session, {}, landed={})
+                self._rebase[id(session)].reset()
+                if not self.final_average:
+                    for module_id in session.module_ids:
+                        session.adopt_global(module_id)
+        if self.final_average:
+            self._whole_module_step(self._last_weight)
+
+    def _whole_module_step(self, weight: dict[int, float]) -> None:
+        """One outer step on every value of every module (apply_fragment over the whole flat
+        module, so each value's own momentum carries on), then every worker adopts it whole."""
+        for module_id, state in self.globals.items():
+            holders = self.holders(module_id)
+            total = sum(weight[id(s)] for s in holders)
+            mean = torch.zeros(sum(p.numel() for p in state.global_params))
+            for session in holders:
+                mean.add_(state.pseudo_gradient_flat(session.local_state(module_id)), alpha=weight[id(session)] / total)
+            state.apply_fragment(mean, 0, self.sharing_scale(module_id))
+            for session in holders:
                 session.adopt_global(module_id)
 
 

@@ -6,6 +6,7 @@ outer step, and N > 1 steps and adopts only the round's fragment; bench_fragment
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -22,12 +23,12 @@ from p2ptrain.train.outer import fragment_bounds  # noqa: E402
 TOKENS = [100, 300, 200, 400]  # unequal weights: the token-weighted mean matters
 
 
-def trained_swarm(state, docs, fragments=None) -> SimulatedSwarm:
+def trained_swarm(state, docs, fragments=None, **options) -> SimulatedSwarm:
     """One worker per path of the 2x2 grid (the stem held by 4, each level module by 2),
     each after 3 inner steps; the same seeds give the same weights every call."""
     torch.manual_seed(0)
     swarm = SimulatedSwarm([make_session(state, path, docs, data_seed=i)
-                            for i, path in enumerate(state.grid.paths())], fragments=fragments)
+                            for i, path in enumerate(state.grid.paths())], fragments=fragments, **options)
     for session in swarm.sessions:
         session.inner_steps(3, log_every=3)
     return swarm
@@ -112,6 +113,50 @@ def test_an_encode_hook_changes_what_each_worker_contributes_and_nothing_else(ti
         moved_exact = flat(exact.globals[module_id].global_params) - start[module_id]
         moved_halved = flat(halved.globals[module_id].global_params) - start[module_id]
         assert torch.allclose(moved_halved, moved_exact * 0.5, atol=1e-7)
+
+
+def test_a_closing_whole_average_is_the_whole_module_outer_step_of_the_workers_latest_weights(tiny_run_state,
+                                                                                               stdlib_docs):
+    # Prepare: a round of 2 fragments (slice 0 stepped), 3 more inner steps; the reference is
+    # ModuleOuterState.apply (the whole-module path) on copies of the states as they stand
+    swarm = trained_swarm(tiny_run_state, stdlib_docs, fragments=2, final_average=True)
+    swarm.outer_step(TOKENS)
+    for session in swarm.sessions:
+        session.inner_steps(3, log_every=3)
+    weight = dict(zip((id(s) for s in swarm.sessions), map(float, TOKENS)))
+    expected = {}
+    for module_id, state in swarm.globals.items():
+        reference = copy.deepcopy(state)
+        holders = swarm.holders(module_id)
+        total = sum(weight[id(h)] for h in holders)
+        mean = [torch.zeros_like(p) for p in reference.global_params]
+        for holder in holders:
+            delta = [torch.empty_like(p) for p in reference.global_params]
+            reference.pseudo_gradient_into(holder.local_state(module_id), delta)
+            for m, d in zip(mean, delta):
+                m.add_(d, alpha=weight[id(holder)] / total)
+        reference.apply(mean)
+        expected[module_id] = flat(reference.global_params)
+
+    # Execute
+    swarm.finish()
+
+    # Assert: both slices stepped at once, and every worker continues from the new globals
+    for module_id, state in swarm.globals.items():
+        assert torch.allclose(flat(state.global_params), expected[module_id], atol=1e-6)
+        for session in swarm.holders(module_id):
+            assert torch.equal(local_flat(session, module_id), flat(state.global_params))
+
+
+def test_with_overlap_the_closing_average_lands_the_slice_in_flight_and_leaves_every_worker_on_the_globals(
+        tiny_run_state, stdlib_docs):
+    swarm = trained_swarm(tiny_run_state, stdlib_docs, fragments=2, overlap=True, final_average=True)
+    swarm.outer_step(TOKENS)  # slice 0 goes out; it lands at finish()
+    swarm.finish()
+    assert swarm._in_flight is None
+    for module_id, state in swarm.globals.items():
+        for session in swarm.holders(module_id):
+            assert torch.equal(local_flat(session, module_id), flat(state.global_params))
 
 
 def test_an_outer_grid_setting_is_lr_comma_momentum_and_anything_else_is_refused():
