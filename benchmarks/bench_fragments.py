@@ -38,11 +38,11 @@ variant is never compared with an untuned baseline. The preset's setting, when i
 is reported beside it (the untuned ratio, from the same run). --only-overlapped drops the
 plain N > 1 variants.
 
-With a last whole average (--final-average): every N > 1 variant runs again with one more
-outer step after its last round, on whole modules, from every worker's latest weights
-(SimulatedSwarm(final_average=True)), so no slice's globals are rounds older than its
-workers' progress. This measures what such a closing round would recover; p2ptrain's node
-does not run one.
+With a last whole average (--final-average): every N > 1 variant runs again with, after its
+last round, every module's globals set to the token-weighted mean of its workers' latest
+weights, all slices at once (SimulatedSwarm(final_average=True); a plain mean, no outer
+step), so no slice's globals are rounds older than its workers' progress. This measures
+what such a closing round would recover; p2ptrain's node does not run one.
 
 Run: python benchmarks/bench_fragments.py [--quick] [--seeds 1 2] [--fragments 1 2 4] [--rounds R] [--H H]
      [--outer-grid 0.7,0.9 0.5,0.9 ...] [--only-overlapped] [--final-average]
@@ -107,8 +107,8 @@ def main() -> None:
     parser.add_argument("--only-overlapped", action="store_true",
                         help="compare N = 1 with the overlapped N > 1 only (no plain N > 1 runs)")
     parser.add_argument("--final-average", action="store_true",
-                        help="also run every N > 1 variant with a last outer step on whole modules after its "
-                             "last round (what a full final average would recover)")
+                        help="also run every N > 1 variant with its globals set to the workers' mean weights, "
+                             "whole modules, after its last round (what a closing average would recover)")
     args = parser.parse_args()
     p = dict(QUICK if args.quick else FULL)
     p["fragments"] = sorted(set(args.fragments or p["fragments"]))

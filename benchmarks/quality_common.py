@@ -161,8 +161,8 @@ class SimulatedSwarm:
         slice) reaches the average as, e.g. after a lossy codec's round trip; None: exact.
         overlap: with fragments > 1, the node's overlapped path (overlap.FragmentRebase): round
         r's slice average lands at round r + 1's end; finish() lands the last one.
-        final_average: finish() then takes one more outer step on whole modules from every
-        worker's latest weights (a closing round the node does not run)."""
+        final_average: finish() then sets every module's globals to the token-weighted mean of
+        its workers' latest weights, all slices at once (a closing round the node does not run)."""
         if encode is not None and fragments is None:
             raise ValueError("encode works on the flat pseudo-gradient: pass fragments (1 for whole modules)")
         if overlap and not (fragments or 0) > 1:
@@ -283,7 +283,7 @@ class SimulatedSwarm:
     def finish(self) -> None:
         """Overlap: land the last round's average and adopt the globals, as run() does at a
         stop. final_average: the landed slice is first rebased (its workers keep the progress
-        made since it went out), then one outer step on whole modules."""
+        made since it went out), then every module's globals become its workers' mean."""
         if self.overlap:
             self._land()
             for session in self.sessions:
@@ -294,18 +294,23 @@ class SimulatedSwarm:
                     for module_id in session.module_ids:
                         session.adopt_global(module_id)
         if self.final_average:
-            self._whole_module_step(self._last_weight)
+            self._closing_mean(self._last_weight)
 
-    def _whole_module_step(self, weight: dict[int, float]) -> None:
-        """One outer step on every value of every module (apply_fragment over the whole flat
-        module, so each value's own momentum carries on), then every worker adopts it whole."""
+    def _closing_mean(self, weight: dict[int, float]) -> None:
+        """Every module's globals ← the token-weighted mean of its holders' latest weights, every
+        value at once and no outer step (a plain average: the momentum would push the slices it
+        has not moved for rounds past the mean); every worker adopts it whole."""
         for module_id, state in self.globals.items():
             holders = self.holders(module_id)
             total = sum(weight[id(s)] for s in holders)
-            mean = torch.zeros(sum(p.numel() for p in state.global_params))
+            mean = [torch.zeros_like(p) for p in state.global_params]
+            delta = [torch.empty_like(p) for p in state.global_params]
             for session in holders:
-                mean.add_(state.pseudo_gradient_flat(session.local_state(module_id)), alpha=weight[id(session)] / total)
-            state.apply_fragment(mean, 0, self.sharing_scale(module_id))
+                state.pseudo_gradient_into(session.local_state(module_id), delta)  # G − local
+                for m, d in zip(mean, delta):
+                    m.add_(d, alpha=weight[id(session)] / total)
+            for p, m in zip(state.global_params, mean):
+                p.sub_(m)  # G − Σ w (G − local) / Σ w = the weighted mean of the locals
             for session in holders:
                 session.adopt_global(module_id)
 

@@ -6,7 +6,6 @@ outer step, and N > 1 steps and adopts only the round's fragment; bench_fragment
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -115,35 +114,29 @@ def test_an_encode_hook_changes_what_each_worker_contributes_and_nothing_else(ti
         assert torch.allclose(moved_halved, moved_exact * 0.5, atol=1e-7)
 
 
-def test_a_closing_whole_average_is_the_whole_module_outer_step_of_the_workers_latest_weights(tiny_run_state,
-                                                                                               stdlib_docs):
-    # Prepare: a round of 2 fragments (slice 0 stepped), 3 more inner steps; the reference is
-    # ModuleOuterState.apply (the whole-module path) on copies of the states as they stand
+def test_a_closing_average_sets_every_module_to_the_token_weighted_mean_of_its_workers_weights(tiny_run_state,
+                                                                                                stdlib_docs):
+    # Prepare: a round of 2 fragments (slice 0 stepped), then 3 more inner steps
     swarm = trained_swarm(tiny_run_state, stdlib_docs, fragments=2, final_average=True)
     swarm.outer_step(TOKENS)
     for session in swarm.sessions:
         session.inner_steps(3, log_every=3)
-    weight = dict(zip((id(s) for s in swarm.sessions), map(float, TOKENS)))
+    weight = {id(s): float(t) for s, t in zip(swarm.sessions, TOKENS)}
     expected = {}
-    for module_id, state in swarm.globals.items():
-        reference = copy.deepcopy(state)
+    for module_id in swarm.globals:
         holders = swarm.holders(module_id)
         total = sum(weight[id(h)] for h in holders)
-        mean = [torch.zeros_like(p) for p in reference.global_params]
-        for holder in holders:
-            delta = [torch.empty_like(p) for p in reference.global_params]
-            reference.pseudo_gradient_into(holder.local_state(module_id), delta)
-            for m, d in zip(mean, delta):
-                m.add_(d, alpha=weight[id(holder)] / total)
-        reference.apply(mean)
-        expected[module_id] = flat(reference.global_params)
+        expected[module_id] = sum(local_flat(h, module_id) * (weight[id(h)] / total) for h in holders)
+    momentum = {m: flat(s.momentum).clone() for m, s in swarm.globals.items()}
 
     # Execute
     swarm.finish()
 
-    # Assert: both slices stepped at once, and every worker continues from the new globals
+    # Assert: both slices at the mean at once, no outer step (momentum untouched), and every
+    # worker continues from it
     for module_id, state in swarm.globals.items():
         assert torch.allclose(flat(state.global_params), expected[module_id], atol=1e-6)
+        assert torch.equal(flat(state.momentum), momentum[module_id])
         for session in swarm.holders(module_id):
             assert torch.equal(local_flat(session, module_id), flat(state.global_params))
 
