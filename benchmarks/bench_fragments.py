@@ -46,6 +46,7 @@ what such a closing round would recover; p2ptrain's node does not run one.
 
 Run: python benchmarks/bench_fragments.py [--quick] [--seeds 1 2] [--fragments 1 2 4] [--rounds R] [--H H]
      [--outer-grid 0.7,0.9 0.5,0.9 ...] [--only-overlapped] [--final-average]
+     [--setups DiLoCo DiPaCo] [--preset-model]
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ SETUPS = {"DiLoCo": [1, 1], "DiPaCo": [2, 2]}  # grid levels
 # 6 min wall in 2 processes at load average 3 (--quick: under a minute)
 FULL = dict(d_model=32, n_heads=2, context=64, blocks_per_level=2, batch_size=16, H=10, rounds=32,
             fragments=[1, 2, 4], eval_tokens=65_536, curve_tokens=4_096, seeds=[1, 2])
+# --preset-model: the default preset's model, batch and schedule (its inner lr and warm-up
+# too, as every size here): ~0.15 CPU-s a step, ~20 CPU-min for one run of 4 x 2,000 steps
+PRESET_MODEL = dict(d_model=128, n_heads=4, context=128, blocks_per_level=2, batch_size=16, H=50, rounds=40,
+                    fragments=[1, 4], eval_tokens=65_536, curve_tokens=4_096, seeds=[1])
 QUICK = dict(d_model=32, n_heads=2, context=64, blocks_per_level=2, batch_size=8, H=5, rounds=8,
              fragments=[1, 2, 4], eval_tokens=4_096, curve_tokens=1_024, seeds=[1])
 
@@ -106,11 +111,16 @@ def main() -> None:
                              "variant's is chosen on the VALIDATION half (default: the preset's alone)")
     parser.add_argument("--only-overlapped", action="store_true",
                         help="compare N = 1 with the overlapped N > 1 only (no plain N > 1 runs)")
+    parser.add_argument("--setups", nargs="+", choices=list(SETUPS), help="run only these setups (all by default)")
+    parser.add_argument("--preset-model", action="store_true",
+                        help="the default preset's own model and schedule (d_model 128, context 128, 40 rounds "
+                             "of H = 50) instead of the small one: ~20 CPU-minutes a run")
     parser.add_argument("--final-average", action="store_true",
                         help="also run every N > 1 variant with its globals set to the workers' mean weights, "
                              "whole modules, after its last round (what a closing average would recover)")
     args = parser.parse_args()
-    p = dict(QUICK if args.quick else FULL)
+    p = dict(QUICK if args.quick else PRESET_MODEL if args.preset_model else FULL)
+    setups = {name: SETUPS[name] for name in args.setups or SETUPS}
     p["fragments"] = sorted(set(args.fragments or p["fragments"]))
     p["rounds"], p["H"] = args.rounds or p["rounds"], args.H or p["H"]
     if 1 not in p["fragments"]:
@@ -146,7 +156,7 @@ def main() -> None:
     variants = [BASE] + plain + [Variant(n, overlap=True) for n in ns if n > 1]
     if args.final_average:
         variants += [v._replace(final_average=True) for v in variants if v.fragments > 1]
-    jobs = [(p, seed, setup, v, outer) for setup in SETUPS for v in variants for outer in grid for seed in seeds]
+    jobs = [(p, seed, setup, v, outer) for setup in setups for v in variants for outer in grid for seed in seeds]
     print(f"- {len(jobs)} training runs in {min(args.jobs, len(jobs))} parallel processes\n", flush=True)
     outputs = run_jobs(train_and_score, jobs, args.jobs,
                        on_done=lambda job, out: print(
@@ -158,15 +168,15 @@ def main() -> None:
 
     # ------------------------------------------------------------ choose on validation
     valid = {(setup, v, outer): statistics.median(by_job[(setup, v, outer, s)]["loss"]["validation"] for s in seeds)
-             for setup in SETUPS for v in variants for outer in grid}
-    chosen = {(setup, v): min(grid, key=lambda outer: valid[(setup, v, outer)]) for setup in SETUPS for v in variants}
+             for setup in setups for v in variants for outer in grid}
+    chosen = {(setup, v): min(grid, key=lambda outer: valid[(setup, v, outer)]) for setup in setups for v in variants}
 
     def run_of(setup: str, v: Variant, seed: int, outer: tuple | None = None) -> dict:
         return by_job[(setup, v, outer or chosen[(setup, v)], seed)]
 
     # ------------------------------------------------------------------ report
     rows, results = [], []
-    for setup in SETUPS:
+    for setup in setups:
         base = [run_of(setup, BASE, s)["loss"]["test"] for s in seeds]
         first = run_of(setup, BASE, seeds[0])
         numels, held = first["modules"], first["worker_modules"]  # the same modules for every worker
@@ -194,8 +204,9 @@ def main() -> None:
                          fmt(mean(ppl_ratios), 3), fmt(mean(own)),
                          *([fmt(result["preset_mean_ratio"], 3)] if "preset_mean_ratio" in result else [])))
     seed_list = ", ".join(str(s) for s in seeds)
-    first = {setup: run_of(setup, BASE, seeds[0]) for setup in SETUPS}
-    print(f"\n- one path: {first['DiPaCo']['path_params']:,} parameters (d_model {p['d_model']}, context "
+    first = {setup: run_of(setup, BASE, seeds[0]) for setup in setups}
+    path_params = next(iter(first.values()))["path_params"]  # every setup's path has the same shape
+    print(f"\n- one path: {path_params:,} parameters (d_model {p['d_model']}, context "
           f"{p['context']}); TEST tokens scored (seed {seeds[0]}): "
           + ", ".join(f"{setup} {out['heldout_tokens']['test']:,}" for setup, out in first.items()))
     if tuned:
@@ -205,7 +216,7 @@ def main() -> None:
         print(markdown_table(["setup", "N", "outer (lr, momentum)", "median validation loss", "taken"],
                              [(setup, v.label, describe_outer(outer), fmt(valid[(setup, v, outer)]),
                                "**yes**" if outer == chosen[(setup, v)] else "")
-                              for setup in SETUPS for v in variants for outer in grid]))
+                              for setup in setups for v in variants for outer in grid]))
     print(f"\n### TEST loss with N fragments, equal tokens and rounds{', outer step retuned' if tuned else ''}\n")
     print(f"Columns: {'*outer* = the (lr, momentum) chosen on validation; ' if tuned else ''}"
           f"*values/round* = pseudo-gradient values each worker all-reduces per round over the "
@@ -224,7 +235,7 @@ def main() -> None:
 
     print(f"\n### All-reduce size per round, per module ({rounds} rounds; every worker, every round)\n")
     module_rows = []
-    for setup in SETUPS:
+    for setup in setups:
         for module_id, m in first[setup]["modules"].items():
             module_rows.append((setup, module_id, m["holders"], f"{m['numel']:,}",
                                 *[f"{buffer_numel(m['numel'], n):,} ({buffer_numel(m['numel'], n) / m['numel']:.3f})"
@@ -235,7 +246,7 @@ def main() -> None:
     print(markdown_table(["setup", "module", "holders", "numel", *[f"N = {n}" for n in ns]], module_rows))
 
     print()
-    for setup in SETUPS:
+    for setup in setups:
         line = ", ".join(f"N = {Variant(r['fragments'], r['overlap'], r['final_average']).label}"
                          f"{' at ' + describe_outer(r['outer']) if tuned else ''}: {r['mean_ratio']:.3f} (per seed "
                          f"{' / '.join(f'{x:.3f}' for x in r['ratios'])}) for {r['byte_fraction']:.2f} of the bytes"
@@ -245,15 +256,15 @@ def main() -> None:
         print(f"Result, {setup}: TEST loss vs N = 1, equal tokens and rounds, {how}: {line}.")
 
     # ------------------------------------------------------------------ files
-    xs = run_of(next(iter(SETUPS)), BASE, seeds[0])["curve"][0]
+    xs = run_of(next(iter(setups)), BASE, seeds[0])["curve"][0]
     png = plot_curves(NAME, {f"{setup}, N = {v.label}":
                              (xs, [mean([run_of(setup, v, s)["curve"][1][i] for s in seeds]) for i in range(len(xs))])
-                             for setup in SETUPS for v in variants},
+                             for setup in setups for v in variants},
                       "inner steps per worker", "TEST loss, global weights (a subset; nats/byte-token)",
                       f"fragments: mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
                       + (", outer step chosen on validation" if tuned else ""))
     out = write_json(NAME, {
-        "machine": info, "params": p, "K": K, "setups": SETUPS, "seeds": seeds,
+        "machine": info, "params": p, "K": K, "setups": setups, "seeds": seeds,
         "outer": {"preset": preset, "grid": grid,
                   "chosen": [{"setup": setup, **v._asdict(), "outer": c} for (setup, v), c in chosen.items()]},
         "results": results,
