@@ -220,15 +220,7 @@ class SimulatedSwarm:
         if self.fragments is not None:
             return self._fragment_outer_step(weight, self.rounds_done - 1)
         for module_id, state in self.globals.items():
-            holders = self.holders(module_id)
-            total = sum(weight[id(s)] for s in holders)
-            mean = [torch.zeros_like(p) for p in state.global_params]
-            delta = [torch.empty_like(p) for p in state.global_params]
-            for session in holders:
-                state.pseudo_gradient_into(session.local_state(module_id), delta)
-                for m, d in zip(mean, delta):
-                    m.add_(d, alpha=weight[id(session)] / total)
-            state.apply(mean, self.sharing_scale(module_id))
+            state.apply(self._mean_pseudo_gradient(module_id, weight), self.sharing_scale(module_id))
         for session in self.sessions:
             for module_id in session.module_ids:
                 session.adopt_global(module_id)
@@ -301,18 +293,22 @@ class SimulatedSwarm:
         value at once and no outer step (a plain average: the momentum would push the slices it
         has not moved for rounds past the mean); every worker adopts it whole."""
         for module_id, state in self.globals.items():
-            holders = self.holders(module_id)
-            total = sum(weight[id(s)] for s in holders)
-            mean = [torch.zeros_like(p) for p in state.global_params]
-            delta = [torch.empty_like(p) for p in state.global_params]
-            for session in holders:
-                state.pseudo_gradient_into(session.local_state(module_id), delta)  # G − local
-                for m, d in zip(mean, delta):
-                    m.add_(d, alpha=weight[id(session)] / total)
-            for p, m in zip(state.global_params, mean):
+            for p, m in zip(state.global_params, self._mean_pseudo_gradient(module_id, weight)):
                 p.sub_(m)  # G − Σ w (G − local) / Σ w = the weighted mean of the locals
-            for session in holders:
+            for session in self.holders(module_id):
                 session.adopt_global(module_id)
+
+    def _mean_pseudo_gradient(self, module_id: str, weight: dict[int, float]) -> list[torch.Tensor]:
+        """Σ w_i (G − local_i) / Σ w_i over the module's holders, per parameter."""
+        state, holders = self.globals[module_id], self.holders(module_id)
+        total = sum(weight[id(s)] for s in holders)
+        mean = [torch.zeros_like(p) for p in state.global_params]
+        delta = [torch.empty_like(p) for p in state.global_params]
+        for session in holders:
+            state.pseudo_gradient_into(session.local_state(module_id), delta)
+            for m, d in zip(mean, delta):
+                m.add_(d, alpha=weight[id(session)] / total)
+        return mean
 
 
 class _FragmentSlot:
