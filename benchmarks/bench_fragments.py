@@ -253,7 +253,8 @@ def main() -> None:
                          for r in results if r["setup"] == setup and r["fragments"] != 1)
         how = (f"every variant's outer step chosen on validation (N = 1 at {describe_outer(chosen[(setup, BASE)])})"
                if tuned else "outer step not retuned")
-        print(f"Result, {setup}: TEST loss vs N = 1, equal tokens and rounds, {how}: {line}.")
+        if line:  # N = 1 alone (e.g. a run that only tunes the outer step) has no ratio to report
+            print(f"Result, {setup}: TEST loss vs N = 1, equal tokens and rounds, {how}: {line}.")
 
     # ------------------------------------------------------------------ files
     xs = run_of(next(iter(setups)), BASE, seeds[0])["curve"][0]
