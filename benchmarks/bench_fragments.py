@@ -94,7 +94,7 @@ SETUPS = {"DiLoCo": [1, 1], "DiPaCo": [2, 2]}  # grid levels
 FULL = dict(d_model=32, n_heads=2, context=64, blocks_per_level=2, batch_size=16, H=10, rounds=32,
             fragments=[1, 2, 4], eval_tokens=65_536, curve_tokens=4_096, seeds=[1, 2])
 # --preset-model: the default preset's model, batch and schedule (its inner lr and warm-up
-# too, as every size here): ~0.15 CPU-s a step, ~20 CPU-min for one run of 4 x 2,000 steps
+# too, as every size here): ~0.2 CPU-s a step, ~28 CPU-min for one run of 4 x 2,000 steps (measured)
 PRESET_MODEL = dict(d_model=128, n_heads=4, context=128, blocks_per_level=2, batch_size=16, H=50, rounds=40,
                     fragments=[1, 4], eval_tokens=65_536, curve_tokens=4_096, seeds=[1])
 QUICK = dict(d_model=32, n_heads=2, context=64, blocks_per_level=2, batch_size=8, H=5, rounds=8,
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), help="run only these setups (all by default)")
     parser.add_argument("--preset-model", action="store_true",
                         help="the default preset's own model and schedule (d_model 128, context 128, 40 rounds "
-                             "of H = 50) instead of the small one: ~20 CPU-minutes a run")
+                             "of H = 50) instead of the small one: ~28 CPU-minutes a run")
     parser.add_argument("--final-average", action="store_true",
                         help="also run every N > 1 variant with its globals set to the workers' mean weights, "
                              "whole modules, after its last round (what a closing average would recover)")
