@@ -73,8 +73,8 @@ K = 4  # DiLoCo's workers on the one path; DiPaCo: the 2x2 grid's 4 paths, one w
 
 
 class Variant(NamedTuple):
-    """How a run averages: N fragments, overlapped or not, and (final_average) one more outer
-    step on whole modules after the last round."""
+    """How a run averages: N fragments, overlapped or not, and (final_average) its globals set
+    to the workers' mean weights, whole modules, after the last round."""
     fragments: int
     overlap: bool = False
     final_average: bool = False
@@ -187,7 +187,7 @@ def main() -> None:
             ppl_ratios = [math.exp(a - b) for a, b in zip(test, base)]
             per_round = sum(buffer_numel(numels[m]["numel"], v.fragments) for m in held)
             total = sum(numels[m]["numel"] for m in held)
-            result = {"setup": setup, **v._asdict(), "outer": chosen[(setup, v)],
+            result = {"setup": setup, **v._asdict(), "label": v.label, "outer": chosen[(setup, v)],
                       "test": test, "own_test": own, "ratios": ratios, "ppl_ratios": ppl_ratios,
                       "mean_test": mean(test), "mean_ratio": mean(ratios), "mean_ppl_ratio": mean(ppl_ratios),
                       "values_per_round": per_round, "byte_fraction": per_round / total}
@@ -247,7 +247,7 @@ def main() -> None:
 
     print()
     for setup in setups:
-        line = ", ".join(f"N = {Variant(r['fragments'], r['overlap'], r['final_average']).label}"
+        line = ", ".join(f"N = {r['label']}"
                          f"{' at ' + describe_outer(r['outer']) if tuned else ''}: {r['mean_ratio']:.3f} (per seed "
                          f"{' / '.join(f'{x:.3f}' for x in r['ratios'])}) for {r['byte_fraction']:.2f} of the bytes"
                          for r in results if r["setup"] == setup and r["fragments"] != 1)
