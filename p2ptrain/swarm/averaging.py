@@ -812,6 +812,8 @@ def _averager_class():
         def download_state_from(self, peer: str, timeout: float, max_bytes: int,
                                 what: str = "state download") -> Optional[tuple[Any, list]]:
             """(metadata, tensors) from one peer, or None; refuses more than max_bytes of tensors.
+            A stream that ended early gives the whole tensors it carried (none, and metadata
+            None, when it carried nothing).
             A download that takes a while shows progress (bytes, rate, ETA) under `what`."""
             future = MPFuture()
             self._outer_pipe.send(("_download_state_from", [], dict(peer=peer, timeout=timeout, what=what,
@@ -849,10 +851,18 @@ def _averager_class():
                     parts = []
                 parts.append(message.tensor_part)
             if parts:
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                try:
+                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                except (RuntimeError, ValueError):
+                    # the stream ended inside its last tensor (hivemind ends a stream silently
+                    # when the connection drops): hand back the whole tensors, which the
+                    # caller sees are fewer than the module's (ModuleSlot.cut_short)
+                    logger.info("state stream from …%s ended inside a tensor", str(peer)[-8:])
             if progress is not None:
                 progress.finish(received)
-            return None if metadata is None else (metadata, tensors)
+            if metadata is None and tensors:
+                raise ValueError("a state without metadata")
+            return metadata, tensors  # (None, []) when the stream carried nothing: cut before it began
 
     return ModuleAverager
 

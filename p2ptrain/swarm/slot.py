@@ -145,6 +145,18 @@ class ModuleSlot:
             tensors = [p.clone() for p in self.outer.global_params] + [m.clone() for m in self.outer.momentum]
             return {"module": self.module_id, "round": self.round}, tensors
 
+    def cut_short(self, tensors: list) -> bool:
+        """Whether `tensors` are a proper prefix of this module's state (parameters, then
+        momentum), each of the schema's shape and type: what a download delivers whose
+        connection dropped part-way. hivemind ends a server stream silently when its
+        connection closes, so a cut stream looks complete; it is not a lie (a server that
+        wants to withhold its state can always hang up), so the caller asks again instead of
+        reporting the server."""
+        schema = self.outer.global_params * 2
+        return len(tensors) < len(schema) and all(
+            isinstance(t, torch.Tensor) and t.shape == p.shape and t.dtype == p.dtype
+            for t, p in zip(tensors, schema))
+
     def state_problem(self, metadata: StateMetadata, tensors: list, reference: Vouch,
                       codec_tolerance: float) -> Optional[str]:
         """Why a downloaded state may not be adopted, or None: it must be this module at the

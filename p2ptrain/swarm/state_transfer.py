@@ -21,17 +21,27 @@ logger = logging.getLogger(__name__)
 STATE_TIMEOUT_S = 30.0  # per-peer bound on a module state download
 MAX_SOURCES_TRIED = 4  # servers tried per download: with many holders, a few dead ones must not add up to minutes
 FRAMING_BYTES = 64 << 10  # serialisation overhead allowed on top of the raw fp32 state
+DOWNLOAD_ATTEMPTS = 2  # a stream cut short is asked for once more from the same server
 
 
 def download_vouched_state(slot: ModuleSlot, peer: str, reference: Vouch, codec_tolerance: float,
                            rejections: Rejections) -> Optional[list]:
     """The module's state (parameters, then momentum) as `peer` serves it, if it is what
-    `reference` vouched for; None (and the peer reported, if it lied) otherwise."""
-    got = slot.averager.download_state_from(peer, timeout=STATE_TIMEOUT_S,
-                                            max_bytes=slot.state_bytes + FRAMING_BYTES,
-                                            what=f"module {slot.module_id} from …{peer[-8:]}")
-    if got is None:
-        return None  # unreachable, too slow, or oversized (logged by the averager)
+    `reference` vouched for; None (and the peer reported, if it lied) otherwise. A download
+    cut short is asked for again, up to DOWNLOAD_ATTEMPTS times in all, and reports nobody."""
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        got = slot.averager.download_state_from(peer, timeout=STATE_TIMEOUT_S,
+                                                max_bytes=slot.state_bytes + FRAMING_BYTES,
+                                                what=f"module {slot.module_id} from …{peer[-8:]}")
+        if got is None:
+            return None  # unreachable, too slow, or oversized (logged by the averager)
+        if not slot.cut_short(got[1]):
+            break
+        logger.warning("module %s: the state from …%s arrived cut short (%d of %d tensors)%s", slot.module_id,
+                       peer[-8:], len(got[1]), 2 * len(slot.outer.global_params),
+                       ", asking again" if attempt < DOWNLOAD_ATTEMPTS else "")
+    else:
+        return None
     raw_metadata, tensors = got
     metadata, why = parse(StateMetadata, raw_metadata)
     if metadata is None:

@@ -9,6 +9,8 @@ for it), steps its averager at the end of every round of the run's schedule, and
   * send 1-element parts instead of its slices;
   * claim any fingerprint and round in its record (or a claim made afresh each round);
   * serve an oversized or random module state (or one made afresh at each download);
+  * end its first few state downloads early, between tensors or inside one (lie
+    "cut_state"), as a stream looks whose connection dropped;
   * publish a run record of its own;
   * lie in its records only, never joining an all-reduce (lie "average": False);
   * as a reducer, return the first averaged part of its slice to each sender and then
@@ -106,6 +108,27 @@ def _evil_averager_class():
             if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
                 async for tensor, update in azip(as_aiter(*tensors), runner):
                     tensor.add_(update)
+
+        async def rpc_download_state(self, _request, _context):
+            # lie "cut_state": (downloads, messages, inside): each of the first `downloads`
+            # downloads ends after `messages` messages, followed by the first half of the next
+            # one when `inside`: what a client sees whose connection dropped part-way
+            self.downloads_served = getattr(self, "downloads_served", 0) + 1
+            cut = self.lie.get("cut_state")
+            cutting = cut is not None and self.downloads_served <= cut[0]
+            sent = 0
+            async for message in super().rpc_download_state(_request, _context):
+                if cutting and sent == cut[1]:
+                    if cut[2]:
+                        half = averaging_pb2.DownloadData()
+                        half.CopyFrom(message)
+                        half.tensor_part.buffer = message.tensor_part.buffer[:len(message.tensor_part.buffer) // 2]
+                        yield half
+                    return
+                yield message
+                sent += 1
+
+        rpc_download_state.__annotations__ = typing.get_type_hints(DecentralizedAverager.rpc_download_state)
 
         def get_current_state(self):
             if self.served_state is None:

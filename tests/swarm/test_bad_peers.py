@@ -74,6 +74,10 @@ def test_a_downloaded_state_is_adopted_only_if_it_is_what_the_majority_vouched_f
                                          reference, 5e-3)
     assert "tensors" in slot.state_problem(meta, good[:1], reference, 5e-3)
     assert slot.state_problem(meta, good, reference, 5e-3) is None
+    # a proper prefix of the schema is a download cut short (asked for again, not a lie);
+    # a short state of the wrong shapes is not, nor is the whole state
+    assert slot.cut_short(good[:1]) and slot.cut_short(good[:-1]) and slot.cut_short([])
+    assert not slot.cut_short(wrong_shape[:1]) and not slot.cut_short(good)
 
 
 def test_peer_records_are_signed_and_schema_checked(swarm):

@@ -217,6 +217,38 @@ def test_a_state_larger_than_the_module_is_refused_before_it_is_used(swarm, adve
     assert all(torch.equal(x, y) for x, y in zip(before, slot.outer.global_params))
 
 
+CUTS = {"between two tensors": (3, False), "inside a tensor": (3, True), "before the first tensor": (0, False)}
+
+
+@pytest.mark.parametrize("where", list(CUTS), ids=list(CUTS))
+def test_a_state_download_cut_short_is_asked_for_again_and_never_reported_as_a_lie(swarm, adversaries, where):
+    # Prepare: a server whose first two state streams end early (the connection dropped),
+    # its third whole; the state it serves is the one the reference vouched for
+    a, _ = honest_pair(swarm, "cut-" + where.split()[0])
+    slot = a.node.slots[MODULE]
+    n = len(slot.outer.global_params)
+    served = [p + 0.25 for p in slot.outer.global_params] + [m + 0.5 for m in slot.outer.momentum]
+    fp, norm = fingerprint(served[:n])
+    messages, inside = CUTS[where]
+    adversary = Adversary(a, path=[0], module_id=MODULE, lie={"cut_state": (2, messages, inside)},
+                          served_state=({"module": MODULE, "round": 1}, served))
+    adversaries.append(adversary)
+    reference = Vouch(adversary.peer_id, 1, tuple(fp), norm, 1.0)
+    before = [t.clone() for t in slot.outer.global_params + slot.outer.momentum]
+
+    # Execute: fetch twice; the first fetch gets two cut streams (it asks once more), the
+    # second fetch the whole state
+    first = fetch_verified_state(slot, [adversary.peer_id], reference, 5e-3, a.node.rejections, a.node.peer_id)
+    unchanged = all(torch.equal(x, y) for x, y in zip(before, slot.outer.global_params + slot.outer.momentum))
+    second = fetch_verified_state(slot, [adversary.peer_id], reference, 5e-3, a.node.rejections, a.node.peer_id)
+
+    # Assert: nothing adopted from the cut streams, the whole state adopted, nobody reported
+    assert first is None and unchanged
+    assert second == adversary.peer_id
+    assert all(torch.equal(x, y) for x, y in zip(served, slot.outer.global_params + slot.outer.momentum))
+    assert adversary.peer_id not in a.node.rejections.by_peer
+
+
 def test_a_second_run_record_with_an_earlier_creation_time_is_ignored(swarm, adversaries):
     # Prepare: the stranger publishes its own run record under the same run id, created = 0
     a, b = honest_pair(swarm, "hijack")
