@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import (Stopwatch, apply_threads, base_parser, corpus_note, default_run, machine_info,  # noqa: E402
-                    markdown_table, open_session, parse_path, print_header, write_outputs)
+from common import (DILOCO_OUTER, Stopwatch, apply_threads, base_parser, corpus_note, default_run,  # noqa: E402
+                    machine_info, markdown_table, open_session, parse_path, print_header, write_outputs)
 from outer_codecs import NF4Codec  # noqa: E402
 from p2ptrain.data.tokenizer import load_tokenizer  # noqa: E402
 from p2ptrain.model.grid import path_name  # noqa: E402
@@ -237,7 +237,7 @@ def main() -> None:
 
     with Stopwatch() as elapsed:
         # --- one round of real training on each of two peers
-        cfg, state, docs = default_run(args.quick)
+        cfg, state, docs = default_run(args.quick, outer=DILOCO_OUTER)
         steps = args.steps or (3 if args.quick else cfg.inner.steps_per_round)
         eval_tokens = args.eval_tokens or (2048 if args.quick else 32768)
         sessions = [open_session(state, docs, parse_path(p)) for p in PATHS]

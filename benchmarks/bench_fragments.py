@@ -16,7 +16,8 @@ init, router and data order):
   (ModuleOuterState.apply_fragment) and the workers adopt the new globals only there
   (PathSession.adopt_global(module, fragment)) — SwarmNode.outer_step's code path
   (quality_common.SimulatedSwarm(fragments=N)); N = 1 goes through the same path;
-- by default the outer (lr, momentum) is the preset's (0.7, 0.9) for every N: nothing is
+- by default the outer (lr, momentum) is DiLoCo's (0.7, 0.9) for every N (common.DILOCO_OUTER,
+  the presets' until 2026-12-06; the `default` preset now has (1.0, 0.5)): nothing is
   retuned per N (a per-fragment optimum may differ, e.g. since a slice's pseudo-gradient
   holds N rounds of progress), and nothing is tuned at all (see Retuned below);
 - reported: the TEST half of the held-out documents (quality_common.heldout_split; each
@@ -34,7 +35,7 @@ Retuned (--outer-grid LR,MOMENTUM ...): every variant, N = 1 included, runs at e
 (lr, momentum) of the grid; each variant's setting is the one with the lowest median
 VALIDATION loss over the seeds (quality_common.heldout_split: disjoint from the TEST half),
 and its TEST loss is reported against N = 1 at N = 1's own chosen setting, so a retuned
-variant is never compared with an untuned baseline. The preset's setting, when in the grid,
+variant is never compared with an untuned baseline. DiLoCo's setting, when in the grid,
 is reported beside it (the untuned ratio, from the same run). --only-overlapped drops the
 plain N > 1 variants.
 
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--H", type=int, help="inner steps per round (overrides the preset)")
     parser.add_argument("--outer-grid", nargs="+", metavar="LR,MOMENTUM", type=outer_setting,
                         help="outer (lr, Nesterov momentum) settings to try for every variant; each "
-                             "variant's is chosen on the VALIDATION half (default: the preset's alone)")
+                             "variant's is chosen on the VALIDATION half (default: DiLoCo's (0.7, 0.9) alone)")
     parser.add_argument("--only-overlapped", action="store_true",
                         help="compare N = 1 with the overlapped N > 1 only (no plain N > 1 runs)")
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), help="run only these setups (all by default)")
@@ -135,8 +136,8 @@ def main() -> None:
     docs = load_corpus()
     H, rounds, ns = p["H"], p["rounds"], p["fragments"]
     cfg = small_config(0, **model_kwargs(p, SETUPS["DiPaCo"]))
-    preset = (cfg.outer.lr, cfg.outer.momentum)
-    grid = list(dict.fromkeys(args.outer_grid or [preset]))
+    diloco = (cfg.outer.lr, cfg.outer.momentum)  # DiLoCo's: common.DILOCO_OUTER
+    grid = list(dict.fromkeys(args.outer_grid or [diloco]))
     tuned = len(grid) > 1
     steps = H * rounds
     print(f"- budget, every N: {rounds} rounds x H = {H} inner steps = {steps} steps of {p['batch_size']} x "
@@ -145,8 +146,8 @@ def main() -> None:
     print(f"- DiLoCo: {K} workers on one path (data streams 0..{K - 1}); DiPaCo: 2x2 grid, one worker per path")
     print(f"- inner: AdamW8bit, lr {cfg.inner.lr:g}, {cfg.inner.warmup_steps} warm-up steps, cosine to "
           f"{cfg.inner.min_lr_ratio:g} x lr over the run; outer: Nesterov, (lr, momentum) "
-          + (f"chosen per variant from {grid} by the median VALIDATION loss over the seeds (the preset's: "
-             f"{preset})" if tuned else f"{preset} (the preset's) for every N, not retuned per N"))
+          + (f"chosen per variant from {grid} by the median VALIDATION loss over the seeds (DiLoCo's: "
+             f"{diloco})" if tuned else f"{diloco} (DiLoCo's) for every N, not retuned per N"))
     print(f"- N = {ns}: round r averages fragment_bounds(numel, N, r) of each module (r = 0, 1, ...); "
           "SimulatedSwarm(fragments=N), the node's code path")
     tuning = "only the outer setting is tuned, on the VALIDATION half" if tuned else "nothing is tuned"
@@ -191,10 +192,10 @@ def main() -> None:
                       "test": test, "own_test": own, "ratios": ratios, "ppl_ratios": ppl_ratios,
                       "mean_test": mean(test), "mean_ratio": mean(ratios), "mean_ppl_ratio": mean(ppl_ratios),
                       "values_per_round": per_round, "byte_fraction": per_round / total}
-            if tuned and preset in grid:
-                at_preset = [run_of(setup, v, s, preset)["loss"]["test"]
-                             / run_of(setup, BASE, s, preset)["loss"]["test"] for s in seeds]
-                result["preset_ratios"], result["preset_mean_ratio"] = at_preset, mean(at_preset)
+            if tuned and diloco in grid:
+                at_diloco = [run_of(setup, v, s, diloco)["loss"]["test"]
+                             / run_of(setup, BASE, s, diloco)["loss"]["test"] for s in seeds]
+                result["diloco_ratios"], result["diloco_mean_ratio"] = at_diloco, mean(at_diloco)
             results.append(result)
             rows.append((setup, v.label,
                          *([describe_outer(result["outer"])] if tuned else []),
@@ -202,7 +203,7 @@ def main() -> None:
                          " / ".join(fmt(x) for x in test), f"**{fmt(mean(test))}**", fmt(math.exp(mean(test)), 3),
                          " / ".join(fmt(x, 3) for x in ratios), f"**{fmt(mean(ratios), 3)}**",
                          fmt(mean(ppl_ratios), 3), fmt(mean(own)),
-                         *([fmt(result["preset_mean_ratio"], 3)] if "preset_mean_ratio" in result else [])))
+                         *([fmt(result["diloco_mean_ratio"], 3)] if "diloco_mean_ratio" in result else [])))
     seed_list = ", ".join(str(s) for s in seeds)
     first = {setup: run_of(setup, BASE, seeds[0]) for setup in setups}
     path_params = next(iter(first.values()))["path_params"]  # every setup's path has the same shape
@@ -226,12 +227,12 @@ def main() -> None:
           f"loss / the same seed's N = 1 test loss{' (N = 1 at its own chosen setting)' if tuned else ''}, per "
           f"seed and mean; *ppl ratio* = mean over seeds of exp(loss − N = 1 loss); "
           f"*own weights* = mean TEST loss of the workers' own (local) weights after the last round"
-          + ("; *at the preset* = the mean loss ratio when every variant, N = 1 too, keeps the preset's "
-             f"{preset}." if tuned and preset in grid else ".") + "\n")
+          + ("; *at DiLoCo's* = the mean loss ratio when every variant, N = 1 too, keeps DiLoCo's "
+             f"{diloco}." if tuned and diloco in grid else ".") + "\n")
     print(markdown_table(["setup", "N", *(["outer"] if tuned else []), "values/round (fraction)",
                           f"test loss (seeds {seed_list})", "mean", "ppl", "loss ratio vs N=1 per seed",
                           "mean loss ratio", "mean ppl ratio", "own weights, mean",
-                          *(["at the preset"] if tuned and preset in grid else [])], rows))
+                          *(["at DiLoCo's"] if tuned and diloco in grid else [])], rows))
 
     print(f"\n### All-reduce size per round, per module ({rounds} rounds; every worker, every round)\n")
     module_rows = []
@@ -266,7 +267,7 @@ def main() -> None:
                       + (", outer step chosen on validation" if tuned else ""))
     out = write_json(NAME, {
         "machine": info, "params": p, "K": K, "setups": setups, "seeds": seeds,
-        "outer": {"preset": preset, "grid": grid,
+        "outer": {"diloco": diloco, "grid": grid,
                   "chosen": [{"setup": setup, **v._asdict(), "outer": c} for (setup, v), c in chosen.items()]},
         "results": results,
         "runs": [{"setup": setup, **v._asdict(), "outer": outer, "seed": s, **o}

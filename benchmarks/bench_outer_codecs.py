@@ -14,7 +14,7 @@ init, router and data order):
   crossing is not applied here to any codec (bench_compression replays it for fp16 and
   8-bit: 8-bit's error over both legs is 7.8e-3 relative RMS);
 - error feedback keeps one residual per (worker, module) (outer_codecs.ErrorFeedback);
-- the outer step is the preset's (Nesterov, lr 0.7, momentum 0.9) for every codec, not
+- the outer step is DiLoCo's (Nesterov, lr 0.7, momentum 0.9; common.DILOCO_OUTER) for every codec, not
   retuned, except the *sparseloco* rows: SparseLoCo's recipe (error feedback decayed by
   β = 0.95 standing in for outer momentum, plain descent with outer lr 1, values set without
   checking the paper's; its 2-bit quantization of the kept values is not applied: they go
@@ -58,7 +58,7 @@ HOLDS_LOSS = 1.01  # fixed before the first run: the cost accepted for averaging
 # momentum, plain averaged descent with outer lr α; β = 0.95 and α = 1 were set without
 # checking them against the paper's own settings, and not tuned
 SPARSELOCO = dict(decay=0.95, outer_lr=1.0, outer_momentum=0.0)
-DILOCO = dict(decay=1.0, outer_lr=None, outer_momentum=None)  # the preset's outer step
+DILOCO = dict(decay=1.0, outer_lr=None, outer_momentum=None)  # DiLoCo's outer step (small_config's)
 
 CODECS = {  # id -> (codec factory, error feedback, outer settings)
     "none": (NoCodec, False, DILOCO),
@@ -99,7 +99,7 @@ def main() -> None:
     cfg = small_config(0, **model_kwargs(p, SETUPS["DiPaCo"]))
     print(f"- budget, every codec: {p['rounds']} rounds x H = {p['H']} inner steps of {p['batch_size']} x "
           f"{p['context']} tokens per worker, {K} workers; outer Nesterov lr {cfg.outer.lr:g}, momentum "
-          f"{cfg.outer.momentum:g} (the preset's, not retuned)")
+          f"{cfg.outer.momentum:g} (DiLoCo's, not retuned)")
     print(f"- codecs: {', '.join(p['codecs'])}; each worker's pseudo-gradient makes one codec round trip "
           "before the token-weighted mean (the send leg)")
     print(f"- reported: TEST half of the held-out documents; seeds {seeds}; 'holds loss': mean ratio ≤ "

@@ -112,7 +112,8 @@ def small_config(seed: int, *, d_model: int, n_heads: int, context: int, levels:
                  inner_lr: float | None = None, warmup_steps: int | None = None,
                  outer_lr: float | None = None, outer_momentum: float | None = None,
                  rescale_by_sharing: bool = False) -> RunConfig:
-    """The packaged default preset, shrunk; the cosine schedule spans exactly `rounds` rounds."""
+    """The packaged default preset, shrunk; the cosine schedule spans exactly `rounds` rounds.
+    The outer step is DiLoCo's (common.DILOCO_OUTER) unless given."""
     cfg = RunConfig.load("default")
     cfg.run.seed = seed
     cfg.model.d_model, cfg.model.n_heads, cfg.model.context = d_model, n_heads, context
@@ -122,10 +123,8 @@ def small_config(seed: int, *, d_model: int, n_heads: int, context: int, levels:
         cfg.inner.lr = inner_lr
     if warmup_steps is not None:
         cfg.inner.warmup_steps = warmup_steps
-    if outer_lr is not None:
-        cfg.outer.lr = outer_lr
-    if outer_momentum is not None:
-        cfg.outer.momentum = outer_momentum
+    cfg.outer.lr = common.DILOCO_OUTER[0] if outer_lr is None else outer_lr
+    cfg.outer.momentum = common.DILOCO_OUTER[1] if outer_momentum is None else outer_momentum
     cfg.outer.rescale_by_sharing = rescale_by_sharing
     cfg.validate("benchmark config")
     return cfg
