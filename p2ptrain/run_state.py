@@ -87,9 +87,22 @@ def load_local_run_state(home: Path, config: RunConfig) -> RunState | None:
         return None
     state = RunState.from_json(path.read_text(), str(path))
     if state.config.fingerprint() != config.fingerprint():
-        raise ConfigError(f"{path} holds run '{config.run.id}' with a different config than the one given: "
-                          "use another run.id, another --home, or the same config as before")
+        raise ConfigError(f"{path} holds run '{config.run.id}' with a different config than the one given "
+                          f"({config_differences(state.config, config)}): use another run.id, another --home, "
+                          "or a config with the saved values")
     return state
+
+
+def config_differences(saved: RunConfig, given: RunConfig, most: int = 4) -> str:
+    """The keys two configs disagree on, with both values ('outer.lr 0.7 saved, 1.0 given'),
+    at most `most` of them: what a user must set to reopen a saved run (a preset that
+    changed between versions, or an edited file)."""
+    saved_dict, given_dict = saved.to_dict(), given.to_dict()
+    keys = [(section, key) for section, values in saved_dict.items() for key in values
+            if values[key] != given_dict.get(section, {}).get(key)]
+    text = "; ".join(f"{section}.{key} {saved_dict[section][key]!r} saved, {given_dict[section][key]!r} given"
+                     for section, key in keys[:most])
+    return text + (f"; and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def load_or_create_run_state(home: Path, config: RunConfig, docs_loader) -> RunState:

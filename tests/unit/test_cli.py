@@ -177,7 +177,7 @@ def test_changed_config_under_the_same_run_id_exits_3(cli, tmp_path, tiny_run_to
 
     # Assert
     assert_one_line_error(result, 3, f"{home / 'runs' / 'unit-cli' / 'run.json'} holds run 'unit-cli' "
-                                     "with a different config")
+                                     "with a different config than the one given (run.seed 0 saved, 1 given)")
 
 
 def test_module_entry_point_runs_in_a_real_process(tmp_path):

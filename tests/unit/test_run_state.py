@@ -7,8 +7,8 @@ import pytest
 from p2ptrain.config import RunConfig
 from p2ptrain.errors import ConfigError
 from p2ptrain.info import run_info
-from p2ptrain.run_state import (RunState, load_local_run_state, load_or_create_run_state, run_state_file,
-                                save_run_state)
+from p2ptrain.run_state import (RunState, config_differences, load_local_run_state, load_or_create_run_state,
+                                run_state_file, save_run_state)
 
 
 def test_saved_run_state_loads_back_with_the_same_fingerprint(tiny_run_state, tmp_path):
@@ -19,6 +19,20 @@ def test_saved_run_state_loads_back_with_the_same_fingerprint(tiny_run_state, tm
     # Assert
     assert path == tmp_path / "runs" / "unit-tiny" / "run.json"
     assert loaded.fingerprint() == tiny_run_state.fingerprint()
+
+
+def test_a_config_that_changed_names_each_key_it_changed_with_both_values():
+    # Prepare: the default preset as it was before its outer step changed (2026-12-06)
+    before = RunConfig.load("default")
+    before.outer.lr, before.outer.momentum = 0.7, 0.9
+    many = RunConfig.load("default")
+    many.run.seed, many.inner.lr, many.inner.batch_size, many.grid.stem = 5, 1e-3, 8, "per_path"
+
+    # Execute / Assert: what a home that ran the old preset is told on upgrading
+    assert config_differences(before, RunConfig.load("default")) == \
+        "outer.lr 0.7 saved, 1.0 given; outer.momentum 0.9 saved, 0.5 given"
+    assert config_differences(many, before, most=2) == "run.seed 5 saved, 0 given; grid.stem 'per_path' saved, " \
+                                                      "'shared' given; and 4 more"
 
 
 def test_no_saved_run_state_loads_as_none(tiny_config, tmp_path):
