@@ -98,11 +98,12 @@ def config_differences(saved: RunConfig, given: RunConfig, most: int = 4) -> str
     at most `most` of them: what a user must set to reopen a saved run (a preset that
     changed between versions, or an edited file)."""
     saved_dict, given_dict = saved.to_dict(), given.to_dict()
-    keys = [(section, key) for section, values in saved_dict.items() for key in values
-            if values[key] != given_dict.get(section, {}).get(key)]
-    text = "; ".join(f"{section}.{key} {saved_dict[section][key]!r} saved, {given_dict[section][key]!r} given"
-                     for section, key in keys[:most])
-    return text + (f"; and {len(keys) - most} more" if len(keys) > most else "")
+    differing = [(f"{section}.{key}", value, given_dict.get(section, {}).get(key))
+                 for section, values in saved_dict.items() for key, value in values.items()
+                 if value != given_dict.get(section, {}).get(key)]
+    text = "; ".join(f"{name} {saved_value!r} saved, {given_value!r} given"
+                     for name, saved_value, given_value in differing[:most])
+    return text + (f"; and {len(differing) - most} more" if len(differing) > most else "")
 
 
 def load_or_create_run_state(home: Path, config: RunConfig, docs_loader) -> RunState:
