@@ -1,5 +1,5 @@
 """Claim: the wire codecs for pseudo-gradients (none, fp16, 8bit = hivemind's blockwise
-quantization, built by `p2ptrain.swarm.averaging.make_compression`) cost little accuracy on
+quantization, 4bit = p2ptrain's NF4, built by `p2ptrain.swarm.averaging.make_compression`) cost little accuracy on
 real pseudo-gradients, and the outer step taken with the all-reduced Δ gives nearly the
 same model as with the exact average.
 
@@ -11,13 +11,16 @@ hivemind's own pieces: `TensorPartContainer` cuts each peer's Δ into parts and 
 them to reducers and serializes the parts it sends (`iterate_input_parts_for`); a reducer
 averages what it decodes (its own part raw, weighted by tokens as p2ptrain weights them) and
 sends back `serialize_torch_tensor(average − decoded part)`, as `AllReduceRunner` does;
-a peer adds the decoded difference to its own Δ. Errors are of that result against the
+a peer adds the decoded difference to its own Δ (4bit: the reducer sends back the encoded
+average itself, and every peer, the reducer too, holds its decoding, as
+`swarm/wire_codec.py` has it). Errors are of that result against the
 exact weighted mean, and of a single encode → decode of Δ (one crossing). Then
 `ModuleOuterState.apply` takes each peer's outer step with the exact and with each codec's
 result, and each path is scored on its routed held-out documents.
 
-Beside them, 4-bit NF4 (outer_codecs.NF4Codec), which hivemind's wire cannot carry: its
-all-reduce is replayed by hand with the same scheme (replay_allreduce_off_wire). For every
+Beside them, 4-bit NF4 with hivemind's scheme of replies (outer_codecs.NF4Codec, the
+difference from each sender's part), which the swarm does not use: its all-reduce is
+replayed by hand (replay_allreduce_off_wire), to show what that scheme did to 4 bits. For every
 codec the table also gives how far the two peers' results lie apart: what the fingerprint
 check (`averaging.sync_tolerance`) sees between two holders after one round.
 
@@ -42,12 +45,13 @@ from outer_codecs import NF4Codec  # noqa: E402
 from p2ptrain.data.tokenizer import load_tokenizer  # noqa: E402
 from p2ptrain.model.grid import path_name  # noqa: E402
 from p2ptrain.swarm.averaging import make_compression  # noqa: E402
+from p2ptrain.swarm.wire_codec import deserialize_part, returns_averages, serialize_part  # noqa: E402
 from p2ptrain.train.evaluate import document_loss, heldout_by_path  # noqa: E402
 
-CODECS = ("none", "fp16", "8bit")
-# measured beside them, not on the swarm's wire (hivemind's codec enum is closed): the
-# all-reduce is replayed by hand with the same scheme (replay_allreduce_off_wire)
-OFF_WIRE = {"nf4": NF4Codec}
+CODECS = ("none", "fp16", "8bit", "4bit")
+# measured beside them, not the swarm's: NF4 with hivemind's replies (the average minus the
+# sender's part), replayed by hand (replay_allreduce_off_wire)
+OFF_WIRE = {"nf4, delta replies": NF4Codec}
 PATHS = ("0,0", "0,1")  # two peers whose paths share the stem and L0.M0
 
 
@@ -71,10 +75,8 @@ def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def one_crossing(tensors: list[torch.Tensor], codec) -> tuple[torch.Tensor, int]:
     """Δ after one encode → decode of every part, and its wire bytes."""
-    from hivemind.compression import deserialize_torch_tensor
-
     messages = encoded_parts(tensors, codec, peers=1, reducer=0)
-    return flat([deserialize_torch_tensor(m) for m in messages]), sum(m.ByteSize() for m in messages)
+    return flat([deserialize_part(m) for m in messages]), sum(m.ByteSize() for m in messages)
 
 
 def replay_allreduce(deltas: list[list[torch.Tensor]], weights: list[float], codec) -> tuple[list, int]:
@@ -83,9 +85,9 @@ def replay_allreduce(deltas: list[list[torch.Tensor]], weights: list[float], cod
 
     As hivemind's AllReduceRunner: a reducer averages its own part raw and the others'
     decoded (accumulator += weight·part, then / Σweight); it returns to each sender
-    encode(average − decoded part), which the sender adds to its raw part."""
-    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-
+    encode(average − decoded part), which the sender adds to its raw part. A codec that
+    returns averages (4-bit NF4) sends encode(average) instead, and every peer holds its
+    decoding, the reducer too."""
     n = len(deltas)
     raw = [flat(d) for d in deltas]
     out = [torch.empty_like(r) for r in raw]
@@ -93,7 +95,7 @@ def replay_allreduce(deltas: list[list[torch.Tensor]], weights: list[float], cod
     for reducer in range(n):
         sent = {s: encoded_parts(deltas[s], codec, n, reducer) for s in range(n) if s != reducer}
         wire += sum(m.ByteSize() for messages in sent.values() for m in messages)
-        decoded = {s: [deserialize_torch_tensor(m) for m in messages] for s, messages in sent.items()}
+        decoded = {s: [deserialize_part(m) for m in messages] for s, messages in sent.items()}
         sizes = [part.numel() for part in next(iter(decoded.values()))]
         for p, size in enumerate(sizes):
             own = {s: decoded[s][p] if s != reducer else raw[s][offset:offset + size] for s in range(n)}
@@ -101,11 +103,18 @@ def replay_allreduce(deltas: list[list[torch.Tensor]], weights: list[float], cod
             for s in range(n):
                 accumulator.add_(own[s], alpha=weights[s])
             average = accumulator / sum(weights)
-            out[reducer][offset:offset + size] = average
+            compression = next(iter(sent.values()))[p].compression
+            averages_back = returns_averages(compression)
+            out[reducer][offset:offset + size] = (deserialize_part(serialize_part(average, compression))
+                                                  if averages_back else average)
             for s in sent:
-                reply = serialize_torch_tensor(average - own[s], sent[s][p].compression)
+                if averages_back:
+                    reply = serialize_part(average, compression)
+                    out[s][offset:offset + size] = deserialize_part(reply)
+                else:
+                    reply = serialize_part(average - own[s], compression)
+                    out[s][offset:offset + size] = raw[s][offset:offset + size] + deserialize_part(reply)
                 wire += reply.ByteSize()
-                out[s][offset:offset + size] = raw[s][offset:offset + size] + deserialize_torch_tensor(reply)
             offset += size
     assert offset == raw[0].numel()
     return out, wire
@@ -312,10 +321,11 @@ def main() -> None:
         "which never crosses the wire); errors are absolute, in parameter units; rel RMS = ‖error‖ / ‖reference‖; "
         "wire = protobuf bytes (headers, absmax and codebook included) per value of the module; the group's wire "
         "counts both peers, both directions",
-        "nf4 (bitsandbytes 4-bit NormalFloat, absmax per 64 values) cannot ride hivemind's wire (a closed codec "
-        "enum): its all-reduce is replayed by hand with the same scheme over two equal slices, bytes = payload "
-        "(4 bits a value + the absmax), no framing; peers' results apart = ‖peer 0's result − peer 1's‖ / ‖exact "
-        "mean‖, what the fingerprint check sees between two holders after one round",
+        "4bit = p2ptrain's NF4 on the wire (4 bits a value + a float32 absmax per 64), whose reducers return the "
+        "encoded average itself; 'nf4, delta replies' = the same values with hivemind's replies (average − part), "
+        "replayed by hand over two equal slices, bytes = payload, no framing: the scheme the swarm does not use; "
+        "peers' results apart = ‖peer 0's result − peer 1's‖ / ‖exact mean‖, what the fingerprint check sees "
+        "between two holders after one round",
         f"outer step: `ModuleOuterState.apply` (lr {cfg.outer.lr}, Nesterov momentum {cfg.outer.momentum}) from the "
         "initial global state; loss in nats/token on the path's routed held-out documents",
     ])

@@ -11,8 +11,12 @@ init, router and data order):
   round trip (encode, decode) before the token-weighted mean: the send leg of an
   all-reduce, or an all-gather of the encoded vectors as SparseLoCo does. In the swarm's
   butterfly all-reduce the averaged part is encoded again on the way back; that second
-  crossing is not applied here to any codec (bench_compression replays it for fp16 and
-  8-bit: 8-bit's error over both legs is 7.8e-3 relative RMS);
+  crossing is not applied here to any codec but nf4-wire (bench_compression replays it for
+  fp16 and 8-bit: 8-bit's error over both legs is 7.8e-3 relative RMS);
+- nf4-wire is p2ptrain's 4-bit wire codec as the swarm runs it (averaging.compression =
+  "4bit"): every worker's pseudo-gradient goes through NF4 on the way in, and the mean goes
+  through it again on the way back, where every holder adopts the same decoded average
+  (the reducer's own part, which the swarm does not encode on the way in, is encoded here);
 - error feedback keeps one residual per (worker, module) (outer_codecs.ErrorFeedback);
 - the outer step is DiLoCo's (Nesterov, lr 0.7, momentum 0.9; common.DILOCO_OUTER) for every codec, not
   retuned, except the *sparseloco* rows: SparseLoCo's recipe (error feedback decayed by
@@ -42,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from outer_codecs import (ErrorFeedback, HivemindCodec, NF4Codec, NoCodec, TopKCodec,  # noqa: E402
+from outer_codecs import (ErrorFeedback, HivemindCodec, NF4Codec, NoCodec, TopKCodec, WireNF4Codec,  # noqa: E402
                           relative_rms)
 from quality_common import (REPO, SPLITS, RunState, SimulatedSwarm, base_parser, fmt,  # noqa: E402
                             heldout_sequences, load_corpus, machine_info, markdown_table,
@@ -53,6 +57,9 @@ NAME = "bench_outer_codecs"
 K = 4
 SETUPS = {"DiLoCo": [1, 1], "DiPaCo": [2, 2]}
 HOLDS_LOSS = 1.01  # fixed before the first run: the cost accepted for averaging.fragments = 4
+# codecs whose average crosses the codec again on its way back to every holder: p2ptrain's
+# 4-bit wire codec, whose reducers return the average itself (swarm/wire_codec.py)
+RETURN_LEG = {"nf4-wire"}
 
 # SparseLoCo's recipe (arXiv 2508.15706): error feedback decayed by β in place of outer
 # momentum, plain averaged descent with outer lr α; β = 0.95 and α = 1 were set without
@@ -66,6 +73,7 @@ CODECS = {  # id -> (codec factory, error feedback, outer settings)
     "8bit": (lambda: HivemindCodec("8bit"), False, DILOCO),
     "nf4": (NF4Codec, False, DILOCO),
     "nf4+ef": (NF4Codec, True, DILOCO),
+    "nf4-wire": (WireNF4Codec, False, DILOCO),  # both legs, as averaging.compression = "4bit" runs
     "top16+ef": (lambda: TopKCodec(1 / 16), True, DILOCO),
     "none-sparseloco": (NoCodec, False, SPARSELOCO),  # SparseLoCo's outer step alone, exact average
     "top16-sparseloco": (lambda: TopKCodec(1 / 16), True, SPARSELOCO),
@@ -226,7 +234,9 @@ def train_and_score(p: dict, seed: int, setup: str, codec_id: str) -> dict:
         sent["values"] += delta.numel()
         return decoded
 
-    swarm = SimulatedSwarm(sessions, fragments=1, encode=encode)
+    both_legs = codec_id in RETURN_LEG
+    swarm = SimulatedSwarm(sessions, fragments=1, encode=encode,
+                           encode_mean=(lambda mean: codec.roundtrip(mean)[0]) if both_legs else None)
     xs, ys = train_with_curve(swarm, p["rounds"], H, curve_held, context)
     final = {split: routed_loss(swarm.global_models(), held[split], context) for split in SPLITS}
     return {"loss": {split: final[split][0] for split in SPLITS},

@@ -8,7 +8,7 @@ read from the loopback interface's counters (/proc/net/dev), so they include eve
 the swarm sends — all-reduce parts, libp2p framing and encryption, DHT records,
 matchmaking — and nothing else should use loopback while this runs. The all-reduce bound
 uses the group sizes the peers' round events report and the codec's measured bytes (each
-module cut into the parts an averager sends and run through hivemind's own codec).
+module cut into the parts an averager sends and run through the averager's own codec).
 
 Peers stop at exactly H steps a round here (averaging.fill_round off), so "at H = 500"
 means 500 steps a round; tokens are the ones the round events report. Compute utilization
@@ -109,7 +109,7 @@ def training_thread_share(result: dict) -> float:
 
 def codec_bytes(values: int, compression: str) -> int:
     """What the codec puts on the wire for a module of `values` parameters: the module cut into
-    the parts an averager sends (averaging_part_bytes), each through hivemind's codec."""
+    the parts an averager sends (averaging_part_bytes), each through the averager's codec."""
     from hivemind.compression import CompressionInfo
     from p2ptrain.swarm.averaging import averaging_part_bytes, make_compression
     codec = make_compression(compression)
@@ -149,11 +149,14 @@ def full_group_bound(config: RunConfig, sizes: dict[str, int]) -> float:
 VARIANTS = [("plain-fp16", "fp16", False, "default", 25, 16.0),
             ("overlap-fp16", "fp16", True, "default", 25, 16.0),
             ("plain-8bit", "8bit", False, "default", 25, 16.0),
+            ("plain-4bit", "4bit", False, "default", 25, 16.0),
             ("plain-fp16-wide", "fp16", False, "wide", 4, 30.0),
             ("plain-8bit-wide", "8bit", False, "wide", 4, 30.0),
             ("plain-8bit-tiny-H25", "8bit", False, "tiny", 25, 6.0),
             ("plain-8bit-tiny-H500", "8bit", False, "tiny", 500, 45.0),
-            ("plain-8bit-H500", "8bit", False, "default-b4", 500, 150.0)]
+            ("plain-4bit-tiny-H500", "4bit", False, "tiny", 500, 45.0),
+            ("plain-8bit-H500", "8bit", False, "default-b4", 500, 150.0),
+            ("plain-4bit-H500", "4bit", False, "default-b4", 500, 150.0)]
 # "default-b4" is the default model with 4 sequences a step, so 500 steps fit a 150 s round:
 # bytes per token vs DDP do not depend on the batch (DDP's all-reduce is per step, ours per round).
 MODELS = {"default-b4": {"d_model": 128, "n_heads": 4, "batch_size": 4},

@@ -72,6 +72,17 @@ class NF4Codec:
         return decoded, packed.numel() * packed.element_size() + 4 * state.absmax.numel()
 
 
+class WireNF4Codec:
+    """p2ptrain's own 4-bit wire codec (swarm/wire_codec.py: bitsandbytes' NF4 values, blocks of
+    64), used on both legs of the all-reduce by the caller."""
+
+    name = "4-bit NF4 on the wire (averaging.compression = 4bit), both legs"
+
+    def roundtrip(self, flat: torch.Tensor) -> tuple[torch.Tensor, int]:
+        from p2ptrain.swarm.wire_codec import nf4_payload_bytes, nf4_roundtrip
+        return nf4_roundtrip(flat), nf4_payload_bytes(flat.numel())
+
+
 class TopKCodec:
     """The k = ⌈fraction × chunk⌉ largest |values| of every chunk, as (fp16 value, uint16 index)."""
 

@@ -153,20 +153,24 @@ class SimulatedSwarm:
     def __init__(self, sessions: Sequence[PathSession], sharing_scale: Callable[[str], float] | None = None,
                  fragments: int | None = None,
                  encode: Callable[[PathSession, str, torch.Tensor], torch.Tensor] | None = None,
-                 overlap: bool = False, final_average: bool = False):
+                 overlap: bool = False, final_average: bool = False,
+                 encode_mean: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """fragments: None, the whole-module outer step below; N, the node's averaging.fragments
         code path (SwarmNode.outer_step): round r averages only fragment_bounds(numel, N, r).
         encode: with fragments, what a worker's (session, module id, flat pseudo-gradient
         slice) reaches the average as, e.g. after a lossy codec's round trip; None: exact.
+        encode_mean: with fragments, what the average reaches every holder as (the return leg
+        of an all-reduce whose reducers send the average itself, as 4-bit NF4 does); None: exact.
         overlap: with fragments > 1, the node's overlapped path (overlap.FragmentRebase): round
         r's slice average lands at round r + 1's end; finish() lands the last one.
         final_average: finish() then sets every module's globals to the token-weighted mean of
         its workers' latest weights, all slices at once (a closing round the node does not run)."""
-        if encode is not None and fragments is None:
+        if (encode is not None or encode_mean is not None) and fragments is None:
             raise ValueError("encode works on the flat pseudo-gradient: pass fragments (1 for whole modules)")
         if overlap and not (fragments or 0) > 1:
             raise ValueError("overlap is simulated for fragments > 1 only (FragmentRebase)")
         self.encode = encode
+        self.encode_mean = encode_mean
         self.overlap = overlap
         self.final_average = final_average
         self._last_weight: dict[int, float] = {}  # the last round's token weights
@@ -238,6 +242,8 @@ class SimulatedSwarm:
                 if self.encode is not None:
                     delta = self.encode(session, module_id, delta)
                 mean.add_(delta, alpha=weight[id(session)] / total)
+            if self.encode_mean is not None:
+                mean = self.encode_mean(mean)
             state.apply_fragment(mean, start, self.sharing_scale(module_id))
             for session in holders:
                 session.adopt_global(module_id, None if self.fragments == 1 else (start, end))

@@ -103,7 +103,7 @@ class OuterConfig:
 
 @dataclass
 class AveragingConfig:
-    compression: str = _f("fp16", "Wire codec for pseudo-gradients", choices=("none", "fp16", "8bit"))
+    compression: str = _f("fp16", "Wire codec for pseudo-gradients", choices=("none", "fp16", "8bit", "4bit"))
     matchmaking_time: float = _f(5.0, "Seconds a node waits to gather peers for a module's all-reduce",
                                  unit="s", lo=0.5, hi=600.0)
     averaging_timeout: float = _f(60.0, "Seconds before a round's all-reduce is abandoned", unit="s",

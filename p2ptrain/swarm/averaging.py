@@ -38,6 +38,8 @@ import torch
 
 from p2ptrain.swarm.aggregation import OUTLIER_FACTOR, OUTLIER_SCALE, aggregate_reporting
 from p2ptrain.swarm.progress import TransferProgress
+from p2ptrain.swarm.wire_codec import (NF4_BYTES_PER_VALUE, deserialize_part, nf4_compression, nf4_roundtrip,
+                                      returns_averages, serialize_part)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,9 @@ def fingerprint(tensors: Sequence[torch.Tensor], dims: int = FINGERPRINT_DIMS) -
 # error (fp16 ~7e-4 after the two compressions of an all-reduce, blockwise 8-bit ~1.5e-2),
 # so these bounds sit at ~7 standard deviations. A slice left un-averaged moves a
 # projection by about that slice's share of the vector's norm: far above them.
-SYNC_TOLERANCE = {"none": 1e-5, "fp16": 5e-3, "8bit": 1e-1}
+# 4-bit NF4 returns the average itself (wire_codec.returns_averages), so its holders end
+# equal up to float32 rounding: fp16's bound is ample.
+SYNC_TOLERANCE = {"none": 1e-5, "fp16": 5e-3, "8bit": 1e-1, "4bit": 5e-3}
 
 
 def sync_tolerance(compression: str, configured: float) -> float:
@@ -93,8 +97,9 @@ def fingerprints_agree(a: Sequence[float], b: Sequence[float], scale: float, tol
 
 
 # Bytes per value on the wire for each codec (hivemind's blockwise 8-bit: one fp32 absmax
-# per 4096 values; each part also carries its 256-entry fp32 codebook, 1 KiB, not counted here).
-WIRE_BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "8bit": 1.0 + 4.0 / 4096}
+# per 4096 values; each part also carries its 256-entry fp32 codebook, 1 KiB, not counted
+# here; p2ptrain's NF4: one fp32 absmax per 64 values).
+WIRE_BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "8bit": 1.0 + 4.0 / 4096, "4bit": NF4_BYTES_PER_VALUE}
 MIN_PART_BYTES, MAX_PART_BYTES, PARTS_PER_MODULE = 1 << 10, 512 << 10, 16
 
 
@@ -110,7 +115,8 @@ def averaging_part_bytes(values: int, compression: str) -> int:
 
 def make_compression(name: str):
     from hivemind.compression import BlockwiseQuantization, Float16Compression, NoCompression
-    return {"none": NoCompression, "fp16": Float16Compression, "8bit": BlockwiseQuantization}[name]()
+    return {"none": NoCompression, "fp16": Float16Compression, "8bit": BlockwiseQuantization,
+            "4bit": nf4_compression}[name]()
 
 
 BANDWIDTH_CLAIM_RANGE = 4.0  # a peer's reduce share follows its claimed bandwidth within 4x of the group's median
@@ -279,7 +285,7 @@ def _averager_class():
     from hivemind.averaging.load_balancing import load_balance_peers
     from hivemind.averaging.matchmaking import MatchmakingException
     from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
-    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+    from hivemind.compression import deserialize_torch_tensor
     from hivemind.p2p import PeerID
     from hivemind.proto import averaging_pb2
     from hivemind.utils.asyncio import (achain, aiter_with_timeout, amap_in_executor, anext, azip, as_aiter,
@@ -420,16 +426,25 @@ def _averager_class():
             # a peer that trained fewer tokens than a full round expects a proportionally larger gap
             check_scale = reducer_check * max(1.0, max_weight / own_weight)
 
+            averages_back = returns_averages(container.compression.compression_type)
+
             def register_processed_part(peer_index: int, part_index: int, delta: torch.Tensor):
-                """Check a slice a reducer returned (as a delta from our own part) before using it."""
+                """Check a slice a reducer returned (as a delta from our own part) before using it.
+                With NF4 a reducer returns the average itself (wire_codec.returns_averages), and our
+                own slice's average is rounded the way we send it to the others."""
+                own = container._input_parts_by_peer[peer_index][part_index][0]
+                zero_fill = peer_index in self._failed_reducers  # a failed reducer's: no result
+                if averages_back and not zero_fill and delta.shape == own.shape:
+                    delta = (delta if peer_index != own_index else nf4_roundtrip(own + delta)) - own
                 if peer_index != own_index:
-                    if peer_index not in self._failed_reducers:  # a failed reducer's zero-fill is not a result
+                    if not zero_fill:
                         self._results_from[peer_index] += 1
                         if self._results_from[peer_index] == container.num_parts_by_peer[peer_index]:
                             self._all_results_from[peer_index].set()
-                    own = container._input_parts_by_peer[peer_index][part_index][0]
                     why, excess = None, math.inf
-                    if not torch.isfinite(delta).all():
+                    if delta.shape != own.shape:
+                        why = "a slice of the wrong size"
+                    elif not torch.isfinite(delta).all():
                         why = "non-finite values in the slice it reduced"
                     elif reducer_check > 0 and rule != "mean" and rms > 0:
                         bound = check_scale * max(float(own.norm()), rms * math.sqrt(own.numel()))
@@ -542,7 +557,7 @@ def _averager_class():
             if len(msg.tensor_part.buffer) > limit:
                 return None, msg
             try:
-                return deserialize_torch_tensor(msg.tensor_part), msg
+                return deserialize_part(msg.tensor_part), msg
             except Exception:  # a malformed part: refused below like any other bad part
                 return None, msg
 
@@ -607,8 +622,11 @@ def _averager_class():
                     except BannedException:
                         break
                     compression = msg.tensor_part.compression
+                    # hivemind's codecs answer with the difference from the sender's part, NF4
+                    # with the average itself, so that every holder ends with the same values
+                    answer = averaged_part if returns_averages(compression) else averaged_part - tensor_part
                     serialized_delta = await loop.run_in_executor(
-                        None, lambda: serialize_torch_tensor(averaged_part - tensor_part, compression))
+                        None, lambda: serialize_part(answer, compression))
                     self.bytes_sent += len(serialized_delta.buffer)
                     yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta)
                 if part_index == num_parts and not sends_receipt:

@@ -38,6 +38,11 @@ A node shares a handful of tensors between its processes (one buffer per module,
 states on download), so passing their descriptors costs a few open files and no extra
 process. A user's HIVEMIND_MEMORY_SHARING_STRATEGY still wins.
 
+4-bit parts: a sender decodes the averages its reducers send back with the module-level
+`deserialize_torch_tensor` of hivemind's allreduce.py, which knows only hivemind's codecs.
+We hand it wire_codec.deserialize_part, which decodes p2ptrain's NF4 too and passes every
+other codec to hivemind (our reducer's side decodes with it directly: averaging.py).
+
 Groups that assemble once the holders we wait for are in: hivemind's leader assembles
 when its group reaches `target_group_size` (or its window ends), and refuses followers
 beyond it. A node does not wait for a holder that missed last round's group; sizing the
@@ -208,4 +213,7 @@ def apply() -> None:
     Matchmaking._request_join_group = _joining_admitted_leaders_only(Matchmaking._request_join_group)
     Matchmaking.target_group_size = _target_group_size_property()
     Matchmaking.look_for_group = _waiting_out_a_forming_group()
+    import hivemind.averaging.allreduce as allreduce_module
+    from p2ptrain.swarm.wire_codec import deserialize_part
+    allreduce_module.deserialize_torch_tensor = deserialize_part
     _APPLIED = True

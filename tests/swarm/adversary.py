@@ -7,6 +7,11 @@ for it), steps its averager at the end of every round of the run's schedule, and
   * send any `gather` value (not a dict, wrong types, a huge round);
   * declare any weight on the parts it sends to honest reducers (huge, negative);
   * send 1-element parts instead of its slices;
+  * damage every part it sends (lie "damage_parts": a function of the message), or every
+    averaged part it answers as a reducer (lie "damage_answers"): a 4-bit part cut short,
+    one with a NaN block scale, one in a codec nobody knows;
+  * take part as hivemind's client mode does: sending its parts, reducing nothing (lie
+    "client_mode": True);
   * claim any fingerprint and round in its record (or a claim made afresh each round);
   * serve an oversized or random module state (or one made afresh at each download);
   * end its first few state downloads early, between tensors or inside one (lie
@@ -39,6 +44,7 @@ from p2ptrain.swarm.identity import Identity
 from p2ptrain.swarm.staging import stage_group_bits
 from p2ptrain.swarm.records import (ModuleSync, SwarmRecords, averager_prefix, make_validators, new_peer_record)
 from p2ptrain.swarm.schedule import RoundSchedule
+from p2ptrain.swarm.wire_codec import deserialize_part, serialize_part
 
 
 def _evil_averager_class():
@@ -62,18 +68,39 @@ def _evil_averager_class():
             async for part in parts:
                 if self.lie.get("one_element_parts"):
                     part = serialize_torch_tensor(torch.zeros(1))
+                if self.lie.get("damage_parts"):
+                    part = self.lie["damage_parts"](part)
                 yield averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING if first else 0,
                                                   group_id=self.group_id if first else b"", tensor_part=part,
                                                   weight=weight)
                 first = False
 
         async def _accumulate_parts_streaming(self, stream, sender_index: int):
+            if self.lie.get("damage_answers"):
+                async for message in self._damaged_answers(stream, sender_index):
+                    yield message
+                return
             returned = 0
             async for message in super()._accumulate_parts_streaming(stream, sender_index):
                 if self.lie.get("raise_as_reducer") and returned >= 1:
                     raise RuntimeError("adversary: reducer fails mid all-reduce")
                 yield message
                 returned += 1
+
+        async def _damaged_answers(self, stream, sender_index: int):
+            """Reduce each part as p2ptrain does (in any codec, 4-bit NF4 included), then damage
+            the average it sends back."""
+            part_index = 0
+            async for message in stream:
+                if part_index == self.tensor_part_reducer.num_parts:
+                    return  # the sender's receipt
+                part = deserialize_part(message.tensor_part)
+                averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part,
+                                                                          weight=message.weight)
+                part_index += 1
+                answer = serialize_part(averaged, message.tensor_part.compression)
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
+                                                  tensor_part=self.lie["damage_answers"](answer))
 
     # hivemind names its RPCs after the servicer class ("<prefix>::ModuleAverager.rpc_join_group"):
     # a peer that wants into p2ptrain's groups must use p2ptrain's class name
@@ -165,7 +192,7 @@ class Adversary:
             lie=lie, served_state=served_state, target_group_size=cfg.target_group_size, min_group_size=2,
             min_matchmaking_time=cfg.matchmaking_time, request_timeout=min(3.0, cfg.matchmaking_time / 2),
             allreduce_timeout=cfg.averaging_timeout, next_chunk_timeout=max(2.0, cfg.averaging_timeout / 6),
-            compression=make_compression(cfg.compression),
+            compression=make_compression(cfg.compression), client_mode=lie.get("client_mode", False),
             part_size_bytes=averaging_part_bytes(numel, cfg.compression))
         self.stop = threading.Event()
         self.steps_joined = 0

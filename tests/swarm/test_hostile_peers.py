@@ -72,6 +72,78 @@ def test_a_lying_group_member_is_reported_and_the_honest_average_is_what_it_woul
         torch.testing.assert_close(got_b, expected, rtol=0, atol=1e-5)
 
 
+def _nan_block_scale(message):
+    buffer = bytearray(message.buffer)
+    buffer[:4] = torch.tensor([float("nan")]).numpy().tobytes()
+    message.buffer = bytes(buffer)
+    return message
+
+
+def _cut_short(message):
+    message.buffer = message.buffer[:-1]
+    return message
+
+
+def _unknown_codec(message):
+    message.compression = 99
+    return message
+
+
+BAD_4BIT_MESSAGES = {"cut short by a byte": _cut_short, "a NaN block scale": _nan_block_scale,
+                     "a codec number nobody knows": _unknown_codec}
+
+
+def four_bit_step(swarm, adversaries, run_id: str, lie: dict):
+    """An honest pair averaging in 4-bit NF4 with a stranger in its group: the reports, and
+    what the pair's copies and the pseudo-gradients were."""
+    a, b = honest_pair(swarm, run_id, compression="4bit")
+    adversary = Adversary(a, path=[0], module_id=MODULE, lie=lie)
+    adversaries.append(adversary)
+    adversary.publish(round_=1)
+    start = [p.clone() for p in a.node.slots[MODULE].outer.global_params]
+    for node in (a, b):
+        node.node.session.inner_steps(3)
+    local_a, local_b = ([p.clone() for p in n.node.session.local_state(MODULE).values()] for n in (a, b))
+    reports = in_parallel(lambda: a.node.outer_step(1, tokens=100), lambda: b.node.outer_step(1, tokens=300),
+                          lambda: adversary.step(1))
+    mean = torch.cat([((100 * (g - la) + 300 * (g - lb)) / 400).reshape(-1)
+                      for g, la, lb in zip(start, local_a, local_b)])
+    applied = torch.cat([((g - got) / (0.7 * 1.9)).reshape(-1)
+                         for g, got in zip(start, a.node.slots[MODULE].outer.global_params)])
+    return a, b, adversary, reports, float((applied - mean).norm() / mean.norm())
+
+
+@pytest.mark.parametrize("damage", list(BAD_4BIT_MESSAGES), ids=list(BAD_4BIT_MESSAGES))
+def test_a_stranger_whose_4bit_parts_are_malformed_is_reported_and_the_honest_pair_averages_without_it(
+        swarm, adversaries, damage):
+    # Prepare / Execute: an honest pair in 4-bit NF4, and a stranger in its group that reduces
+    # nothing (hivemind's client mode) and damages every part it sends
+    a, b, adversary, (reports_a, reports_b, _), error = four_bit_step(
+        swarm, adversaries, "nf4-parts-" + str(abs(hash(damage)) % 10 ** 6),
+        {"client_mode": True, "damage_parts": BAD_4BIT_MESSAGES[damage]})
+
+    # Assert: it was in the group and is reported; the pair stepped with its own 4-bit mean
+    # (the codec's error on it, not the stranger's parts) and holds equal copies
+    assert adversary.peer_id in reports_a[MODULE].group
+    assert a.node.rejections.by_peer[adversary.peer_id] + b.node.rejections.by_peer[adversary.peer_id] >= 1
+    assert reports_a[MODULE].outcome == reports_b[MODULE].outcome == "ok"
+    assert error < 0.2
+    assert max_difference(a.node.slots[MODULE].outer.global_params, b.node.slots[MODULE].outer.global_params) <= 1e-6
+
+
+def test_a_stranger_whose_4bit_answers_are_malformed_leaves_only_its_own_slice_unaveraged(swarm, adversaries):
+    # Prepare / Execute: an honest pair in 4-bit NF4, and a stranger in its group that reduces
+    # its slice of the module and sends each average back cut short
+    a, b, adversary, (reports_a, reports_b, _), _error = four_bit_step(
+        swarm, adversaries, "nf4-answers", {"damage_answers": _cut_short})
+
+    # Assert: both honest members saw that reducer fail, skipped its slice alike this round,
+    # and averaged the rest: their copies are equal
+    assert adversary.peer_id in reports_a[MODULE].group
+    assert reports_a[MODULE].outcome == reports_b[MODULE].outcome == "partial"
+    assert max_difference(a.node.slots[MODULE].outer.global_params, b.node.slots[MODULE].outer.global_params) <= 1e-6
+
+
 def test_a_member_that_walks_away_from_its_group_costs_the_others_no_wait(swarm, adversaries):
     # Prepare: an honest pair whose all-reduce would wait 200 s for a member that sends
     # nothing (hivemind's sender timeout: averaging_timeout / 6), and a stranger counted as a

@@ -15,7 +15,7 @@ from p2ptrain.monitor.metrics import NodeMetrics
 from p2ptrain.swarm.averaging import CHUNK_TIMEOUT_FLOOR_S
 from p2ptrain.swarm.consistency import agree
 from p2ptrain.swarm.node import RoundReport
-from tests.swarm.conftest import in_parallel, swarm_config
+from tests.swarm.conftest import in_parallel, max_difference, swarm_config
 from tests.swarm.prometheus_rules import parse
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(300)]
@@ -78,6 +78,39 @@ def test_two_peers_average_the_shared_module_to_the_closed_form(swarm):
     # training continues from the new global parameters
     for name, got in a.node.session.local_state(shared).items():
         assert torch.equal(got, a.node.slots[shared].outer.global_state()[name])
+
+
+def test_two_peers_averaging_in_4bit_end_with_equal_copies_near_the_closed_form(swarm):
+    # Prepare: the closed-form test's two holders of L0.M0, with the wire codec 4-bit NF4
+    config = swarm_config("nf4", levels=(1, 2), stem="per_path", compression="4bit")
+    a = swarm.open(config, "0,0")
+    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
+    shared = "L0.M0"
+    start = [p.clone() for p in a.node.slots[shared].outer.global_params]
+    a.node.session.inner_steps(3)
+    b.node.session.inner_steps(3)
+    local_a = [p.clone() for p in a.node.session.local_state(shared).values()]
+    local_b = [p.clone() for p in b.node.session.local_state(shared).values()]
+
+    # Execute: one outer step, 100 vs 300 tokens
+    reports = in_parallel(lambda: a.node.outer_step(1, tokens=100), lambda: b.node.outer_step(1, tokens=300))
+
+    # Assert: both averaged with each other, and hold the same values (each reducer returns the
+    # average itself in 4 bits, and rounds its own slice the same way) ...
+    got_a, got_b = (n.node.slots[shared].outer.global_params for n in (a, b))
+    assert sorted(reports[0][shared].group) == sorted([a.node.peer_id, b.node.peer_id])
+    assert reports[0][shared].outcome == reports[1][shared].outcome == "ok"
+    assert max_difference(got_a, got_b) <= 1e-6
+    assert copies_agree([a.node, b.node], shared)
+    # ... which are the closed form's step, up to the codec's error on the mean pseudo-gradient
+    mean = torch.cat([((100 * (g - la) + 300 * (g - lb)) / 400).reshape(-1)
+                      for g, la, lb in zip(start, local_a, local_b)])
+    applied = torch.cat([((g - got) / (0.7 * 1.9)).reshape(-1) for g, got in zip(start, got_a)])
+    assert float((applied - mean).norm() / mean.norm()) < 0.2
+    # each sends one copy of the module, in about 0.56 bytes a value
+    values = sum(p.numel() for p in start)
+    for report in (reports[0][shared], reports[1][shared]):
+        assert 0.55 * values < report.bytes_sent < 0.6 * values
 
 
 def test_a_holder_absent_last_round_is_not_waited_for_but_stays_in_the_group_when_already_there(swarm):
