@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pytest
+import torch
 
 from p2ptrain.config import RunConfig
 from p2ptrain.data.corpus import load_documents
@@ -99,6 +100,16 @@ def adversaries():
 def max_difference(a, b) -> float:
     """Largest absolute difference between two lists of tensors (two holders' copies)."""
     return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def applied_mean_error(start, local_a, local_b, got, tokens=(100, 300), step=0.7 * 1.9) -> float:
+    """How far the outer step a holder took (global `start` → `got`) is from a fresh-momentum
+    Nesterov step with the exact token-weighted mean of two peers' pseudo-gradients, relative
+    to that mean: the error a lossy wire codec left in the average."""
+    mean = torch.cat([((tokens[0] * (g - la) + tokens[1] * (g - lb)) / sum(tokens)).reshape(-1)
+                      for g, la, lb in zip(start, local_a, local_b)])
+    applied = torch.cat([((g - after) / step).reshape(-1) for g, after in zip(start, got)])
+    return float((applied - mean).norm() / mean.norm())
 
 
 def in_parallel(*calls: Callable[[], object], timeout: float = 240.0) -> list:

@@ -16,7 +16,7 @@ from p2ptrain.swarm.records import ModuleSync, RunRecord, averager_prefix, run_k
 from p2ptrain.swarm.staging import stage_group_bits
 from p2ptrain.swarm.state_transfer import fetch_verified_state
 from tests.swarm.adversary import Adversary
-from tests.swarm.conftest import in_parallel, max_difference, swarm_config
+from tests.swarm.conftest import applied_mean_error, in_parallel, max_difference, swarm_config
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
 
@@ -40,24 +40,32 @@ LIES = {
 }
 
 
-@pytest.mark.parametrize("lie", list(LIES), ids=list(LIES))
-def test_a_lying_group_member_is_reported_and_the_honest_average_is_what_it_would_be_without_it(
-        swarm, adversaries, lie):
-    # Prepare: two honest holders of the only path (no wire compression, so the honest
-    # average has a closed form), and a stranger that claims to hold it too
-    a, b = honest_pair(swarm, "lie-" + str(abs(hash(lie)) % 10 ** 6), compression="none")
-    adversary = Adversary(a, path=[0], module_id=MODULE, lie=LIES[lie])
+def outer_step_with_a_stranger(swarm, adversaries, run_id: str, compression: str, lie: dict):
+    """Two honest holders of the only path train 3 steps each and take one outer step (100 and
+    300 tokens) with a stranger in their group that claims to hold the path and lies as told.
+    Returns the pair, the stranger, the pair's reports, the module's global parameters before
+    the step and each honest holder's local ones before it."""
+    a, b = honest_pair(swarm, run_id, compression=compression)
+    adversary = Adversary(a, path=[0], module_id=MODULE, lie=lie)
     adversaries.append(adversary)
     adversary.publish(round_=1)
     start = [p.clone() for p in a.node.slots[MODULE].outer.global_params]
     for node in (a, b):
         node.node.session.inner_steps(3)
     local_a, local_b = ([p.clone() for p in n.node.session.local_state(MODULE).values()] for n in (a, b))
-
-    # Execute: one outer step of the honest pair, with the stranger in the group
     reports_a, reports_b, _ = in_parallel(lambda: a.node.outer_step(1, tokens=100),
                                           lambda: b.node.outer_step(1, tokens=300),
                                           lambda: adversary.step(1))
+    return a, b, adversary, (reports_a, reports_b), start, (local_a, local_b)
+
+
+@pytest.mark.parametrize("lie", list(LIES), ids=list(LIES))
+def test_a_lying_group_member_is_reported_and_the_honest_average_is_what_it_would_be_without_it(
+        swarm, adversaries, lie):
+    # Prepare / Execute: two honest holders of the only path (no wire compression, so the
+    # honest average has a closed form) take one outer step with the stranger in their group
+    a, b, adversary, (reports_a, reports_b), start, (local_a, local_b) = outer_step_with_a_stranger(
+        swarm, adversaries, "lie-" + str(abs(hash(lie)) % 10 ** 6), "none", LIES[lie])
 
     # Assert: the stranger was in the group and is reported; the honest nodes stepped with the
     # honest token-weighted mean, as if it had not been there (its own slice counts its part
@@ -93,33 +101,13 @@ BAD_4BIT_MESSAGES = {"cut short by a byte": _cut_short, "a NaN block scale": _na
                      "a codec number nobody knows": _unknown_codec}
 
 
-def four_bit_step(swarm, adversaries, run_id: str, lie: dict):
-    """An honest pair averaging in 4-bit NF4 with a stranger in its group: the reports, and
-    what the pair's copies and the pseudo-gradients were."""
-    a, b = honest_pair(swarm, run_id, compression="4bit")
-    adversary = Adversary(a, path=[0], module_id=MODULE, lie=lie)
-    adversaries.append(adversary)
-    adversary.publish(round_=1)
-    start = [p.clone() for p in a.node.slots[MODULE].outer.global_params]
-    for node in (a, b):
-        node.node.session.inner_steps(3)
-    local_a, local_b = ([p.clone() for p in n.node.session.local_state(MODULE).values()] for n in (a, b))
-    reports = in_parallel(lambda: a.node.outer_step(1, tokens=100), lambda: b.node.outer_step(1, tokens=300),
-                          lambda: adversary.step(1))
-    mean = torch.cat([((100 * (g - la) + 300 * (g - lb)) / 400).reshape(-1)
-                      for g, la, lb in zip(start, local_a, local_b)])
-    applied = torch.cat([((g - got) / (0.7 * 1.9)).reshape(-1)
-                         for g, got in zip(start, a.node.slots[MODULE].outer.global_params)])
-    return a, b, adversary, reports, float((applied - mean).norm() / mean.norm())
-
-
 @pytest.mark.parametrize("damage", list(BAD_4BIT_MESSAGES), ids=list(BAD_4BIT_MESSAGES))
 def test_a_stranger_whose_4bit_parts_are_malformed_is_reported_and_the_honest_pair_averages_without_it(
         swarm, adversaries, damage):
     # Prepare / Execute: an honest pair in 4-bit NF4, and a stranger in its group that reduces
     # nothing (hivemind's client mode) and damages every part it sends
-    a, b, adversary, (reports_a, reports_b, _), error = four_bit_step(
-        swarm, adversaries, "nf4-parts-" + str(abs(hash(damage)) % 10 ** 6),
+    a, b, adversary, (reports_a, reports_b), start, (local_a, local_b) = outer_step_with_a_stranger(
+        swarm, adversaries, "nf4-parts-" + str(abs(hash(damage)) % 10 ** 6), "4bit",
         {"client_mode": True, "damage_parts": BAD_4BIT_MESSAGES[damage]})
 
     # Assert: it was in the group and is reported; the pair stepped with its own 4-bit mean
@@ -127,15 +115,15 @@ def test_a_stranger_whose_4bit_parts_are_malformed_is_reported_and_the_honest_pa
     assert adversary.peer_id in reports_a[MODULE].group
     assert a.node.rejections.by_peer[adversary.peer_id] + b.node.rejections.by_peer[adversary.peer_id] >= 1
     assert reports_a[MODULE].outcome == reports_b[MODULE].outcome == "ok"
-    assert error < 0.2
+    assert applied_mean_error(start, local_a, local_b, a.node.slots[MODULE].outer.global_params) < 0.2
     assert max_difference(a.node.slots[MODULE].outer.global_params, b.node.slots[MODULE].outer.global_params) <= 1e-6
 
 
 def test_a_stranger_whose_4bit_answers_are_malformed_leaves_only_its_own_slice_unaveraged(swarm, adversaries):
     # Prepare / Execute: an honest pair in 4-bit NF4, and a stranger in its group that reduces
     # its slice of the module and sends each average back cut short
-    a, b, adversary, (reports_a, reports_b, _), _error = four_bit_step(
-        swarm, adversaries, "nf4-answers", {"damage_answers": _cut_short})
+    a, b, adversary, (reports_a, reports_b), _start, _locals = outer_step_with_a_stranger(
+        swarm, adversaries, "nf4-answers", "4bit", {"damage_answers": _cut_short})
 
     # Assert: both honest members saw that reducer fail, skipped its slice alike this round,
     # and averaged the rest: their copies are equal

@@ -15,7 +15,7 @@ from p2ptrain.monitor.metrics import NodeMetrics
 from p2ptrain.swarm.averaging import CHUNK_TIMEOUT_FLOOR_S
 from p2ptrain.swarm.consistency import agree
 from p2ptrain.swarm.node import RoundReport
-from tests.swarm.conftest import in_parallel, max_difference, swarm_config
+from tests.swarm.conftest import applied_mean_error, in_parallel, max_difference, swarm_config
 from tests.swarm.prometheus_rules import parse
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(300)]
@@ -28,18 +28,26 @@ def copies_agree(nodes, module_id: str) -> bool:
     return all(agree(claims[0], c, nodes[0].codec_tolerance) for c in claims[1:])
 
 
-def test_two_peers_average_the_shared_module_to_the_closed_form(swarm):
-    # Prepare: grid [1, 2] with private stems: paths (0,0) and (0,1) share only L0.M0
-    config = swarm_config("closed-form", levels=(1, 2), stem="per_path", compression="none")
+def two_holders_after_inner_steps(swarm, run_id: str, compression: str, shared: str = "L0.M0"):
+    """Grid [1, 2] with private stems: paths (0,0) and (0,1) share only L0.M0. Both peers train
+    3 steps; returns them, the shared module's global parameters (equal on both) and each
+    peer's local ones after its steps."""
+    config = swarm_config(run_id, levels=(1, 2), stem="per_path", compression=compression)
     a = swarm.open(config, "0,0")
     b = swarm.open(config, "0,1", initial_peers=a.maddrs)
-    shared = "L0.M0"
     start = [p.clone() for p in a.node.slots[shared].outer.global_params]
     assert all(torch.equal(x, y) for x, y in zip(start, b.node.slots[shared].outer.global_params))
     a.node.session.inner_steps(3)
     b.node.session.inner_steps(3)
     local_a = [p.clone() for p in a.node.session.local_state(shared).values()]
     local_b = [p.clone() for p in b.node.session.local_state(shared).values()]
+    return a, b, start, local_a, local_b
+
+
+def test_two_peers_average_the_shared_module_to_the_closed_form(swarm):
+    # Prepare: two peers whose paths share only L0.M0, no wire compression
+    shared = "L0.M0"
+    a, b, start, local_a, local_b = two_holders_after_inner_steps(swarm, "closed-form", "none")
     own_stem_start = [p.clone() for p in a.node.slots["stem.P0-0"].outer.global_params]
     own_stem_local = [p.clone() for p in a.node.session.local_state("stem.P0-0").values()]
 
@@ -82,15 +90,8 @@ def test_two_peers_average_the_shared_module_to_the_closed_form(swarm):
 
 def test_two_peers_averaging_in_4bit_end_with_equal_copies_near_the_closed_form(swarm):
     # Prepare: the closed-form test's two holders of L0.M0, with the wire codec 4-bit NF4
-    config = swarm_config("nf4", levels=(1, 2), stem="per_path", compression="4bit")
-    a = swarm.open(config, "0,0")
-    b = swarm.open(config, "0,1", initial_peers=a.maddrs)
     shared = "L0.M0"
-    start = [p.clone() for p in a.node.slots[shared].outer.global_params]
-    a.node.session.inner_steps(3)
-    b.node.session.inner_steps(3)
-    local_a = [p.clone() for p in a.node.session.local_state(shared).values()]
-    local_b = [p.clone() for p in b.node.session.local_state(shared).values()]
+    a, b, start, local_a, local_b = two_holders_after_inner_steps(swarm, "nf4", "4bit")
 
     # Execute: one outer step, 100 vs 300 tokens
     reports = in_parallel(lambda: a.node.outer_step(1, tokens=100), lambda: b.node.outer_step(1, tokens=300))
@@ -103,10 +104,7 @@ def test_two_peers_averaging_in_4bit_end_with_equal_copies_near_the_closed_form(
     assert max_difference(got_a, got_b) <= 1e-6
     assert copies_agree([a.node, b.node], shared)
     # ... which are the closed form's step, up to the codec's error on the mean pseudo-gradient
-    mean = torch.cat([((100 * (g - la) + 300 * (g - lb)) / 400).reshape(-1)
-                      for g, la, lb in zip(start, local_a, local_b)])
-    applied = torch.cat([((g - got) / (0.7 * 1.9)).reshape(-1) for g, got in zip(start, got_a)])
-    assert float((applied - mean).norm() / mean.norm()) < 0.2
+    assert applied_mean_error(start, local_a, local_b, got_a) < 0.2
     # each sends one copy of the module, in about 0.56 bytes a value
     values = sum(p.numel() for p in start)
     for report in (reports[0][shared], reports[1][shared]):
