@@ -88,8 +88,8 @@ def _evil_averager_class():
                 returned += 1
 
         async def _damaged_answers(self, stream, sender_index: int):
-            """Reduce each part as p2ptrain does (in any codec, 4-bit NF4 included), then damage
-            the average it sends back."""
+            """Reduce each part and answer with the average itself, as p2ptrain's 4-bit reducers
+            do, damaged as the lie says."""
             part_index = 0
             async for message in stream:
                 if part_index == self.tensor_part_reducer.num_parts:
